@@ -1,0 +1,255 @@
+//! ocicrypt's `AES_256_CTR_HMAC_SHA256` layer cipher, streamed chunk by chunk across
+//! requests.
+//!
+//! Ciphertext = AES-256-CTR(symkey, nonce as the whole 128-bit big-endian counter block),
+//! same length as the plaintext, no framing; `hmac` = HMAC-SHA256(symkey, ciphertext) —
+//! byte-compatible with `containers/ocicrypt` `blockcipher_aes_ctr.go`. Besides the cipher the
+//! encryptor hashes plaintext and ciphertext, because the gateway must check the client's
+//! plaintext digest and name the ciphertext blob by its own digest.
+
+use crate::digest::Digest;
+use crate::sha256::{hmac_finish, hmac_init, Sha256State};
+use aes::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
+use hmac::Mac;
+use zeroize::{Zeroize, Zeroizing};
+
+type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
+
+/// First byte of [`LayerEncryptor::to_bytes`]; bump when the layout changes so a state saved
+/// by an older filter build is refused rather than misread.
+const STATE_VERSION: u8 = 1;
+const STATE_LEN: usize = 1 + 32 + 16 + 8 + 3 * Sha256State::SERIALIZED_LEN;
+/// `hmac_init` absorbs one 64-byte pad block before any ciphertext.
+const HMAC_PAD_LEN: u64 = 64;
+
+/// Why a cipher state or a ciphertext was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CipherError {
+    /// Saved state of the wrong size (truncated, or not a state at all).
+    #[error("saved layer cipher state is {actual} bytes, expected {expected}")]
+    StateLength {
+        /// Bytes expected.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+    /// Saved state written by a different layout version.
+    #[error("saved layer cipher state has version {found}, this build reads version {supported}")]
+    StateVersion {
+        /// Version byte found.
+        found: u8,
+        /// Version this build writes and reads.
+        supported: u8,
+    },
+    /// Saved state whose parts disagree about how many bytes were processed.
+    #[error(
+        "saved layer cipher state is inconsistent: offset {offset}, plaintext hash saw {plain}, \
+         ciphertext hash saw {cipher}, HMAC saw {mac} (pad included)"
+    )]
+    StateInconsistent {
+        /// Stream offset recorded.
+        offset: u64,
+        /// Bytes the plaintext hash absorbed.
+        plain: u64,
+        /// Bytes the ciphertext hash absorbed.
+        cipher: u64,
+        /// Bytes the HMAC inner hash absorbed.
+        mac: u64,
+    },
+    /// A hash state inside the saved state is malformed.
+    #[error("saved layer cipher state holds a malformed hash state")]
+    StateHash,
+    /// The counter could not be positioned at the saved offset.
+    #[error("cannot position AES-CTR at byte offset {0}")]
+    Seek(u64),
+    /// The ciphertext does not carry the expected HMAC: wrong key, or altered data.
+    #[error("HMAC-SHA256 of the {len}-byte ciphertext does not match the expected value")]
+    HmacMismatch {
+        /// Ciphertext length.
+        len: usize,
+    },
+}
+
+/// Streaming encryptor of one layer blob. Holds the layer key; wiped on drop.
+#[derive(Clone)]
+pub struct LayerEncryptor {
+    symkey: Zeroizing<[u8; 32]>,
+    nonce: [u8; 16],
+    cipher: Aes256Ctr,
+    offset: u64,
+    plain: Sha256State,
+    encrypted: Sha256State,
+    mac: Sha256State,
+}
+
+/// Outcome of encrypting one layer: what the descriptor and the annotations need.
+#[derive(Clone)]
+pub struct EncryptedLayer {
+    /// Digest of the plaintext blob as pushed (goes into the private options).
+    pub plaintext_digest: Digest,
+    /// Digest of the ciphertext blob (the new descriptor digest).
+    pub encrypted_digest: Digest,
+    /// Blob size, the same before and after encryption.
+    pub size: u64,
+    /// HMAC-SHA256(symkey, ciphertext), for the public options.
+    pub hmac: [u8; 32],
+    /// The layer key, to be wrapped for the recipients.
+    pub symkey: Zeroizing<[u8; 32]>,
+    /// The initial counter block.
+    pub nonce: [u8; 16],
+}
+
+impl std::fmt::Debug for EncryptedLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptedLayer")
+            .field("plaintext_digest", &self.plaintext_digest)
+            .field("encrypted_digest", &self.encrypted_digest)
+            .field("size", &self.size)
+            .field("symkey", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for LayerEncryptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerEncryptor").field("offset", &self.offset).finish_non_exhaustive()
+    }
+}
+
+impl LayerEncryptor {
+    /// Starts a layer with the given key and initial counter block.
+    pub fn new(symkey: [u8; 32], nonce: [u8; 16]) -> Self {
+        let symkey = Zeroizing::new(symkey);
+        let cipher = Aes256Ctr::new((&*symkey).into(), (&nonce).into());
+        let mac = hmac_init(&symkey);
+        LayerEncryptor {
+            symkey,
+            nonce,
+            cipher,
+            offset: 0,
+            plain: Sha256State::new(),
+            encrypted: Sha256State::new(),
+            mac,
+        }
+    }
+
+    /// Starts a layer with a fresh random key and nonce, as ocicrypt does for every layer.
+    pub fn generate<R: rand_core::CryptoRngCore>(rng: &mut R) -> Self {
+        let mut symkey = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(symkey.as_mut());
+        let mut nonce = [0u8; 16];
+        rng.fill_bytes(&mut nonce);
+        Self::new(*symkey, nonce)
+    }
+
+    /// Encrypts the next `chunk` of the blob in place and updates the digests and the HMAC.
+    pub fn encrypt_in_place(&mut self, chunk: &mut [u8]) {
+        self.plain.update(chunk);
+        if self.cipher.try_apply_keystream(chunk).is_err() {
+            // Unreachable: a 128-bit counter that starts at block 0 outlasts any u64 offset.
+            // Should it ever happen, plaintext must still not leave the gateway.
+            chunk.zeroize();
+        }
+        self.encrypted.update(chunk);
+        self.mac.update(chunk);
+        self.offset = self.offset.wrapping_add(chunk.len() as u64);
+    }
+
+    /// Bytes encrypted so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Saves the whole state (key included — keep it secret) to resume in a later request:
+    /// version byte, symkey, nonce, offset (u64 big-endian), then the plaintext, ciphertext and
+    /// HMAC-inner hash states.
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(STATE_LEN));
+        out.push(STATE_VERSION);
+        out.extend_from_slice(self.symkey.as_ref());
+        out.extend_from_slice(&self.nonce);
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        self.plain.write_to(&mut out);
+        self.encrypted.write_to(&mut out);
+        self.mac.write_to(&mut out);
+        out
+    }
+
+    /// Restores a state saved by [`Self::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CipherError> {
+        if bytes.len() != STATE_LEN {
+            return Err(CipherError::StateLength { expected: STATE_LEN, actual: bytes.len() });
+        }
+        let (&version, rest) = bytes.split_first().ok_or(CipherError::StateLength {
+            expected: STATE_LEN,
+            actual: 0,
+        })?;
+        if version != STATE_VERSION {
+            return Err(CipherError::StateVersion { found: version, supported: STATE_VERSION });
+        }
+        let (key, rest) = take::<32>(rest)?;
+        let symkey = Zeroizing::new(key);
+        let (nonce, rest) = take::<16>(rest)?;
+        let (offset, rest) = take::<8>(rest)?;
+        let offset = u64::from_be_bytes(offset);
+        let (plain, rest) = Sha256State::read_from(rest).ok_or(CipherError::StateHash)?;
+        let (encrypted, rest) = Sha256State::read_from(rest).ok_or(CipherError::StateHash)?;
+        let (mac, _) = Sha256State::read_from(rest).ok_or(CipherError::StateHash)?;
+        if plain.len() != offset
+            || encrypted.len() != offset
+            || mac.len() != offset.wrapping_add(HMAC_PAD_LEN)
+        {
+            return Err(CipherError::StateInconsistent {
+                offset,
+                plain: plain.len(),
+                cipher: encrypted.len(),
+                mac: mac.len(),
+            });
+        }
+        let mut cipher = Aes256Ctr::new((&*symkey).into(), (&nonce).into());
+        cipher.try_seek(offset).map_err(|_| CipherError::Seek(offset))?;
+        Ok(LayerEncryptor { symkey, nonce, cipher, offset, plain, encrypted, mac })
+    }
+
+    /// Ends the stream: digests, size and HMAC for the descriptor and the annotations.
+    pub fn finish(self) -> EncryptedLayer {
+        EncryptedLayer {
+            plaintext_digest: Digest(self.plain.clone().finalize()),
+            encrypted_digest: Digest(self.encrypted.clone().finalize()),
+            size: self.offset,
+            hmac: hmac_finish(&self.symkey, self.mac.clone()),
+            symkey: self.symkey.clone(),
+            nonce: self.nonce,
+        }
+    }
+}
+
+fn take<const N: usize>(bytes: &[u8]) -> Result<([u8; N], &[u8]), CipherError> {
+    let short = CipherError::StateLength { expected: STATE_LEN, actual: bytes.len() };
+    let (head, rest) = bytes.split_at_checked(N).ok_or(short.clone())?;
+    let head: [u8; N] = head.try_into().map_err(|_| short)?;
+    Ok((head, rest))
+}
+
+/// Verifies `expected_hmac` over `ciphertext` (constant time) and only then decrypts it —
+/// the whole-blob counterpart of [`LayerEncryptor`], for tests and tooling.
+pub fn decrypt_layer(
+    symkey: &[u8; 32],
+    nonce: &[u8; 16],
+    expected_hmac: &[u8; 32],
+    ciphertext: &[u8],
+) -> Result<Vec<u8>, CipherError> {
+    // HMAC accepts any key length, so this cannot fail; a mismatch error is still the
+    // conservative answer if it did.
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(symkey)
+        .map_err(|_| CipherError::HmacMismatch { len: ciphertext.len() })?;
+    mac.update(ciphertext);
+    mac.verify_slice(expected_hmac)
+        .map_err(|_| CipherError::HmacMismatch { len: ciphertext.len() })?;
+    let mut plain = ciphertext.to_vec();
+    let mut cipher = Aes256Ctr::new(symkey.into(), nonce.into());
+    cipher
+        .try_apply_keystream(&mut plain)
+        .map_err(|_| CipherError::Seek(ciphertext.len() as u64))?;
+    Ok(plain)
+}

@@ -1,0 +1,457 @@
+//! Plugin configuration (Envoy `configuration` / Istio `pluginConfig`): JSON, read in two steps.
+//!
+//! 1. **Parse**: each JSON object is matched against a serde struct with
+//!    `deny_unknown_fields`, so unknown and missing fields are refused level by level.
+//! 2. **Compile**: values are type-checked and validated (ranges, repository patterns, project
+//!    names, recipient keys) into a [`Config`] the filter uses as is.
+//!
+//! Every [`ConfigError`] names the field path (`projects.demo.recipients[1].pem`) and says how
+//! to fix it. Shape:
+//!
+//! ```json
+//! {
+//!   "registry": { "cluster": "registry", "timeout_ms": 60000 },
+//!   "policy": { "default": "passthrough",
+//!               "rules": [ { "repositories": "demo/**", "action": "encrypt" } ] },
+//!   "projects": { "demo": { "recipients": [ { "pem": "-----BEGIN PUBLIC KEY-----\n…" },
+//!                                           { "jwk": { "kty": "EC", "crv": "P-256", "x": "…", "y": "…" } } ] } },
+//!   "limits": { "max_manifest_bytes": 4194304 }
+//! }
+//! ```
+//!
+//! Only `registry.cluster` is required. A project that an `encrypt` rule covers but that has
+//! no `projects` entry is not an error: its pushes fail closed (503) until keys are configured.
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::policy::{Action, Pattern, PatternError, Policy, Rule};
+use crate::recipients::{Recipient, RecipientError};
+
+/// Default time allowed for a callout to the registry, in milliseconds.
+pub const DEFAULT_TIMEOUT_MS: u64 = 60_000;
+/// Largest accepted `registry.timeout_ms` (one hour).
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// Default largest manifest the gateway holds in memory (4 MiB, distribution's own limit).
+pub const DEFAULT_MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// Smallest accepted `limits.max_manifest_bytes` (1 KiB).
+pub const MIN_MAX_MANIFEST_BYTES: u64 = 1 << 10;
+/// Largest accepted `limits.max_manifest_bytes` (64 MiB).
+pub const MAX_MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// Where the filter finishes uploads and reads what it needs from the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// Envoy cluster of the registry, for callouts.
+    pub cluster: String,
+    /// Callout timeout in milliseconds (1..=[`MAX_TIMEOUT_MS`]).
+    pub timeout_ms: u64,
+}
+
+/// The compiled plugin configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Registry callouts.
+    pub registry: RegistryConfig,
+    /// Which repositories are encrypted.
+    pub policy: Policy,
+    /// Recipient public keys per Harbor project (each list non-empty).
+    pub projects: BTreeMap<String, Vec<Recipient>>,
+    /// Largest manifest body the gateway buffers and rewrites.
+    pub max_manifest_bytes: usize,
+}
+
+/// Why the configuration was refused. Each variant carries the field path.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration is not JSON at all.
+    #[error("configuration is not valid JSON ({reason}): fix the syntax at the position given")]
+    Json {
+        /// Parser message with line and column.
+        reason: String,
+    },
+    /// An unknown or missing field, found by the strict (`deny_unknown_fields`) parse.
+    #[error("{path}: {reason}; fix the field name or add the missing field")]
+    Shape {
+        /// Object holding the field.
+        path: String,
+        /// serde's description (names the field and the allowed ones).
+        reason: String,
+    },
+    /// A value of the wrong JSON type.
+    #[error("{path}: expected {expected}, found {found}")]
+    Type {
+        /// The field.
+        path: String,
+        /// What the field must be.
+        expected: &'static str,
+        /// What it is.
+        found: &'static str,
+    },
+    /// A number outside its allowed range.
+    #[error("{path}: {value} is out of range: use a value from {min} to {max}")]
+    Range {
+        /// The field.
+        path: String,
+        /// The value given.
+        value: u64,
+        /// Smallest accepted value.
+        min: u64,
+        /// Largest accepted value.
+        max: u64,
+    },
+    /// A string that must not be empty or blank.
+    #[error("{path}: must not be empty: {hint}")]
+    Empty {
+        /// The field.
+        path: String,
+        /// What to put there.
+        hint: &'static str,
+    },
+    /// An action other than `encrypt` or `passthrough`.
+    #[error("{path}: unknown action {found:?}: use \"encrypt\" or \"passthrough\"")]
+    Action {
+        /// The field.
+        path: String,
+        /// The value given.
+        found: String,
+    },
+    /// A repository pattern that does not compile.
+    #[error("{path}: {source}")]
+    Pattern {
+        /// The field.
+        path: String,
+        /// Why the pattern was refused.
+        source: PatternError,
+    },
+    /// A `projects` key that cannot be a Harbor project (first repository path segment).
+    #[error(
+        "{path}: {name:?} is not a project name: use the first path segment of the repositories \
+         (lowercase letters, digits, '.', '_', '-', starting and ending with a letter or digit, no '/')"
+    )]
+    ProjectName {
+        /// The `projects` entry.
+        path: String,
+        /// The key given.
+        name: String,
+    },
+    /// `recipients: []`.
+    #[error(
+        "{path}: empty recipient list: add at least one public key, or remove the project \
+         (pushes to it are then refused until keys are configured)"
+    )]
+    NoRecipients {
+        /// The field.
+        path: String,
+    },
+    /// A recipient entry with neither or both of `pem` and `jwk`.
+    #[error("{path}: {found}: give exactly one of \"pem\" (PKIX public key PEM) or \"jwk\" (public JWK)")]
+    RecipientForm {
+        /// The entry.
+        path: String,
+        /// What the entry holds instead.
+        found: &'static str,
+    },
+    /// The same key listed twice for one project.
+    #[error("{path}: same key as {first}: list each recipient once")]
+    DuplicateRecipient {
+        /// The repeated entry.
+        path: String,
+        /// The entry it repeats.
+        first: String,
+    },
+    /// A recipient key that cannot be used.
+    #[error("{path}: {source}")]
+    Recipient {
+        /// The `pem` or `jwk` field.
+        path: String,
+        /// Why the key was refused.
+        source: RecipientError,
+    },
+}
+
+impl ConfigError {
+    /// The field path the error is about (empty for a JSON syntax error).
+    pub fn path(&self) -> &str {
+        match self {
+            ConfigError::Json { .. } => "",
+            ConfigError::Shape { path, .. }
+            | ConfigError::Type { path, .. }
+            | ConfigError::Range { path, .. }
+            | ConfigError::Empty { path, .. }
+            | ConfigError::Action { path, .. }
+            | ConfigError::Pattern { path, .. }
+            | ConfigError::ProjectName { path, .. }
+            | ConfigError::NoRecipients { path }
+            | ConfigError::RecipientForm { path, .. }
+            | ConfigError::DuplicateRecipient { path, .. }
+            | ConfigError::Recipient { path, .. } => path,
+        }
+    }
+}
+
+/// Step 1: the document's objects, strictly (unknown fields refused). Leaves stay JSON values
+/// so that step 2 can report type errors with the exact field path.
+mod raw {
+    use serde_json::Value;
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Top {
+        pub(super) registry: Value,
+        #[serde(default)]
+        pub(super) policy: Option<Value>,
+        #[serde(default)]
+        pub(super) projects: Option<Value>,
+        #[serde(default)]
+        pub(super) limits: Option<Value>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Registry {
+        pub(super) cluster: Value,
+        #[serde(default)]
+        pub(super) timeout_ms: Option<Value>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Policy {
+        #[serde(default)]
+        pub(super) default: Option<Value>,
+        #[serde(default)]
+        pub(super) rules: Option<Value>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Rule {
+        pub(super) repositories: Value,
+        pub(super) action: Value,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Project {
+        pub(super) recipients: Value,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct RecipientEntry {
+        #[serde(default)]
+        pub(super) pem: Option<Value>,
+        #[serde(default)]
+        pub(super) jwk: Option<Value>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Limits {
+        #[serde(default)]
+        pub(super) max_manifest_bytes: Option<Value>,
+    }
+}
+
+/// Name of a JSON value's type, for messages.
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads one JSON object into its strict step-1 struct.
+fn object<T: DeserializeOwned>(value: Value, path: &str) -> Result<T, ConfigError> {
+    if !value.is_object() {
+        return Err(ConfigError::Type { path: path.to_string(), expected: "an object", found: kind(&value) });
+    }
+    serde_json::from_value(value).map_err(|e| ConfigError::Shape { path: path.to_string(), reason: e.to_string() })
+}
+
+fn string(value: Value, path: &str) -> Result<String, ConfigError> {
+    match value {
+        Value::String(s) => Ok(s),
+        other => Err(ConfigError::Type { path: path.to_string(), expected: "a string", found: kind(&other) }),
+    }
+}
+
+fn array(value: Value, path: &str) -> Result<Vec<Value>, ConfigError> {
+    match value {
+        Value::Array(items) => Ok(items),
+        other => Err(ConfigError::Type { path: path.to_string(), expected: "an array", found: kind(&other) }),
+    }
+}
+
+/// A non-negative integer within `min..=max`.
+fn integer(value: &Value, path: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let n = value.as_u64().ok_or_else(|| ConfigError::Type {
+        path: path.to_string(),
+        expected: "a non-negative integer",
+        found: if value.is_number() { "a negative or fractional number" } else { kind(value) },
+    })?;
+    if !(min..=max).contains(&n) {
+        return Err(ConfigError::Range { path: path.to_string(), value: n, min, max });
+    }
+    Ok(n)
+}
+
+fn action(value: Value, path: &str) -> Result<Action, ConfigError> {
+    match string(value, path)?.as_str() {
+        "encrypt" => Ok(Action::Encrypt),
+        "passthrough" => Ok(Action::Passthrough),
+        other => Err(ConfigError::Action { path: path.to_string(), found: other.to_string() }),
+    }
+}
+
+/// True for names that can be the first path segment of a repository (a Harbor project).
+fn is_project_name(name: &str) -> bool {
+    let edges_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    name.len() <= 255
+        && edges_ok(name.chars().next())
+        && edges_ok(name.chars().last())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let document: Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Json { reason: e.to_string() })?;
+        let top: raw::Top = object(document, "(top level)")?;
+        let registry = compile_registry(top.registry)?;
+        let policy = match top.policy {
+            Some(value) => compile_policy(value)?,
+            None => Policy::new(Vec::new(), Action::Passthrough),
+        };
+        let projects = match top.projects {
+            Some(value) => compile_projects(value)?,
+            None => BTreeMap::new(),
+        };
+        let max_manifest_bytes = match top.limits {
+            Some(value) => compile_limits(value)?,
+            None => DEFAULT_MAX_MANIFEST_BYTES,
+        };
+        Ok(Config { registry, policy, projects, max_manifest_bytes })
+    }
+
+    /// The recipients configured for a Harbor project (never an empty slice), or `None` when
+    /// the project has none: pushes to an encrypted repository of it must then be refused.
+    pub fn recipients(&self, project: &str) -> Option<&[Recipient]> {
+        self.projects.get(project).map(Vec::as_slice)
+    }
+}
+
+fn compile_registry(value: Value) -> Result<RegistryConfig, ConfigError> {
+    let registry: raw::Registry = object(value, "registry")?;
+    let cluster = string(registry.cluster, "registry.cluster")?;
+    if cluster.trim().is_empty() {
+        return Err(ConfigError::Empty {
+            path: "registry.cluster".to_string(),
+            hint: "name the Envoy cluster that reaches the registry (e.g. \"registry\")",
+        });
+    }
+    let timeout_ms = match registry.timeout_ms {
+        Some(value) => integer(&value, "registry.timeout_ms", 1, MAX_TIMEOUT_MS)?,
+        None => DEFAULT_TIMEOUT_MS,
+    };
+    Ok(RegistryConfig { cluster, timeout_ms })
+}
+
+fn compile_policy(value: Value) -> Result<Policy, ConfigError> {
+    let policy: raw::Policy = object(value, "policy")?;
+    let default = match policy.default {
+        Some(value) => action(value, "policy.default")?,
+        None => Action::Passthrough,
+    };
+    let mut rules = Vec::new();
+    if let Some(value) = policy.rules {
+        for (index, item) in array(value, "policy.rules")?.into_iter().enumerate() {
+            let path = format!("policy.rules[{index}]");
+            let rule: raw::Rule = object(item, &path)?;
+            let repositories_path = format!("{path}.repositories");
+            let source = string(rule.repositories, &repositories_path)?;
+            let pattern =
+                Pattern::parse(&source).map_err(|source| ConfigError::Pattern { path: repositories_path, source })?;
+            rules.push(Rule { pattern, action: action(rule.action, &format!("{path}.action"))? });
+        }
+    }
+    Ok(Policy::new(rules, default))
+}
+
+fn compile_projects(value: Value) -> Result<BTreeMap<String, Vec<Recipient>>, ConfigError> {
+    let Value::Object(entries) = value else {
+        return Err(ConfigError::Type { path: "projects".to_string(), expected: "an object", found: kind(&value) });
+    };
+    let mut projects = BTreeMap::new();
+    for (name, value) in entries {
+        let path = format!("projects.{name}");
+        if !is_project_name(&name) {
+            return Err(ConfigError::ProjectName { path, name });
+        }
+        let project: raw::Project = object(value, &path)?;
+        let recipients = compile_recipients(project.recipients, &format!("{path}.recipients"))?;
+        projects.insert(name, recipients);
+    }
+    Ok(projects)
+}
+
+fn compile_recipients(value: Value, path: &str) -> Result<Vec<Recipient>, ConfigError> {
+    let items = array(value, path)?;
+    if items.is_empty() {
+        return Err(ConfigError::NoRecipients { path: path.to_string() });
+    }
+    let mut recipients: Vec<Recipient> = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let entry_path = format!("{path}[{index}]");
+        let entry: raw::RecipientEntry = object(item, &entry_path)?;
+        let recipient = match (entry.pem, entry.jwk) {
+            (Some(pem), None) => {
+                let field = format!("{entry_path}.pem");
+                let text = string(pem, &field)?;
+                Recipient::from_pem(&text).map_err(|source| ConfigError::Recipient { path: field, source })?
+            }
+            (None, Some(jwk)) => {
+                let field = format!("{entry_path}.jwk");
+                if !jwk.is_object() {
+                    return Err(ConfigError::Type { path: field, expected: "an object", found: kind(&jwk) });
+                }
+                Recipient::from_jwk(&jwk).map_err(|source| ConfigError::Recipient { path: field, source })?
+            }
+            (None, None) => {
+                return Err(ConfigError::RecipientForm { path: entry_path, found: "neither \"pem\" nor \"jwk\"" })
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::RecipientForm { path: entry_path, found: "both \"pem\" and \"jwk\"" })
+            }
+        };
+        if let Some(first) = recipients.iter().position(|r| *r == recipient) {
+            return Err(ConfigError::DuplicateRecipient { path: entry_path, first: format!("{path}[{first}]") });
+        }
+        recipients.push(recipient);
+    }
+    Ok(recipients)
+}
+
+fn compile_limits(value: Value) -> Result<usize, ConfigError> {
+    let limits: raw::Limits = object(value, "limits")?;
+    let Some(value) = limits.max_manifest_bytes else {
+        return Ok(DEFAULT_MAX_MANIFEST_BYTES);
+    };
+    let path = "limits.max_manifest_bytes";
+    let n = integer(&value, path, MIN_MAX_MANIFEST_BYTES, MAX_MAX_MANIFEST_BYTES)?;
+    usize::try_from(n).map_err(|_| ConfigError::Range {
+        path: path.to_string(),
+        value: n,
+        min: MIN_MAX_MANIFEST_BYTES,
+        max: MAX_MAX_MANIFEST_BYTES,
+    })
+}

@@ -1,0 +1,108 @@
+//! The one place where failures become HTTP answers: an OCI distribution error body
+//! `{"errors":[{"code":…,"message":…,"detail":…}]}` with its status.
+
+/// Error codes of the distribution spec that the gateway answers with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    /// 400: the pushed content does not match the digest the client named.
+    DigestInvalid,
+    /// 400: the manifest cannot be stored encrypted (or is not a manifest).
+    ManifestInvalid,
+    /// 400: the upload request is not one the gateway can continue.
+    BlobUploadInvalid,
+    /// 404: the upload session is unknown.
+    BlobUploadUnknown,
+    /// 413: a body the gateway must hold in memory is too large.
+    SizeInvalid,
+    /// 403: the request is not allowed through the gateway.
+    Denied,
+    /// 405: the operation is not supported on an encrypted repository.
+    Unsupported,
+    /// 503: recipients cannot be had, or the registry could not finish the upload.
+    Unavailable,
+    /// 500: a bug or host failure; nothing was forwarded in plaintext.
+    Unknown,
+}
+
+impl Code {
+    /// The code string of the distribution spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::DigestInvalid => "DIGEST_INVALID",
+            Code::ManifestInvalid => "MANIFEST_INVALID",
+            Code::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            Code::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            Code::SizeInvalid => "SIZE_INVALID",
+            Code::Denied => "DENIED",
+            Code::Unsupported => "UNSUPPORTED",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// HTTP status for the code.
+    pub fn status(self) -> u16 {
+        match self {
+            Code::DigestInvalid | Code::ManifestInvalid | Code::BlobUploadInvalid => 400,
+            Code::BlobUploadUnknown => 404,
+            Code::SizeInvalid => 413,
+            Code::Denied => 403,
+            Code::Unsupported => 405,
+            Code::Unavailable => 503,
+            Code::Unknown => 500,
+        }
+    }
+}
+
+/// A refusal, ready to be sent as a local reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OciError {
+    /// Distribution error code (decides the status).
+    pub code: Code,
+    /// What went wrong and what to do about it; never contains key material.
+    pub message: String,
+}
+
+impl OciError {
+    /// Builds an error with a message.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        OciError { code, message: message.into() }
+    }
+
+    /// HTTP status of the answer.
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+
+    /// The JSON body of the answer.
+    pub fn body(&self) -> Vec<u8> {
+        let v = serde_json::json!({
+            "errors": [{
+                "code": self.code.as_str(),
+                "message": self.message,
+                "detail": {"gateway": "ocicrypt-filter"},
+            }]
+        });
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for OciError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status(), self.code.as_str(), self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_an_oci_error_document() {
+        let e = OciError::new(Code::DigestInvalid, "digest mismatch");
+        assert_eq!(e.status(), 400);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["errors"][0]["code"], "DIGEST_INVALID");
+        assert_eq!(v["errors"][0]["message"], "digest mismatch");
+    }
+}

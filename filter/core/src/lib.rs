@@ -1,0 +1,20 @@
+//! Sans-I/O core of ocicrypt-filter.
+//!
+//! Every entry point takes an event (request line, a body chunk, a callout answer, the current
+//! time, randomness) and returns what to do; nothing here touches the host. The proxy-wasm
+//! adapter in `filter/wasm` executes the returned commands.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+
+pub mod blockcipher;
+pub mod config;
+pub mod digest;
+pub mod distribution;
+pub mod error;
+pub mod keywrap;
+pub mod ledger;
+pub mod manifest;
+pub mod policy;
+pub mod recipients;
+pub mod sha256;
+pub mod spec;
+pub mod upload;

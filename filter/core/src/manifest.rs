@@ -1,0 +1,553 @@
+//! Rewriting a manifest PUT in an encrypted repository.
+//!
+//! Clients push manifests that name their layers by plaintext digest; the registry holds the
+//! ciphertext blobs the gateway produced at upload time. [`rewrite`] swaps every layer the
+//! ledger knows for its encrypted descriptor (ocicrypt format: `+encrypted` media type,
+//! ciphertext digest, same size, `org.opencontainers.image.enc.*` annotations), converts
+//! Docker v2 schema 2 manifests to OCI image manifests (encrypted layers only exist as OCI
+//! media types), and refuses anything that would leave plaintext behind or store a layer no
+//! runtime can decrypt.
+//!
+//! The JSON is edited in place (`serde_json` with `preserve_order`), so unknown fields,
+//! annotations, `subject` and `artifactType` survive and field order is kept. A manifest that
+//! needs no change is returned byte for byte, so its digest (and any signature over it) stays.
+use serde_json::{Map, Value};
+
+use crate::digest::Digest;
+use crate::error::{Code, OciError};
+use crate::ledger::LedgerEntry;
+use crate::spec;
+
+/// Docker image manifest v2 schema 1 (unsigned).
+const MEDIA_TYPE_DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+/// Docker image manifest v2 schema 1 (signed).
+const MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+/// Prefix of the OCI non-distributable layer types.
+const NONDISTRIBUTABLE_PREFIX: &str = "application/vnd.oci.image.layer.nondistributable.";
+
+/// Top-level manifest fields whose spelling is checked (the registry's Go JSON decoder matches
+/// field names case-insensitively, so `Layers` next to `layers` would be read differently).
+const MANIFEST_FIELDS: &[&str] = &["schemaVersion", "mediaType", "artifactType", "config", "layers", "subject", "annotations"];
+/// Descriptor fields whose spelling is checked, for the same reason.
+const DESCRIPTOR_FIELDS: &[&str] = &["mediaType", "artifactType", "digest", "size", "urls", "annotations", "data", "platform"];
+
+/// A rewritten manifest, ready to forward to the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The manifest to store: compact JSON when anything changed, else the pushed bytes.
+    pub body: Vec<u8>,
+    /// Content-Type to forward; always [`stored_content_type`] of the request's Content-Type.
+    pub media_type: String,
+    /// How many layer descriptors were replaced by their encrypted form.
+    pub encrypted_layers: usize,
+}
+
+/// Why a manifest cannot be stored in an encrypted repository. Every variant becomes a
+/// `MANIFEST_INVALID` answer through [`ManifestError::to_oci`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// OCI image index or Docker manifest list.
+    #[error(
+        "multi-platform indexes are not supported yet in encrypted repositories \
+         (Content-Type {content_type:?}): push a single-platform image manifest (e.g. with \
+         --platform), or push the index to an unencrypted repository"
+    )]
+    IndexNotSupported {
+        /// The request's Content-Type.
+        content_type: String,
+    },
+    /// Docker schema 1 manifests cannot describe encrypted layers.
+    #[error(
+        "Docker schema 1 manifests cannot carry encrypted layers (Content-Type {content_type:?}): \
+         push with a client that writes Docker v2 schema 2 or OCI image manifests"
+    )]
+    Schema1 {
+        /// The request's Content-Type.
+        content_type: String,
+    },
+    /// Any other (or a missing) Content-Type.
+    #[error(
+        "manifest Content-Type {content_type:?} is not an image manifest the gateway can encrypt: \
+         send an OCI image manifest (application/vnd.oci.image.manifest.v1+json) or a Docker v2 \
+         schema 2 manifest with its media type as Content-Type, or push this artifact to an \
+         unencrypted repository"
+    )]
+    UnsupportedMediaType {
+        /// The request's Content-Type.
+        content_type: String,
+    },
+    /// The body does not parse as JSON.
+    #[error("manifest is not valid JSON ({reason}): push a valid image manifest")]
+    InvalidJson {
+        /// The parser's complaint, with line and column.
+        reason: String,
+    },
+    /// `schemaVersion` is missing or not 2.
+    #[error("manifest schemaVersion is {found}, expected 2: push a Docker v2 schema 2 or OCI image manifest")]
+    SchemaVersion {
+        /// The value found (JSON text), or `missing`.
+        found: String,
+    },
+    /// The body's `mediaType` disagrees with the request's Content-Type.
+    #[error(
+        "manifest mediaType {media_type:?} does not match the request Content-Type \
+         {content_type:?}: send the manifest with its mediaType as Content-Type"
+    )]
+    MediaTypeMismatch {
+        /// The request's Content-Type.
+        content_type: String,
+        /// The body's `mediaType`.
+        media_type: String,
+    },
+    /// A required field is missing or has the wrong shape.
+    #[error("manifest field {field} {reason}: push a valid image manifest")]
+    Malformed {
+        /// Path of the field, e.g. `layers[2].size`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The config blob was encrypted at upload time; configs must stay readable.
+    #[error(
+        "the config blob {digest} ({media_type}) was encrypted on upload because it is not JSON, \
+         but a manifest's config must stay plaintext: push this artifact to an unencrypted \
+         repository"
+    )]
+    ConfigEncrypted {
+        /// Plaintext digest of the config.
+        digest: Digest,
+        /// The config's media type.
+        media_type: String,
+    },
+    /// The ledger knows the blob, but nothing decrypts a layer of that media type.
+    #[error(
+        "layers[{layer}] {digest}: the blob was encrypted but media type {media_type:?} has no \
+         decryptor; push this artifact to an unencrypted repository"
+    )]
+    EncryptedWithoutDecryptor {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// Plaintext digest the manifest names.
+        digest: Digest,
+        /// The layer's media type.
+        media_type: String,
+    },
+    /// An image layer whose blob the gateway did not encrypt (so the registry may hold it in
+    /// plaintext).
+    #[error(
+        "layers[{layer}] {digest} ({media_type}) was not uploaded through the encrypting gateway \
+         (it was mounted from another repository or pushed before encryption was enabled), so it \
+         cannot be stored encrypted: push the image again through the gateway"
+    )]
+    NotUploadedThroughGateway {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// Plaintext digest the manifest names.
+        digest: Digest,
+        /// The layer's media type.
+        media_type: String,
+    },
+    /// An image layer named by a digest the gateway never encrypts under (not `sha256:`).
+    #[error(
+        "layers[{layer}] ({media_type}) has digest {digest:?}, which the gateway cannot have \
+         encrypted: only sha256 layers are encrypted; push the image with sha256 digests"
+    )]
+    UnsupportedDigest {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// The digest as written.
+        digest: String,
+        /// The layer's media type.
+        media_type: String,
+    },
+    /// A `+encrypted` media type that no runtime decrypts.
+    #[error(
+        "layers[{layer}] {digest} has encrypted media type {media_type:?}, which no runtime \
+         decrypts: encrypted layers must use the OCI types (application/vnd.oci.image.layer.v1.tar \
+         with +encrypted, +gzip+encrypted or +zstd+encrypted); push this artifact to an \
+         unencrypted repository"
+    )]
+    UnknownEncryptedType {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// The digest as written.
+        digest: String,
+        /// The layer's media type.
+        media_type: String,
+    },
+    /// A layer the client had already encrypted, whose blob the gateway encrypted once more.
+    #[error(
+        "layers[{layer}] {digest} is already encrypted ({media_type}) but the gateway encrypted \
+         its blob again on upload, so no runtime could decrypt it: push the plaintext image and \
+         let the gateway encrypt it, or push pre-encrypted images to an unencrypted repository"
+    )]
+    ReEncrypted {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// Digest the manifest names (the client's ciphertext).
+        digest: Digest,
+        /// The layer's media type.
+        media_type: String,
+    },
+    /// The manifest's layer size is not the size of the blob that was uploaded.
+    #[error(
+        "layers[{layer}] {digest} declares size {declared}, but the blob uploaded through the \
+         gateway has {uploaded} bytes: fix the layer size in the manifest and push again"
+    )]
+    SizeMismatch {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// Plaintext digest the manifest names.
+        digest: Digest,
+        /// Size in the manifest.
+        declared: u64,
+        /// Size of the uploaded blob.
+        uploaded: u64,
+    },
+    /// Serializing the rewritten manifest failed (a bug: JSON values always serialize).
+    #[error("the rewritten manifest could not be serialized ({reason}); nothing was stored")]
+    Serialize {
+        /// The serializer's complaint.
+        reason: String,
+    },
+}
+
+impl ManifestError {
+    /// The OCI error answer: `MANIFEST_INVALID` (400) for everything the client can fix,
+    /// `UNKNOWN` (500) for a serialization failure.
+    pub fn to_oci(&self) -> OciError {
+        let code = match self {
+            ManifestError::Serialize { .. } => Code::Unknown,
+            _ => Code::ManifestInvalid,
+        };
+        OciError::new(code, self.to_string())
+    }
+}
+
+/// The media type part of a Content-Type (parameters dropped, whitespace trimmed).
+fn essence(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or_default().trim()
+}
+
+/// The Content-Type the gateway forwards for a manifest PUT in an encrypted repository,
+/// decided from the request's Content-Type alone: Docker v2 schema 2 manifests become OCI image
+/// manifests, Docker manifest lists become OCI indexes, anything else is unchanged.
+pub fn stored_content_type(request_content_type: &str) -> &str {
+    let media_type = essence(request_content_type);
+    if media_type.eq_ignore_ascii_case(spec::MEDIA_TYPE_DOCKER_MANIFEST) {
+        spec::MEDIA_TYPE_OCI_MANIFEST
+    } else if media_type.eq_ignore_ascii_case(spec::MEDIA_TYPE_DOCKER_MANIFEST_LIST) {
+        spec::MEDIA_TYPE_OCI_INDEX
+    } else {
+        request_content_type
+    }
+}
+
+/// The manifest kinds that can be rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Oci,
+    Docker,
+}
+
+impl Kind {
+    /// The `mediaType` a body of this kind may declare.
+    fn media_type(self) -> &'static str {
+        match self {
+            Kind::Oci => spec::MEDIA_TYPE_OCI_MANIFEST,
+            Kind::Docker => spec::MEDIA_TYPE_DOCKER_MANIFEST,
+        }
+    }
+}
+
+/// Decides from the request's Content-Type whether the manifest can be rewritten.
+fn classify(content_type: &str) -> Result<Kind, ManifestError> {
+    let media_type = essence(content_type);
+    let is = |t: &str| media_type.eq_ignore_ascii_case(t);
+    if is(spec::MEDIA_TYPE_OCI_MANIFEST) {
+        Ok(Kind::Oci)
+    } else if is(spec::MEDIA_TYPE_DOCKER_MANIFEST) {
+        Ok(Kind::Docker)
+    } else if is(spec::MEDIA_TYPE_OCI_INDEX) || is(spec::MEDIA_TYPE_DOCKER_MANIFEST_LIST) {
+        Err(ManifestError::IndexNotSupported { content_type: content_type.to_string() })
+    } else if is(MEDIA_TYPE_DOCKER_SCHEMA1) || is(MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED) {
+        Err(ManifestError::Schema1 { content_type: content_type.to_string() })
+    } else {
+        Err(ManifestError::UnsupportedMediaType { content_type: content_type.to_string() })
+    }
+}
+
+/// The OCI layer type of a Docker layer type (foreign layers become non-distributable).
+fn docker_layer_to_oci(media_type: &str) -> Option<&'static str> {
+    Some(match media_type {
+        "application/vnd.docker.image.rootfs.diff.tar" => "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd" => "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar" => "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        }
+        _ => return None,
+    })
+}
+
+/// True when `key` is not `known` but Go's `encoding/json` would still match it to `known`
+/// (ASCII case folding plus the two non-ASCII folds onto ASCII letters: U+017F `ſ` → `s`,
+/// U+212A Kelvin sign → `k`).
+fn go_folds_to(key: &str, known: &str) -> bool {
+    if key == known {
+        return false;
+    }
+    let mut key_chars = key.chars();
+    for k in known.chars() {
+        let folded = match key_chars.next() {
+            Some('\u{17F}') => 's',
+            Some('\u{212A}') => 'k',
+            Some(c) => c.to_ascii_lowercase(),
+            None => return false,
+        };
+        if folded != k.to_ascii_lowercase() {
+            return false;
+        }
+    }
+    key_chars.next().is_none()
+}
+
+/// Refuses field names that the registry's decoder would read as one of `known` although they
+/// are spelled differently.
+fn check_spelling(object: &Map<String, Value>, known: &[&str], path: &str) -> Result<(), ManifestError> {
+    for key in object.keys() {
+        if let Some(k) = known.iter().find(|k| go_folds_to(key, k)) {
+            return Err(ManifestError::Malformed {
+                field: format!("{path}{key:?}"),
+                reason: format!("differs from {k:?} only in letter case, which registries read as the same field"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Path prefix for fields of a descriptor (`config.`, `layers[2].`).
+fn prefix(path: &str) -> String {
+    format!("{path}.")
+}
+
+fn malformed(field: String, reason: &str) -> ManifestError {
+    ManifestError::Malformed { field, reason: reason.to_string() }
+}
+
+/// The fields of a descriptor the rewrite decides on.
+struct Descriptor {
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+/// Reads and checks the `mediaType`, `digest` and `size` of a descriptor object.
+fn read_descriptor(value: &Value, path: &str) -> Result<Descriptor, ManifestError> {
+    let object = value.as_object().ok_or_else(|| malformed(path.to_string(), "is not a JSON object"))?;
+    check_spelling(object, DESCRIPTOR_FIELDS, &prefix(path))?;
+    let string = |name: &str| match object.get(name) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(malformed(format!("{path}.{name}"), "is not a string")),
+        None => Err(malformed(format!("{path}.{name}"), "is missing")),
+    };
+    let media_type = string("mediaType")?;
+    let digest = string("digest")?;
+    let size = match object.get("size") {
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| malformed(format!("{path}.size"), "is not a non-negative integer"))?,
+        None => return Err(malformed(format!("{path}.size"), "is missing")),
+    };
+    Ok(Descriptor { media_type, digest, size })
+}
+
+/// Sets `mediaType` of an object, keeping its position, or inserting it after
+/// `schemaVersion` (else at the end) when absent.
+fn set_media_type(object: &mut Map<String, Value>, media_type: &str) {
+    if let Some(v) = object.get_mut("mediaType") {
+        *v = Value::String(media_type.to_string());
+        return;
+    }
+    let old = std::mem::take(object);
+    let mut inserted = false;
+    for (key, value) in old {
+        let after = key == "schemaVersion";
+        object.insert(key, value);
+        if after {
+            object.insert("mediaType".to_string(), Value::String(media_type.to_string()));
+            inserted = true;
+        }
+    }
+    if !inserted {
+        object.insert("mediaType".to_string(), Value::String(media_type.to_string()));
+    }
+}
+
+/// Turns a plaintext layer descriptor into its encrypted form (ocicrypt: `+encrypted` type,
+/// ciphertext digest, same size, non-`enc.` annotations kept plus the entry's). `urls` (which
+/// name the plaintext elsewhere) and embedded `data` (the plaintext itself) are dropped.
+fn encrypt_descriptor(
+    object: &mut Map<String, Value>,
+    encrypted_type: &str,
+    entry: &LedgerEntry,
+    path: &str,
+) -> Result<(), ManifestError> {
+    let mut annotations = match object.get("annotations") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(existing)) => existing.clone(),
+        Some(_) => return Err(malformed(format!("{path}.annotations"), "is not a JSON object")),
+    };
+    annotations.retain(|key, _| !key.starts_with(spec::ANNOTATION_ENC_PREFIX));
+    for (key, value) in &entry.annotations {
+        annotations.insert(key.clone(), Value::String(value.clone()));
+    }
+    object.insert("mediaType".to_string(), Value::String(encrypted_type.to_string()));
+    object.insert("digest".to_string(), Value::String(entry.encrypted_digest.to_string()));
+    object.insert("size".to_string(), Value::from(entry.size));
+    object.insert("annotations".to_string(), Value::Object(annotations));
+    object.retain(|key, _| key != "urls" && key != "data");
+    Ok(())
+}
+
+/// True for non-distributable layers that name where to fetch them (`urls` non-empty).
+fn is_external(media_type: &str, object: &Map<String, Value>) -> bool {
+    media_type.starts_with(NONDISTRIBUTABLE_PREFIX)
+        && object.get("urls").and_then(Value::as_array).is_some_and(|urls| !urls.is_empty())
+}
+
+/// Rewrites a manifest PUT body for an encrypted repository.
+///
+/// `lookup` answers the ledger of the target repository: the encrypted blob the gateway
+/// produced for a plaintext digest. Rules, per layer descriptor (after Docker layer types were
+/// mapped to OCI types):
+/// - known to the ledger, image-layer type → encrypted descriptor;
+/// - known to the ledger, other type → refused (no decryptor);
+/// - image-layer type not known → refused (not uploaded through the gateway), except
+///   non-distributable layers with `urls`, which stay as they are;
+/// - `+encrypted` of a known type → unchanged (refused if the gateway encrypted its blob again);
+///   `+encrypted` of an unknown type → refused;
+/// - any other type not known (SBOMs, attestations, JSON) → unchanged.
+///
+/// A config the ledger knows is refused. Indexes, schema 1 and unknown types are refused.
+pub fn rewrite(
+    body: &[u8],
+    request_content_type: &str,
+    lookup: &dyn Fn(&Digest) -> Option<LedgerEntry>,
+) -> Result<Rewritten, ManifestError> {
+    let kind = classify(request_content_type)?;
+    let mut document: Value =
+        serde_json::from_slice(body).map_err(|e| ManifestError::InvalidJson { reason: e.to_string() })?;
+    let manifest = document
+        .as_object_mut()
+        .ok_or_else(|| malformed("(document)".to_string(), "is not a JSON object"))?;
+    check_spelling(manifest, MANIFEST_FIELDS, "")?;
+
+    match manifest.get("schemaVersion") {
+        Some(v) if v.as_u64() == Some(2) => {}
+        Some(v) => return Err(ManifestError::SchemaVersion { found: v.to_string() }),
+        None => return Err(ManifestError::SchemaVersion { found: "missing".to_string() }),
+    }
+    match manifest.get("mediaType") {
+        None => {}
+        Some(Value::String(declared)) if declared == kind.media_type() => {}
+        Some(Value::String(declared)) => {
+            return Err(ManifestError::MediaTypeMismatch {
+                content_type: request_content_type.to_string(),
+                media_type: declared.clone(),
+            })
+        }
+        Some(_) => return Err(malformed("mediaType".to_string(), "is not a string")),
+    }
+    let mut changed = false;
+    if kind == Kind::Docker {
+        set_media_type(manifest, spec::MEDIA_TYPE_OCI_MANIFEST);
+        changed = true;
+    }
+
+    // The config stays plaintext; Docker configs are valid OCI configs, only the type changes.
+    let config = manifest
+        .get_mut("config")
+        .ok_or_else(|| malformed("config".to_string(), "is missing: an image manifest needs a config descriptor"))?;
+    let config_descriptor = read_descriptor(config, "config")?;
+    if let Some(entry_digest) = Digest::parse(&config_descriptor.digest).ok().filter(|d| lookup(d).is_some()) {
+        return Err(ManifestError::ConfigEncrypted { digest: entry_digest, media_type: config_descriptor.media_type });
+    }
+    if kind == Kind::Docker && config_descriptor.media_type == spec::MEDIA_TYPE_DOCKER_CONFIG {
+        if let Some(object) = config.as_object_mut() {
+            object.insert("mediaType".to_string(), Value::String(spec::MEDIA_TYPE_OCI_CONFIG.to_string()));
+        }
+    }
+
+    let layers = match manifest.get_mut("layers") {
+        Some(Value::Array(layers)) => layers,
+        Some(_) => return Err(malformed("layers".to_string(), "is not an array")),
+        None => return Err(malformed("layers".to_string(), "is missing: an image manifest lists its layers")),
+    };
+    let mut encrypted_layers = 0usize;
+    for (index, layer) in layers.iter_mut().enumerate() {
+        let path = format!("layers[{index}]");
+        let descriptor = read_descriptor(layer, &path)?;
+        let Some(object) = layer.as_object_mut() else {
+            return Err(malformed(path, "is not a JSON object"));
+        };
+        let mut media_type = descriptor.media_type;
+        if kind == Kind::Docker {
+            if let Some(oci) = docker_layer_to_oci(&media_type) {
+                object.insert("mediaType".to_string(), Value::String(oci.to_string()));
+                media_type = oci.to_string();
+            }
+        }
+        let digest = Digest::parse(&descriptor.digest).ok();
+        let entry = digest.as_ref().and_then(lookup);
+
+        if media_type.ends_with(spec::ENCRYPTED_SUFFIX) {
+            if !spec::is_known_encrypted(&media_type) {
+                return Err(ManifestError::UnknownEncryptedType {
+                    layer: index,
+                    digest: descriptor.digest,
+                    media_type,
+                });
+            }
+            if let (Some(digest), Some(_)) = (digest, entry) {
+                return Err(ManifestError::ReEncrypted { layer: index, digest, media_type });
+            }
+            continue;
+        }
+        match (spec::encrypted_media_type(&media_type), entry, digest) {
+            (Some(encrypted_type), Some(entry), Some(digest)) => {
+                if descriptor.size != entry.size {
+                    return Err(ManifestError::SizeMismatch {
+                        layer: index,
+                        digest,
+                        declared: descriptor.size,
+                        uploaded: entry.size,
+                    });
+                }
+                encrypt_descriptor(object, encrypted_type, &entry, &path)?;
+                encrypted_layers += 1;
+                changed = true;
+            }
+            (None, Some(_), Some(digest)) => {
+                return Err(ManifestError::EncryptedWithoutDecryptor { layer: index, digest, media_type });
+            }
+            (Some(_), None, _) if is_external(&media_type, object) => {}
+            (Some(_), None, Some(digest)) => {
+                return Err(ManifestError::NotUploadedThroughGateway { layer: index, digest, media_type });
+            }
+            (Some(_), _, None) => {
+                return Err(ManifestError::UnsupportedDigest { layer: index, digest: descriptor.digest, media_type });
+            }
+            // Not an image layer and not encrypted by the gateway: leave it.
+            (None, None, _) | (None, Some(_), None) => {}
+        }
+    }
+
+    let media_type = stored_content_type(request_content_type).to_string();
+    if !changed {
+        return Ok(Rewritten { body: body.to_vec(), media_type, encrypted_layers });
+    }
+    let body = serde_json::to_vec(&document).map_err(|e| ManifestError::Serialize { reason: e.to_string() })?;
+    Ok(Rewritten { body, media_type, encrypted_layers })
+}

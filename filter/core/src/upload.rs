@@ -1,0 +1,377 @@
+//! Blob uploads into an encrypted repository: the state of one upload session across its
+//! requests, and what each request of it does.
+//!
+//! A session is `POST`, any number of `PATCH`es, then a `PUT ?digest=`. Each request may land on
+//! another Envoy worker, so the cipher state ([`UploadRecord`]) is saved in a [`Store`] between
+//! requests, and only once the registry has accepted the request (a `202`): a chunk the
+//! registry refused must not advance the keystream.
+use std::collections::BTreeMap;
+
+use rand_core::CryptoRngCore;
+use zeroize::Zeroizing;
+
+use crate::blockcipher::LayerEncryptor;
+use crate::digest::Digest;
+use crate::error::{Code, OciError};
+use crate::keywrap;
+use crate::ledger::LedgerEntry;
+use crate::recipients::Recipient;
+
+/// How many leading bytes decide whether a blob is JSON (passed through) or encrypted.
+pub const SNIFF_WINDOW: usize = 512;
+
+/// Shared key-value storage between requests (Envoy shared data in the adapter, a map in tests).
+pub trait Store {
+    /// Current value of `key`, if any.
+    fn get(&self, key: &str) -> Option<Vec<u8>>;
+    /// Sets `key`; an empty value removes it.
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), OciError>;
+}
+
+/// Shared-data key of an upload session's record.
+pub fn record_key(upload_id: &str) -> String {
+    format!("ocicrypt/upload/{upload_id}")
+}
+
+/// What the gateway does with the bytes of one blob, decided from its first bytes.
+pub enum Treatment {
+    /// Not decided yet: no byte seen.
+    Undecided,
+    /// JSON (image configs, artifact metadata): forwarded as pushed.
+    Passthrough,
+    /// Everything else: AES-256-CTR as it streams.
+    Encrypt(Box<LayerEncryptor>),
+}
+
+/// The state of one upload session, kept between its requests.
+pub struct UploadRecord {
+    /// Repository the session belongs to (a session id is only valid in its repository).
+    pub repository: String,
+    /// Bytes accepted by the registry so far.
+    pub offset: u64,
+    /// What happens to the blob's bytes.
+    pub treatment: Treatment,
+}
+
+const RECORD_VERSION: u8 = 1;
+
+impl UploadRecord {
+    /// A session with no byte seen yet.
+    pub fn new(repository: &str) -> Self {
+        UploadRecord { repository: repository.to_string(), offset: 0, treatment: Treatment::Undecided }
+    }
+
+    /// Serialized form (holds the symkey: kept in process memory only, never logged).
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(512));
+        out.push(RECORD_VERSION);
+        let repo = self.repository.as_bytes();
+        out.extend_from_slice(&(repo.len() as u32).to_be_bytes());
+        out.extend_from_slice(repo);
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        match &self.treatment {
+            Treatment::Undecided => out.push(0),
+            Treatment::Passthrough => out.push(1),
+            Treatment::Encrypt(enc) => {
+                out.push(2);
+                out.extend_from_slice(&enc.to_bytes());
+            }
+        }
+        out
+    }
+
+    /// Reads a record written by [`UploadRecord::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (&version, rest) = bytes.split_first()?;
+        if version != RECORD_VERSION {
+            return None;
+        }
+        let (len, rest) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        let repository = std::str::from_utf8(rest.get(..len)?).ok()?.to_string();
+        let rest = rest.get(len..)?;
+        let (offset, rest) = rest.split_first_chunk::<8>()?;
+        let offset = u64::from_be_bytes(*offset);
+        let (&kind, rest) = rest.split_first()?;
+        let treatment = match kind {
+            0 if rest.is_empty() => Treatment::Undecided,
+            1 if rest.is_empty() => Treatment::Passthrough,
+            2 => Treatment::Encrypt(Box::new(LayerEncryptor::from_bytes(rest).ok()?)),
+            _ => return None,
+        };
+        Some(UploadRecord { repository, offset, treatment })
+    }
+
+    /// Loads the record of `upload_id`, or a fresh one when the session has none yet.
+    /// A record of another repository is refused: a session id must not be replayed across
+    /// repositories to continue someone else's keystream.
+    pub fn load(store: &dyn Store, upload_id: &str, repository: &str) -> Result<Self, OciError> {
+        match store.get(&record_key(upload_id)) {
+            Some(bytes) if !bytes.is_empty() => {
+                let record = UploadRecord::from_bytes(&bytes).ok_or_else(|| {
+                    OciError::new(Code::BlobUploadInvalid, "the gateway's state of this upload is unreadable; restart the upload")
+                })?;
+                if record.repository != repository {
+                    return Err(OciError::new(
+                        Code::BlobUploadUnknown,
+                        format!("upload {upload_id} does not belong to repository {repository}"),
+                    ));
+                }
+                Ok(record)
+            }
+            _ => Ok(UploadRecord::new(repository)),
+        }
+    }
+}
+
+/// What to do with the request body the adapter holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyVerdict {
+    /// The buffer was encrypted in place: write it back and forward it.
+    Replaced,
+    /// The buffer is forwarded as it is (JSON blob, or nothing to do).
+    Unchanged,
+    /// Too few bytes to decide the treatment: buffer (bounded by [`SNIFF_WINDOW`]) and call
+    /// again with the whole buffer.
+    NeedMore,
+}
+
+/// Decides the treatment from the first bytes: a blob whose first non-blank byte is `{` and
+/// whose window holds no NUL is JSON and passes; a tar header always holds NULs, so a tar whose
+/// first member is named `{…}` is still encrypted.
+pub fn is_json_like(window: &[u8]) -> bool {
+    if window.contains(&0) {
+        return false;
+    }
+    window.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+/// The body of one request (`PATCH`, or a `PUT`/`POST` that carries bytes) of an upload in an
+/// encrypted repository.
+pub struct ChunkStream {
+    record: UploadRecord,
+    /// Offset of the first byte of this request, to check `Content-Range` and to roll back.
+    start_offset: u64,
+}
+
+impl ChunkStream {
+    /// Starts a request body on `record`; `content_range_start` is the client's stated offset.
+    pub fn new(record: UploadRecord, content_range_start: Option<u64>) -> Result<Self, OciError> {
+        if let Some(start) = content_range_start {
+            if start != record.offset {
+                return Err(OciError::new(
+                    Code::BlobUploadInvalid,
+                    format!("chunk starts at byte {start} but the upload holds {} bytes; resume from there", record.offset),
+                ));
+            }
+        }
+        let start_offset = record.offset;
+        Ok(ChunkStream { record, start_offset })
+    }
+
+    /// Processes the bytes the adapter holds. `buffer` is every byte of this request not yet
+    /// forwarded (after a [`BodyVerdict::NeedMore`], the whole buffered body).
+    pub fn on_body<R: CryptoRngCore>(&mut self, buffer: &mut [u8], end_of_stream: bool, rng: &mut R) -> BodyVerdict {
+        if matches!(self.record.treatment, Treatment::Undecided) {
+            if buffer.is_empty() {
+                return BodyVerdict::Unchanged;
+            }
+            if buffer.len() < SNIFF_WINDOW && !end_of_stream && self.record.offset == 0 {
+                return BodyVerdict::NeedMore;
+            }
+            let window = buffer.get(..SNIFF_WINDOW.min(buffer.len())).unwrap_or(&[]);
+            self.record.treatment = if self.record.offset == 0 && is_json_like(window) {
+                Treatment::Passthrough
+            } else {
+                Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
+            };
+        }
+        self.record.offset += buffer.len() as u64;
+        match &mut self.record.treatment {
+            Treatment::Encrypt(enc) => {
+                enc.encrypt_in_place(buffer);
+                BodyVerdict::Replaced
+            }
+            _ => BodyVerdict::Unchanged,
+        }
+    }
+
+    /// Bytes of this request seen so far.
+    pub fn request_bytes(&self) -> u64 {
+        self.record.offset - self.start_offset
+    }
+
+    /// The record to save once the registry accepted this request.
+    pub fn into_record(self) -> UploadRecord {
+        self.record
+    }
+}
+
+/// The gateway's view of a completed blob: the digest the registry must commit, and, for an
+/// encrypted blob, the ledger entry that lets the manifest be rewritten.
+#[derive(Debug)]
+pub struct Completion {
+    /// Digest the client pushed (plaintext).
+    pub client_digest: Digest,
+    /// Digest to put in the finishing `PUT ?digest=` (ciphertext, or the client's for JSON).
+    pub stored_digest: Digest,
+    /// Set when the blob was encrypted.
+    pub ledger: Option<LedgerEntry>,
+}
+
+/// Finishes an upload: checks that the plaintext hashed to the digest the client named and,
+/// for an encrypted blob, wraps its symkey to the recipients.
+pub fn complete<R: CryptoRngCore>(
+    record: UploadRecord,
+    client_digest: Digest,
+    recipients: &[Recipient],
+    rng: &mut R,
+) -> Result<Completion, OciError> {
+    let encryptor = match record.treatment {
+        Treatment::Passthrough => {
+            // The registry verifies JSON blobs itself against the client's digest.
+            return Ok(Completion { client_digest, stored_digest: client_digest, ledger: None });
+        }
+        Treatment::Encrypt(enc) => enc,
+        // An empty blob: encrypting zero bytes keeps it empty (and so its digest).
+        Treatment::Undecided => Box::new(LayerEncryptor::generate(rng)),
+    };
+    let layer = encryptor.finish();
+    if layer.plaintext_digest != client_digest {
+        return Err(OciError::new(
+            Code::DigestInvalid,
+            format!(
+                "the uploaded content has digest {} but the client named {}; nothing was stored, push again",
+                layer.plaintext_digest, client_digest
+            ),
+        ));
+    }
+    let annotations: BTreeMap<String, String> = keywrap::layer_annotations(&layer, recipients, rng)
+        .map_err(|e| OciError::new(Code::Unknown, format!("could not wrap the layer key: {e}")))?;
+    Ok(Completion {
+        client_digest,
+        stored_digest: layer.encrypted_digest,
+        ledger: Some(LedgerEntry { encrypted_digest: layer.encrypted_digest, size: layer.size, annotations }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct MapStore(RefCell<HashMap<String, Vec<u8>>>);
+    impl Store for MapStore {
+        fn get(&self, key: &str) -> Option<Vec<u8>> {
+            self.0.borrow().get(key).cloned()
+        }
+        fn set(&self, key: &str, value: &[u8]) -> Result<(), OciError> {
+            self.0.borrow_mut().insert(key.to_string(), value.to_vec());
+            Ok(())
+        }
+    }
+
+    fn recipients() -> Vec<Recipient> {
+        let key = p256::SecretKey::random(&mut rand_core::OsRng);
+        vec![Recipient::P256(key.public_key())]
+    }
+
+    /// Pushes `blob` as PATCH requests of the given sizes, saving the record between them.
+    fn push(store: &MapStore, blob: &[u8], splits: &[usize]) -> (Vec<u8>, UploadRecord) {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for &n in splits.iter().chain(std::iter::once(&usize::MAX)) {
+            if pos >= blob.len() {
+                break;
+            }
+            let end = blob.len().min(pos.saturating_add(n));
+            let record = UploadRecord::load(store, "u1", "demo/app").unwrap();
+            let mut stream = ChunkStream::new(record, Some(pos as u64)).unwrap();
+            let mut buf = blob[pos..end].to_vec();
+            let v = stream.on_body(&mut buf, true, &mut rand_core::OsRng);
+            assert_ne!(v, BodyVerdict::NeedMore);
+            out.extend_from_slice(&buf);
+            store.set(&record_key("u1"), &stream.into_record().to_bytes()).unwrap();
+            pos = end;
+        }
+        (out, UploadRecord::load(store, "u1", "demo/app").unwrap())
+    }
+
+    #[test]
+    fn layer_is_encrypted_across_requests_and_completes() {
+        let store = MapStore::default();
+        let blob: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (cipher, record) = push(&store, &blob, &[1000, 7, 50_000]);
+        assert_eq!(cipher.len(), blob.len());
+        assert_ne!(cipher, blob);
+        let done = complete(record, Digest::of(&blob), &recipients(), &mut rand_core::OsRng).unwrap();
+        assert_eq!(done.stored_digest, Digest::of(&cipher));
+        let entry = done.ledger.unwrap();
+        assert_eq!(entry.size, blob.len() as u64);
+        assert!(entry.annotations.contains_key(crate::spec::ANNOTATION_KEYS_JWE));
+    }
+
+    #[test]
+    fn json_blob_passes_unchanged() {
+        let store = MapStore::default();
+        let blob = br#"  {"architecture":"amd64","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+        let (out, record) = push(&store, &blob, &[]);
+        assert_eq!(out, blob);
+        let done = complete(record, Digest::of(&blob), &recipients(), &mut rand_core::OsRng).unwrap();
+        assert_eq!(done.stored_digest, Digest::of(&blob));
+        assert!(done.ledger.is_none());
+    }
+
+    #[test]
+    fn tar_named_like_json_is_still_encrypted() {
+        let mut blob = vec![0u8; 1024];
+        blob[..6].copy_from_slice(b"{x}.js");
+        let store = MapStore::default();
+        let (out, _) = push(&store, &blob, &[]);
+        assert_ne!(out, blob);
+    }
+
+    #[test]
+    fn short_first_chunk_asks_for_more() {
+        let record = UploadRecord::new("demo/app");
+        let mut s = ChunkStream::new(record, None).unwrap();
+        let mut buf = b"\x1f\x8b".to_vec();
+        assert_eq!(s.on_body(&mut buf, false, &mut rand_core::OsRng), BodyVerdict::NeedMore);
+        assert_eq!(s.on_body(&mut buf, true, &mut rand_core::OsRng), BodyVerdict::Replaced);
+    }
+
+    #[test]
+    fn wrong_digest_is_refused() {
+        let store = MapStore::default();
+        let (_, record) = push(&store, &[1u8; 4096], &[]);
+        let err = complete(record, Digest::of(b"other"), &recipients(), &mut rand_core::OsRng).unwrap_err();
+        assert_eq!(err.code, Code::DigestInvalid);
+    }
+
+    #[test]
+    fn content_range_must_continue_the_upload() {
+        let err = ChunkStream::new(UploadRecord::new("demo/app"), Some(10)).err().unwrap();
+        assert_eq!(err.code, Code::BlobUploadInvalid);
+    }
+
+    #[test]
+    fn record_of_another_repository_is_refused() {
+        let store = MapStore::default();
+        push(&store, &[1u8; 4096], &[]);
+        assert_eq!(UploadRecord::load(&store, "u1", "demo/other").err().unwrap().code, Code::BlobUploadUnknown);
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_garbage() {
+        let mut r = UploadRecord::new("demo/app");
+        r.offset = 42;
+        r.treatment = Treatment::Passthrough;
+        let back = UploadRecord::from_bytes(&r.to_bytes()).unwrap();
+        assert_eq!(back.offset, 42);
+        assert!(matches!(back.treatment, Treatment::Passthrough));
+        assert!(UploadRecord::from_bytes(&[9, 9, 9]).is_none());
+        assert!(UploadRecord::from_bytes(&[]).is_none());
+    }
+}

@@ -1,0 +1,354 @@
+//! The layer annotations: exact public-options bytes, JWE shape as go-jose/ocicrypt emit it,
+//! unwrap with every key type, and decryption by an independent implementation
+//! (`tests/jwe_decrypt.py`, Python `cryptography`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+
+#[path = "crypto_fixtures.rs"]
+mod fixtures;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use fixtures::*;
+use ocicrypt_core::blockcipher::{decrypt_layer, EncryptedLayer, LayerEncryptor};
+use ocicrypt_core::keywrap::{layer_annotations, unwrap_private_options, KeyWrapError, PrivateKey};
+use ocicrypt_core::recipients::Recipient;
+use ocicrypt_core::spec::{ANNOTATION_KEYS_JWE, ANNOTATION_PUBOPTS};
+use rand::RngCore;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+const PRIVATE_KEYS: [(&str, &str); 5] = [
+    ("rsa2048", RSA2048_PRIVATE_PKCS8),
+    ("rsa3072", RSA3072_PRIVATE_PKCS8),
+    ("p256", P256_PRIVATE_PKCS8),
+    ("p384", P384_PRIVATE_PKCS8),
+    ("p521", P521_PRIVATE_PKCS8),
+];
+
+fn private(pem: &str) -> PrivateKey {
+    PrivateKey::from_pkcs8_pem(pem).unwrap()
+}
+
+/// A random plaintext layer, encrypted in two chunks.
+fn layer(len: usize) -> (Vec<u8>, Vec<u8>, EncryptedLayer) {
+    let mut plain = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut plain);
+    let mut enc = LayerEncryptor::generate(&mut rand_core::OsRng);
+    let mut cipher = plain.clone();
+    let (a, b) = cipher.split_at_mut(len / 3);
+    enc.encrypt_in_place(a);
+    enc.encrypt_in_place(b);
+    (plain, cipher, enc.finish())
+}
+
+fn jwe_json(annotations: &BTreeMap<String, String>) -> Vec<u8> {
+    STANDARD.decode(&annotations[ANNOTATION_KEYS_JWE]).unwrap()
+}
+
+fn decode_protected(jwe: &Value) -> String {
+    String::from_utf8(URL_SAFE_NO_PAD.decode(jwe["protected"].as_str().unwrap()).unwrap()).unwrap()
+}
+
+/// Positions of the given members in the raw JSON text, to check go-jose's member order.
+/// Member names of a JSON object, sorted (whatever serde_json's map ordering is).
+fn members(v: &Value) -> Vec<&str> {
+    let mut m: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    m.sort_unstable();
+    m
+}
+
+fn in_order(text: &str, members: &[&str]) -> bool {
+    let pos: Vec<usize> = members
+        .iter()
+        .map(|m| text.find(&format!("\"{m}\":")).unwrap_or_else(|| panic!("{m} missing in {text}")))
+        .collect();
+    pos.windows(2).all(|w| w[0] < w[1])
+}
+
+#[test]
+fn exactly_two_annotations_and_exact_pubopts_bytes() {
+    let (_, _, l) = layer(1000);
+    let recipients = [private(P256_PRIVATE_PKCS8).public()];
+    let a = layer_annotations(&l, &recipients, &mut rand_core::OsRng).unwrap();
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        [ANNOTATION_KEYS_JWE, ANNOTATION_PUBOPTS],
+        "exactly the two ocicrypt annotations"
+    );
+    let pubopts = STANDARD.decode(&a[ANNOTATION_PUBOPTS]).unwrap();
+    let expected = format!(
+        "{{\"cipher\":\"AES_256_CTR_HMAC_SHA256\",\"hmac\":\"{}\",\"cipheroptions\":{{}}}}",
+        STANDARD.encode(l.hmac)
+    );
+    assert_eq!(String::from_utf8(pubopts).unwrap(), expected);
+    // Standard alphabet with padding, as Go's encoding/base64.StdEncoding.
+    assert_eq!(a[ANNOTATION_PUBOPTS], STANDARD.encode(expected.as_bytes()));
+    assert!(a[ANNOTATION_KEYS_JWE].ends_with('=') || a[ANNOTATION_KEYS_JWE].len() % 4 == 0);
+}
+
+#[test]
+fn pubopts_matches_a_skopeo_sample_byte_for_byte() {
+    // skopeo 1.x wrote hmac "HFxmI8MQoHTtqWzghTg0Gu6x+RxUalLjEYLqgt8Z7yg=" on a real layer;
+    // the JSON around it must be what we emit for the same HMAC.
+    let hmac: [u8; 32] =
+        STANDARD.decode("HFxmI8MQoHTtqWzghTg0Gu6x+RxUalLjEYLqgt8Z7yg=").unwrap().try_into().unwrap();
+    let (_, _, mut l) = layer(10);
+    l.hmac = hmac;
+    let a = layer_annotations(&l, &[private(P256_PRIVATE_PKCS8).public()], &mut rand_core::OsRng)
+        .unwrap();
+    assert_eq!(
+        STANDARD.decode(&a[ANNOTATION_PUBOPTS]).unwrap(),
+        br#"{"cipher":"AES_256_CTR_HMAC_SHA256","hmac":"HFxmI8MQoHTtqWzghTg0Gu6x+RxUalLjEYLqgt8Z7yg=","cipheroptions":{}}"#
+    );
+}
+
+#[test]
+fn single_recipient_is_flattened_and_unwraps() {
+    for (name, pem) in PRIVATE_KEYS {
+        let key = private(pem);
+        let (plain, cipher, l) = layer(5000);
+        let a = layer_annotations(&l, &[key.public()], &mut rand_core::OsRng).unwrap();
+        let raw = jwe_json(&a);
+        let text = std::str::from_utf8(&raw).unwrap();
+        let jwe: Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(members(&jwe), ["ciphertext", "encrypted_key", "iv", "protected", "tag"], "{name}");
+        assert!(in_order(text, &["protected", "encrypted_key", "iv", "ciphertext", "tag"]), "{text}");
+        let protected = decode_protected(&jwe);
+        if name.starts_with("rsa") {
+            assert_eq!(protected, r#"{"alg":"RSA-OAEP","enc":"A256GCM"}"#);
+            let bits: usize = name[3..].parse().unwrap();
+            let ek = URL_SAFE_NO_PAD.decode(jwe["encrypted_key"].as_str().unwrap()).unwrap();
+            assert_eq!(ek.len(), bits / 8);
+        } else {
+            let crv = format!("P-{}", &name[1..]);
+            let prefix = format!(r#"{{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{{"kty":"EC","crv":"{crv}","x":""#);
+            assert!(protected.starts_with(&prefix), "{protected}");
+            let header: Value = serde_json::from_str(&protected).unwrap();
+            let coord = (key_bits(&crv) + 7) / 8;
+            for c in ["x", "y"] {
+                let v = URL_SAFE_NO_PAD.decode(header["epk"][c].as_str().unwrap()).unwrap();
+                assert_eq!(v.len(), coord, "{crv} {c} is full length");
+            }
+            assert_eq!(jwe["encrypted_key"].as_str().unwrap().len(), 54, "AES-KW of 32 bytes");
+        }
+        assert_eq!(jwe["iv"].as_str().unwrap().len(), 16);
+        assert_eq!(jwe["tag"].as_str().unwrap().len(), 22);
+
+        let opts = unwrap_private_options(&raw, &key).unwrap();
+        assert_eq!(*opts.symkey, *l.symkey, "{name}");
+        assert_eq!(opts.nonce, l.nonce);
+        assert_eq!(opts.digest, l.plaintext_digest.to_string());
+        let hmac: [u8; 32] = {
+            let p: Value = serde_json::from_slice(&STANDARD.decode(&a[ANNOTATION_PUBOPTS]).unwrap()).unwrap();
+            STANDARD.decode(p["hmac"].as_str().unwrap()).unwrap().try_into().unwrap()
+        };
+        assert_eq!(decrypt_layer(&opts.symkey, &opts.nonce, &hmac, &cipher).unwrap(), plain);
+    }
+}
+
+fn key_bits(crv: &str) -> usize {
+    crv[2..].parse().unwrap()
+}
+
+#[test]
+fn several_recipients_use_general_json_like_skopeo() {
+    let keys: Vec<PrivateKey> = PRIVATE_KEYS.iter().map(|(_, pem)| private(pem)).collect();
+    let recipients: Vec<Recipient> = keys.iter().map(PrivateKey::public).collect();
+    let (_, _, l) = layer(100);
+    let a = layer_annotations(&l, &recipients, &mut rand_core::OsRng).unwrap();
+    let raw = jwe_json(&a);
+    let text = std::str::from_utf8(&raw).unwrap();
+    let jwe: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(members(&jwe), ["ciphertext", "iv", "protected", "recipients", "tag"]);
+    assert!(in_order(text, &["protected", "recipients", "iv", "ciphertext", "tag"]), "{text}");
+    // Byte-identical to the protected header in skopeo's multi-recipient sample.
+    assert_eq!(jwe["protected"], "eyJlbmMiOiJBMjU2R0NNIn0");
+    let entries = jwe["recipients"].as_array().unwrap();
+    assert_eq!(entries.len(), 5);
+    for (entry, r) in entries.iter().zip(&recipients) {
+        let header = entry["header"].as_object().unwrap();
+        assert_eq!(header["alg"], r.jwe_alg());
+        match r {
+            Recipient::Rsa(_) => assert_eq!(header.len(), 1),
+            _ => {
+                assert_eq!(members(&header["epk"]), ["crv", "kty", "x", "y"]);
+                assert_eq!(entry["encrypted_key"].as_str().unwrap().len(), 54);
+            }
+        }
+    }
+    // skopeo's own sample: RSA-2048 entry is 342 base64url characters.
+    assert_eq!(entries[0]["encrypted_key"].as_str().unwrap().len(), 342);
+    assert!(text.contains(r#"{"header":{"alg":"ECDH-ES+A256KW","epk":{"kty":"EC","crv":"P-256","x":""#));
+
+    for key in &keys {
+        let opts = unwrap_private_options(&raw, key).unwrap();
+        assert_eq!(*opts.symkey, *l.symkey, "{key:?}");
+        assert_eq!(opts.nonce, l.nonce);
+    }
+}
+
+#[test]
+fn refusals() {
+    let (_, _, l) = layer(10);
+    assert_eq!(
+        layer_annotations(&l, &[], &mut rand_core::OsRng).unwrap_err(),
+        KeyWrapError::NoRecipients
+    );
+
+    let a = layer_annotations(&l, &[private(P256_PRIVATE_PKCS8).public()], &mut rand_core::OsRng)
+        .unwrap();
+    let raw = jwe_json(&a);
+    for wrong in [P384_PRIVATE_PKCS8, RSA2048_PRIVATE_PKCS8] {
+        assert!(matches!(
+            unwrap_private_options(&raw, &private(wrong)),
+            Err(KeyWrapError::NoMatchingRecipient { recipients: 1, .. })
+        ));
+    }
+    // A different P-256 key derives a different KEK: AES-KW integrity check fails.
+    let other = PrivateKey::P256(p256::SecretKey::random(&mut rand_core::OsRng));
+    assert!(unwrap_private_options(&raw, &other).is_err());
+
+    // Flipping a ciphertext bit breaks the GCM tag.
+    let mut jwe: Value = serde_json::from_slice(&raw).unwrap();
+    let mut ct = URL_SAFE_NO_PAD.decode(jwe["ciphertext"].as_str().unwrap()).unwrap();
+    ct[0] ^= 1;
+    jwe["ciphertext"] = Value::String(URL_SAFE_NO_PAD.encode(ct));
+    let tampered = serde_json::to_vec(&jwe).unwrap();
+    assert!(unwrap_private_options(&tampered, &private(P256_PRIVATE_PKCS8)).is_err());
+
+    assert!(matches!(
+        unwrap_private_options(b"[]", &private(P256_PRIVATE_PKCS8)),
+        Err(KeyWrapError::Malformed(_))
+    ));
+    assert!(matches!(
+        PrivateKey::from_pkcs8_pem(P256_PUBLIC_PKIX),
+        Err(KeyWrapError::PrivateKey(m)) if m.contains("PKCS#8")
+    ));
+}
+
+#[test]
+fn debug_of_private_values_is_redacted() {
+    let key = private(P256_PRIVATE_PKCS8);
+    assert_eq!(format!("{key:?}"), "PrivateKey(EC P-256)");
+    let (_, _, l) = layer(10);
+    let a = layer_annotations(&l, &[key.public()], &mut rand_core::OsRng).unwrap();
+    let opts = unwrap_private_options(&jwe_json(&a), &key).unwrap();
+    let shown = format!("{opts:?}");
+    assert!(shown.contains("redacted") && !shown.contains(&STANDARD.encode(*l.symkey)), "{shown}");
+}
+
+// ---- independent implementation --------------------------------------------------------------
+
+fn python_ready() -> Result<(), String> {
+    match Command::new("python3").args(["-c", "import cryptography"]).output() {
+        Err(e) => Err(format!("python3 not runnable: {e}")),
+        Ok(o) if !o.status.success() => Err(format!(
+            "python3 has no `cryptography` package: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let mut n = [0u8; 8];
+        rand::thread_rng().fill_bytes(&mut n);
+        let p = std::env::temp_dir().join(format!("ocicrypt-{tag}-{}", hex::encode(n)));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn python_cryptography_decrypts_our_annotations_and_layer() {
+    if let Err(reason) = python_ready() {
+        println!("SKIPPED python_cryptography_decrypts_our_annotations_and_layer: {reason}");
+        return;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/jwe_decrypt.py");
+    let dir = TempDir::new("jwe");
+    let keys: Vec<(&str, PrivateKey)> = PRIVATE_KEYS.iter().map(|(n, pem)| (*n, private(pem))).collect();
+    for (name, pem) in PRIVATE_KEYS {
+        std::fs::write(dir.0.join(format!("{name}.pem")), pem).unwrap();
+    }
+
+    // One JWE per single key, plus one for all of them.
+    let mut cases: Vec<(String, Vec<Recipient>, Vec<&str>)> = keys
+        .iter()
+        .map(|(n, k)| (format!("single-{n}"), vec![k.public()], vec![*n]))
+        .collect();
+    cases.push((
+        "all".to_string(),
+        keys.iter().map(|(_, k)| k.public()).collect(),
+        keys.iter().map(|(n, _)| *n).collect(),
+    ));
+
+    for (case, recipients, names) in cases {
+        let (plain, cipher, l) = layer(70_000);
+        let a = layer_annotations(&l, &recipients, &mut rand_core::OsRng).unwrap();
+        let jwe_path = dir.0.join(format!("{case}.jwe"));
+        let pub_path = dir.0.join(format!("{case}.pubopts"));
+        let blob_path = dir.0.join(format!("{case}.blob"));
+        std::fs::write(&jwe_path, &a[ANNOTATION_KEYS_JWE]).unwrap();
+        std::fs::write(&pub_path, &a[ANNOTATION_PUBOPTS]).unwrap();
+        std::fs::write(&blob_path, &cipher).unwrap();
+        let expected_private = format!(
+            "{{\"symkey\":\"{}\",\"digest\":\"{}\",\"cipheroptions\":{{\"nonce\":\"{}\"}}}}",
+            STANDARD.encode(*l.symkey),
+            l.plaintext_digest,
+            STANDARD.encode(l.nonce)
+        );
+        for name in names {
+            let out_path = dir.0.join(format!("{case}-{name}.plain"));
+            let out = Command::new("python3")
+                .arg(&script)
+                .arg("--jwe")
+                .arg(&jwe_path)
+                .arg("--key")
+                .arg(dir.0.join(format!("{name}.pem")))
+                .arg("--pubopts")
+                .arg(&pub_path)
+                .arg("--blob")
+                .arg(&blob_path)
+                .arg("--plain-out")
+                .arg(&out_path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{case} with {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8(out.stdout).unwrap(),
+                expected_private,
+                "{case} with {name}: private options bytes"
+            );
+            assert_eq!(std::fs::read(&out_path).unwrap(), plain, "{case} with {name}: layer");
+        }
+    }
+
+    // And the script refuses a key that is not a recipient (so a pass above means something).
+    let (_, _, l) = layer(10);
+    let a = layer_annotations(&l, &[keys[2].1.public()], &mut rand_core::OsRng).unwrap();
+    let jwe_path = dir.0.join("negative.jwe");
+    std::fs::write(&jwe_path, &a[ANNOTATION_KEYS_JWE]).unwrap();
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg("--jwe")
+        .arg(&jwe_path)
+        .arg("--key")
+        .arg(dir.0.join("p384.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

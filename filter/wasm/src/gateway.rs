@@ -1,0 +1,444 @@
+//! One HTTP stream through the gateway: which flow it is, and the host contract of each step.
+use std::rc::Rc;
+use std::time::Duration;
+
+use ocicrypt_core::config::Config;
+use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::{self, Route, UploadMethod};
+use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::ledger::{self, LedgerEntry};
+use ocicrypt_core::manifest;
+use ocicrypt_core::policy::{project_of, Action as PolicyAction};
+use ocicrypt_core::recipients::Recipient;
+use ocicrypt_core::upload::{self, BodyVerdict, ChunkStream, Completion, Store, UploadRecord};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+use rand_core::OsRng;
+
+use crate::host::{self, SharedData};
+
+/// What the stream is doing.
+enum Flow {
+    /// Not an encrypted-repository write: untouched.
+    Pass,
+    /// A refusal was sent; ignore the rest of the stream.
+    Refused,
+    /// Request body bytes of an upload session (`PATCH`, or a `PUT`/`POST` turned into one).
+    Chunk(Box<ChunkFlow>),
+    /// `POST ?digest=` with a body: headers paused while a callout opens a session.
+    OpeningSession { repository: String, client_digest: Digest },
+    /// `PUT ?digest=` with no body: the request line now names the ciphertext.
+    Finishing { repository: String, completion: Completion },
+    /// `PUT` of a manifest: buffered, then rewritten.
+    Manifest { repository: String, content_type: String },
+}
+
+struct ChunkFlow {
+    repository: String,
+    upload_id: Option<String>,
+    stream: Option<ChunkStream>,
+    /// Set when the client meant to finish the blob with this request (monolithic upload).
+    finish: Option<Finish>,
+}
+
+struct Finish {
+    client_digest: Digest,
+    completion: Option<Completion>,
+}
+
+/// The per-stream context.
+pub struct Gateway {
+    id: u32,
+    config: Option<Rc<Config>>,
+    flow: Flow,
+    authority: String,
+    authorization: Option<String>,
+}
+
+impl Gateway {
+    /// A stream context of worker VM configuration `config`.
+    pub fn new(id: u32, config: Option<Rc<Config>>) -> Self {
+        Gateway { id, config, flow: Flow::Pass, authority: String::new(), authorization: None }
+    }
+
+    fn log(&self, level: LogLevel, msg: &str) {
+        host::log(level, &format!("[ocicrypt #{}] {msg}", self.id));
+    }
+
+    fn refuse(&mut self, err: &OciError) -> Action {
+        self.log(LogLevel::Warn, &format!("refused: {err}"));
+        host::reply_error(err);
+        self.flow = Flow::Refused;
+        Action::Pause
+    }
+
+    fn recipients(config: &Config, repository: &str) -> Result<Vec<Recipient>, OciError> {
+        let project = project_of(repository);
+        match config.recipients(project) {
+            Some(r) if !r.is_empty() => Ok(r.to_vec()),
+            _ => Err(OciError::new(
+                Code::Unavailable,
+                format!(
+                    "no verified recipient keys for project {project:?}: the repository {repository} must be encrypted and nothing \
+                     was stored; ask the key-service owners to publish the project's recipients"
+                ),
+            )),
+        }
+    }
+
+    /// Decides the flow from the request line. Errors become local replies.
+    fn on_request_line(&mut self, config: &Config, end_of_stream: bool) -> Result<Action, OciError> {
+        let method = host::header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
+        let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        let route = distribution::route(&method, &path);
+        let repository = match &route {
+            Route::UploadStart { repository, .. } | Route::Upload { repository, .. } | Route::ManifestPut { repository, .. } => {
+                repository.clone()
+            }
+            Route::Other => return Ok(Action::Continue),
+        };
+        if config.policy.action(&repository) != PolicyAction::Encrypt {
+            return Ok(Action::Continue);
+        }
+        self.authority = host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
+        self.authorization = host::header(MapType::HttpRequestHeaders, "authorization");
+        let has_body = !end_of_stream
+            && host::header(MapType::HttpRequestHeaders, "content-length").map_or(true, |v| v.trim() != "0");
+
+        match route {
+            Route::UploadStart { digest, mount, .. } => {
+                // Fail before any byte is sent when the project cannot be encrypted to.
+                Self::recipients(config, &repository)?;
+                if mount.is_some() {
+                    // A mount would make the source repository's blob appear here as it is: a
+                    // plaintext blob in an encrypted repository. A normal upload instead.
+                    let new_path = distribution::rewrite_query(&path, &["mount", "from"], &[]);
+                    self.log(LogLevel::Info, &format!("{repository}: cross-repository mount turned into an upload"));
+                    host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
+                }
+                match digest {
+                    Some(d) if has_body => {
+                        let client_digest = parse_client_digest(&d)?;
+                        self.open_session(config, &repository, client_digest)?;
+                        return Ok(Action::Pause);
+                    }
+                    Some(_) => {
+                        let new_path = distribution::rewrite_query(&path, &["digest", "mount", "from"], &[]);
+                        host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
+                    }
+                    None => {}
+                }
+                Ok(Action::Continue)
+            }
+            Route::Upload { method: UploadMethod::Patch, id, .. } => {
+                let record = UploadRecord::load(&SharedData, &id, &repository)?;
+                let start = host::header(MapType::HttpRequestHeaders, "content-range")
+                    .and_then(|v| distribution::content_range_start(&v));
+                let stream = ChunkStream::new(record, start)?;
+                self.flow = Flow::Chunk(Box::new(ChunkFlow {
+                    repository,
+                    upload_id: Some(id),
+                    stream: Some(stream),
+                    finish: None,
+                }));
+                Ok(Action::Continue)
+            }
+            Route::Upload { method: UploadMethod::Put, id, digest, .. } => {
+                let client_digest = parse_client_digest(digest.as_deref().unwrap_or(""))?;
+                let recipients = Self::recipients(config, &repository)?;
+                let record = UploadRecord::load(&SharedData, &id, &repository)?;
+                if has_body {
+                    // The digest in the request line must become the ciphertext's, which is
+                    // known only after the body; the request line cannot change once the body
+                    // is seen. Send the body as a PATCH, and finish by callout on the 202.
+                    let start = host::header(MapType::HttpRequestHeaders, "content-range")
+                        .and_then(|v| distribution::content_range_start(&v));
+                    let stream = ChunkStream::new(record, start)?;
+                    let new_path = distribution::rewrite_query(&path, &["digest"], &[]);
+                    host::set_header(MapType::HttpRequestHeaders, ":method", Some("PATCH"))?;
+                    host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
+                    self.flow = Flow::Chunk(Box::new(ChunkFlow {
+                        repository,
+                        upload_id: Some(id),
+                        stream: Some(stream),
+                        finish: Some(Finish { client_digest, completion: None }),
+                    }));
+                } else {
+                    let completion = upload::complete(record, client_digest, &recipients, &mut OsRng)?;
+                    let stored = completion.stored_digest.to_string();
+                    let new_path = distribution::rewrite_query(&path, &["digest"], &[("digest", &stored)]);
+                    host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
+                    SharedData.set(&upload::record_key(&id), &[])?;
+                    self.flow = Flow::Finishing { repository, completion };
+                }
+                Ok(Action::Continue)
+            }
+            Route::Upload { method: UploadMethod::Delete, id, .. } => {
+                SharedData.set(&upload::record_key(&id), &[])?;
+                Ok(Action::Continue)
+            }
+            Route::Upload { method: UploadMethod::Get, .. } => Ok(Action::Continue),
+            Route::ManifestPut { reference, .. } => {
+                if reference.starts_with("sha256:") {
+                    return Err(OciError::new(
+                        Code::ManifestInvalid,
+                        format!(
+                            "manifest pushed by digest {reference} into encrypted repository {repository}: encrypting \
+                             changes its digest; push it by tag"
+                        ),
+                    ));
+                }
+                if !has_body {
+                    return Err(OciError::new(Code::ManifestInvalid, "manifest PUT without a body"));
+                }
+                let limit = config.max_manifest_bytes;
+                if let Some(len) = host::header(MapType::HttpRequestHeaders, "content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
+                    if len > limit {
+                        return Err(too_large(len, limit));
+                    }
+                }
+                let content_type = host::header(MapType::HttpRequestHeaders, "content-type").unwrap_or_default();
+                let stored_type = manifest::stored_content_type(&content_type).to_string();
+                host::set_header(MapType::HttpRequestHeaders, "content-type", Some(&stored_type))?;
+                // The rewritten body has another length; without Content-Length Envoy streams
+                // it chunked to the registry.
+                host::set_header(MapType::HttpRequestHeaders, "content-length", None)?;
+                self.flow = Flow::Manifest { repository, content_type };
+                Ok(Action::Continue)
+            }
+            Route::Other => Ok(Action::Continue),
+        }
+    }
+
+    fn callout_headers<'a>(&'a self, method: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
+        let mut headers = vec![(":method", method), (":path", path), (":authority", self.authority.as_str()), ("content-length", "0")];
+        if let Some(auth) = &self.authorization {
+            headers.push(("authorization", auth.as_str()));
+        }
+        headers
+    }
+
+    fn open_session(&mut self, config: &Config, repository: &str, client_digest: Digest) -> Result<(), OciError> {
+        let path = format!("/v2/{repository}/blobs/uploads/");
+        let headers = self.callout_headers("POST", &path);
+        hostcalls::dispatch_http_call(&config.registry.cluster, headers, None, vec![], Duration::from_millis(config.registry.timeout_ms))
+            .map_err(|_| OciError::new(Code::Unavailable, "could not reach the registry to open an upload session"))?;
+        self.flow = Flow::OpeningSession { repository: repository.to_string(), client_digest };
+        Ok(())
+    }
+
+    fn on_chunk_body(&mut self, body_size: usize, end_of_stream: bool) -> Result<Action, OciError> {
+        let recipients = match (&self.config, &self.flow) {
+            (Some(config), Flow::Chunk(flow)) if end_of_stream && flow.finish.is_some() => {
+                Some(Self::recipients(config, &flow.repository)?)
+            }
+            _ => None,
+        };
+        let Flow::Chunk(flow) = &mut self.flow else { return Ok(Action::Continue) };
+        let Some(stream) = flow.stream.as_mut() else { return Ok(Action::Continue) };
+        let mut buf = host::body(BufferType::HttpRequestBody, body_size)?;
+        match stream.on_body(&mut buf, end_of_stream, &mut OsRng) {
+            BodyVerdict::NeedMore => return Ok(Action::Pause),
+            BodyVerdict::Replaced => host::set_body(BufferType::HttpRequestBody, body_size, &buf)?,
+            BodyVerdict::Unchanged => {}
+        }
+        if end_of_stream {
+            if let (Some(finish), Some(recipients)) = (flow.finish.as_mut(), recipients) {
+                if let Some(stream) = flow.stream.take() {
+                    let completion = upload::complete(stream.into_record(), finish.client_digest, &recipients, &mut OsRng)?;
+                    finish.completion = Some(completion);
+                }
+            }
+        }
+        Ok(Action::Continue)
+    }
+
+    fn on_manifest_body(&mut self, body_size: usize, end_of_stream: bool) -> Result<Action, OciError> {
+        let limit = self.config.as_ref().map_or(0, |c| c.max_manifest_bytes);
+        if body_size > limit {
+            return Err(too_large(body_size, limit));
+        }
+        if !end_of_stream {
+            return Ok(Action::Pause);
+        }
+        let Flow::Manifest { repository, content_type } = &self.flow else { return Ok(Action::Continue) };
+        let body = host::body(BufferType::HttpRequestBody, body_size)?;
+        let repo = repository.clone();
+        let lookup = |d: &Digest| -> Option<LedgerEntry> {
+            SharedData.get(&ledger::key(&repo, d)).and_then(|b| LedgerEntry::from_bytes(&b))
+        };
+        let rewritten = manifest::rewrite(&body, content_type, &lookup).map_err(|e| e.to_oci())?;
+        host::set_body(BufferType::HttpRequestBody, body_size, &rewritten.body)?;
+        self.log(
+            LogLevel::Info,
+            &format!("{repo}: manifest rewritten ({} encrypted layers, {} bytes, stored as {})", rewritten.encrypted_layers, rewritten.body.len(), Digest::of(&rewritten.body)),
+        );
+        Ok(Action::Continue)
+    }
+
+    /// Records an encrypted blob and makes the answer speak of the client's digest.
+    fn commit(&self, repository: &str, completion: &Completion) -> Result<(), OciError> {
+        if let Some(entry) = &completion.ledger {
+            SharedData.set(&ledger::key(repository, &completion.client_digest), &entry.to_bytes())?;
+            self.log(
+                LogLevel::Info,
+                &format!("{repository}: blob {} stored encrypted as {} ({} bytes)", completion.client_digest, entry.encrypted_digest, entry.size),
+            );
+        }
+        let location = format!("/v2/{repository}/blobs/{}", completion.client_digest);
+        let digest = completion.client_digest.to_string();
+        host::set_header(MapType::HttpResponseHeaders, "docker-content-digest", Some(&digest))?;
+        host::set_header(MapType::HttpResponseHeaders, "location", Some(&location))?;
+        Ok(())
+    }
+
+    fn on_response(&mut self) -> Result<Action, OciError> {
+        let status = host::header(MapType::HttpResponseHeaders, ":status").unwrap_or_default();
+        match std::mem::replace(&mut self.flow, Flow::Pass) {
+            Flow::Chunk(flow) if flow.finish.is_none() => {
+                if status == "202" {
+                    if let (Some(id), Some(stream)) = (flow.upload_id, flow.stream) {
+                        SharedData.set(&upload::record_key(&id), &stream.into_record().to_bytes())?;
+                    }
+                }
+                Ok(Action::Continue)
+            }
+            Flow::Chunk(flow) => {
+                let Some(completion) = flow.finish.and_then(|f| f.completion) else {
+                    return Ok(Action::Continue);
+                };
+                if status != "202" {
+                    return Ok(Action::Continue);
+                }
+                let location = host::header(MapType::HttpResponseHeaders, "location")
+                    .and_then(|l| distribution::location_path(&l))
+                    .ok_or_else(|| OciError::new(Code::Unknown, "the registry answered the upload without a Location"))?;
+                let stored = completion.stored_digest.to_string();
+                let path = distribution::rewrite_query(&location, &["digest"], &[("digest", &stored)]);
+                let config = self.config.clone().ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
+                let headers = self.callout_headers("PUT", &path);
+                hostcalls::dispatch_http_call(&config.registry.cluster, headers, None, vec![], Duration::from_millis(config.registry.timeout_ms))
+                    .map_err(|_| OciError::new(Code::Unavailable, "could not reach the registry to finish the upload; nothing was stored"))?;
+                if let Some(id) = flow.upload_id {
+                    SharedData.set(&upload::record_key(&id), &[])?;
+                }
+                self.flow = Flow::Finishing { repository: flow.repository, completion };
+                // Held until the finishing PUT answers; then turned into the client's 201.
+                Ok(Action::Pause)
+            }
+            Flow::Finishing { repository, completion } => {
+                if status == "201" {
+                    self.commit(&repository, &completion)?;
+                }
+                Ok(Action::Continue)
+            }
+            _ => Ok(Action::Continue),
+        }
+    }
+
+    fn on_callout(&mut self, num_headers: usize) -> Result<(), OciError> {
+        let _ = num_headers;
+        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let get = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+        let status = get(":status").unwrap_or_else(|| "503".to_string());
+        match std::mem::replace(&mut self.flow, Flow::Pass) {
+            Flow::OpeningSession { repository, client_digest } => {
+                if status != "202" {
+                    return Err(registry_refusal("open an upload session", &status));
+                }
+                let location = get("location")
+                    .and_then(|l| distribution::location_path(&l))
+                    .ok_or_else(|| OciError::new(Code::Unknown, "the registry opened a session without a Location"))?;
+                let id = distribution::upload_id_of_location(&location);
+                host::set_header(MapType::HttpRequestHeaders, ":method", Some("PATCH"))?;
+                host::set_header(MapType::HttpRequestHeaders, ":path", Some(&location))?;
+                let stream = ChunkStream::new(UploadRecord::new(&repository), None)?;
+                self.flow = Flow::Chunk(Box::new(ChunkFlow {
+                    repository,
+                    upload_id: id,
+                    stream: Some(stream),
+                    finish: Some(Finish { client_digest, completion: None }),
+                }));
+                hostcalls::resume_http_request().map_err(|_| OciError::new(Code::Unknown, "could not resume the request"))?;
+                Ok(())
+            }
+            Flow::Finishing { repository, completion } => {
+                if status != "201" {
+                    return Err(registry_refusal("commit the encrypted blob", &status));
+                }
+                host::set_header(MapType::HttpResponseHeaders, ":status", Some("201"))?;
+                host::set_header(MapType::HttpResponseHeaders, "range", None)?;
+                host::set_header(MapType::HttpResponseHeaders, "docker-upload-uuid", None)?;
+                host::set_header(MapType::HttpResponseHeaders, "content-length", Some("0"))?;
+                self.commit(&repository, &completion)?;
+                hostcalls::resume_http_response().map_err(|_| OciError::new(Code::Unknown, "could not resume the response"))?;
+                Ok(())
+            }
+            other => {
+                self.flow = other;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn parse_client_digest(value: &str) -> Result<Digest, OciError> {
+    distribution::parse_digest(value).map_err(|e| OciError::new(Code::DigestInvalid, e.to_string()))
+}
+
+fn too_large(len: usize, limit: usize) -> OciError {
+    OciError::new(
+        Code::SizeInvalid,
+        format!("manifest of {len} bytes exceeds the gateway's limit of {limit} bytes (limits.max_manifest_bytes)"),
+    )
+}
+
+fn registry_refusal(what: &str, status: &str) -> OciError {
+    let code = match status {
+        "401" | "403" => Code::Denied,
+        _ => Code::Unavailable,
+    };
+    OciError::new(code, format!("the registry answered {status} when the gateway tried to {what}; nothing was stored"))
+}
+
+impl Context for Gateway {
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
+        if let Err(e) = self.on_callout(num_headers) {
+            self.refuse(&e);
+        }
+    }
+}
+
+impl HttpContext for Gateway {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(config) = self.config.clone() else {
+            // Envoy only creates streams after a successful on_configure; refuse if not.
+            return self.refuse(&OciError::new(Code::Unavailable, "the gateway has no valid configuration"));
+        };
+        match self.on_request_line(&config, end_of_stream) {
+            Ok(action) => action,
+            Err(e) => self.refuse(&e),
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let result = match self.flow {
+            Flow::Chunk(_) => self.on_chunk_body(body_size, end_of_stream),
+            Flow::Manifest { .. } => self.on_manifest_body(body_size, end_of_stream),
+            Flow::Refused => return Action::Pause,
+            _ => Ok(Action::Continue),
+        };
+        match result {
+            Ok(action) => action,
+            Err(e) => self.refuse(&e),
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        match self.on_response() {
+            Ok(action) => action,
+            Err(e) => self.refuse(&e),
+        }
+    }
+}

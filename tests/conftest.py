@@ -1,0 +1,311 @@
+"""Shared fixtures of the end-to-end suite.
+
+Stacks (session-scoped, each on its own loopback ports and temporary state directory):
+
+- ``stack``            Envoy + ocicrypt filter + registry (the product under test)
+- ``auth_stack``       the same with the registry behind htpasswd basic auth
+- ``plain_stack``      Envoy WITHOUT the filter + registry: harness checks (clients, oracle)
+- ``plain_auth_stack`` the same with basic auth
+
+Tests that need the filter are marked ``filter``; harness checks are marked ``harness``.
+When the filter cannot be built or loaded, the ``stack`` fixtures fail (error) with the reason:
+nothing is skipped silently. Ports can be moved with E2E_PORT_BASE (default 15000).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(HERE))
+
+import gateway  # noqa: E402
+import helpers  # noqa: E402
+from helpers import MIB, AccessLog, Image, Registry  # noqa: E402
+
+PORT_BASE = int(os.environ.get("E2E_PORT_BASE", "15000"))
+BIG_LAYER_BYTES = int(os.environ.get("E2E_BIG_LAYER_MIB", "64")) * MIB
+AUTH = ("e2e-user", "e2e-s3cret-pass")
+
+#: Extra configuration of the filter stacks: a project whose repositories must be encrypted but
+#: that has no recipients (pushes must be refused with 503).
+NOKEYS_RULES = [{"repositories": "nokeys/**", "action": "encrypt"}]
+NOKEYS_PROJECTS = {"nokeys": {"recipients": []}}
+
+
+@dataclass
+class Stack:
+    """A running gateway stack and handy clients for it."""
+
+    name: str
+    gw: gateway.Gateway
+    creds: Optional[Tuple[str, str]]
+    keys: Dict[str, Dict[str, Path]]
+
+    @property
+    def opts(self) -> gateway.Options:
+        return self.gw.opts
+
+    @property
+    def addr(self) -> str:
+        """host:port of the gateway (what clients push to)."""
+        return self.opts.gateway_addr
+
+    @property
+    def registry_addr(self) -> str:
+        return self.opts.registry_addr
+
+    @property
+    def storage(self) -> Path:
+        return self.opts.registry_dir
+
+    @property
+    def filter(self) -> bool:
+        return self.opts.filter
+
+    def via_gateway(self, creds: Optional[Tuple[str, str]] = "default") -> Registry:
+        return Registry(self.gw.gateway_url, self.creds if creds == "default" else creds)
+
+    def direct(self) -> Registry:
+        """The registry itself, bypassing Envoy (for assertions on what is really stored)."""
+        return Registry(self.gw.registry_url, self.creds)
+
+    def access_log(self) -> AccessLog:
+        log = AccessLog(self.opts.access_log)
+        log.mark()
+        return log
+
+    def check_alive(self) -> None:
+        dead = self.gw.dead()
+        assert not dead, f"{self.name}: {dead} exited; see {self.opts.state_dir}"
+
+
+def _start_stack(tmp_path_factory, name: str, port_offset: int, *, filter: bool,
+                 creds: Optional[Tuple[str, str]] = None, **extra) -> Stack:
+    state = tmp_path_factory.mktemp(f"stack-{name}")
+    opts = gateway.Options(
+        state_dir=state,
+        gateway_addr=f"127.0.0.1:{PORT_BASE + port_offset}",
+        registry_addr=f"127.0.0.1:{PORT_BASE + port_offset + 1}",
+        admin_addr=f"127.0.0.1:{PORT_BASE + port_offset + 2}",
+        filter=filter,
+        htpasswd=creds,
+        envoy_component_log_level="wasm:debug" if filter else "",
+        **extra,
+    )
+    gw = gateway.Gateway(opts, log=lambda m: print(m, file=sys.stderr))
+    try:
+        gw.start()
+    except gateway.GatewayError as err:
+        pytest.fail(f"stack {name!r} did not start: {err}", pytrace=False)
+    return Stack(name, gw, creds, gw.keys)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """Envoy + the ocicrypt filter + registry (no auth)."""
+    s = _start_stack(tmp_path_factory, "filter", 0, filter=True,
+                     extra_rules=NOKEYS_RULES, extra_projects=NOKEYS_PROJECTS)
+    yield s
+    s.gw.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_stack(tmp_path_factory):
+    """Envoy + the ocicrypt filter + registry behind htpasswd basic auth."""
+    s = _start_stack(tmp_path_factory, "filter-auth", 10, filter=True, creds=AUTH)
+    yield s
+    s.gw.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_stack(tmp_path_factory):
+    """Envoy without the filter + registry: checks of the harness and of the clients."""
+    s = _start_stack(tmp_path_factory, "nofilter", 20, filter=False)
+    yield s
+    s.gw.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_auth_stack(tmp_path_factory):
+    s = _start_stack(tmp_path_factory, "nofilter-auth", 30, filter=False, creds=AUTH)
+    yield s
+    s.gw.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+@pytest.fixture(scope="session")
+def secret_image(tmp_path_factory) -> Image:
+    """The image pushed to encrypted repositories: a big uncompressed layer carrying a MARKER,
+    a tiny gzip layer and a config. Never pushed in plaintext to the filter stacks."""
+    d = tmp_path_factory.mktemp("img-secret")
+    return helpers.build_image(d / "layout", "v1", BIG_LAYER_BYTES, marker=helpers.new_marker())
+
+
+@pytest.fixture(scope="session")
+def plain_image(tmp_path_factory) -> Image:
+    """An unrelated image for passthrough repositories (plain/**)."""
+    d = tmp_path_factory.mktemp("img-plain")
+    return helpers.build_image(d / "layout", "v1", 4 * MIB, marker=helpers.new_marker())
+
+
+@pytest.fixture(scope="session")
+def wrong_key(tmp_path_factory) -> Path:
+    """A freshly generated RSA key that is no recipient of anything."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    path = tmp_path_factory.mktemp("wrong-key") / "wrong-rsa.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# containerd
+
+
+class Containerd:
+    """A private containerd daemon (own root, state and socket) driven with ctr."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.sock = base / "containerd.sock"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Containerd":
+        cfg = self.base / "config.toml"
+        # Only content and image services are needed (import, push): no CRI, no snapshotters
+        # that need kernel features, no tracing or metrics.
+        cfg.write_text(f"""version = 2
+root = "{self.base}/root"
+state = "{self.base}/state"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+[grpc]
+  address = "{self.sock}"
+[ttrpc]
+  address = "{self.sock}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+""")
+        log = open(self.base / "containerd.log", "ab")
+        self.proc = subprocess.Popen(["containerd", "--config", str(cfg)], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("containerd exited: "
+                                   + (self.base / "containerd.log").read_text()[-3000:])
+            if self.sock.exists() and self.ctr("version", check=False).returncode == 0:
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("containerd did not start: "
+                           + (self.base / "containerd.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def ctr(self, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        return helpers.run(["ctr", "-a", str(self.sock), *args], check=check, timeout=timeout)
+
+    def import_image(self, image: Image, name: str, as_index: bool = False) -> str:
+        """Import the layout as `name:<tag>` (a manifest image, or with as_index the layout's
+        index). Returns the local reference."""
+        archive = image.layout.parent / f"{image.layout.name}-{uuid.uuid4().hex[:8]}.tar"
+        image.oci_archive(archive)
+        ref = f"{name}:{image.tag}"
+        if as_index:
+            self.ctr("images", "import", "--no-unpack", "--index-name", ref, str(archive))
+        else:
+            self.ctr("images", "import", "--no-unpack", "--base-name", name, str(archive))
+        archive.unlink()
+        listed = self.ctr("images", "ls", "-q").stdout.split()
+        assert ref in listed, f"ctr import did not create {ref}: {listed}"
+        return ref
+
+    def push(self, ref: str, dest: str, creds: Optional[Tuple[str, str]] = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+        args = ["images", "push", "--plain-http"]
+        if creds:
+            args += ["--user", f"{creds[0]}:{creds[1]}"]
+        return self.ctr(*args, dest, ref, check=check)
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory):
+    # unix socket paths are limited to 108 bytes: keep the base short
+    base = Path(tmp_path_factory.mktemp("ctd"))
+    c = Containerd(base)
+    try:
+        c.start()
+    except RuntimeError as err:
+        pytest.fail(str(err), pytrace=False)
+    yield c
+    c.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# oras
+
+
+def oras_registry(addr: str, creds: Optional[Tuple[str, str]] = None):
+    import oras.provider
+
+    reg = oras.provider.Registry(hostname=addr, insecure=True,
+                                 auth_backend="basic" if creds else "token")
+    if creds:
+        reg.auth.set_basic_auth(*creds)
+    return reg
+
+
+def oras_push(image: Image, addr: str, repo_tag: str, chunked: bool,
+              creds: Optional[Tuple[str, str]] = None, chunk_size: int = 16 * MIB) -> dict:
+    """Push config and layers with oras-py (monolithic POST+PUT, or POST, PATCH with
+    Content-Range per chunk, empty PUT), then the image manifest. Returns the manifest sent."""
+    reg = oras_registry(addr, creds)
+    container = reg.get_container(f"{addr}/{repo_tag}")
+    manifest = image.manifest
+    for desc in [manifest["config"], *manifest["layers"]]:
+        resp = reg.upload_blob(str(image.blob_path(desc["digest"])), container, desc,
+                               do_chunked=chunked, chunk_size=chunk_size)
+        assert resp.status_code in (200, 201), \
+            f"oras upload of {desc['digest']} to {repo_tag}: {resp.status_code} {resp.text[:500]}"
+    resp = reg.upload_manifest(manifest, container)
+    assert resp.status_code == 201, f"oras manifest {repo_tag}: {resp.status_code} {resp.text[:500]}"
+    return manifest

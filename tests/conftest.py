@@ -40,10 +40,11 @@ PORT_BASE = int(os.environ.get("E2E_PORT_BASE", "15000"))
 BIG_LAYER_BYTES = int(os.environ.get("E2E_BIG_LAYER_MIB", "64")) * MIB
 AUTH = ("e2e-user", "e2e-s3cret-pass")
 
-#: Extra configuration of the filter stacks: a project whose repositories must be encrypted but
-#: that has no recipients (pushes must be refused with 503).
+#: Extra configuration of the filter stacks: project `nokeys` is covered by an encrypt rule but
+#: has no recipients (no `projects` entry: the filter refuses `"recipients": []` as a
+#: configuration error), so its pushes must be refused with 503.
 NOKEYS_RULES = [{"repositories": "nokeys/**", "action": "encrypt"}]
-NOKEYS_PROJECTS = {"nokeys": {"recipients": []}}
+NOKEYS_PROJECTS: Dict[str, object] = {}
 
 
 @dataclass
@@ -309,3 +310,93 @@ def oras_push(image: Image, addr: str, repo_tag: str, chunked: bool,
     resp = reg.upload_manifest(manifest, container)
     assert resp.status_code == 201, f"oras manifest {repo_tag}: {resp.status_code} {resp.text[:500]}"
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# pushes through the filter stack (each done once per session; a failed push is recorded, not
+# raised, so that the storage scan still runs over whatever a failed push left behind)
+
+
+@dataclass
+class Push:
+    client: str
+    repo: str
+    tag: str
+    image: Image
+    #: the client pushed the image's blobs as they are (digests can be compared exactly)
+    exact: bool
+    error: Optional[str] = None
+    entries: List[dict] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repo}:{self.tag}"
+
+    def check(self) -> None:
+        assert self.error is None, f"{self.client} push to {self.ref} failed: {self.error}\n" \
+            f"access log:\n{AccessLog.summary(self.entries)}"
+
+
+def attempt_push(stack: Stack, client: str, repo: str, image: Image, exact: bool, fn) -> Push:
+    push = Push(client, repo, "v1", image, exact)
+    log = stack.access_log()
+    try:
+        fn(push)
+    except Exception as err:  # noqa: BLE001 - recorded, asserted by the tests
+        push.error = f"{type(err).__name__}: {err}"
+    push.entries = log.entries()
+    return push
+
+
+@pytest.fixture(scope="session")
+def gz_image(tmp_path_factory) -> Image:
+    """A second secret image, for the push where skopeo gzips the layer itself."""
+    d = tmp_path_factory.mktemp("img-gz")
+    return helpers.build_image(d / "layout", "v1", 8 * MIB, marker=helpers.new_marker())
+
+
+@pytest.fixture(scope="session")
+def push_skopeo(stack, secret_image) -> Push:
+    """skopeo --preserve-digests: HEAD, POST, one PATCH (Content-Length), PUT ?digest=."""
+    return attempt_push(stack, "skopeo", "demo/app", secret_image, True, lambda p: helpers.skopeo_push(
+        secret_image, f"{stack.addr}/{p.ref}", extra=["--preserve-digests"]))
+
+
+@pytest.fixture(scope="session")
+def push_skopeo_gz(stack, gz_image) -> Push:
+    """skopeo gzipping the uncompressed layer on the fly: a chunked (no Content-Length) PATCH."""
+    return attempt_push(stack, "skopeo-gzip", "demo/app-gz", gz_image, False,
+                        lambda p: helpers.skopeo_push(gz_image, f"{stack.addr}/{p.ref}"))
+
+
+@pytest.fixture(scope="session")
+def push_ctr(stack, containerd, secret_image) -> Push:
+    """containerd: HEAD, POST, one PUT ?digest= carrying the blob (monolithic)."""
+    ref = containerd.import_image(secret_image, "e2e.local/secret")
+    return attempt_push(stack, "ctr", "demo/ctr", secret_image, True,
+                        lambda p: containerd.push(ref, f"{stack.addr}/{p.ref}"))
+
+
+@pytest.fixture(scope="session")
+def push_ctr_index(stack, containerd, secret_image) -> Push:
+    """containerd pushing an index: the child manifest by digest, then the index by tag."""
+    ref = containerd.import_image(secret_image, "e2e.local/secret-index", as_index=True)
+    return attempt_push(stack, "ctr-index", "demo/ctr-idx", secret_image, True,
+                        lambda p: containerd.push(ref, f"{stack.addr}/{p.ref}"))
+
+
+@pytest.fixture(scope="session")
+def push_oras_mono(stack, secret_image) -> Push:
+    return attempt_push(stack, "oras-monolithic", "demo/oras-mono", secret_image, True,
+                        lambda p: oras_push(secret_image, stack.addr, p.ref, chunked=False))
+
+
+@pytest.fixture(scope="session")
+def push_oras_chunked(stack, secret_image) -> Push:
+    """oras: POST, PATCH with Content-Range per 16 MiB, empty PUT ?digest=."""
+    return attempt_push(stack, "oras-chunked", "demo/oras-chunked", secret_image, True,
+                        lambda p: oras_push(secret_image, stack.addr, p.ref, chunked=True))
+
+
+PUSH_FIXTURES = ["push_skopeo", "push_skopeo_gz", "push_ctr", "push_ctr_index",
+                 "push_oras_mono", "push_oras_chunked"]

@@ -170,7 +170,8 @@ def build_image(
     index = {
         "schemaVersion": 2,
         "mediaType": MT_INDEX,
-        "manifests": [dict(mblob.descriptor(), annotations={ANN_REF_NAME: tag})],
+        "manifests": [dict(mblob.descriptor(), platform={"architecture": "amd64", "os": "linux"},
+                           annotations={ANN_REF_NAME: tag})],
     }
     (layout / "index.json").write_text(json.dumps(index))
     return Image(layout, tag, cfg, [big_tar, small], diff_ids, mbytes, mblob.digest, marker)

@@ -38,6 +38,7 @@ def test_gateway_answers_through_envoy(plain_stack):
     assert ready.status_code == 200 and ready.text.strip() == "LIVE"
     cfg = (plain_stack.opts.state_dir / "envoy.yaml").read_text()
     assert "envoy.filters.http.wasm" not in cfg
+    assert "set_filter_state" in cfg  # the access log's client-side method and path
     assert "per_connection_buffer_limit_bytes: 4194304" in cfg
 
 
@@ -53,8 +54,9 @@ def test_rendered_config_with_filter(tmp_path):
     cfg = gateway.envoy_config(opts, gateway.plugin_config(opts, keys))
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in hcm["http_filters"]]
-    assert names == ["envoy.filters.http.wasm", "envoy.filters.http.router"]
-    wasm = hcm["http_filters"][0]["typed_config"]["config"]
+    assert names == ["envoy.filters.http.set_filter_state", "envoy.filters.http.wasm",
+                     "envoy.filters.http.router"]
+    wasm = hcm["http_filters"][1]["typed_config"]["config"]
     assert wasm["fail_open"] is False and wasm["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
     plugin = json.loads(wasm["configuration"]["value"])
     assert plugin["policy"]["rules"][0] == {"repositories": "x/**", "action": "encrypt"}

@@ -112,7 +112,9 @@ impl std::fmt::Debug for EncryptedLayer {
 
 impl std::fmt::Debug for LayerEncryptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LayerEncryptor").field("offset", &self.offset).finish_non_exhaustive()
+        f.debug_struct("LayerEncryptor")
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
     }
 }
 
@@ -178,14 +180,20 @@ impl LayerEncryptor {
     /// Restores a state saved by [`Self::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CipherError> {
         if bytes.len() != STATE_LEN {
-            return Err(CipherError::StateLength { expected: STATE_LEN, actual: bytes.len() });
+            return Err(CipherError::StateLength {
+                expected: STATE_LEN,
+                actual: bytes.len(),
+            });
         }
         let (&version, rest) = bytes.split_first().ok_or(CipherError::StateLength {
             expected: STATE_LEN,
             actual: 0,
         })?;
         if version != STATE_VERSION {
-            return Err(CipherError::StateVersion { found: version, supported: STATE_VERSION });
+            return Err(CipherError::StateVersion {
+                found: version,
+                supported: STATE_VERSION,
+            });
         }
         let (key, rest) = take::<32>(rest)?;
         let symkey = Zeroizing::new(key);
@@ -207,8 +215,18 @@ impl LayerEncryptor {
             });
         }
         let mut cipher = Aes256Ctr::new((&*symkey).into(), (&nonce).into());
-        cipher.try_seek(offset).map_err(|_| CipherError::Seek(offset))?;
-        Ok(LayerEncryptor { symkey, nonce, cipher, offset, plain, encrypted, mac })
+        cipher
+            .try_seek(offset)
+            .map_err(|_| CipherError::Seek(offset))?;
+        Ok(LayerEncryptor {
+            symkey,
+            nonce,
+            cipher,
+            offset,
+            plain,
+            encrypted,
+            mac,
+        })
     }
 
     /// Ends the stream: digests, size and HMAC for the descriptor and the annotations.
@@ -225,7 +243,10 @@ impl LayerEncryptor {
 }
 
 fn take<const N: usize>(bytes: &[u8]) -> Result<([u8; N], &[u8]), CipherError> {
-    let short = CipherError::StateLength { expected: STATE_LEN, actual: bytes.len() };
+    let short = CipherError::StateLength {
+        expected: STATE_LEN,
+        actual: bytes.len(),
+    };
     let (head, rest) = bytes.split_at_checked(N).ok_or(short.clone())?;
     let head: [u8; N] = head.try_into().map_err(|_| short)?;
     Ok((head, rest))
@@ -241,11 +262,16 @@ pub fn decrypt_layer(
 ) -> Result<Vec<u8>, CipherError> {
     // HMAC accepts any key length, so this cannot fail; a mismatch error is still the
     // conservative answer if it did.
-    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(symkey)
-        .map_err(|_| CipherError::HmacMismatch { len: ciphertext.len() })?;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(symkey).map_err(|_| {
+        CipherError::HmacMismatch {
+            len: ciphertext.len(),
+        }
+    })?;
     mac.update(ciphertext);
     mac.verify_slice(expected_hmac)
-        .map_err(|_| CipherError::HmacMismatch { len: ciphertext.len() })?;
+        .map_err(|_| CipherError::HmacMismatch {
+            len: ciphertext.len(),
+        })?;
     let mut plain = ciphertext.to_vec();
     let mut cipher = Aes256Ctr::new(symkey.into(), nonce.into());
     cipher

@@ -270,22 +270,37 @@ fn kind(value: &Value) -> &'static str {
 /// Reads one JSON object into its strict step-1 struct.
 fn object<T: DeserializeOwned>(value: Value, path: &str) -> Result<T, ConfigError> {
     if !value.is_object() {
-        return Err(ConfigError::Type { path: path.to_string(), expected: "an object", found: kind(&value) });
+        return Err(ConfigError::Type {
+            path: path.to_string(),
+            expected: "an object",
+            found: kind(&value),
+        });
     }
-    serde_json::from_value(value).map_err(|e| ConfigError::Shape { path: path.to_string(), reason: e.to_string() })
+    serde_json::from_value(value).map_err(|e| ConfigError::Shape {
+        path: path.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn string(value: Value, path: &str) -> Result<String, ConfigError> {
     match value {
         Value::String(s) => Ok(s),
-        other => Err(ConfigError::Type { path: path.to_string(), expected: "a string", found: kind(&other) }),
+        other => Err(ConfigError::Type {
+            path: path.to_string(),
+            expected: "a string",
+            found: kind(&other),
+        }),
     }
 }
 
 fn array(value: Value, path: &str) -> Result<Vec<Value>, ConfigError> {
     match value {
         Value::Array(items) => Ok(items),
-        other => Err(ConfigError::Type { path: path.to_string(), expected: "an array", found: kind(&other) }),
+        other => Err(ConfigError::Type {
+            path: path.to_string(),
+            expected: "an array",
+            found: kind(&other),
+        }),
     }
 }
 
@@ -294,10 +309,19 @@ fn integer(value: &Value, path: &str, min: u64, max: u64) -> Result<u64, ConfigE
     let n = value.as_u64().ok_or_else(|| ConfigError::Type {
         path: path.to_string(),
         expected: "a non-negative integer",
-        found: if value.is_number() { "a negative or fractional number" } else { kind(value) },
+        found: if value.is_number() {
+            "a negative or fractional number"
+        } else {
+            kind(value)
+        },
     })?;
     if !(min..=max).contains(&n) {
-        return Err(ConfigError::Range { path: path.to_string(), value: n, min, max });
+        return Err(ConfigError::Range {
+            path: path.to_string(),
+            value: n,
+            min,
+            max,
+        });
     }
     Ok(n)
 }
@@ -306,13 +330,17 @@ fn action(value: Value, path: &str) -> Result<Action, ConfigError> {
     match string(value, path)?.as_str() {
         "encrypt" => Ok(Action::Encrypt),
         "passthrough" => Ok(Action::Passthrough),
-        other => Err(ConfigError::Action { path: path.to_string(), found: other.to_string() }),
+        other => Err(ConfigError::Action {
+            path: path.to_string(),
+            found: other.to_string(),
+        }),
     }
 }
 
 /// True for names that can be the first path segment of a repository (a Harbor project).
 fn is_project_name(name: &str) -> bool {
-    let edges_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let edges_ok =
+        |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     name.len() <= 255
         && edges_ok(name.chars().next())
         && edges_ok(name.chars().last())
@@ -324,8 +352,9 @@ fn is_project_name(name: &str) -> bool {
 impl Config {
     /// Parses and validates the plugin configuration.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let document: Value =
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::Json { reason: e.to_string() })?;
+        let document: Value = serde_json::from_slice(bytes).map_err(|e| ConfigError::Json {
+            reason: e.to_string(),
+        })?;
         let top: raw::Top = object(document, "(top level)")?;
         let registry = compile_registry(top.registry)?;
         let policy = match top.policy {
@@ -340,7 +369,12 @@ impl Config {
             Some(value) => compile_limits(value)?,
             None => DEFAULT_MAX_MANIFEST_BYTES,
         };
-        Ok(Config { registry, policy, projects, max_manifest_bytes })
+        Ok(Config {
+            registry,
+            policy,
+            projects,
+            max_manifest_bytes,
+        })
     }
 
     /// The recipients configured for a Harbor project (never an empty slice), or `None` when
@@ -363,7 +397,10 @@ fn compile_registry(value: Value) -> Result<RegistryConfig, ConfigError> {
         Some(value) => integer(&value, "registry.timeout_ms", 1, MAX_TIMEOUT_MS)?,
         None => DEFAULT_TIMEOUT_MS,
     };
-    Ok(RegistryConfig { cluster, timeout_ms })
+    Ok(RegistryConfig {
+        cluster,
+        timeout_ms,
+    })
 }
 
 fn compile_policy(value: Value) -> Result<Policy, ConfigError> {
@@ -379,9 +416,14 @@ fn compile_policy(value: Value) -> Result<Policy, ConfigError> {
             let rule: raw::Rule = object(item, &path)?;
             let repositories_path = format!("{path}.repositories");
             let source = string(rule.repositories, &repositories_path)?;
-            let pattern =
-                Pattern::parse(&source).map_err(|source| ConfigError::Pattern { path: repositories_path, source })?;
-            rules.push(Rule { pattern, action: action(rule.action, &format!("{path}.action"))? });
+            let pattern = Pattern::parse(&source).map_err(|source| ConfigError::Pattern {
+                path: repositories_path,
+                source,
+            })?;
+            rules.push(Rule {
+                pattern,
+                action: action(rule.action, &format!("{path}.action"))?,
+            });
         }
     }
     Ok(Policy::new(rules, default))
@@ -389,7 +431,11 @@ fn compile_policy(value: Value) -> Result<Policy, ConfigError> {
 
 fn compile_projects(value: Value) -> Result<BTreeMap<String, Vec<Recipient>>, ConfigError> {
     let Value::Object(entries) = value else {
-        return Err(ConfigError::Type { path: "projects".to_string(), expected: "an object", found: kind(&value) });
+        return Err(ConfigError::Type {
+            path: "projects".to_string(),
+            expected: "an object",
+            found: kind(&value),
+        });
     };
     let mut projects = BTreeMap::new();
     for (name, value) in entries {
@@ -407,7 +453,9 @@ fn compile_projects(value: Value) -> Result<BTreeMap<String, Vec<Recipient>>, Co
 fn compile_recipients(value: Value, path: &str) -> Result<Vec<Recipient>, ConfigError> {
     let items = array(value, path)?;
     if items.is_empty() {
-        return Err(ConfigError::NoRecipients { path: path.to_string() });
+        return Err(ConfigError::NoRecipients {
+            path: path.to_string(),
+        });
     }
     let mut recipients: Vec<Recipient> = Vec::with_capacity(items.len());
     for (index, item) in items.into_iter().enumerate() {
@@ -417,24 +465,43 @@ fn compile_recipients(value: Value, path: &str) -> Result<Vec<Recipient>, Config
             (Some(pem), None) => {
                 let field = format!("{entry_path}.pem");
                 let text = string(pem, &field)?;
-                Recipient::from_pem(&text).map_err(|source| ConfigError::Recipient { path: field, source })?
+                Recipient::from_pem(&text).map_err(|source| ConfigError::Recipient {
+                    path: field,
+                    source,
+                })?
             }
             (None, Some(jwk)) => {
                 let field = format!("{entry_path}.jwk");
                 if !jwk.is_object() {
-                    return Err(ConfigError::Type { path: field, expected: "an object", found: kind(&jwk) });
+                    return Err(ConfigError::Type {
+                        path: field,
+                        expected: "an object",
+                        found: kind(&jwk),
+                    });
                 }
-                Recipient::from_jwk(&jwk).map_err(|source| ConfigError::Recipient { path: field, source })?
+                Recipient::from_jwk(&jwk).map_err(|source| ConfigError::Recipient {
+                    path: field,
+                    source,
+                })?
             }
             (None, None) => {
-                return Err(ConfigError::RecipientForm { path: entry_path, found: "neither \"pem\" nor \"jwk\"" })
+                return Err(ConfigError::RecipientForm {
+                    path: entry_path,
+                    found: "neither \"pem\" nor \"jwk\"",
+                })
             }
             (Some(_), Some(_)) => {
-                return Err(ConfigError::RecipientForm { path: entry_path, found: "both \"pem\" and \"jwk\"" })
+                return Err(ConfigError::RecipientForm {
+                    path: entry_path,
+                    found: "both \"pem\" and \"jwk\"",
+                })
             }
         };
         if let Some(first) = recipients.iter().position(|r| *r == recipient) {
-            return Err(ConfigError::DuplicateRecipient { path: entry_path, first: format!("{path}[{first}]") });
+            return Err(ConfigError::DuplicateRecipient {
+                path: entry_path,
+                first: format!("{path}[{first}]"),
+            });
         }
         recipients.push(recipient);
     }

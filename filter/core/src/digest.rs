@@ -23,16 +23,24 @@ impl Digest {
     pub fn parse(s: &str) -> Result<Self, DigestError> {
         let hex_part = if let Some(rest) = s.strip_prefix("sha256:") {
             rest
-        } else if let Some(rest) = s.strip_prefix("sha256%3A").or_else(|| s.strip_prefix("sha256%3a")) {
+        } else if let Some(rest) = s
+            .strip_prefix("sha256%3A")
+            .or_else(|| s.strip_prefix("sha256%3a"))
+        {
             rest
         } else {
             return Err(DigestError::Algorithm(s.to_string()));
         };
-        if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex_part.len() != 64
+            || !hex_part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(DigestError::Malformed(s.to_string()));
         }
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut out).map_err(|_| DigestError::Malformed(s.to_string()))?;
+        hex::decode_to_slice(hex_part, &mut out)
+            .map_err(|_| DigestError::Malformed(s.to_string()))?;
         Ok(Digest(out))
     }
 
@@ -76,16 +84,28 @@ mod tests {
     fn parses_plain_and_percent_encoded() {
         let d = Digest::of(b"abc");
         let s = d.to_string();
-        assert_eq!(s, "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            s,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(Digest::parse(&s).unwrap(), d);
         assert_eq!(Digest::parse(&s.replace(':', "%3A")).unwrap(), d);
     }
 
     #[test]
     fn refuses_other_algorithms_and_bad_hex() {
-        assert!(matches!(Digest::parse("sha512:00"), Err(DigestError::Algorithm(_))));
-        assert!(matches!(Digest::parse("sha256:zz"), Err(DigestError::Malformed(_))));
+        assert!(matches!(
+            Digest::parse("sha512:00"),
+            Err(DigestError::Algorithm(_))
+        ));
+        assert!(matches!(
+            Digest::parse("sha256:zz"),
+            Err(DigestError::Malformed(_))
+        ));
         let upper = format!("sha256:{}", "A".repeat(64));
-        assert!(matches!(Digest::parse(&upper), Err(DigestError::Malformed(_))));
+        assert!(matches!(
+            Digest::parse(&upper),
+            Err(DigestError::Malformed(_))
+        ));
     }
 }

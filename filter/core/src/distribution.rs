@@ -80,16 +80,45 @@ pub fn route(method: &str, path: &str) -> Route {
             "GET" | "HEAD" => UploadMethod::Get,
             _ => return Route::Other,
         };
-        return Route::Upload { method, repository, id: id.to_string(), digest: query_param(query, "digest") };
+        return Route::Upload {
+            method,
+            repository,
+            id: id.to_string(),
+            digest: query_param(query, "digest"),
+        };
     }
     if method == "PUT" {
         if let Some((repository, tail)) = rsplit_marker(rest, "/manifests/") {
             if !tail.is_empty() && !tail.contains('/') {
-                return Route::ManifestPut { repository, reference: tail.to_string() };
+                return Route::ManifestPut {
+                    repository,
+                    reference: tail.to_string(),
+                };
             }
         }
     }
     Route::Other
+}
+
+/// True for a write (`POST`, `PUT`, `PATCH`) under `/v2/` whose path is not in canonical form:
+/// percent-escapes, empty or dot segments, backslashes. Another parser (the registry's) could
+/// read a repository name out of it that [`route`] did not, so the gateway refuses it.
+pub fn is_ambiguous_write(method: &str, path: &str) -> bool {
+    if !matches!(method, "POST" | "PUT" | "PATCH") {
+        return false;
+    }
+    let path_only = path.split_once('?').map_or(path, |(p, _)| p);
+    if !path_only.starts_with("/v2/") {
+        return false;
+    }
+    path_only.contains('%')
+        || path_only.contains('\\')
+        || path_only.contains(';')
+        || path_only.get(1..).is_some_and(|p| {
+            p.split('/').enumerate().any(|(i, seg)| {
+                (seg.is_empty() && i + 1 < p.split('/').count()) || seg == "." || seg == ".."
+            })
+        })
 }
 
 /// Splits `<name><marker><tail>` at the last marker, checking `<name>` is a repository name.
@@ -111,7 +140,9 @@ pub fn is_repository_name(name: &str) -> bool {
         && name.len() <= 255
         && name.split('/').all(|c| {
             !c.is_empty()
-                && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+                && c.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+                })
         })
 }
 
@@ -122,7 +153,9 @@ pub fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
         if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
             if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(v);
                 i += 3;
@@ -194,7 +227,10 @@ pub fn parse_digest(value: &str) -> Result<Digest, crate::digest::DigestError> {
 /// Start offset of a `Content-Range: <start>-<end>` header (distribution's form, no unit).
 pub fn content_range_start(value: &str) -> Option<u64> {
     let v = value.trim();
-    let v = v.strip_prefix("bytes ").or_else(|| v.strip_prefix("bytes=")).unwrap_or(v);
+    let v = v
+        .strip_prefix("bytes ")
+        .or_else(|| v.strip_prefix("bytes="))
+        .unwrap_or(v);
     v.split('-').next()?.trim().parse().ok()
 }
 
@@ -205,11 +241,21 @@ mod tests {
     #[test]
     fn routes() {
         assert_eq!(
-            route("POST", "/v2/demo/app/blobs/uploads/?mount=sha256%3Aab&from=plain/x"),
-            Route::UploadStart { repository: "demo/app".into(), digest: None, mount: Some("sha256:ab".into()) }
+            route(
+                "POST",
+                "/v2/demo/app/blobs/uploads/?mount=sha256%3Aab&from=plain/x"
+            ),
+            Route::UploadStart {
+                repository: "demo/app".into(),
+                digest: None,
+                mount: Some("sha256:ab".into())
+            }
         );
         assert_eq!(
-            route("PUT", "/v2/demo/a/b/blobs/uploads/1234-ab?_state=xyz&digest=sha256%3Aab"),
+            route(
+                "PUT",
+                "/v2/demo/a/b/blobs/uploads/1234-ab?_state=xyz&digest=sha256%3Aab"
+            ),
             Route::Upload {
                 method: UploadMethod::Put,
                 repository: "demo/a/b".into(),
@@ -219,28 +265,68 @@ mod tests {
         );
         assert_eq!(
             route("PUT", "/v2/demo/app/manifests/latest"),
-            Route::ManifestPut { repository: "demo/app".into(), reference: "latest".into() }
+            Route::ManifestPut {
+                repository: "demo/app".into(),
+                reference: "latest".into()
+            }
         );
         assert_eq!(route("GET", "/v2/demo/app/manifests/latest"), Route::Other);
         assert_eq!(route("HEAD", "/v2/demo/app/blobs/sha256:00"), Route::Other);
         assert_eq!(route("GET", "/v2/"), Route::Other);
         assert_eq!(route("POST", "/v2/DEMO/app/blobs/uploads/"), Route::Other);
         // a repository may itself be called "blobs"
-        assert!(matches!(route("PATCH", "/v2/demo/blobs/blobs/uploads/u1"), Route::Upload { repository, .. } if repository == "demo/blobs"));
+        assert!(
+            matches!(route("PATCH", "/v2/demo/blobs/blobs/uploads/u1"), Route::Upload { repository, .. } if repository == "demo/blobs")
+        );
+    }
+
+    #[test]
+    fn non_canonical_writes_are_flagged() {
+        assert!(is_ambiguous_write("POST", "/v2/demo%2Fapp/blobs/uploads/"));
+        assert!(is_ambiguous_write("PUT", "/v2/demo//app/manifests/v1"));
+        assert!(is_ambiguous_write(
+            "PATCH",
+            "/v2/x/../demo/app/blobs/uploads/u"
+        ));
+        assert!(!is_ambiguous_write("GET", "/v2/demo%2Fapp/tags/list"));
+        assert!(!is_ambiguous_write("POST", "/v2/demo/app/blobs/uploads/"));
+        assert!(!is_ambiguous_write(
+            "PUT",
+            "/v2/demo/app/blobs/uploads/u?digest=sha256%3Aab"
+        ));
     }
 
     #[test]
     fn query_rewrites_keep_state() {
         let p = "/v2/demo/app/blobs/uploads/u?_state=a%2Bb%3D&digest=sha256%3Aab";
-        assert_eq!(rewrite_query(p, &["digest"], &[("digest", "sha256:cd")]), "/v2/demo/app/blobs/uploads/u?_state=a%2Bb%3D&digest=sha256:cd");
-        assert_eq!(rewrite_query("/v2/x/blobs/uploads/?mount=a&from=b", &["mount", "from"], &[]), "/v2/x/blobs/uploads/");
+        assert_eq!(
+            rewrite_query(p, &["digest"], &[("digest", "sha256:cd")]),
+            "/v2/demo/app/blobs/uploads/u?_state=a%2Bb%3D&digest=sha256:cd"
+        );
+        assert_eq!(
+            rewrite_query(
+                "/v2/x/blobs/uploads/?mount=a&from=b",
+                &["mount", "from"],
+                &[]
+            ),
+            "/v2/x/blobs/uploads/"
+        );
     }
 
     #[test]
     fn locations() {
-        assert_eq!(location_path("http://127.0.0.1:5000/v2/x/blobs/uploads/u?_state=s").as_deref(), Some("/v2/x/blobs/uploads/u?_state=s"));
-        assert_eq!(location_path("/v2/x/blobs/uploads/u").as_deref(), Some("/v2/x/blobs/uploads/u"));
-        assert_eq!(upload_id_of_location("https://h/v2/x/y/blobs/uploads/u-1?_state=s").as_deref(), Some("u-1"));
+        assert_eq!(
+            location_path("http://127.0.0.1:5000/v2/x/blobs/uploads/u?_state=s").as_deref(),
+            Some("/v2/x/blobs/uploads/u?_state=s")
+        );
+        assert_eq!(
+            location_path("/v2/x/blobs/uploads/u").as_deref(),
+            Some("/v2/x/blobs/uploads/u")
+        );
+        assert_eq!(
+            upload_id_of_location("https://h/v2/x/y/blobs/uploads/u-1?_state=s").as_deref(),
+            Some("u-1")
+        );
         assert_eq!(content_range_start("100-199"), Some(100));
         assert_eq!(content_range_start("bytes 0-15"), Some(0));
     }

@@ -66,7 +66,10 @@ pub struct OciError {
 impl OciError {
     /// Builds an error with a message.
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        OciError { code, message: message.into() }
+        OciError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// HTTP status of the answer.
@@ -89,7 +92,13 @@ impl OciError {
 
 impl std::fmt::Display for OciError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status(), self.code.as_str(), self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status(),
+            self.code.as_str(),
+            self.message
+        )
     }
 }
 

@@ -136,9 +136,9 @@ impl PrivateKey {
             .map_err(|e| KeyWrapError::PrivateKey(format!("not PKCS#8: {e}")))?;
         let bad = |e: rsa::pkcs8::Error| KeyWrapError::PrivateKey(e.to_string());
         match info.algorithm.oid.to_string().as_str() {
-            "1.2.840.113549.1.1.1" => {
-                Ok(PrivateKey::Rsa(Box::new(rsa::RsaPrivateKey::from_pkcs8_der(der).map_err(bad)?)))
-            }
+            "1.2.840.113549.1.1.1" => Ok(PrivateKey::Rsa(Box::new(
+                rsa::RsaPrivateKey::from_pkcs8_der(der).map_err(bad)?,
+            ))),
             "1.2.840.10045.2.1" => {
                 let curve = info
                     .algorithm
@@ -146,19 +146,23 @@ impl PrivateKey {
                     .map_err(|e| KeyWrapError::PrivateKey(format!("EC key without curve: {e}")))?
                     .to_string();
                 match curve.as_str() {
-                    "1.2.840.10045.3.1.7" => {
-                        Ok(PrivateKey::P256(p256::SecretKey::from_pkcs8_der(der).map_err(bad)?))
-                    }
-                    "1.3.132.0.34" => {
-                        Ok(PrivateKey::P384(p384::SecretKey::from_pkcs8_der(der).map_err(bad)?))
-                    }
-                    "1.3.132.0.35" => {
-                        Ok(PrivateKey::P521(p521::SecretKey::from_pkcs8_der(der).map_err(bad)?))
-                    }
-                    other => Err(KeyWrapError::PrivateKey(format!("unsupported curve {other}"))),
+                    "1.2.840.10045.3.1.7" => Ok(PrivateKey::P256(
+                        p256::SecretKey::from_pkcs8_der(der).map_err(bad)?,
+                    )),
+                    "1.3.132.0.34" => Ok(PrivateKey::P384(
+                        p384::SecretKey::from_pkcs8_der(der).map_err(bad)?,
+                    )),
+                    "1.3.132.0.35" => Ok(PrivateKey::P521(
+                        p521::SecretKey::from_pkcs8_der(der).map_err(bad)?,
+                    )),
+                    other => Err(KeyWrapError::PrivateKey(format!(
+                        "unsupported curve {other}"
+                    ))),
                 }
             }
-            other => Err(KeyWrapError::PrivateKey(format!("unsupported algorithm {other}"))),
+            other => Err(KeyWrapError::PrivateKey(format!(
+                "unsupported algorithm {other}"
+            ))),
         }
     }
 
@@ -203,10 +207,13 @@ pub fn layer_annotations<R: CryptoRngCore>(
     if recipients.is_empty() {
         return Err(KeyWrapError::NoRecipients);
     }
-    let private = private_options_json(layer);
+    let private = private_options_json(layer)?;
     let jwe = encrypt_jwe(&private, recipients, rng)?;
     let mut out = BTreeMap::new();
-    out.insert(ANNOTATION_PUBOPTS.to_string(), STANDARD.encode(public_options_json(&layer.hmac)));
+    out.insert(
+        ANNOTATION_PUBOPTS.to_string(),
+        STANDARD.encode(public_options_json(&layer.hmac)),
+    );
     out.insert(ANNOTATION_KEYS_JWE.to_string(), STANDARD.encode(jwe));
     Ok(out)
 }
@@ -222,11 +229,13 @@ fn public_options_json(hmac: &[u8; 32]) -> String {
 
 /// Go's `json.Marshal` of `PrivateLayerBlockCipherOptions`, built in one pre-sized buffer so no
 /// reallocation leaves a copy of the key behind.
-fn private_options_json(layer: &EncryptedLayer) -> Zeroizing<Vec<u8>> {
+fn private_options_json(layer: &EncryptedLayer) -> Result<Zeroizing<Vec<u8>>, KeyWrapError> {
     let digest = layer.plaintext_digest.to_string();
+    // 32 bytes are always 44 padded base64 characters.
     let mut key_b64 = Zeroizing::new([0u8; 44]);
-    // 32 bytes are always 44 padded base64 characters, so this cannot fail.
-    let key_len = STANDARD.encode_slice(layer.symkey.as_slice(), &mut *key_b64).unwrap_or(0);
+    let key_len = STANDARD
+        .encode_slice(layer.symkey.as_slice(), &mut *key_b64)
+        .map_err(|e| KeyWrapError::Json(format!("symkey base64: {e}")))?;
     let nonce_b64 = STANDARD.encode(layer.nonce);
     let mut out = Zeroizing::new(Vec::with_capacity(256));
     out.extend_from_slice(b"{\"symkey\":\"");
@@ -236,7 +245,7 @@ fn private_options_json(layer: &EncryptedLayer) -> Zeroizing<Vec<u8>> {
     out.extend_from_slice(b"\",\"cipheroptions\":{\"nonce\":\"");
     out.extend_from_slice(nonce_b64.as_bytes());
     out.extend_from_slice(b"\"}}");
-    out
+    Ok(out)
 }
 
 /// EC public key as go-jose writes `epk`: members in this order, coordinates full length.
@@ -300,15 +309,31 @@ fn encrypt_jwe<R: CryptoRngCore>(
 
     let (protected, recipient_entries, encrypted_key) = match wrapped.as_slice() {
         [only] => {
-            let header = Header { alg: Some(only.alg), enc: Some(ENC_A256GCM), epk: only.epk.as_ref() };
-            (to_json(&header)?, None, Some(B64URL.encode(&only.encrypted_key)))
+            let header = Header {
+                alg: Some(only.alg),
+                enc: Some(ENC_A256GCM),
+                epk: only.epk.as_ref(),
+            };
+            (
+                to_json(&header)?,
+                None,
+                Some(B64URL.encode(&only.encrypted_key)),
+            )
         }
         several => {
-            let header = Header { alg: None, enc: Some(ENC_A256GCM), epk: None };
+            let header = Header {
+                alg: None,
+                enc: Some(ENC_A256GCM),
+                epk: None,
+            };
             let entries = several
                 .iter()
                 .map(|w| RecipientEntry {
-                    header: Header { alg: Some(w.alg), enc: None, epk: w.epk.as_ref() },
+                    header: Header {
+                        alg: Some(w.alg),
+                        enc: None,
+                        epk: w.epk.as_ref(),
+                    },
                     encrypted_key: B64URL.encode(&w.encrypted_key),
                 })
                 .collect();
@@ -347,8 +372,15 @@ fn wrap_cek<R: CryptoRngCore>(
         Recipient::Rsa(key) => {
             let encrypted_key = key
                 .encrypt(rng, rsa::Oaep::new::<sha1::Sha1>(), cek)
-                .map_err(|e| KeyWrapError::Rsa { key: recipient.describe(), reason: e.to_string() })?;
-            Ok(WrappedKey { alg: ALG_RSA_OAEP, epk: None, encrypted_key })
+                .map_err(|e| KeyWrapError::Rsa {
+                    key: recipient.describe(),
+                    reason: e.to_string(),
+                })?;
+            Ok(WrappedKey {
+                alg: ALG_RSA_OAEP,
+                epk: None,
+                encrypted_key,
+            })
         }
         Recipient::P256(key) => ecdh_es_a256kw(key, "P-256", cek, rng),
         Recipient::P384(key) => ecdh_es_a256kw(key, "P-384", cek, rng),
@@ -374,26 +406,38 @@ where
     let mut wrapped = vec![0u8; cek.len() + 8];
     aes_kw_wrap(&kek, cek, &mut wrapped)?;
     let point = ephemeral.public_key().to_encoded_point(false);
-    let (x, y) = point.x().zip(point.y()).ok_or(KeyWrapError::EphemeralPoint(crv))?;
-    let epk = EpkJwk { kty: "EC", crv, x: B64URL.encode(x), y: B64URL.encode(y) };
-    Ok(WrappedKey { alg: ALG_ECDH_ES_A256KW, epk: Some(epk), encrypted_key: wrapped })
+    let (x, y) = point
+        .x()
+        .zip(point.y())
+        .ok_or(KeyWrapError::EphemeralPoint(crv))?;
+    let epk = EpkJwk {
+        kty: "EC",
+        crv,
+        x: B64URL.encode(x),
+        y: B64URL.encode(y),
+    };
+    Ok(WrappedKey {
+        alg: ALG_ECDH_ES_A256KW,
+        epk: Some(epk),
+        encrypted_key: wrapped,
+    })
 }
 
 fn aes_kw_wrap(kek: &[u8], cek: &[u8], out: &mut [u8]) -> Result<(), KeyWrapError> {
-    let fail = |e: aes_kw::Error| KeyWrapError::KeyWrap { alg: ALG_ECDH_ES_A256KW, reason: e.to_string() };
-    aes_kw::KekAes256::try_from(kek).map_err(fail)?.wrap(cek, out).map_err(fail)
+    let fail = |e: aes_kw::Error| KeyWrapError::KeyWrap {
+        alg: ALG_ECDH_ES_A256KW,
+        reason: e.to_string(),
+    };
+    aes_kw::KekAes256::try_from(kek)
+        .map_err(fail)?
+        .wrap(cek, out)
+        .map_err(fail)
 }
 
 /// Concat KDF (NIST SP 800-56A §5.8.1) with SHA-256 as RFC 7518 §4.6.2 instantiates it:
 /// OtherInfo = AlgorithmID ‖ PartyUInfo ‖ PartyVInfo (each length-prefixed) ‖ keydatalen in
 /// bits. `key_len` ≤ 32, so a single round suffices.
-fn concat_kdf(
-    z: &[u8],
-    alg: &str,
-    apu: &[u8],
-    apv: &[u8],
-    key_len: usize,
-) -> Zeroizing<Vec<u8>> {
+fn concat_kdf(z: &[u8], alg: &str, apu: &[u8], apv: &[u8], key_len: usize) -> Zeroizing<Vec<u8>> {
     let mut h = Sha256State::new();
     h.update(&1u32.to_be_bytes());
     h.update(z);
@@ -423,13 +467,17 @@ pub fn unwrap_private_options(
     let malformed = |m: &str| KeyWrapError::Malformed(m.to_string());
     let top: Value =
         serde_json::from_slice(jwe_json).map_err(|e| KeyWrapError::Malformed(e.to_string()))?;
-    let top = top.as_object().ok_or_else(|| malformed("not a JSON object"))?;
+    let top = top
+        .as_object()
+        .ok_or_else(|| malformed("not a JSON object"))?;
     let b64_member = |obj: &Map<String, Value>, name: &str| -> Result<Vec<u8>, KeyWrapError> {
         let s = obj
             .get(name)
             .and_then(Value::as_str)
             .ok_or_else(|| KeyWrapError::Malformed(format!("{name} missing or not a string")))?;
-        B64URL.decode(s).map_err(|_| KeyWrapError::Malformed(format!("{name} is not base64url")))
+        B64URL
+            .decode(s)
+            .map_err(|_| KeyWrapError::Malformed(format!("{name} is not base64url")))
     };
 
     let protected_b64 = top.get("protected").and_then(Value::as_str).unwrap_or("");
@@ -443,7 +491,10 @@ pub fn unwrap_private_options(
             .map_err(|e| KeyWrapError::Malformed(format!("protected header: {e}")))?
     };
     let empty = Map::new();
-    let unprotected = top.get("unprotected").and_then(Value::as_object).unwrap_or(&empty);
+    let unprotected = top
+        .get("unprotected")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
 
     // (header of the entry, the entry holding its encrypted_key)
     let entries: Vec<(&JsonObject, &JsonObject)> = match top.get("recipients") {
@@ -452,20 +503,36 @@ pub fn unwrap_private_options(
             .ok_or_else(|| malformed("recipients is not an array"))?
             .iter()
             .map(|r| {
-                let r = r.as_object().ok_or_else(|| malformed("recipient is not an object"))?;
-                Ok((r.get("header").and_then(Value::as_object).unwrap_or(&empty), r))
+                let r = r
+                    .as_object()
+                    .ok_or_else(|| malformed("recipient is not an object"))?;
+                Ok((
+                    r.get("header").and_then(Value::as_object).unwrap_or(&empty),
+                    r,
+                ))
             })
             .collect::<Result<_, KeyWrapError>>()?,
-        None => vec![(top.get("header").and_then(Value::as_object).unwrap_or(&empty), top)],
+        None => vec![(
+            top.get("header")
+                .and_then(Value::as_object)
+                .unwrap_or(&empty),
+            top,
+        )],
     };
 
     let shared_member = |name: &str| protected.get(name).or_else(|| unprotected.get(name));
     let enc = shared_member("enc").and_then(Value::as_str).unwrap_or("");
     if enc != ENC_A256GCM {
-        return Err(KeyWrapError::Unsupported { member: "enc", value: enc.to_string() });
+        return Err(KeyWrapError::Unsupported {
+            member: "enc",
+            value: enc.to_string(),
+        });
     }
     if let Some(zip) = shared_member("zip") {
-        return Err(KeyWrapError::Unsupported { member: "zip", value: zip.to_string() });
+        return Err(KeyWrapError::Unsupported {
+            member: "zip",
+            value: zip.to_string(),
+        });
     }
     let iv = b64_member(top, "iv")?;
     let tag = b64_member(top, "tag")?;
@@ -484,8 +551,12 @@ pub fn unwrap_private_options(
 
     for (header, entry) in &entries {
         let member = |name: &str| header.get(name).or_else(|| shared_member(name));
-        let Ok(encrypted_key) = b64_member(entry, "encrypted_key") else { continue };
-        let Ok(cek) = unwrap_cek(key, &member, &encrypted_key) else { continue };
+        let Ok(encrypted_key) = b64_member(entry, "encrypted_key") else {
+            continue;
+        };
+        let Ok(cek) = unwrap_cek(key, &member, &encrypted_key) else {
+            continue;
+        };
         if cek.len() != 32 {
             continue;
         }
@@ -512,7 +583,10 @@ fn unwrap_cek<'a>(
     encrypted_key: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, KeyWrapError> {
     let alg = member("alg").and_then(|v| v.as_str()).unwrap_or("");
-    let unsupported = || KeyWrapError::Unsupported { member: "alg", value: alg.to_string() };
+    let unsupported = || KeyWrapError::Unsupported {
+        member: "alg",
+        value: alg.to_string(),
+    };
     match (alg, key) {
         (ALG_RSA_OAEP | ALG_RSA_OAEP_256, PrivateKey::Rsa(k)) => {
             let padding = if alg == ALG_RSA_OAEP {
@@ -520,10 +594,12 @@ fn unwrap_cek<'a>(
             } else {
                 rsa::Oaep::new::<sha2::Sha256>()
             };
-            k.decrypt(padding, encrypted_key).map(Zeroizing::new).map_err(|e| KeyWrapError::Rsa {
-                key: key.public().describe(),
-                reason: e.to_string(),
-            })
+            k.decrypt(padding, encrypted_key)
+                .map(Zeroizing::new)
+                .map_err(|e| KeyWrapError::Rsa {
+                    key: key.public().describe(),
+                    reason: e.to_string(),
+                })
         }
         (ALG_ECDH_ES_A128KW | ALG_ECDH_ES_A192KW | ALG_ECDH_ES_A256KW, _) => {
             let kek_len = match alg {
@@ -535,9 +611,13 @@ fn unwrap_cek<'a>(
             let epk = Recipient::from_jwk(epk)
                 .map_err(|e| KeyWrapError::Malformed(format!("epk: {e}")))?;
             let optional_b64 = |name: &str| -> Result<Vec<u8>, KeyWrapError> {
-                member(name).and_then(|v| v.as_str()).map_or(Ok(Vec::new()), |s| {
-                    B64URL.decode(s).map_err(|_| KeyWrapError::Malformed(format!("{name} not base64url")))
-                })
+                member(name)
+                    .and_then(|v| v.as_str())
+                    .map_or(Ok(Vec::new()), |s| {
+                        B64URL
+                            .decode(s)
+                            .map_err(|_| KeyWrapError::Malformed(format!("{name} not base64url")))
+                    })
             };
             let (apu, apv) = (optional_b64("apu")?, optional_b64("apv")?);
             let z: Zeroizing<Vec<u8>> = match (key, &epk) {
@@ -565,11 +645,20 @@ fn unwrap_cek<'a>(
             };
             let kek = concat_kdf(&z, alg_static, &apu, &apv, kek_len);
             let mut cek = Zeroizing::new(vec![0u8; encrypted_key.len().saturating_sub(8)]);
-            let fail = |e: aes_kw::Error| KeyWrapError::KeyWrap { alg: alg_static, reason: e.to_string() };
+            let fail = |e: aes_kw::Error| KeyWrapError::KeyWrap {
+                alg: alg_static,
+                reason: e.to_string(),
+            };
             match kek_len {
-                16 => aes_kw::KekAes128::try_from(kek.as_slice()).map_err(fail)?.unwrap(encrypted_key, &mut cek),
-                24 => aes_kw::KekAes192::try_from(kek.as_slice()).map_err(fail)?.unwrap(encrypted_key, &mut cek),
-                _ => aes_kw::KekAes256::try_from(kek.as_slice()).map_err(fail)?.unwrap(encrypted_key, &mut cek),
+                16 => aes_kw::KekAes128::try_from(kek.as_slice())
+                    .map_err(fail)?
+                    .unwrap(encrypted_key, &mut cek),
+                24 => aes_kw::KekAes192::try_from(kek.as_slice())
+                    .map_err(fail)?
+                    .unwrap(encrypted_key, &mut cek),
+                _ => aes_kw::KekAes256::try_from(kek.as_slice())
+                    .map_err(fail)?
+                    .unwrap(encrypted_key, &mut cek),
             }
             .map_err(fail)?;
             Ok(cek)
@@ -589,11 +678,16 @@ struct PrivateOptionsJson {
 fn parse_private_options(plaintext: &[u8]) -> Result<PrivateOptions, KeyWrapError> {
     let mut parsed: PrivateOptionsJson =
         serde_json::from_slice(plaintext).map_err(|e| KeyWrapError::Options(e.to_string()))?;
-    let symkey = STANDARD.decode(parsed.symkey.as_bytes()).map(Zeroizing::new);
+    let symkey = STANDARD
+        .decode(parsed.symkey.as_bytes())
+        .map(Zeroizing::new);
     parsed.symkey.zeroize();
     let symkey = symkey.map_err(|_| KeyWrapError::Options("symkey is not base64".into()))?;
     if symkey.len() != 32 {
-        return Err(KeyWrapError::Options(format!("symkey is {} bytes, expected 32", symkey.len())));
+        return Err(KeyWrapError::Options(format!(
+            "symkey is {} bytes, expected 32",
+            symkey.len()
+        )));
     }
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&symkey);
@@ -607,5 +701,9 @@ fn parse_private_options(plaintext: &[u8]) -> Result<PrivateOptions, KeyWrapErro
     let nonce: [u8; 16] = nonce.as_slice().try_into().map_err(|_| {
         KeyWrapError::Options(format!("nonce is {} bytes, expected 16", nonce.len()))
     })?;
-    Ok(PrivateOptions { symkey: key, nonce, digest: parsed.digest })
+    Ok(PrivateOptions {
+        symkey: key,
+        nonce,
+        digest: parsed.digest,
+    })
 }

@@ -3,7 +3,15 @@
 //! Every entry point takes an event (request line, a body chunk, a callout answer, the current
 //! time, randomness) and returns what to do; nothing here touches the host. The proxy-wasm
 //! adapter in `filter/wasm` executes the returned commands.
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod blockcipher;
 pub mod config;

@@ -21,15 +21,33 @@ use crate::spec;
 /// Docker image manifest v2 schema 1 (unsigned).
 const MEDIA_TYPE_DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 /// Docker image manifest v2 schema 1 (signed).
-const MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+const MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED: &str =
+    "application/vnd.docker.distribution.manifest.v1+prettyjws";
 /// Prefix of the OCI non-distributable layer types.
 const NONDISTRIBUTABLE_PREFIX: &str = "application/vnd.oci.image.layer.nondistributable.";
 
 /// Top-level manifest fields whose spelling is checked (the registry's Go JSON decoder matches
 /// field names case-insensitively, so `Layers` next to `layers` would be read differently).
-const MANIFEST_FIELDS: &[&str] = &["schemaVersion", "mediaType", "artifactType", "config", "layers", "subject", "annotations"];
+const MANIFEST_FIELDS: &[&str] = &[
+    "schemaVersion",
+    "mediaType",
+    "artifactType",
+    "config",
+    "layers",
+    "subject",
+    "annotations",
+];
 /// Descriptor fields whose spelling is checked, for the same reason.
-const DESCRIPTOR_FIELDS: &[&str] = &["mediaType", "artifactType", "digest", "size", "urls", "annotations", "data", "platform"];
+const DESCRIPTOR_FIELDS: &[&str] = &[
+    "mediaType",
+    "artifactType",
+    "digest",
+    "size",
+    "urls",
+    "annotations",
+    "data",
+    "platform",
+];
 
 /// A rewritten manifest, ready to forward to the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -269,11 +287,17 @@ fn classify(content_type: &str) -> Result<Kind, ManifestError> {
     } else if is(spec::MEDIA_TYPE_DOCKER_MANIFEST) {
         Ok(Kind::Docker)
     } else if is(spec::MEDIA_TYPE_OCI_INDEX) || is(spec::MEDIA_TYPE_DOCKER_MANIFEST_LIST) {
-        Err(ManifestError::IndexNotSupported { content_type: content_type.to_string() })
+        Err(ManifestError::IndexNotSupported {
+            content_type: content_type.to_string(),
+        })
     } else if is(MEDIA_TYPE_DOCKER_SCHEMA1) || is(MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED) {
-        Err(ManifestError::Schema1 { content_type: content_type.to_string() })
+        Err(ManifestError::Schema1 {
+            content_type: content_type.to_string(),
+        })
     } else {
-        Err(ManifestError::UnsupportedMediaType { content_type: content_type.to_string() })
+        Err(ManifestError::UnsupportedMediaType {
+            content_type: content_type.to_string(),
+        })
     }
 }
 
@@ -281,9 +305,15 @@ fn classify(content_type: &str) -> Result<Kind, ManifestError> {
 fn docker_layer_to_oci(media_type: &str) -> Option<&'static str> {
     Some(match media_type {
         "application/vnd.docker.image.rootfs.diff.tar" => "application/vnd.oci.image.layer.v1.tar",
-        "application/vnd.docker.image.rootfs.diff.tar.gzip" => "application/vnd.oci.image.layer.v1.tar+gzip",
-        "application/vnd.docker.image.rootfs.diff.tar.zstd" => "application/vnd.oci.image.layer.v1.tar+zstd",
-        "application/vnd.docker.image.rootfs.foreign.diff.tar" => "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        }
+        "application/vnd.docker.image.rootfs.diff.tar.zstd" => {
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        }
+        "application/vnd.docker.image.rootfs.foreign.diff.tar" => {
+            "application/vnd.oci.image.layer.nondistributable.v1.tar"
+        }
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
             "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         }
@@ -315,7 +345,11 @@ fn go_folds_to(key: &str, known: &str) -> bool {
 
 /// Refuses field names that the registry's decoder would read as one of `known` although they
 /// are spelled differently.
-fn check_spelling(object: &Map<String, Value>, known: &[&str], path: &str) -> Result<(), ManifestError> {
+fn check_spelling(
+    object: &Map<String, Value>,
+    known: &[&str],
+    path: &str,
+) -> Result<(), ManifestError> {
     for key in object.keys() {
         if let Some(k) = known.iter().find(|k| go_folds_to(key, k)) {
             return Err(ManifestError::Malformed {
@@ -333,7 +367,10 @@ fn prefix(path: &str) -> String {
 }
 
 fn malformed(field: String, reason: &str) -> ManifestError {
-    ManifestError::Malformed { field, reason: reason.to_string() }
+    ManifestError::Malformed {
+        field,
+        reason: reason.to_string(),
+    }
 }
 
 /// The fields of a descriptor the rewrite decides on.
@@ -345,7 +382,9 @@ struct Descriptor {
 
 /// Reads and checks the `mediaType`, `digest` and `size` of a descriptor object.
 fn read_descriptor(value: &Value, path: &str) -> Result<Descriptor, ManifestError> {
-    let object = value.as_object().ok_or_else(|| malformed(path.to_string(), "is not a JSON object"))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| malformed(path.to_string(), "is not a JSON object"))?;
     check_spelling(object, DESCRIPTOR_FIELDS, &prefix(path))?;
     let string = |name: &str| match object.get(name) {
         Some(Value::String(s)) => Ok(s.clone()),
@@ -360,7 +399,11 @@ fn read_descriptor(value: &Value, path: &str) -> Result<Descriptor, ManifestErro
             .ok_or_else(|| malformed(format!("{path}.size"), "is not a non-negative integer"))?,
         None => return Err(malformed(format!("{path}.size"), "is missing")),
     };
-    Ok(Descriptor { media_type, digest, size })
+    Ok(Descriptor {
+        media_type,
+        digest,
+        size,
+    })
 }
 
 /// Sets `mediaType` of an object, keeping its position, or inserting it after
@@ -376,12 +419,18 @@ fn set_media_type(object: &mut Map<String, Value>, media_type: &str) {
         let after = key == "schemaVersion";
         object.insert(key, value);
         if after {
-            object.insert("mediaType".to_string(), Value::String(media_type.to_string()));
+            object.insert(
+                "mediaType".to_string(),
+                Value::String(media_type.to_string()),
+            );
             inserted = true;
         }
     }
     if !inserted {
-        object.insert("mediaType".to_string(), Value::String(media_type.to_string()));
+        object.insert(
+            "mediaType".to_string(),
+            Value::String(media_type.to_string()),
+        );
     }
 }
 
@@ -397,14 +446,25 @@ fn encrypt_descriptor(
     let mut annotations = match object.get("annotations") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(existing)) => existing.clone(),
-        Some(_) => return Err(malformed(format!("{path}.annotations"), "is not a JSON object")),
+        Some(_) => {
+            return Err(malformed(
+                format!("{path}.annotations"),
+                "is not a JSON object",
+            ))
+        }
     };
     annotations.retain(|key, _| !key.starts_with(spec::ANNOTATION_ENC_PREFIX));
     for (key, value) in &entry.annotations {
         annotations.insert(key.clone(), Value::String(value.clone()));
     }
-    object.insert("mediaType".to_string(), Value::String(encrypted_type.to_string()));
-    object.insert("digest".to_string(), Value::String(entry.encrypted_digest.to_string()));
+    object.insert(
+        "mediaType".to_string(),
+        Value::String(encrypted_type.to_string()),
+    );
+    object.insert(
+        "digest".to_string(),
+        Value::String(entry.encrypted_digest.to_string()),
+    );
     object.insert("size".to_string(), Value::from(entry.size));
     object.insert("annotations".to_string(), Value::Object(annotations));
     object.retain(|key, _| key != "urls" && key != "data");
@@ -414,7 +474,10 @@ fn encrypt_descriptor(
 /// True for non-distributable layers that name where to fetch them (`urls` non-empty).
 fn is_external(media_type: &str, object: &Map<String, Value>) -> bool {
     media_type.starts_with(NONDISTRIBUTABLE_PREFIX)
-        && object.get("urls").and_then(Value::as_array).is_some_and(|urls| !urls.is_empty())
+        && object
+            .get("urls")
+            .and_then(Value::as_array)
+            .is_some_and(|urls| !urls.is_empty())
 }
 
 /// Rewrites a manifest PUT body for an encrypted repository.
@@ -438,7 +501,9 @@ pub fn rewrite(
 ) -> Result<Rewritten, ManifestError> {
     let kind = classify(request_content_type)?;
     let mut document: Value =
-        serde_json::from_slice(body).map_err(|e| ManifestError::InvalidJson { reason: e.to_string() })?;
+        serde_json::from_slice(body).map_err(|e| ManifestError::InvalidJson {
+            reason: e.to_string(),
+        })?;
     let manifest = document
         .as_object_mut()
         .ok_or_else(|| malformed("(document)".to_string(), "is not a JSON object"))?;
@@ -446,8 +511,16 @@ pub fn rewrite(
 
     match manifest.get("schemaVersion") {
         Some(v) if v.as_u64() == Some(2) => {}
-        Some(v) => return Err(ManifestError::SchemaVersion { found: v.to_string() }),
-        None => return Err(ManifestError::SchemaVersion { found: "missing".to_string() }),
+        Some(v) => {
+            return Err(ManifestError::SchemaVersion {
+                found: v.to_string(),
+            })
+        }
+        None => {
+            return Err(ManifestError::SchemaVersion {
+                found: "missing".to_string(),
+            })
+        }
     }
     match manifest.get("mediaType") {
         None => {}
@@ -467,23 +540,40 @@ pub fn rewrite(
     }
 
     // The config stays plaintext; Docker configs are valid OCI configs, only the type changes.
-    let config = manifest
-        .get_mut("config")
-        .ok_or_else(|| malformed("config".to_string(), "is missing: an image manifest needs a config descriptor"))?;
+    let config = manifest.get_mut("config").ok_or_else(|| {
+        malformed(
+            "config".to_string(),
+            "is missing: an image manifest needs a config descriptor",
+        )
+    })?;
     let config_descriptor = read_descriptor(config, "config")?;
-    if let Some(entry_digest) = Digest::parse(&config_descriptor.digest).ok().filter(|d| lookup(d).is_some()) {
-        return Err(ManifestError::ConfigEncrypted { digest: entry_digest, media_type: config_descriptor.media_type });
+    if let Some(entry_digest) = Digest::parse(&config_descriptor.digest)
+        .ok()
+        .filter(|d| lookup(d).is_some())
+    {
+        return Err(ManifestError::ConfigEncrypted {
+            digest: entry_digest,
+            media_type: config_descriptor.media_type,
+        });
     }
     if kind == Kind::Docker && config_descriptor.media_type == spec::MEDIA_TYPE_DOCKER_CONFIG {
         if let Some(object) = config.as_object_mut() {
-            object.insert("mediaType".to_string(), Value::String(spec::MEDIA_TYPE_OCI_CONFIG.to_string()));
+            object.insert(
+                "mediaType".to_string(),
+                Value::String(spec::MEDIA_TYPE_OCI_CONFIG.to_string()),
+            );
         }
     }
 
     let layers = match manifest.get_mut("layers") {
         Some(Value::Array(layers)) => layers,
         Some(_) => return Err(malformed("layers".to_string(), "is not an array")),
-        None => return Err(malformed("layers".to_string(), "is missing: an image manifest lists its layers")),
+        None => {
+            return Err(malformed(
+                "layers".to_string(),
+                "is missing: an image manifest lists its layers",
+            ))
+        }
     };
     let mut encrypted_layers = 0usize;
     for (index, layer) in layers.iter_mut().enumerate() {
@@ -492,30 +582,36 @@ pub fn rewrite(
         let Some(object) = layer.as_object_mut() else {
             return Err(malformed(path, "is not a JSON object"));
         };
-        let mut media_type = descriptor.media_type;
+        // Decisions use the OCI type; messages name the type as pushed.
+        let pushed_type = descriptor.media_type;
+        let mut media_type = pushed_type.as_str();
         if kind == Kind::Docker {
-            if let Some(oci) = docker_layer_to_oci(&media_type) {
+            if let Some(oci) = docker_layer_to_oci(media_type) {
                 object.insert("mediaType".to_string(), Value::String(oci.to_string()));
-                media_type = oci.to_string();
+                media_type = oci;
             }
         }
         let digest = Digest::parse(&descriptor.digest).ok();
         let entry = digest.as_ref().and_then(lookup);
 
         if media_type.ends_with(spec::ENCRYPTED_SUFFIX) {
-            if !spec::is_known_encrypted(&media_type) {
+            if !spec::is_known_encrypted(media_type) {
                 return Err(ManifestError::UnknownEncryptedType {
                     layer: index,
                     digest: descriptor.digest,
-                    media_type,
+                    media_type: pushed_type,
                 });
             }
             if let (Some(digest), Some(_)) = (digest, entry) {
-                return Err(ManifestError::ReEncrypted { layer: index, digest, media_type });
+                return Err(ManifestError::ReEncrypted {
+                    layer: index,
+                    digest,
+                    media_type: pushed_type,
+                });
             }
             continue;
         }
-        match (spec::encrypted_media_type(&media_type), entry, digest) {
+        match (spec::encrypted_media_type(media_type), entry, digest) {
             (Some(encrypted_type), Some(entry), Some(digest)) => {
                 if descriptor.size != entry.size {
                     return Err(ManifestError::SizeMismatch {
@@ -530,14 +626,26 @@ pub fn rewrite(
                 changed = true;
             }
             (None, Some(_), Some(digest)) => {
-                return Err(ManifestError::EncryptedWithoutDecryptor { layer: index, digest, media_type });
+                return Err(ManifestError::EncryptedWithoutDecryptor {
+                    layer: index,
+                    digest,
+                    media_type: pushed_type,
+                });
             }
-            (Some(_), None, _) if is_external(&media_type, object) => {}
+            (Some(_), None, _) if is_external(media_type, object) => {}
             (Some(_), None, Some(digest)) => {
-                return Err(ManifestError::NotUploadedThroughGateway { layer: index, digest, media_type });
+                return Err(ManifestError::NotUploadedThroughGateway {
+                    layer: index,
+                    digest,
+                    media_type: pushed_type,
+                });
             }
             (Some(_), _, None) => {
-                return Err(ManifestError::UnsupportedDigest { layer: index, digest: descriptor.digest, media_type });
+                return Err(ManifestError::UnsupportedDigest {
+                    layer: index,
+                    digest: descriptor.digest,
+                    media_type: pushed_type,
+                });
             }
             // Not an image layer and not encrypted by the gateway: leave it.
             (None, None, _) | (None, Some(_), None) => {}
@@ -546,8 +654,18 @@ pub fn rewrite(
 
     let media_type = stored_content_type(request_content_type).to_string();
     if !changed {
-        return Ok(Rewritten { body: body.to_vec(), media_type, encrypted_layers });
+        return Ok(Rewritten {
+            body: body.to_vec(),
+            media_type,
+            encrypted_layers,
+        });
     }
-    let body = serde_json::to_vec(&document).map_err(|e| ManifestError::Serialize { reason: e.to_string() })?;
-    Ok(Rewritten { body, media_type, encrypted_layers })
+    let body = serde_json::to_vec(&document).map_err(|e| ManifestError::Serialize {
+        reason: e.to_string(),
+    })?;
+    Ok(Rewritten {
+        body,
+        media_type,
+        encrypted_layers,
+    })
 }

@@ -93,16 +93,23 @@ impl Pattern {
         if pattern.is_empty() {
             return Err(PatternError::Empty);
         }
-        if let Some((position, character)) = pattern
-            .char_indices()
-            .find(|&(_, c)| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '/' | '*')))
-        {
-            return Err(PatternError::InvalidCharacter { pattern: pattern.to_string(), character, position });
+        if let Some((position, character)) = pattern.char_indices().find(|&(_, c)| {
+            !(c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || matches!(c, '.' | '_' | '-' | '/' | '*'))
+        }) {
+            return Err(PatternError::InvalidCharacter {
+                pattern: pattern.to_string(),
+                character,
+                position,
+            });
         }
         let mut segments = Vec::new();
         for segment in pattern.split('/') {
             if segment.is_empty() {
-                return Err(PatternError::EmptySegment { pattern: pattern.to_string() });
+                return Err(PatternError::EmptySegment {
+                    pattern: pattern.to_string(),
+                });
             }
             if segment == "**" {
                 // Consecutive `**` segments mean the same as one.
@@ -118,7 +125,10 @@ impl Pattern {
                 segments.push(Segment::Glob(segment.to_string()));
             }
         }
-        Ok(Pattern { source: pattern.to_string(), segments })
+        Ok(Pattern {
+            source: pattern.to_string(),
+            segments,
+        })
     }
 
     /// The pattern as written.
@@ -130,7 +140,9 @@ impl Pattern {
     pub fn matches(&self, repository: &str) -> bool {
         let names: Vec<&str> = repository.split('/').collect();
         // reachable[i]: the pattern segments seen so far can consume exactly names[..i].
-        let mut reachable: Vec<bool> = std::iter::once(true).chain(names.iter().map(|_| false)).collect();
+        let mut reachable: Vec<bool> = std::iter::once(true)
+            .chain(names.iter().map(|_| false))
+            .collect();
         for segment in &self.segments {
             reachable = match segment {
                 Segment::AnySegments => {
@@ -144,7 +156,12 @@ impl Pattern {
                         .collect()
                 }
                 Segment::Glob(glob) => std::iter::once(false)
-                    .chain(reachable.iter().zip(&names).map(|(&r, name)| r && glob_segment(glob, name)))
+                    .chain(
+                        reachable
+                            .iter()
+                            .zip(&names)
+                            .map(|(&r, name)| r && glob_segment(glob, name)),
+                    )
                     .collect(),
             };
         }
@@ -225,7 +242,9 @@ impl Policy {
 /// The Harbor project of a repository: its first path segment (the whole name when it has
 /// no `/`).
 pub fn project_of(repository: &str) -> &str {
-    repository.split_once('/').map_or(repository, |(project, _)| project)
+    repository
+        .split_once('/')
+        .map_or(repository, |(project, _)| project)
 }
 
 #[cfg(test)]
@@ -292,15 +311,70 @@ mod tests {
     fn bad_patterns() {
         assert_eq!(Pattern::parse(""), Err(PatternError::Empty));
         for (p, want) in [
-            ("Demo/**", PatternError::InvalidCharacter { pattern: "Demo/**".into(), character: 'D', position: 0 }),
-            ("demo/a b", PatternError::InvalidCharacter { pattern: "demo/a b".into(), character: ' ', position: 6 }),
-            ("demo/?", PatternError::InvalidCharacter { pattern: "demo/?".into(), character: '?', position: 5 }),
-            ("demo/é", PatternError::InvalidCharacter { pattern: "demo/é".into(), character: 'é', position: 5 }),
-            ("/demo", PatternError::EmptySegment { pattern: "/demo".into() }),
-            ("demo/", PatternError::EmptySegment { pattern: "demo/".into() }),
-            ("demo//app", PatternError::EmptySegment { pattern: "demo//app".into() }),
-            ("demo/app**", PatternError::DoubleStarInSegment { pattern: "demo/app**".into(), segment: "app**".into() }),
-            ("***", PatternError::DoubleStarInSegment { pattern: "***".into(), segment: "***".into() }),
+            (
+                "Demo/**",
+                PatternError::InvalidCharacter {
+                    pattern: "Demo/**".into(),
+                    character: 'D',
+                    position: 0,
+                },
+            ),
+            (
+                "demo/a b",
+                PatternError::InvalidCharacter {
+                    pattern: "demo/a b".into(),
+                    character: ' ',
+                    position: 6,
+                },
+            ),
+            (
+                "demo/?",
+                PatternError::InvalidCharacter {
+                    pattern: "demo/?".into(),
+                    character: '?',
+                    position: 5,
+                },
+            ),
+            (
+                "demo/é",
+                PatternError::InvalidCharacter {
+                    pattern: "demo/é".into(),
+                    character: 'é',
+                    position: 5,
+                },
+            ),
+            (
+                "/demo",
+                PatternError::EmptySegment {
+                    pattern: "/demo".into(),
+                },
+            ),
+            (
+                "demo/",
+                PatternError::EmptySegment {
+                    pattern: "demo/".into(),
+                },
+            ),
+            (
+                "demo//app",
+                PatternError::EmptySegment {
+                    pattern: "demo//app".into(),
+                },
+            ),
+            (
+                "demo/app**",
+                PatternError::DoubleStarInSegment {
+                    pattern: "demo/app**".into(),
+                    segment: "app**".into(),
+                },
+            ),
+            (
+                "***",
+                PatternError::DoubleStarInSegment {
+                    pattern: "***".into(),
+                    segment: "***".into(),
+                },
+            ),
         ] {
             assert_eq!(Pattern::parse(p), Err(want), "{p:?}");
         }
@@ -312,9 +386,18 @@ mod tests {
     fn policy_first_match_wins_else_default() {
         let policy = Policy::new(
             vec![
-                Rule { pattern: pattern("demo/public-*"), action: Action::Passthrough },
-                Rule { pattern: pattern("demo/**"), action: Action::Encrypt },
-                Rule { pattern: pattern("demo/other"), action: Action::Passthrough },
+                Rule {
+                    pattern: pattern("demo/public-*"),
+                    action: Action::Passthrough,
+                },
+                Rule {
+                    pattern: pattern("demo/**"),
+                    action: Action::Encrypt,
+                },
+                Rule {
+                    pattern: pattern("demo/other"),
+                    action: Action::Passthrough,
+                },
             ],
             Action::Passthrough,
         );
@@ -328,23 +411,43 @@ mod tests {
         for (repo, want) in table {
             assert_eq!(policy.action(repo), want, "{repo}");
         }
-        let strict = Policy::new(vec![Rule { pattern: pattern("open/**"), action: Action::Passthrough }], Action::Encrypt);
+        let strict = Policy::new(
+            vec![Rule {
+                pattern: pattern("open/**"),
+                action: Action::Passthrough,
+            }],
+            Action::Encrypt,
+        );
         assert_eq!(strict.action("open/x"), Action::Passthrough);
         assert_eq!(strict.action("closed/x"), Action::Encrypt);
-        assert_eq!(Policy::new(vec![], Action::Encrypt).action("a/b"), Action::Encrypt);
+        assert_eq!(
+            Policy::new(vec![], Action::Encrypt).action("a/b"),
+            Action::Encrypt
+        );
     }
 
     #[test]
     fn project_is_the_first_segment() {
-        for (repo, project) in [("demo/app", "demo"), ("demo/a/b", "demo"), ("alpine", "alpine"), ("", "")] {
+        for (repo, project) in [
+            ("demo/app", "demo"),
+            ("demo/a/b", "demo"),
+            ("alpine", "alpine"),
+            ("", ""),
+        ] {
             assert_eq!(project_of(repo), project);
         }
     }
 
     #[test]
     fn action_serde_is_lowercase() {
-        assert_eq!(serde_json::to_string(&Action::Encrypt).unwrap(), "\"encrypt\"");
-        assert_eq!(serde_json::from_str::<Action>("\"passthrough\"").unwrap(), Action::Passthrough);
+        assert_eq!(
+            serde_json::to_string(&Action::Encrypt).unwrap(),
+            "\"encrypt\""
+        );
+        assert_eq!(
+            serde_json::from_str::<Action>("\"passthrough\"").unwrap(),
+            Action::Passthrough
+        );
         assert!(serde_json::from_str::<Action>("\"Encrypt\"").is_err());
         assert_eq!(Action::Encrypt.to_string(), "encrypt");
     }

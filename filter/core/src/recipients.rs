@@ -77,13 +77,17 @@ pub enum RecipientError {
     )]
     PrivateKey(String),
     /// Some other PEM type.
-    #[error("PEM type {0:?} is not a public key: use a PKIX public key (-----BEGIN PUBLIC KEY-----)")]
+    #[error(
+        "PEM type {0:?} is not a public key: use a PKIX public key (-----BEGIN PUBLIC KEY-----)"
+    )]
     PemLabel(String),
     /// The DER inside is not a SubjectPublicKeyInfo.
     #[error("not a PKIX SubjectPublicKeyInfo: {0}")]
     Spki(String),
     /// A key type ocicrypt's JWE wrapper does not support.
-    #[error("unsupported public key algorithm {0}: use RSA (2048-4096 bits) or EC P-256/P-384/P-521")]
+    #[error(
+        "unsupported public key algorithm {0}: use RSA (2048-4096 bits) or EC P-256/P-384/P-521"
+    )]
     Algorithm(String),
     /// An EC curve other than P-256/384/521.
     #[error("unsupported elliptic curve {0}: use P-256, P-384 or P-521")]
@@ -150,8 +154,8 @@ impl Recipient {
     }
 
     fn from_spki_der(der: &[u8]) -> Result<Recipient, RecipientError> {
-        let spki =
-            SubjectPublicKeyInfoRef::try_from(der).map_err(|e| RecipientError::Spki(e.to_string()))?;
+        let spki = SubjectPublicKeyInfoRef::try_from(der)
+            .map_err(|e| RecipientError::Spki(e.to_string()))?;
         let oid = spki.algorithm.oid.to_string();
         match oid.as_str() {
             OID_RSA => {
@@ -159,7 +163,10 @@ impl Recipient {
                     RecipientError::Spki("RSA key bit string has unused bits".into())
                 })?;
                 let pkcs1 = rsa::pkcs1::RsaPublicKey::from_der(raw).map_err(|e| {
-                    RecipientError::Invalid { kind: "RSA", reason: e.to_string() }
+                    RecipientError::Invalid {
+                        kind: "RSA",
+                        reason: e.to_string(),
+                    }
                 })?;
                 rsa_from_parts(pkcs1.modulus.as_bytes(), pkcs1.public_exponent.as_bytes())
             }
@@ -204,7 +211,10 @@ impl Recipient {
         if let Some(member) = JWK_PRIVATE_MEMBERS.iter().find(|m| obj.contains_key(**m)) {
             return Err(RecipientError::JwkPrivate(member));
         }
-        let kty = obj.get("kty").and_then(|v| v.as_str()).ok_or(RecipientError::JwkMember("kty"))?;
+        let kty = obj
+            .get("kty")
+            .and_then(|v| v.as_str())
+            .ok_or(RecipientError::JwkMember("kty"))?;
         let (kty, expected_alg) = match kty {
             "RSA" => ("RSA", "RSA-OAEP"),
             "EC" => ("EC", "ECDH-ES+A256KW"),
@@ -213,18 +223,29 @@ impl Recipient {
         if let Some(alg) = obj.get("alg") {
             if alg.as_str() != Some(expected_alg) {
                 let found = alg.as_str().map_or_else(|| alg.to_string(), str::to_string);
-                return Err(RecipientError::JwkAlg { kty, found, expected: expected_alg });
+                return Err(RecipientError::JwkAlg {
+                    kty,
+                    found,
+                    expected: expected_alg,
+                });
             }
         }
         let member = |name: &'static str| -> Result<Vec<u8>, RecipientError> {
-            let s =
-                obj.get(name).and_then(|v| v.as_str()).ok_or(RecipientError::JwkMember(name))?;
-            B64URL.decode(s).map_err(|_| RecipientError::JwkBase64(name))
+            let s = obj
+                .get(name)
+                .and_then(|v| v.as_str())
+                .ok_or(RecipientError::JwkMember(name))?;
+            B64URL
+                .decode(s)
+                .map_err(|_| RecipientError::JwkBase64(name))
         };
         if kty == "RSA" {
             return rsa_from_parts(&member("n")?, &member("e")?);
         }
-        let crv = obj.get("crv").and_then(|v| v.as_str()).ok_or(RecipientError::JwkMember("crv"))?;
+        let crv = obj
+            .get("crv")
+            .and_then(|v| v.as_str())
+            .ok_or(RecipientError::JwkMember("crv"))?;
         let size = match crv {
             "P-256" => 32,
             "P-384" => 48,
@@ -268,10 +289,15 @@ fn uncompressed_point(x: &[u8], y: &[u8], size: usize) -> Result<Vec<u8>, Recipi
     let mut point = Vec::with_capacity(1 + 2 * size);
     point.push(0x04);
     for (name, coord) in [("x", x), ("y", y)] {
-        let pad = size.checked_sub(coord.len()).ok_or_else(|| RecipientError::Invalid {
-            kind: "EC",
-            reason: format!("{name} is {} bytes, more than the curve's {size}", coord.len()),
-        })?;
+        let pad = size
+            .checked_sub(coord.len())
+            .ok_or_else(|| RecipientError::Invalid {
+                kind: "EC",
+                reason: format!(
+                    "{name} is {} bytes, more than the curve's {size}",
+                    coord.len()
+                ),
+            })?;
         point.resize(point.len() + pad, 0);
         point.extend_from_slice(coord);
     }
@@ -284,8 +310,12 @@ fn rsa_from_parts(n: &[u8], e: &[u8]) -> Result<Recipient, RecipientError> {
     if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
         return Err(RecipientError::RsaSize(bits));
     }
-    let key = rsa::RsaPublicKey::new(n, rsa::BigUint::from_bytes_be(e))
-        .map_err(|e| RecipientError::Invalid { kind: "RSA", reason: e.to_string() })?;
+    let key = rsa::RsaPublicKey::new(n, rsa::BigUint::from_bytes_be(e)).map_err(|e| {
+        RecipientError::Invalid {
+            kind: "RSA",
+            reason: e.to_string(),
+        }
+    })?;
     Ok(Recipient::Rsa(key))
 }
 
@@ -337,5 +367,8 @@ pub(crate) fn pem_decode(text: &str) -> Result<PemBlock, PemError> {
     let der = base64::engine::general_purpose::STANDARD
         .decode(compact.as_bytes())
         .map_err(|e| PemError::Malformed(format!("body is not base64: {e}")))?;
-    Ok(PemBlock { label: label.to_string(), der: Zeroizing::new(der) })
+    Ok(PemBlock {
+        label: label.to_string(),
+        der: Zeroizing::new(der),
+    })
 }

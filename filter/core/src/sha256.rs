@@ -12,7 +12,13 @@ const BLOCK: usize = 64;
 
 /// FIPS 180-4 §5.3.3 initial hash value.
 const H0: [u32; 8] = [
-    0x6a09_e667, 0xbb67_ae85, 0x3c6e_f372, 0xa54f_f53a, 0x510e_527f, 0x9b05_688c, 0x1f83_d9ab,
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
     0x5be0_cd19,
 ];
 
@@ -34,7 +40,11 @@ impl Sha256State {
 
     /// A fresh hash of the empty message.
     pub fn new() -> Self {
-        Sha256State { h: H0, total: 0, buf: [0; BLOCK] }
+        Sha256State {
+            h: H0,
+            total: 0,
+            buf: [0; BLOCK],
+        }
     }
 
     fn buffered(&self) -> usize {
@@ -156,7 +166,9 @@ impl Drop for Sha256State {
 
 impl std::fmt::Debug for Sha256State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sha256State").field("len", &self.total).finish_non_exhaustive()
+        f.debug_struct("Sha256State")
+            .field("len", &self.total)
+            .finish_non_exhaustive()
     }
 }
 
@@ -221,7 +233,10 @@ mod tests {
         s.write_to(&mut out);
         assert_eq!(out.len(), Sha256State::SERIALIZED_LEN);
         out[45] = 1;
-        assert!(Sha256State::read_from(&out).is_none(), "non-zero padding is refused");
+        assert!(
+            Sha256State::read_from(&out).is_none(),
+            "non-zero padding is refused"
+        );
         assert!(Sha256State::read_from(&out[..10]).is_none());
     }
 }

@@ -7,7 +7,8 @@ pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json"
 /// Docker image manifest v2 schema 2.
 pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker manifest list.
-pub const MEDIA_TYPE_DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MEDIA_TYPE_DOCKER_MANIFEST_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 /// OCI image config.
 pub const MEDIA_TYPE_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// Docker image config.
@@ -31,13 +32,16 @@ pub const CIPHER_AES_256_CTR_HMAC_SHA256: &str = "AES_256_CTR_HMAC_SHA256";
 /// to the OCI encrypted types, as containerd/imgcrypt and containers/image do.
 pub fn encrypted_media_type(plain: &str) -> Option<&'static str> {
     Some(match plain {
-        "application/vnd.oci.image.layer.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar" => {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => {
             "application/vnd.oci.image.layer.v1.tar+encrypted"
         }
-        "application/vnd.oci.image.layer.v1.tar+gzip" | "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => {
             "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"
         }
-        "application/vnd.oci.image.layer.v1.tar+zstd" | "application/vnd.docker.image.rootfs.diff.tar.zstd" => {
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => {
             "application/vnd.oci.image.layer.v1.tar+zstd+encrypted"
         }
         "application/vnd.oci.image.layer.nondistributable.v1.tar" => {
@@ -77,14 +81,21 @@ mod tests {
             encrypted_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
             Some("application/vnd.oci.image.layer.v1.tar+gzip+encrypted")
         );
-        assert!(encrypted_media_type("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip").is_none());
+        assert!(
+            encrypted_media_type("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip")
+                .is_none()
+        );
         assert!(encrypted_media_type("application/vnd.in-toto+json").is_none());
     }
 
     #[test]
     fn known_encrypted_types() {
-        assert!(is_known_encrypted("application/vnd.oci.image.layer.v1.tar+gzip+encrypted"));
-        assert!(!is_known_encrypted("application/vnd.docker.image.rootfs.diff.tar.gzip+encrypted"));
+        assert!(is_known_encrypted(
+            "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"
+        ));
+        assert!(!is_known_encrypted(
+            "application/vnd.docker.image.rootfs.diff.tar.gzip+encrypted"
+        ));
         assert!(!is_known_encrypted("application/json+encrypted"));
     }
 }

@@ -58,7 +58,11 @@ const RECORD_VERSION: u8 = 1;
 impl UploadRecord {
     /// A session with no byte seen yet.
     pub fn new(repository: &str) -> Self {
-        UploadRecord { repository: repository.to_string(), offset: 0, treatment: Treatment::Undecided }
+        UploadRecord {
+            repository: repository.to_string(),
+            offset: 0,
+            treatment: Treatment::Undecided,
+        }
     }
 
     /// Serialized form (holds the symkey: kept in process memory only, never logged).
@@ -99,7 +103,11 @@ impl UploadRecord {
             2 => Treatment::Encrypt(Box::new(LayerEncryptor::from_bytes(rest).ok()?)),
             _ => return None,
         };
-        Some(UploadRecord { repository, offset, treatment })
+        Some(UploadRecord {
+            repository,
+            offset,
+            treatment,
+        })
     }
 
     /// Loads the record of `upload_id`, or a fresh one when the session has none yet.
@@ -109,7 +117,10 @@ impl UploadRecord {
         match store.get(&record_key(upload_id)) {
             Some(bytes) if !bytes.is_empty() => {
                 let record = UploadRecord::from_bytes(&bytes).ok_or_else(|| {
-                    OciError::new(Code::BlobUploadInvalid, "the gateway's state of this upload is unreadable; restart the upload")
+                    OciError::new(
+                        Code::BlobUploadInvalid,
+                        "the gateway's state of this upload is unreadable; restart the upload",
+                    )
                 })?;
                 if record.repository != repository {
                     return Err(OciError::new(
@@ -166,12 +177,20 @@ impl ChunkStream {
             }
         }
         let start_offset = record.offset;
-        Ok(ChunkStream { record, start_offset })
+        Ok(ChunkStream {
+            record,
+            start_offset,
+        })
     }
 
     /// Processes the bytes the adapter holds. `buffer` is every byte of this request not yet
     /// forwarded (after a [`BodyVerdict::NeedMore`], the whole buffered body).
-    pub fn on_body<R: CryptoRngCore>(&mut self, buffer: &mut [u8], end_of_stream: bool, rng: &mut R) -> BodyVerdict {
+    pub fn on_body<R: CryptoRngCore>(
+        &mut self,
+        buffer: &mut [u8],
+        end_of_stream: bool,
+        rng: &mut R,
+    ) -> BodyVerdict {
         if matches!(self.record.treatment, Treatment::Undecided) {
             if buffer.is_empty() {
                 return BodyVerdict::Unchanged;
@@ -230,7 +249,11 @@ pub fn complete<R: CryptoRngCore>(
     let encryptor = match record.treatment {
         Treatment::Passthrough => {
             // The registry verifies JSON blobs itself against the client's digest.
-            return Ok(Completion { client_digest, stored_digest: client_digest, ledger: None });
+            return Ok(Completion {
+                client_digest,
+                stored_digest: client_digest,
+                ledger: None,
+            });
         }
         Treatment::Encrypt(enc) => enc,
         // An empty blob: encrypting zero bytes keeps it empty (and so its digest).
@@ -251,7 +274,11 @@ pub fn complete<R: CryptoRngCore>(
     Ok(Completion {
         client_digest,
         stored_digest: layer.encrypted_digest,
-        ledger: Some(LedgerEntry { encrypted_digest: layer.encrypted_digest, size: layer.size, annotations }),
+        ledger: Some(LedgerEntry {
+            encrypted_digest: layer.encrypted_digest,
+            size: layer.size,
+            annotations,
+        }),
     })
 }
 
@@ -293,7 +320,9 @@ mod tests {
             let v = stream.on_body(&mut buf, true, &mut rand_core::OsRng);
             assert_ne!(v, BodyVerdict::NeedMore);
             out.extend_from_slice(&buf);
-            store.set(&record_key("u1"), &stream.into_record().to_bytes()).unwrap();
+            store
+                .set(&record_key("u1"), &stream.into_record().to_bytes())
+                .unwrap();
             pos = end;
         }
         (out, UploadRecord::load(store, "u1", "demo/app").unwrap())
@@ -306,20 +335,35 @@ mod tests {
         let (cipher, record) = push(&store, &blob, &[1000, 7, 50_000]);
         assert_eq!(cipher.len(), blob.len());
         assert_ne!(cipher, blob);
-        let done = complete(record, Digest::of(&blob), &recipients(), &mut rand_core::OsRng).unwrap();
+        let done = complete(
+            record,
+            Digest::of(&blob),
+            &recipients(),
+            &mut rand_core::OsRng,
+        )
+        .unwrap();
         assert_eq!(done.stored_digest, Digest::of(&cipher));
         let entry = done.ledger.unwrap();
         assert_eq!(entry.size, blob.len() as u64);
-        assert!(entry.annotations.contains_key(crate::spec::ANNOTATION_KEYS_JWE));
+        assert!(entry
+            .annotations
+            .contains_key(crate::spec::ANNOTATION_KEYS_JWE));
     }
 
     #[test]
     fn json_blob_passes_unchanged() {
         let store = MapStore::default();
-        let blob = br#"  {"architecture":"amd64","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
+        let blob =
+            br#"  {"architecture":"amd64","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
         let (out, record) = push(&store, &blob, &[]);
         assert_eq!(out, blob);
-        let done = complete(record, Digest::of(&blob), &recipients(), &mut rand_core::OsRng).unwrap();
+        let done = complete(
+            record,
+            Digest::of(&blob),
+            &recipients(),
+            &mut rand_core::OsRng,
+        )
+        .unwrap();
         assert_eq!(done.stored_digest, Digest::of(&blob));
         assert!(done.ledger.is_none());
     }
@@ -338,21 +382,35 @@ mod tests {
         let record = UploadRecord::new("demo/app");
         let mut s = ChunkStream::new(record, None).unwrap();
         let mut buf = b"\x1f\x8b".to_vec();
-        assert_eq!(s.on_body(&mut buf, false, &mut rand_core::OsRng), BodyVerdict::NeedMore);
-        assert_eq!(s.on_body(&mut buf, true, &mut rand_core::OsRng), BodyVerdict::Replaced);
+        assert_eq!(
+            s.on_body(&mut buf, false, &mut rand_core::OsRng),
+            BodyVerdict::NeedMore
+        );
+        assert_eq!(
+            s.on_body(&mut buf, true, &mut rand_core::OsRng),
+            BodyVerdict::Replaced
+        );
     }
 
     #[test]
     fn wrong_digest_is_refused() {
         let store = MapStore::default();
         let (_, record) = push(&store, &[1u8; 4096], &[]);
-        let err = complete(record, Digest::of(b"other"), &recipients(), &mut rand_core::OsRng).unwrap_err();
+        let err = complete(
+            record,
+            Digest::of(b"other"),
+            &recipients(),
+            &mut rand_core::OsRng,
+        )
+        .unwrap_err();
         assert_eq!(err.code, Code::DigestInvalid);
     }
 
     #[test]
     fn content_range_must_continue_the_upload() {
-        let err = ChunkStream::new(UploadRecord::new("demo/app"), Some(10)).err().unwrap();
+        let err = ChunkStream::new(UploadRecord::new("demo/app"), Some(10))
+            .err()
+            .unwrap();
         assert_eq!(err.code, Code::BlobUploadInvalid);
     }
 
@@ -360,7 +418,13 @@ mod tests {
     fn record_of_another_repository_is_refused() {
         let store = MapStore::default();
         push(&store, &[1u8; 4096], &[]);
-        assert_eq!(UploadRecord::load(&store, "u1", "demo/other").err().unwrap().code, Code::BlobUploadUnknown);
+        assert_eq!(
+            UploadRecord::load(&store, "u1", "demo/other")
+                .err()
+                .unwrap()
+                .code,
+            Code::BlobUploadUnknown
+        );
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! AES_256_CTR_HMAC_SHA256 layer cipher: NIST known answer, Go-compatible counter wrap,
 //! chunked encryption with save/resume between chunks, HMAC and digests against reference
 //! crates.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use aes::cipher::{BlockEncrypt, KeyInit};
 use hmac::Mac;
@@ -130,7 +135,11 @@ fn random_chunks_with_resume_equal_one_shot() {
         assert_eq!(got.size, len as u64);
         assert_eq!(got.plaintext_digest, Digest::of(&plain));
         assert_eq!(got.encrypted_digest, Digest::of(&out));
-        assert_eq!(got.hmac, hmac_ref(&key, &out), "HMAC is over the ciphertext");
+        assert_eq!(
+            got.hmac,
+            hmac_ref(&key, &out),
+            "HMAC is over the ciphertext"
+        );
         assert_eq!(decrypt_layer(&key, &nonce, &got.hmac, &out).unwrap(), plain);
     }
 }
@@ -165,13 +174,19 @@ fn saved_state_is_checked() {
     assert!(matches!(err, CipherError::StateLength { actual, .. } if actual == good.len() - 1));
     let mut longer = good.to_vec();
     longer.push(0);
-    assert!(matches!(LayerEncryptor::from_bytes(&longer), Err(CipherError::StateLength { .. })));
+    assert!(matches!(
+        LayerEncryptor::from_bytes(&longer),
+        Err(CipherError::StateLength { .. })
+    ));
 
     let mut wrong_version = good.to_vec();
     wrong_version[0] = 99;
     assert_eq!(
         LayerEncryptor::from_bytes(&wrong_version).unwrap_err(),
-        CipherError::StateVersion { found: 99, supported: 1 }
+        CipherError::StateVersion {
+            found: 99,
+            supported: 1
+        }
     );
 
     // Offset field (after version, key and nonce) no longer agrees with the hash states.
@@ -179,13 +194,21 @@ fn saved_state_is_checked() {
     moved[1 + 32 + 16 + 7] ^= 1;
     assert!(matches!(
         LayerEncryptor::from_bytes(&moved),
-        Err(CipherError::StateInconsistent { offset: 101, plain: 100, cipher: 100, mac: 164 })
+        Err(CipherError::StateInconsistent {
+            offset: 101,
+            plain: 100,
+            cipher: 100,
+            mac: 164
+        })
     ));
 
     // Non-zero padding inside the first hash state.
     let mut bad_hash = good.to_vec();
     bad_hash[1 + 32 + 16 + 8 + 32 + 8 + 63] = 1;
-    assert_eq!(LayerEncryptor::from_bytes(&bad_hash).unwrap_err(), CipherError::StateHash);
+    assert_eq!(
+        LayerEncryptor::from_bytes(&bad_hash).unwrap_err(),
+        CipherError::StateHash
+    );
 }
 
 #[test]

@@ -1,7 +1,12 @@
 //! The layer annotations: exact public-options bytes, JWE shape as go-jose/ocicrypt emit it,
 //! unwrap with every key type, and decryption by an independent implementation
 //! (`tests/jwe_decrypt.py`, Python `cryptography`).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 #[path = "crypto_fixtures.rs"]
 mod fixtures;
@@ -48,7 +53,12 @@ fn jwe_json(annotations: &BTreeMap<String, String>) -> Vec<u8> {
 }
 
 fn decode_protected(jwe: &Value) -> String {
-    String::from_utf8(URL_SAFE_NO_PAD.decode(jwe["protected"].as_str().unwrap()).unwrap()).unwrap()
+    String::from_utf8(
+        URL_SAFE_NO_PAD
+            .decode(jwe["protected"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 /// Positions of the given members in the raw JSON text, to check go-jose's member order.
@@ -62,7 +72,10 @@ fn members(v: &Value) -> Vec<&str> {
 fn in_order(text: &str, members: &[&str]) -> bool {
     let pos: Vec<usize> = members
         .iter()
-        .map(|m| text.find(&format!("\"{m}\":")).unwrap_or_else(|| panic!("{m} missing in {text}")))
+        .map(|m| {
+            text.find(&format!("\"{m}\":"))
+                .unwrap_or_else(|| panic!("{m} missing in {text}"))
+        })
         .collect();
     pos.windows(2).all(|w| w[0] < w[1])
 }
@@ -92,12 +105,19 @@ fn exactly_two_annotations_and_exact_pubopts_bytes() {
 fn pubopts_matches_a_skopeo_sample_byte_for_byte() {
     // skopeo 1.x wrote hmac "HFxmI8MQoHTtqWzghTg0Gu6x+RxUalLjEYLqgt8Z7yg=" on a real layer;
     // the JSON around it must be what we emit for the same HMAC.
-    let hmac: [u8; 32] =
-        STANDARD.decode("HFxmI8MQoHTtqWzghTg0Gu6x+RxUalLjEYLqgt8Z7yg=").unwrap().try_into().unwrap();
+    let hmac: [u8; 32] = STANDARD
+        .decode("HFxmI8MQoHTtqWzghTg0Gu6x+RxUalLjEYLqgt8Z7yg=")
+        .unwrap()
+        .try_into()
+        .unwrap();
     let (_, _, mut l) = layer(10);
     l.hmac = hmac;
-    let a = layer_annotations(&l, &[private(P256_PRIVATE_PKCS8).public()], &mut rand_core::OsRng)
-        .unwrap();
+    let a = layer_annotations(
+        &l,
+        &[private(P256_PRIVATE_PKCS8).public()],
+        &mut rand_core::OsRng,
+    )
+    .unwrap();
     assert_eq!(
         STANDARD.decode(&a[ANNOTATION_PUBOPTS]).unwrap(),
         br#"{"cipher":"AES_256_CTR_HMAC_SHA256","hmac":"HFxmI8MQoHTtqWzghTg0Gu6x+RxUalLjEYLqgt8Z7yg=","cipheroptions":{}}"#
@@ -113,25 +133,45 @@ fn single_recipient_is_flattened_and_unwraps() {
         let raw = jwe_json(&a);
         let text = std::str::from_utf8(&raw).unwrap();
         let jwe: Value = serde_json::from_slice(&raw).unwrap();
-        assert_eq!(members(&jwe), ["ciphertext", "encrypted_key", "iv", "protected", "tag"], "{name}");
-        assert!(in_order(text, &["protected", "encrypted_key", "iv", "ciphertext", "tag"]), "{text}");
+        assert_eq!(
+            members(&jwe),
+            ["ciphertext", "encrypted_key", "iv", "protected", "tag"],
+            "{name}"
+        );
+        assert!(
+            in_order(
+                text,
+                &["protected", "encrypted_key", "iv", "ciphertext", "tag"]
+            ),
+            "{text}"
+        );
         let protected = decode_protected(&jwe);
-        if name.starts_with("rsa") {
+        if let Some(bits) = name.strip_prefix("rsa") {
             assert_eq!(protected, r#"{"alg":"RSA-OAEP","enc":"A256GCM"}"#);
-            let bits: usize = name[3..].parse().unwrap();
-            let ek = URL_SAFE_NO_PAD.decode(jwe["encrypted_key"].as_str().unwrap()).unwrap();
+            let bits: usize = bits.parse().unwrap();
+            let ek = URL_SAFE_NO_PAD
+                .decode(jwe["encrypted_key"].as_str().unwrap())
+                .unwrap();
             assert_eq!(ek.len(), bits / 8);
         } else {
             let crv = format!("P-{}", &name[1..]);
-            let prefix = format!(r#"{{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{{"kty":"EC","crv":"{crv}","x":""#);
+            let prefix = format!(
+                r#"{{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{{"kty":"EC","crv":"{crv}","x":""#
+            );
             assert!(protected.starts_with(&prefix), "{protected}");
             let header: Value = serde_json::from_str(&protected).unwrap();
-            let coord = (key_bits(&crv) + 7) / 8;
+            let coord = key_bits(&crv).div_ceil(8);
             for c in ["x", "y"] {
-                let v = URL_SAFE_NO_PAD.decode(header["epk"][c].as_str().unwrap()).unwrap();
+                let v = URL_SAFE_NO_PAD
+                    .decode(header["epk"][c].as_str().unwrap())
+                    .unwrap();
                 assert_eq!(v.len(), coord, "{crv} {c} is full length");
             }
-            assert_eq!(jwe["encrypted_key"].as_str().unwrap().len(), 54, "AES-KW of 32 bytes");
+            assert_eq!(
+                jwe["encrypted_key"].as_str().unwrap().len(),
+                54,
+                "AES-KW of 32 bytes"
+            );
         }
         assert_eq!(jwe["iv"].as_str().unwrap().len(), 16);
         assert_eq!(jwe["tag"].as_str().unwrap().len(), 22);
@@ -141,10 +181,18 @@ fn single_recipient_is_flattened_and_unwraps() {
         assert_eq!(opts.nonce, l.nonce);
         assert_eq!(opts.digest, l.plaintext_digest.to_string());
         let hmac: [u8; 32] = {
-            let p: Value = serde_json::from_slice(&STANDARD.decode(&a[ANNOTATION_PUBOPTS]).unwrap()).unwrap();
-            STANDARD.decode(p["hmac"].as_str().unwrap()).unwrap().try_into().unwrap()
+            let p: Value =
+                serde_json::from_slice(&STANDARD.decode(&a[ANNOTATION_PUBOPTS]).unwrap()).unwrap();
+            STANDARD
+                .decode(p["hmac"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap()
         };
-        assert_eq!(decrypt_layer(&opts.symkey, &opts.nonce, &hmac, &cipher).unwrap(), plain);
+        assert_eq!(
+            decrypt_layer(&opts.symkey, &opts.nonce, &hmac, &cipher).unwrap(),
+            plain
+        );
     }
 }
 
@@ -161,8 +209,17 @@ fn several_recipients_use_general_json_like_skopeo() {
     let raw = jwe_json(&a);
     let text = std::str::from_utf8(&raw).unwrap();
     let jwe: Value = serde_json::from_slice(&raw).unwrap();
-    assert_eq!(members(&jwe), ["ciphertext", "iv", "protected", "recipients", "tag"]);
-    assert!(in_order(text, &["protected", "recipients", "iv", "ciphertext", "tag"]), "{text}");
+    assert_eq!(
+        members(&jwe),
+        ["ciphertext", "iv", "protected", "recipients", "tag"]
+    );
+    assert!(
+        in_order(
+            text,
+            &["protected", "recipients", "iv", "ciphertext", "tag"]
+        ),
+        "{text}"
+    );
     // Byte-identical to the protected header in skopeo's multi-recipient sample.
     assert_eq!(jwe["protected"], "eyJlbmMiOiJBMjU2R0NNIn0");
     let entries = jwe["recipients"].as_array().unwrap();
@@ -180,7 +237,9 @@ fn several_recipients_use_general_json_like_skopeo() {
     }
     // skopeo's own sample: RSA-2048 entry is 342 base64url characters.
     assert_eq!(entries[0]["encrypted_key"].as_str().unwrap().len(), 342);
-    assert!(text.contains(r#"{"header":{"alg":"ECDH-ES+A256KW","epk":{"kty":"EC","crv":"P-256","x":""#));
+    assert!(
+        text.contains(r#"{"header":{"alg":"ECDH-ES+A256KW","epk":{"kty":"EC","crv":"P-256","x":""#)
+    );
 
     for key in &keys {
         let opts = unwrap_private_options(&raw, key).unwrap();
@@ -197,8 +256,12 @@ fn refusals() {
         KeyWrapError::NoRecipients
     );
 
-    let a = layer_annotations(&l, &[private(P256_PRIVATE_PKCS8).public()], &mut rand_core::OsRng)
-        .unwrap();
+    let a = layer_annotations(
+        &l,
+        &[private(P256_PRIVATE_PKCS8).public()],
+        &mut rand_core::OsRng,
+    )
+    .unwrap();
     let raw = jwe_json(&a);
     for wrong in [P384_PRIVATE_PKCS8, RSA2048_PRIVATE_PKCS8] {
         assert!(matches!(
@@ -212,7 +275,9 @@ fn refusals() {
 
     // Flipping a ciphertext bit breaks the GCM tag.
     let mut jwe: Value = serde_json::from_slice(&raw).unwrap();
-    let mut ct = URL_SAFE_NO_PAD.decode(jwe["ciphertext"].as_str().unwrap()).unwrap();
+    let mut ct = URL_SAFE_NO_PAD
+        .decode(jwe["ciphertext"].as_str().unwrap())
+        .unwrap();
     ct[0] ^= 1;
     jwe["ciphertext"] = Value::String(URL_SAFE_NO_PAD.encode(ct));
     let tampered = serde_json::to_vec(&jwe).unwrap();
@@ -236,13 +301,19 @@ fn debug_of_private_values_is_redacted() {
     let a = layer_annotations(&l, &[key.public()], &mut rand_core::OsRng).unwrap();
     let opts = unwrap_private_options(&jwe_json(&a), &key).unwrap();
     let shown = format!("{opts:?}");
-    assert!(shown.contains("redacted") && !shown.contains(&STANDARD.encode(*l.symkey)), "{shown}");
+    assert!(
+        shown.contains("redacted") && !shown.contains(&STANDARD.encode(*l.symkey)),
+        "{shown}"
+    );
 }
 
 // ---- independent implementation --------------------------------------------------------------
 
 fn python_ready() -> Result<(), String> {
-    match Command::new("python3").args(["-c", "import cryptography"]).output() {
+    match Command::new("python3")
+        .args(["-c", "import cryptography"])
+        .output()
+    {
         Err(e) => Err(format!("python3 not runnable: {e}")),
         Ok(o) if !o.status.success() => Err(format!(
             "python3 has no `cryptography` package: {}",
@@ -276,7 +347,10 @@ fn python_cryptography_decrypts_our_annotations_and_layer() {
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/jwe_decrypt.py");
     let dir = TempDir::new("jwe");
-    let keys: Vec<(&str, PrivateKey)> = PRIVATE_KEYS.iter().map(|(n, pem)| (*n, private(pem))).collect();
+    let keys: Vec<(&str, PrivateKey)> = PRIVATE_KEYS
+        .iter()
+        .map(|(n, pem)| (*n, private(pem)))
+        .collect();
     for (name, pem) in PRIVATE_KEYS {
         std::fs::write(dir.0.join(format!("{name}.pem")), pem).unwrap();
     }
@@ -333,7 +407,11 @@ fn python_cryptography_decrypts_our_annotations_and_layer() {
                 expected_private,
                 "{case} with {name}: private options bytes"
             );
-            assert_eq!(std::fs::read(&out_path).unwrap(), plain, "{case} with {name}: layer");
+            assert_eq!(
+                std::fs::read(&out_path).unwrap(),
+                plain,
+                "{case} with {name}: layer"
+            );
         }
     }
 

@@ -1,6 +1,11 @@
 //! Recipient key parsing: the PEM and JWK forms ocicrypt accepts for `jwe:` recipients, and
 //! refusals that tell the operator what to supply instead.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 #[path = "crypto_fixtures.rs"]
 mod fixtures;
@@ -41,7 +46,11 @@ fn pem_framing_is_lenient_like_go() {
     let one_line = format!("-----BEGIN PUBLIC KEY-----\n{body}\n-----END PUBLIC KEY-----");
     let indented = format!("   {}", P256_PUBLIC_PKIX.trim());
     for variant in [crlf, with_text, one_line, indented] {
-        assert_eq!(Recipient::from_pem(&variant).unwrap(), reference, "{variant}");
+        assert_eq!(
+            Recipient::from_pem(&variant).unwrap(),
+            reference,
+            "{variant}"
+        );
     }
 }
 
@@ -56,11 +65,20 @@ fn pem_refusals_say_what_to_do() {
     assert!(e.to_string().contains("PKIX public key"), "{e}");
 
     let e = Recipient::from_pem(P256_PRIVATE_PKCS8).unwrap_err();
-    assert!(matches!(e, RecipientError::PrivateKey(ref l) if l == "PRIVATE KEY"), "{e}");
+    assert!(
+        matches!(e, RecipientError::PrivateKey(ref l) if l == "PRIVATE KEY"),
+        "{e}"
+    );
     assert!(e.to_string().contains("only public keys"), "{e}");
 
-    assert_eq!(Recipient::from_pem(RSA1024_PUBLIC_PKIX).unwrap_err(), RecipientError::RsaSize(1024));
-    assert_eq!(Recipient::from_pem(RSA8192_PUBLIC_PKIX).unwrap_err(), RecipientError::RsaSize(8192));
+    assert_eq!(
+        Recipient::from_pem(RSA1024_PUBLIC_PKIX).unwrap_err(),
+        RecipientError::RsaSize(1024)
+    );
+    assert_eq!(
+        Recipient::from_pem(RSA8192_PUBLIC_PKIX).unwrap_err(),
+        RecipientError::RsaSize(8192)
+    );
     assert!(matches!(
         Recipient::from_pem(SECP256K1_PUBLIC_PKIX).unwrap_err(),
         RecipientError::Curve(c) if c.contains("secp256k1")
@@ -69,21 +87,40 @@ fn pem_refusals_say_what_to_do() {
         Recipient::from_pem(ED25519_PUBLIC_PKIX).unwrap_err(),
         RecipientError::Algorithm(a) if a.contains("Ed25519")
     ));
-    assert_eq!(Recipient::from_pem("not a key").unwrap_err(), RecipientError::NotPem);
+    assert_eq!(
+        Recipient::from_pem("not a key").unwrap_err(),
+        RecipientError::NotPem
+    );
     assert_eq!(
         Recipient::from_pem(&format!("{P256_PUBLIC_PKIX}{P384_PUBLIC_PKIX}")).unwrap_err(),
         RecipientError::MultiplePem(2)
     );
-    let encrypted = "-----BEGIN PUBLIC KEY-----\nProc-Type: 4,ENCRYPTED\n\nAAAA\n-----END PUBLIC KEY-----\n";
-    assert!(matches!(Recipient::from_pem(encrypted), Err(RecipientError::PemMalformed(_))));
+    let encrypted =
+        "-----BEGIN PUBLIC KEY-----\nProc-Type: 4,ENCRYPTED\n\nAAAA\n-----END PUBLIC KEY-----\n";
+    assert!(matches!(
+        Recipient::from_pem(encrypted),
+        Err(RecipientError::PemMalformed(_))
+    ));
     let unterminated = P256_PUBLIC_PKIX.replace("-----END PUBLIC KEY-----", "");
-    assert!(matches!(Recipient::from_pem(&unterminated), Err(RecipientError::PemMalformed(_))));
+    assert!(matches!(
+        Recipient::from_pem(&unterminated),
+        Err(RecipientError::PemMalformed(_))
+    ));
     let not_b64 = "-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----\n";
-    assert!(matches!(Recipient::from_pem(not_b64), Err(RecipientError::PemMalformed(_))));
+    assert!(matches!(
+        Recipient::from_pem(not_b64),
+        Err(RecipientError::PemMalformed(_))
+    ));
     let not_spki = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
-    assert!(matches!(Recipient::from_pem(not_spki), Err(RecipientError::Spki(_))));
+    assert!(matches!(
+        Recipient::from_pem(not_spki),
+        Err(RecipientError::Spki(_))
+    ));
     let other = "-----BEGIN SOMETHING-----\nAAAA\n-----END SOMETHING-----\n";
-    assert!(matches!(Recipient::from_pem(other), Err(RecipientError::PemLabel(_))));
+    assert!(matches!(
+        Recipient::from_pem(other),
+        Err(RecipientError::PemLabel(_))
+    ));
 }
 
 #[test]
@@ -95,7 +132,10 @@ fn jwk_equals_the_same_key_as_pem() {
         (P384_PUBLIC_JWK, P384_PUBLIC_PKIX),
         (P521_PUBLIC_JWK, P521_PUBLIC_PKIX),
     ] {
-        assert_eq!(Recipient::from_jwk(&jwk(j)).unwrap(), Recipient::from_pem(pem).unwrap());
+        assert_eq!(
+            Recipient::from_jwk(&jwk(j)).unwrap(),
+            Recipient::from_pem(pem).unwrap()
+        );
     }
 }
 
@@ -109,16 +149,26 @@ fn jwk_alg_must_match_what_the_gateway_uses() {
     rsa["alg"] = json!("RSA-OAEP-256");
     assert_eq!(
         Recipient::from_jwk(&rsa).unwrap_err(),
-        RecipientError::JwkAlg { kty: "RSA", found: "RSA-OAEP-256".into(), expected: "RSA-OAEP" }
+        RecipientError::JwkAlg {
+            kty: "RSA",
+            found: "RSA-OAEP-256".into(),
+            expected: "RSA-OAEP"
+        }
     );
 
     let mut ec = jwk(P384_PUBLIC_JWK);
     ec["alg"] = json!("ECDH-ES+A256KW");
     assert_eq!(Recipient::from_jwk(&ec).unwrap().describe(), "EC P-384");
     ec["alg"] = json!("ECDH-ES");
-    assert!(matches!(Recipient::from_jwk(&ec), Err(RecipientError::JwkAlg { kty: "EC", .. })));
+    assert!(matches!(
+        Recipient::from_jwk(&ec),
+        Err(RecipientError::JwkAlg { kty: "EC", .. })
+    ));
     ec["alg"] = json!(7);
-    assert!(matches!(Recipient::from_jwk(&ec), Err(RecipientError::JwkAlg { .. })));
+    assert!(matches!(
+        Recipient::from_jwk(&ec),
+        Err(RecipientError::JwkAlg { .. })
+    ));
 }
 
 #[test]
@@ -128,7 +178,10 @@ fn jwk_refusals() {
     assert!(e.to_string().contains("only public keys"), "{e}");
     let mut rsa_private = jwk(RSA2048_PUBLIC_JWK);
     rsa_private["p"] = json!("AQAB");
-    assert_eq!(Recipient::from_jwk(&rsa_private).unwrap_err(), RecipientError::JwkPrivate("p"));
+    assert_eq!(
+        Recipient::from_jwk(&rsa_private).unwrap_err(),
+        RecipientError::JwkPrivate("p")
+    );
 
     assert_eq!(
         Recipient::from_jwk(&json!({"kty": "oct", "k": "AAAA"})).unwrap_err(),
@@ -138,27 +191,48 @@ fn jwk_refusals() {
         Recipient::from_jwk(&json!({"kty": "OKP", "crv": "X25519", "x": "AAAA"})).unwrap_err(),
         RecipientError::JwkKty("OKP".into())
     );
-    assert_eq!(Recipient::from_jwk(&json!("RSA")).unwrap_err(), RecipientError::JwkNotObject);
-    assert_eq!(Recipient::from_jwk(&json!({})).unwrap_err(), RecipientError::JwkMember("kty"));
+    assert_eq!(
+        Recipient::from_jwk(&json!("RSA")).unwrap_err(),
+        RecipientError::JwkNotObject
+    );
+    assert_eq!(
+        Recipient::from_jwk(&json!({})).unwrap_err(),
+        RecipientError::JwkMember("kty")
+    );
 
     let mut no_y = jwk(P256_PUBLIC_JWK);
     no_y.as_object_mut().unwrap().remove("y");
-    assert_eq!(Recipient::from_jwk(&no_y).unwrap_err(), RecipientError::JwkMember("y"));
+    assert_eq!(
+        Recipient::from_jwk(&no_y).unwrap_err(),
+        RecipientError::JwkMember("y")
+    );
     let mut bad_b64 = jwk(P256_PUBLIC_JWK);
     bad_b64["x"] = json!("not*base64");
-    assert_eq!(Recipient::from_jwk(&bad_b64).unwrap_err(), RecipientError::JwkBase64("x"));
+    assert_eq!(
+        Recipient::from_jwk(&bad_b64).unwrap_err(),
+        RecipientError::JwkBase64("x")
+    );
     let mut off_curve = jwk(P256_PUBLIC_JWK);
     off_curve["y"] = off_curve["x"].clone();
-    assert!(matches!(Recipient::from_jwk(&off_curve), Err(RecipientError::Invalid { kind: "EC", .. })));
+    assert!(matches!(
+        Recipient::from_jwk(&off_curve),
+        Err(RecipientError::Invalid { kind: "EC", .. })
+    ));
     let mut p192 = jwk(P256_PUBLIC_JWK);
     p192["crv"] = json!("P-192");
-    assert_eq!(Recipient::from_jwk(&p192).unwrap_err(), RecipientError::Curve("P-192".into()));
+    assert_eq!(
+        Recipient::from_jwk(&p192).unwrap_err(),
+        RecipientError::Curve("P-192".into())
+    );
 
     // A 1024-bit modulus (128 bytes of 0xff), e = 65537.
     use base64::Engine as _;
     let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xffu8; 128]);
     let small = json!({"kty": "RSA", "n": n, "e": "AQAB"});
-    assert_eq!(Recipient::from_jwk(&small).unwrap_err(), RecipientError::RsaSize(1024));
+    assert_eq!(
+        Recipient::from_jwk(&small).unwrap_err(),
+        RecipientError::RsaSize(1024)
+    );
 }
 
 #[test]

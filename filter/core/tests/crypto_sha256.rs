@@ -1,6 +1,11 @@
 //! Resumable SHA-256 and HMAC-SHA256: NIST/RFC known answers, and equality with the `sha2` and
 //! `hmac` crates under random chunking with save/restore at random points.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use hmac::Mac;
 use ocicrypt_core::sha256::{hmac_finish, hmac_init, Sha256State};
@@ -43,7 +48,8 @@ fn nist_vectors() {
         one_shot(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
         hex32("248d6a61 d20638b8 e5c02693 0c3e6039 a33ce459 64ff2167 f6ecedd4 19db06c1")
     );
-    let million_a = hex32("cdc76e5c 9914fb92 81a1c7e2 84d73e67 f1809a48 a497200e 046d39cc c7112cd0");
+    let million_a =
+        hex32("cdc76e5c 9914fb92 81a1c7e2 84d73e67 f1809a48 a497200e 046d39cc c7112cd0");
     assert_eq!(one_shot(&vec![b'a'; 1_000_000]), million_a);
 
     // The same million, fed in odd pieces through save/restore.
@@ -80,7 +86,11 @@ fn random_chunks_and_restores_match_sha2() {
     let seed = rand::thread_rng().gen::<u64>();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for round in 0..200 {
-        let len = if round % 4 == 0 { rng.gen_range(0..200) } else { rng.gen_range(0..20_000) };
+        let len = if round % 4 == 0 {
+            rng.gen_range(0..200)
+        } else {
+            rng.gen_range(0..20_000)
+        };
         let mut data = vec![0u8; len];
         rng.fill_bytes(&mut data);
         let mut s = Sha256State::new();
@@ -162,6 +172,9 @@ fn equal_states_serialize_equally_and_debug_hides_data() {
     a.write_to(&mut x);
     b.write_to(&mut y);
     assert_eq!(x, y);
-    assert!(!format!("{a:?}").contains("115, 101, 99"), "Debug must not show buffered bytes");
+    assert!(
+        !format!("{a:?}").contains("115, 101, 99"),
+        "Debug must not show buffered bytes"
+    );
     assert!(Sha256State::new().is_empty());
 }

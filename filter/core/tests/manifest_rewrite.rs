@@ -1,5 +1,10 @@
 //! Manifest rewrite tables: what an encrypted repository stores for each pushed manifest.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use std::collections::BTreeMap;
 
@@ -22,7 +27,8 @@ const OCI_TAR_ENC: &str = "application/vnd.oci.image.layer.v1.tar+encrypted";
 const DOCKER_TGZ: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 const DOCKER_FOREIGN_TGZ: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 const NONDIST_TGZ: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip";
-const NONDIST_TGZ_ENC: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip+encrypted";
+const NONDIST_TGZ_ENC: &str =
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip+encrypted";
 const JWE: &str = "org.opencontainers.image.enc.keys.jwe";
 const PUBOPTS: &str = "org.opencontainers.image.enc.pubopts";
 
@@ -69,7 +75,10 @@ fn run(manifest: &Value, content_type: &str, ledger: &Ledger) -> Result<Rewritte
 }
 
 fn run_bytes(body: &[u8], content_type: &str, ledger: &Ledger) -> Result<Rewritten, ManifestError> {
-    let map: BTreeMap<Digest, LedgerEntry> = ledger.iter().map(|&(n, size)| (plain(n), entry(n, size))).collect();
+    let map: BTreeMap<Digest, LedgerEntry> = ledger
+        .iter()
+        .map(|&(n, size)| (plain(n), entry(n, size)))
+        .collect();
     let lookup = move |d: &Digest| map.get(d).cloned();
     rewrite(body, content_type, &lookup)
 }
@@ -312,16 +321,31 @@ fn rewrites_table() {
         let out = run(&case.input, case.content_type, &case.ledger)
             .unwrap_or_else(|e| panic!("{}: refused: {e}", case.name));
         assert_eq!(out.media_type, case.want_media_type, "{}", case.name);
-        assert_eq!(out.media_type, stored_content_type(case.content_type), "{}", case.name);
+        assert_eq!(
+            out.media_type,
+            stored_content_type(case.content_type),
+            "{}",
+            case.name
+        );
         assert_eq!(out.encrypted_layers, case.want_encrypted, "{}", case.name);
         let got: Value = serde_json::from_slice(&out.body).unwrap();
         assert_eq!(got, case.want, "{}", case.name);
         if case.want_encrypted > 0 || case.content_type == DOCKER_MANIFEST {
             // Compact output with the input's field order (json! keeps insertion order).
-            assert_eq!(out.body, serde_json::to_vec(&case.want).unwrap(), "{}: field order / compactness", case.name);
+            assert_eq!(
+                out.body,
+                serde_json::to_vec(&case.want).unwrap(),
+                "{}: field order / compactness",
+                case.name
+            );
         } else {
             // Nothing to change: the pushed bytes are stored as they are (same digest).
-            assert_eq!(out.body, serde_json::to_vec_pretty(&case.input).unwrap(), "{}", case.name);
+            assert_eq!(
+                out.body,
+                serde_json::to_vec_pretty(&case.input).unwrap(),
+                "{}",
+                case.name
+            );
         }
     }
 }
@@ -371,7 +395,11 @@ fn output_digest_is_digest_of_compact_body() {
     let out = run(&input, OCI_MANIFEST, &vec![(1, 100)]).unwrap();
     assert!(!out.body.contains(&b'\n'));
     let reparsed: Value = serde_json::from_slice(&out.body).unwrap();
-    assert_eq!(serde_json::to_vec(&reparsed).unwrap(), out.body, "output is canonical compact JSON");
+    assert_eq!(
+        serde_json::to_vec(&reparsed).unwrap(),
+        out.body,
+        "output is canonical compact JSON"
+    );
 }
 
 #[test]
@@ -391,8 +419,14 @@ fn stored_content_type_table() {
         (DOCKER_LIST, OCI_INDEX),
         (OCI_MANIFEST, OCI_MANIFEST),
         (OCI_INDEX, OCI_INDEX),
-        ("application/vnd.docker.distribution.manifest.v2+json; charset=utf-8", OCI_MANIFEST),
-        ("application/vnd.docker.distribution.manifest.v1+prettyjws", "application/vnd.docker.distribution.manifest.v1+prettyjws"),
+        (
+            "application/vnd.docker.distribution.manifest.v2+json; charset=utf-8",
+            OCI_MANIFEST,
+        ),
+        (
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        ),
         ("application/json", "application/json"),
         ("", ""),
     ] {
@@ -412,8 +446,22 @@ struct Bad {
     says: &'static [&'static str],
 }
 
-fn bad(name: &'static str, content_type: &'static str, ledger: Ledger, input: Value, check: Check, says: &'static [&'static str]) -> Bad {
-    Bad { name, content_type, ledger, body: serde_json::to_vec(&input).unwrap(), check, says }
+fn bad(
+    name: &'static str,
+    content_type: &'static str,
+    ledger: Ledger,
+    input: Value,
+    check: Check,
+    says: &'static [&'static str],
+) -> Bad {
+    Bad {
+        name,
+        content_type,
+        ledger,
+        body: serde_json::to_vec(&input).unwrap(),
+        check,
+        says,
+    }
 }
 
 fn image(layers: Value) -> Value {
@@ -427,16 +475,29 @@ fn bad_cases() -> Vec<Bad> {
             "encrypted blob under a media type nothing decrypts",
             OCI_MANIFEST,
             vec![(1, 100), (3, 30)],
-            image(json!([desc(OCI_TGZ, 1, 100), desc("application/vnd.cncf.helm.chart.content.v1.tar+gzip", 3, 30)])),
-            |e| matches!(e, ManifestError::EncryptedWithoutDecryptor { layer: 1, digest, media_type }
-                if *digest == plain(3) && media_type == "application/vnd.cncf.helm.chart.content.v1.tar+gzip"),
-            &["was encrypted", "has no decryptor", "push this artifact to an unencrypted repository"],
+            image(json!([
+                desc(OCI_TGZ, 1, 100),
+                desc("application/vnd.cncf.helm.chart.content.v1.tar+gzip", 3, 30)
+            ])),
+            |e| {
+                matches!(e, ManifestError::EncryptedWithoutDecryptor { layer: 1, digest, media_type }
+                if *digest == plain(3) && media_type == "application/vnd.cncf.helm.chart.content.v1.tar+gzip")
+            },
+            &[
+                "was encrypted",
+                "has no decryptor",
+                "push this artifact to an unencrypted repository",
+            ],
         ),
         bad(
             "+encrypted of an unknown type",
             OCI_MANIFEST,
             vec![],
-            image(json!([desc("application/vnd.docker.image.rootfs.diff.tar.gzip+encrypted", 1, 100)])),
+            image(json!([desc(
+                "application/vnd.docker.image.rootfs.diff.tar.gzip+encrypted",
+                1,
+                100
+            )])),
             |e| matches!(e, ManifestError::UnknownEncryptedType { layer: 0, .. }),
             &["no runtime decrypts", "unencrypted repository"],
         ),
@@ -446,7 +507,10 @@ fn bad_cases() -> Vec<Bad> {
             vec![(1, 100)],
             image(json!([desc(OCI_TGZ, 1, 100), desc(OCI_TGZ, 2, 200)])),
             |e| matches!(e, ManifestError::NotUploadedThroughGateway { layer: 1, digest, .. } if *digest == plain(2)),
-            &["not uploaded through the encrypting gateway", "push the image again through the gateway"],
+            &[
+                "not uploaded through the encrypting gateway",
+                "push the image again through the gateway",
+            ],
         ),
         bad(
             "Docker layer missing from the ledger",
@@ -454,7 +518,7 @@ fn bad_cases() -> Vec<Bad> {
             vec![],
             json!({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": desc(DOCKER_CONFIG, 9, 50),
                    "layers": [desc(DOCKER_TGZ, 1, 100)]}),
-            |e| matches!(e, ManifestError::NotUploadedThroughGateway { layer: 0, media_type, .. } if media_type == OCI_TGZ),
+            |e| matches!(e, ManifestError::NotUploadedThroughGateway { layer: 0, media_type, .. } if media_type == DOCKER_TGZ),
             &["not uploaded through"],
         ),
         bad(
@@ -469,7 +533,9 @@ fn bad_cases() -> Vec<Bad> {
             "image layer with a sha512 digest",
             OCI_MANIFEST,
             vec![],
-            image(json!([{"mediaType": OCI_TGZ, "digest": format!("sha512:{}", "ab".repeat(64)), "size": 1}])),
+            image(
+                json!([{"mediaType": OCI_TGZ, "digest": format!("sha512:{}", "ab".repeat(64)), "size": 1}]),
+            ),
             |e| matches!(e, ManifestError::UnsupportedDigest { layer: 0, .. }),
             &["only sha256 layers are encrypted"],
         ),
@@ -494,7 +560,17 @@ fn bad_cases() -> Vec<Bad> {
             OCI_MANIFEST,
             vec![(1, 101)],
             one(),
-            |e| matches!(e, ManifestError::SizeMismatch { layer: 0, declared: 100, uploaded: 101, .. }),
+            |e| {
+                matches!(
+                    e,
+                    ManifestError::SizeMismatch {
+                        layer: 0,
+                        declared: 100,
+                        uploaded: 101,
+                        ..
+                    }
+                )
+            },
             &["declares size 100", "101 bytes"],
         ),
         Bad {
@@ -638,7 +714,9 @@ fn bad_cases() -> Vec<Bad> {
             "layer annotations not an object",
             OCI_MANIFEST,
             vec![(1, 100)],
-            image(json!([{"mediaType": OCI_TGZ, "digest": plain(1).to_string(), "size": 100, "annotations": []}])),
+            image(
+                json!([{"mediaType": OCI_TGZ, "digest": plain(1).to_string(), "size": 100, "annotations": []}]),
+            ),
             |e| matches!(e, ManifestError::Malformed { field, .. } if field == "layers[0].annotations"),
             &["not a JSON object"],
         ),
@@ -655,7 +733,9 @@ fn bad_cases() -> Vec<Bad> {
             "a descriptor field spelled with U+017F, which Go folds to 's'",
             OCI_MANIFEST,
             vec![(1, 100)],
-            image(json!([{"mediaType": OCI_TGZ, "digest": plain(1).to_string(), "size": 100, "\u{17F}ize": 5}])),
+            image(
+                json!([{"mediaType": OCI_TGZ, "digest": plain(1).to_string(), "size": 100, "\u{17F}ize": 5}]),
+            ),
             |e| matches!(e, ManifestError::Malformed { field, .. } if field.starts_with("layers[0].")),
             &["only in letter case"],
         ),
@@ -666,7 +746,11 @@ fn bad_cases() -> Vec<Bad> {
 fn refusals_table() {
     for case in bad_cases() {
         let err = match run_bytes(&case.body, case.content_type, &case.ledger) {
-            Ok(out) => panic!("{}: accepted: {}", case.name, String::from_utf8_lossy(&out.body)),
+            Ok(out) => panic!(
+                "{}: accepted: {}",
+                case.name,
+                String::from_utf8_lossy(&out.body)
+            ),
             Err(e) => e,
         };
         assert!((case.check)(&err), "{}: wrong error {err:?}", case.name);
@@ -674,7 +758,12 @@ fn refusals_table() {
         assert_eq!(oci.code, Code::ManifestInvalid, "{}", case.name);
         assert_eq!(oci.status(), 400, "{}", case.name);
         for fragment in case.says {
-            assert!(oci.message.contains(fragment), "{}: message {:?} lacks {fragment:?}", case.name, oci.message);
+            assert!(
+                oci.message.contains(fragment),
+                "{}: message {:?} lacks {fragment:?}",
+                case.name,
+                oci.message
+            );
         }
         let body: Value = serde_json::from_slice(&oci.body()).unwrap();
         assert_eq!(body["errors"][0]["code"], "MANIFEST_INVALID");
@@ -689,5 +778,8 @@ fn refusal_messages_name_the_digest() {
     let input = image(json!([desc("application/vnd.example.blob", 3, 30)]));
     let err = run(&input, OCI_MANIFEST, &vec![(3, 30)]).unwrap_err();
     let message = err.to_string();
-    assert!(message.contains(&plain(3).to_string()) && message.contains("application/vnd.example.blob"), "{message}");
+    assert!(
+        message.contains(&plain(3).to_string()) && message.contains("application/vnd.example.blob"),
+        "{message}"
+    );
 }

@@ -27,11 +27,20 @@ enum Flow {
     /// Request body bytes of an upload session (`PATCH`, or a `PUT`/`POST` turned into one).
     Chunk(Box<ChunkFlow>),
     /// `POST ?digest=` with a body: headers paused while a callout opens a session.
-    OpeningSession { repository: String, client_digest: Digest },
+    OpeningSession {
+        repository: String,
+        client_digest: Digest,
+    },
     /// `PUT ?digest=` with no body: the request line now names the ciphertext.
-    Finishing { repository: String, completion: Completion },
+    Finishing {
+        repository: String,
+        completion: Completion,
+    },
     /// `PUT` of a manifest: buffered, then rewritten.
-    Manifest { repository: String, content_type: String },
+    Manifest {
+        repository: String,
+        content_type: String,
+    },
 }
 
 struct ChunkFlow {
@@ -59,7 +68,13 @@ pub struct Gateway {
 impl Gateway {
     /// A stream context of worker VM configuration `config`.
     pub fn new(id: u32, config: Option<Rc<Config>>) -> Self {
-        Gateway { id, config, flow: Flow::Pass, authority: String::new(), authorization: None }
+        Gateway {
+            id,
+            config,
+            flow: Flow::Pass,
+            authority: String::new(),
+            authorization: None,
+        }
     }
 
     fn log(&self, level: LogLevel, msg: &str) {
@@ -88,23 +103,40 @@ impl Gateway {
     }
 
     /// Decides the flow from the request line. Errors become local replies.
-    fn on_request_line(&mut self, config: &Config, end_of_stream: bool) -> Result<Action, OciError> {
+    fn on_request_line(
+        &mut self,
+        config: &Config,
+        end_of_stream: bool,
+    ) -> Result<Action, OciError> {
         let method = host::header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
         let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
         let route = distribution::route(&method, &path);
         let repository = match &route {
-            Route::UploadStart { repository, .. } | Route::Upload { repository, .. } | Route::ManifestPut { repository, .. } => {
-                repository.clone()
+            Route::UploadStart { repository, .. }
+            | Route::Upload { repository, .. }
+            | Route::ManifestPut { repository, .. } => repository.clone(),
+            Route::Other => {
+                if distribution::is_ambiguous_write(&method, &path) {
+                    // The registry may decode `%2F` or collapse `//` into a repository name the
+                    // route above did not see; such a write could land in an encrypted
+                    // repository unencrypted.
+                    return Err(OciError::new(
+                        Code::Denied,
+                        "write request with an encoded or non-canonical path; use the plain /v2/<name>/... form",
+                    ));
+                }
+                return Ok(Action::Continue);
             }
-            Route::Other => return Ok(Action::Continue),
         };
         if config.policy.action(&repository) != PolicyAction::Encrypt {
             return Ok(Action::Continue);
         }
-        self.authority = host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
+        self.authority =
+            host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
         self.authorization = host::header(MapType::HttpRequestHeaders, "authorization");
         let has_body = !end_of_stream
-            && host::header(MapType::HttpRequestHeaders, "content-length").map_or(true, |v| v.trim() != "0");
+            && host::header(MapType::HttpRequestHeaders, "content-length")
+                .map_or(true, |v| v.trim() != "0");
 
         match route {
             Route::UploadStart { digest, mount, .. } => {
@@ -114,7 +146,10 @@ impl Gateway {
                     // A mount would make the source repository's blob appear here as it is: a
                     // plaintext blob in an encrypted repository. A normal upload instead.
                     let new_path = distribution::rewrite_query(&path, &["mount", "from"], &[]);
-                    self.log(LogLevel::Info, &format!("{repository}: cross-repository mount turned into an upload"));
+                    self.log(
+                        LogLevel::Info,
+                        &format!("{repository}: cross-repository mount turned into an upload"),
+                    );
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
                 }
                 match digest {
@@ -124,14 +159,19 @@ impl Gateway {
                         return Ok(Action::Pause);
                     }
                     Some(_) => {
-                        let new_path = distribution::rewrite_query(&path, &["digest", "mount", "from"], &[]);
+                        let new_path =
+                            distribution::rewrite_query(&path, &["digest", "mount", "from"], &[]);
                         host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
                     }
                     None => {}
                 }
                 Ok(Action::Continue)
             }
-            Route::Upload { method: UploadMethod::Patch, id, .. } => {
+            Route::Upload {
+                method: UploadMethod::Patch,
+                id,
+                ..
+            } => {
                 let record = UploadRecord::load(&SharedData, &id, &repository)?;
                 let start = host::header(MapType::HttpRequestHeaders, "content-range")
                     .and_then(|v| distribution::content_range_start(&v));
@@ -144,7 +184,12 @@ impl Gateway {
                 }));
                 Ok(Action::Continue)
             }
-            Route::Upload { method: UploadMethod::Put, id, digest, .. } => {
+            Route::Upload {
+                method: UploadMethod::Put,
+                id,
+                digest,
+                ..
+            } => {
                 let client_digest = parse_client_digest(digest.as_deref().unwrap_or(""))?;
                 let recipients = Self::recipients(config, &repository)?;
                 let record = UploadRecord::load(&SharedData, &id, &repository)?;
@@ -156,29 +201,43 @@ impl Gateway {
                         .and_then(|v| distribution::content_range_start(&v));
                     let stream = ChunkStream::new(record, start)?;
                     let new_path = distribution::rewrite_query(&path, &["digest"], &[]);
-                    host::set_header(MapType::HttpRequestHeaders, ":method", Some("PATCH"))?;
-                    host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
+                    patch_request(&new_path)?;
                     self.flow = Flow::Chunk(Box::new(ChunkFlow {
                         repository,
                         upload_id: Some(id),
                         stream: Some(stream),
-                        finish: Some(Finish { client_digest, completion: None }),
+                        finish: Some(Finish {
+                            client_digest,
+                            completion: None,
+                        }),
                     }));
                 } else {
-                    let completion = upload::complete(record, client_digest, &recipients, &mut OsRng)?;
+                    let completion =
+                        upload::complete(record, client_digest, &recipients, &mut OsRng)?;
                     let stored = completion.stored_digest.to_string();
-                    let new_path = distribution::rewrite_query(&path, &["digest"], &[("digest", &stored)]);
+                    let new_path =
+                        distribution::rewrite_query(&path, &["digest"], &[("digest", &stored)]);
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
                     SharedData.set(&upload::record_key(&id), &[])?;
-                    self.flow = Flow::Finishing { repository, completion };
+                    self.flow = Flow::Finishing {
+                        repository,
+                        completion,
+                    };
                 }
                 Ok(Action::Continue)
             }
-            Route::Upload { method: UploadMethod::Delete, id, .. } => {
+            Route::Upload {
+                method: UploadMethod::Delete,
+                id,
+                ..
+            } => {
                 SharedData.set(&upload::record_key(&id), &[])?;
                 Ok(Action::Continue)
             }
-            Route::Upload { method: UploadMethod::Get, .. } => Ok(Action::Continue),
+            Route::Upload {
+                method: UploadMethod::Get,
+                ..
+            } => Ok(Action::Continue),
             Route::ManifestPut { reference, .. } => {
                 if reference.starts_with("sha256:") {
                     return Err(OciError::new(
@@ -190,21 +249,34 @@ impl Gateway {
                     ));
                 }
                 if !has_body {
-                    return Err(OciError::new(Code::ManifestInvalid, "manifest PUT without a body"));
+                    return Err(OciError::new(
+                        Code::ManifestInvalid,
+                        "manifest PUT without a body",
+                    ));
                 }
                 let limit = config.max_manifest_bytes;
-                if let Some(len) = host::header(MapType::HttpRequestHeaders, "content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
+                if let Some(len) = host::header(MapType::HttpRequestHeaders, "content-length")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                {
                     if len > limit {
                         return Err(too_large(len, limit));
                     }
                 }
-                let content_type = host::header(MapType::HttpRequestHeaders, "content-type").unwrap_or_default();
+                let content_type =
+                    host::header(MapType::HttpRequestHeaders, "content-type").unwrap_or_default();
                 let stored_type = manifest::stored_content_type(&content_type).to_string();
-                host::set_header(MapType::HttpRequestHeaders, "content-type", Some(&stored_type))?;
+                host::set_header(
+                    MapType::HttpRequestHeaders,
+                    "content-type",
+                    Some(&stored_type),
+                )?;
                 // The rewritten body has another length; without Content-Length Envoy streams
                 // it chunked to the registry.
                 host::set_header(MapType::HttpRequestHeaders, "content-length", None)?;
-                self.flow = Flow::Manifest { repository, content_type };
+                self.flow = Flow::Manifest {
+                    repository,
+                    content_type,
+                };
                 Ok(Action::Continue)
             }
             Route::Other => Ok(Action::Continue),
@@ -212,19 +284,43 @@ impl Gateway {
     }
 
     fn callout_headers<'a>(&'a self, method: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
-        let mut headers = vec![(":method", method), (":path", path), (":authority", self.authority.as_str()), ("content-length", "0")];
+        let mut headers = vec![
+            (":method", method),
+            (":path", path),
+            (":authority", self.authority.as_str()),
+            ("content-length", "0"),
+        ];
         if let Some(auth) = &self.authorization {
             headers.push(("authorization", auth.as_str()));
         }
         headers
     }
 
-    fn open_session(&mut self, config: &Config, repository: &str, client_digest: Digest) -> Result<(), OciError> {
+    fn open_session(
+        &mut self,
+        config: &Config,
+        repository: &str,
+        client_digest: Digest,
+    ) -> Result<(), OciError> {
         let path = format!("/v2/{repository}/blobs/uploads/");
         let headers = self.callout_headers("POST", &path);
-        hostcalls::dispatch_http_call(&config.registry.cluster, headers, None, vec![], Duration::from_millis(config.registry.timeout_ms))
-            .map_err(|_| OciError::new(Code::Unavailable, "could not reach the registry to open an upload session"))?;
-        self.flow = Flow::OpeningSession { repository: repository.to_string(), client_digest };
+        hostcalls::dispatch_http_call(
+            &config.registry.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(config.registry.timeout_ms),
+        )
+        .map_err(|_| {
+            OciError::new(
+                Code::Unavailable,
+                "could not reach the registry to open an upload session",
+            )
+        })?;
+        self.flow = Flow::OpeningSession {
+            repository: repository.to_string(),
+            client_digest,
+        };
         Ok(())
     }
 
@@ -235,8 +331,12 @@ impl Gateway {
             }
             _ => None,
         };
-        let Flow::Chunk(flow) = &mut self.flow else { return Ok(Action::Continue) };
-        let Some(stream) = flow.stream.as_mut() else { return Ok(Action::Continue) };
+        let Flow::Chunk(flow) = &mut self.flow else {
+            return Ok(Action::Continue);
+        };
+        let Some(stream) = flow.stream.as_mut() else {
+            return Ok(Action::Continue);
+        };
         let mut buf = host::body(BufferType::HttpRequestBody, body_size)?;
         match stream.on_body(&mut buf, end_of_stream, &mut OsRng) {
             BodyVerdict::NeedMore => return Ok(Action::Pause),
@@ -246,7 +346,12 @@ impl Gateway {
         if end_of_stream {
             if let (Some(finish), Some(recipients)) = (flow.finish.as_mut(), recipients) {
                 if let Some(stream) = flow.stream.take() {
-                    let completion = upload::complete(stream.into_record(), finish.client_digest, &recipients, &mut OsRng)?;
+                    let completion = upload::complete(
+                        stream.into_record(),
+                        finish.client_digest,
+                        &recipients,
+                        &mut OsRng,
+                    )?;
                     finish.completion = Some(completion);
                 }
             }
@@ -254,7 +359,11 @@ impl Gateway {
         Ok(Action::Continue)
     }
 
-    fn on_manifest_body(&mut self, body_size: usize, end_of_stream: bool) -> Result<Action, OciError> {
+    fn on_manifest_body(
+        &mut self,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Result<Action, OciError> {
         let limit = self.config.as_ref().map_or(0, |c| c.max_manifest_bytes);
         if body_size > limit {
             return Err(too_large(body_size, limit));
@@ -262,17 +371,30 @@ impl Gateway {
         if !end_of_stream {
             return Ok(Action::Pause);
         }
-        let Flow::Manifest { repository, content_type } = &self.flow else { return Ok(Action::Continue) };
+        let Flow::Manifest {
+            repository,
+            content_type,
+        } = &self.flow
+        else {
+            return Ok(Action::Continue);
+        };
         let body = host::body(BufferType::HttpRequestBody, body_size)?;
         let repo = repository.clone();
         let lookup = |d: &Digest| -> Option<LedgerEntry> {
-            SharedData.get(&ledger::key(&repo, d)).and_then(|b| LedgerEntry::from_bytes(&b))
+            SharedData
+                .get(&ledger::key(&repo, d))
+                .and_then(|b| LedgerEntry::from_bytes(&b))
         };
         let rewritten = manifest::rewrite(&body, content_type, &lookup).map_err(|e| e.to_oci())?;
         host::set_body(BufferType::HttpRequestBody, body_size, &rewritten.body)?;
         self.log(
             LogLevel::Info,
-            &format!("{repo}: manifest rewritten ({} encrypted layers, {} bytes, stored as {})", rewritten.encrypted_layers, rewritten.body.len(), Digest::of(&rewritten.body)),
+            &format!(
+                "{repo}: manifest rewritten ({} encrypted layers, {} bytes, stored as {})",
+                rewritten.encrypted_layers,
+                rewritten.body.len(),
+                Digest::of(&rewritten.body)
+            ),
         );
         Ok(Action::Continue)
     }
@@ -280,15 +402,25 @@ impl Gateway {
     /// Records an encrypted blob and makes the answer speak of the client's digest.
     fn commit(&self, repository: &str, completion: &Completion) -> Result<(), OciError> {
         if let Some(entry) = &completion.ledger {
-            SharedData.set(&ledger::key(repository, &completion.client_digest), &entry.to_bytes())?;
+            SharedData.set(
+                &ledger::key(repository, &completion.client_digest),
+                &entry.to_bytes(),
+            )?;
             self.log(
                 LogLevel::Info,
-                &format!("{repository}: blob {} stored encrypted as {} ({} bytes)", completion.client_digest, entry.encrypted_digest, entry.size),
+                &format!(
+                    "{repository}: blob {} stored encrypted as {} ({} bytes)",
+                    completion.client_digest, entry.encrypted_digest, entry.size
+                ),
             );
         }
         let location = format!("/v2/{repository}/blobs/{}", completion.client_digest);
         let digest = completion.client_digest.to_string();
-        host::set_header(MapType::HttpResponseHeaders, "docker-content-digest", Some(&digest))?;
+        host::set_header(
+            MapType::HttpResponseHeaders,
+            "docker-content-digest",
+            Some(&digest),
+        )?;
         host::set_header(MapType::HttpResponseHeaders, "location", Some(&location))?;
         Ok(())
     }
@@ -299,7 +431,8 @@ impl Gateway {
             Flow::Chunk(flow) if flow.finish.is_none() => {
                 if status == "202" {
                     if let (Some(id), Some(stream)) = (flow.upload_id, flow.stream) {
-                        SharedData.set(&upload::record_key(&id), &stream.into_record().to_bytes())?;
+                        SharedData
+                            .set(&upload::record_key(&id), &stream.into_record().to_bytes())?;
                     }
                 }
                 Ok(Action::Continue)
@@ -313,21 +446,47 @@ impl Gateway {
                 }
                 let location = host::header(MapType::HttpResponseHeaders, "location")
                     .and_then(|l| distribution::location_path(&l))
-                    .ok_or_else(|| OciError::new(Code::Unknown, "the registry answered the upload without a Location"))?;
+                    .ok_or_else(|| {
+                        OciError::new(
+                            Code::Unknown,
+                            "the registry answered the upload without a Location",
+                        )
+                    })?;
                 let stored = completion.stored_digest.to_string();
-                let path = distribution::rewrite_query(&location, &["digest"], &[("digest", &stored)]);
-                let config = self.config.clone().ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
+                let path =
+                    distribution::rewrite_query(&location, &["digest"], &[("digest", &stored)]);
+                let config = self
+                    .config
+                    .clone()
+                    .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
                 let headers = self.callout_headers("PUT", &path);
-                hostcalls::dispatch_http_call(&config.registry.cluster, headers, None, vec![], Duration::from_millis(config.registry.timeout_ms))
-                    .map_err(|_| OciError::new(Code::Unavailable, "could not reach the registry to finish the upload; nothing was stored"))?;
+                hostcalls::dispatch_http_call(
+                    &config.registry.cluster,
+                    headers,
+                    None,
+                    vec![],
+                    Duration::from_millis(config.registry.timeout_ms),
+                )
+                .map_err(|_| {
+                    OciError::new(
+                        Code::Unavailable,
+                        "could not reach the registry to finish the upload; nothing was stored",
+                    )
+                })?;
                 if let Some(id) = flow.upload_id {
                     SharedData.set(&upload::record_key(&id), &[])?;
                 }
-                self.flow = Flow::Finishing { repository: flow.repository, completion };
+                self.flow = Flow::Finishing {
+                    repository: flow.repository,
+                    completion,
+                };
                 // Held until the finishing PUT answers; then turned into the client's 201.
                 Ok(Action::Pause)
             }
-            Flow::Finishing { repository, completion } => {
+            Flow::Finishing {
+                repository,
+                completion,
+            } => {
                 if status == "201" {
                     self.commit(&repository, &completion)?;
                 }
@@ -340,30 +499,49 @@ impl Gateway {
     fn on_callout(&mut self, num_headers: usize) -> Result<(), OciError> {
         let _ = num_headers;
         let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
-        let get = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
         let status = get(":status").unwrap_or_else(|| "503".to_string());
         match std::mem::replace(&mut self.flow, Flow::Pass) {
-            Flow::OpeningSession { repository, client_digest } => {
+            Flow::OpeningSession {
+                repository,
+                client_digest,
+            } => {
                 if status != "202" {
                     return Err(registry_refusal("open an upload session", &status));
                 }
                 let location = get("location")
                     .and_then(|l| distribution::location_path(&l))
-                    .ok_or_else(|| OciError::new(Code::Unknown, "the registry opened a session without a Location"))?;
+                    .ok_or_else(|| {
+                        OciError::new(
+                            Code::Unknown,
+                            "the registry opened a session without a Location",
+                        )
+                    })?;
                 let id = distribution::upload_id_of_location(&location);
-                host::set_header(MapType::HttpRequestHeaders, ":method", Some("PATCH"))?;
-                host::set_header(MapType::HttpRequestHeaders, ":path", Some(&location))?;
+                patch_request(&location)?;
                 let stream = ChunkStream::new(UploadRecord::new(&repository), None)?;
                 self.flow = Flow::Chunk(Box::new(ChunkFlow {
                     repository,
                     upload_id: id,
                     stream: Some(stream),
-                    finish: Some(Finish { client_digest, completion: None }),
+                    finish: Some(Finish {
+                        client_digest,
+                        completion: None,
+                    }),
                 }));
-                hostcalls::resume_http_request().map_err(|_| OciError::new(Code::Unknown, "could not resume the request"))?;
+                hostcalls::resume_http_request()
+                    .map_err(|_| OciError::new(Code::Unknown, "could not resume the request"))?;
                 Ok(())
             }
-            Flow::Finishing { repository, completion } => {
+            Flow::Finishing {
+                repository,
+                completion,
+            } => {
                 if status != "201" {
                     return Err(registry_refusal("commit the encrypted blob", &status));
                 }
@@ -372,7 +550,8 @@ impl Gateway {
                 host::set_header(MapType::HttpResponseHeaders, "docker-upload-uuid", None)?;
                 host::set_header(MapType::HttpResponseHeaders, "content-length", Some("0"))?;
                 self.commit(&repository, &completion)?;
-                hostcalls::resume_http_response().map_err(|_| OciError::new(Code::Unknown, "could not resume the response"))?;
+                hostcalls::resume_http_response()
+                    .map_err(|_| OciError::new(Code::Unknown, "could not resume the response"))?;
                 Ok(())
             }
             other => {
@@ -381,6 +560,18 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Turns the request into a `PATCH` of the upload session at `path`. Distribution refuses a
+/// PATCH whose Content-Type is not octet-stream (curl and some clients send form types).
+fn patch_request(path: &str) -> Result<(), OciError> {
+    host::set_header(MapType::HttpRequestHeaders, ":method", Some("PATCH"))?;
+    host::set_header(MapType::HttpRequestHeaders, ":path", Some(path))?;
+    host::set_header(
+        MapType::HttpRequestHeaders,
+        "content-type",
+        Some("application/octet-stream"),
+    )
 }
 
 fn parse_client_digest(value: &str) -> Result<Digest, OciError> {
@@ -399,11 +590,22 @@ fn registry_refusal(what: &str, status: &str) -> OciError {
         "401" | "403" => Code::Denied,
         _ => Code::Unavailable,
     };
-    OciError::new(code, format!("the registry answered {status} when the gateway tried to {what}; nothing was stored"))
+    OciError::new(
+        code,
+        format!(
+            "the registry answered {status} when the gateway tried to {what}; nothing was stored"
+        ),
+    )
 }
 
 impl Context for Gateway {
-    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        num_headers: usize,
+        _body_size: usize,
+        _num_trailers: usize,
+    ) {
         if let Err(e) = self.on_callout(num_headers) {
             self.refuse(&e);
         }
@@ -414,7 +616,10 @@ impl HttpContext for Gateway {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(config) = self.config.clone() else {
             // Envoy only creates streams after a successful on_configure; refuse if not.
-            return self.refuse(&OciError::new(Code::Unavailable, "the gateway has no valid configuration"));
+            return self.refuse(&OciError::new(
+                Code::Unavailable,
+                "the gateway has no valid configuration",
+            ));
         };
         match self.on_request_line(&config, end_of_stream) {
             Ok(action) => action,

@@ -11,7 +11,10 @@ pub fn log(level: LogLevel, msg: &str) {
 }
 
 fn host_error(what: &str) -> OciError {
-    OciError::new(Code::Unknown, format!("gateway host call failed ({what}); nothing was stored, retry"))
+    OciError::new(
+        Code::Unknown,
+        format!("gateway host call failed ({what}); nothing was stored, retry"),
+    )
 }
 
 /// A request or response header.
@@ -46,7 +49,10 @@ pub fn reply_error(err: &OciError) {
     let body = err.body();
     let _ = hostcalls::send_http_response(
         u32::from(err.status()),
-        vec![("content-type", "application/json"), ("x-ocicrypt-filter", "refused")],
+        vec![
+            ("content-type", "application/json"),
+            ("x-ocicrypt-filter", "refused"),
+        ],
         Some(&body),
     );
 }

@@ -400,3 +400,10 @@ def push_oras_chunked(stack, secret_image) -> Push:
 
 PUSH_FIXTURES = ["push_skopeo", "push_skopeo_gz", "push_ctr", "push_ctr_index",
                  "push_oras_mono", "push_oras_chunked"]
+
+
+@pytest.fixture(scope="session")
+def plain_app(stack, plain_image) -> Image:
+    """plain_image pushed by skopeo (--preserve-digests) to plain/app through the filter."""
+    helpers.skopeo_push(plain_image, f"{stack.addr}/plain/app:v1", extra=["--preserve-digests"])
+    return plain_image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import helpers
-from conftest import AUTH, oras_push
+from conftest import AUTH, Push, attempt_push, oras_push
 
 pytestmark = [pytest.mark.filter, pytest.mark.auth, pytest.mark.clients]
 
@@ -36,30 +36,47 @@ def test_unauthenticated_push_is_refused(auth_stack, auth_image):
     assert helpers.oci_error_codes(r) == ["UNAUTHORIZED"]
 
 
-def test_skopeo_with_credentials(auth_stack, auth_image, tmp_path):
-    helpers.skopeo_push(auth_image, f"{auth_stack.addr}/demo/app:v1", creds=AUTH,
-                        extra=["--preserve-digests"])
-    _check_encrypted_and_decrypts(auth_stack, "demo/app", auth_image, tmp_path)
+@pytest.fixture(scope="session")
+def auth_push_skopeo(auth_stack, auth_image) -> Push:
+    return attempt_push(auth_stack, "skopeo", "demo/app", auth_image, True,
+                        lambda p: helpers.skopeo_push(auth_image, f"{auth_stack.addr}/{p.ref}",
+                                                      creds=AUTH, extra=["--preserve-digests"]))
 
 
-def test_ctr_with_credentials(auth_stack, containerd, auth_image, tmp_path):
+@pytest.fixture(scope="session")
+def auth_push_ctr(auth_stack, containerd, auth_image) -> Push:
     ref = containerd.import_image(auth_image, "e2e.local/auth")
-    containerd.push(ref, f"{auth_stack.addr}/demo/ctr:v1", creds=AUTH)
-    _check_encrypted_and_decrypts(auth_stack, "demo/ctr", auth_image, tmp_path)
+    return attempt_push(auth_stack, "ctr", "demo/ctr", auth_image, True,
+                        lambda p: containerd.push(ref, f"{auth_stack.addr}/{p.ref}", creds=AUTH))
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["monolithic", "chunked"])
-def test_oras_with_credentials(auth_stack, auth_image, chunked, tmp_path):
-    repo = f"demo/oras-{'chunked' if chunked else 'mono'}"
-    oras_push(auth_image, auth_stack.addr, f"{repo}:v1", chunked=chunked, creds=AUTH,
-              chunk_size=4 * helpers.MIB)
-    _check_encrypted_and_decrypts(auth_stack, repo, auth_image, tmp_path)
+@pytest.fixture(scope="session", params=[False, True], ids=["monolithic", "chunked"])
+def auth_push_oras(request, auth_stack, auth_image) -> Push:
+    chunked = request.param
+    return attempt_push(auth_stack, "oras", f"demo/oras-{'chunked' if chunked else 'mono'}",
+                        auth_image, True,
+                        lambda p: oras_push(auth_image, auth_stack.addr, p.ref, chunked=chunked,
+                                            creds=AUTH, chunk_size=4 * helpers.MIB))
 
 
-def test_no_plaintext_in_auth_registry_storage(auth_stack, auth_image, request):
-    for name in ("test_skopeo_with_credentials", "test_ctr_with_credentials"):
-        pass  # ordering: this module's pushes run before this test (file order)
-    assert helpers.registry_blob_path(auth_stack.storage, auth_image.config.digest).exists(), \
+def test_skopeo_with_credentials(auth_stack, auth_push_skopeo, tmp_path):
+    auth_push_skopeo.check()
+    _check_encrypted_and_decrypts(auth_stack, "demo/app", auth_push_skopeo.image, tmp_path)
+
+
+def test_ctr_with_credentials(auth_stack, auth_push_ctr, tmp_path):
+    auth_push_ctr.check()
+    _check_encrypted_and_decrypts(auth_stack, "demo/ctr", auth_push_ctr.image, tmp_path)
+
+
+def test_oras_with_credentials(auth_stack, auth_push_oras, tmp_path):
+    auth_push_oras.check()
+    _check_encrypted_and_decrypts(auth_stack, auth_push_oras.repo, auth_push_oras.image, tmp_path)
+
+
+def test_no_plaintext_in_auth_registry_storage(auth_stack, auth_image, auth_push_skopeo,
+                                               auth_push_ctr):
+    assert auth_push_skopeo.error is None or auth_push_ctr.error is None, \
         "nothing was pushed to the auth stack: the scan would prove nothing"
     hits = helpers.scan_for(auth_stack.storage, [auth_image.marker.encode()])
     assert not hits, f"plaintext marker in registry storage: {hits}"

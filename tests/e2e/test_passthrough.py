@@ -10,13 +10,6 @@ from conftest import oras_push
 pytestmark = [pytest.mark.filter, pytest.mark.clients]
 
 
-@pytest.fixture(scope="session")
-def plain_app(stack, plain_image):
-    """plain_image pushed by skopeo (--preserve-digests) to plain/app through the filter."""
-    helpers.skopeo_push(plain_image, f"{stack.addr}/plain/app:v1", extra=["--preserve-digests"])
-    return plain_image
-
-
 def test_skopeo_plain_push_keeps_digests(stack, plain_app):
     direct = stack.direct()
     r = direct.get_manifest("plain/app", "v1")

@@ -126,10 +126,9 @@ fn rsplit_marker(rest: &str, marker: &str) -> Option<(String, String)> {
     let idx = rest.rfind(marker)?;
     let repository = rest.get(..idx)?;
     let tail = rest.get(idx + marker.len()..)?;
-    if marker.ends_with('/') || tail.is_empty() || tail.starts_with('/') {
-        if is_repository_name(repository) {
-            return Some((repository.to_string(), tail.to_string()));
-        }
+    let boundary = marker.ends_with('/') || tail.is_empty() || tail.starts_with('/');
+    if boundary && is_repository_name(repository) {
+        return Some((repository.to_string(), tail.to_string()));
     }
     None
 }

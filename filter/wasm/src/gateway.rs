@@ -17,6 +17,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use rand_core::OsRng;
 
 use crate::host::{self, SharedData};
+use crate::metrics::Metrics;
 
 /// What the stream is doing.
 enum Flow {
@@ -45,6 +46,8 @@ enum Flow {
 
 struct ChunkFlow {
     repository: String,
+    /// The session had saved state before this request (for the in-flight gauge).
+    had_state: bool,
     upload_id: Option<String>,
     stream: Option<ChunkStream>,
     /// Set when the client meant to finish the blob with this request (monolithic upload).
@@ -60,6 +63,9 @@ struct Finish {
 pub struct Gateway {
     id: u32,
     config: Option<Rc<Config>>,
+    metrics: Rc<Metrics>,
+    /// `METHOD path` of the request, for log lines.
+    request: String,
     flow: Flow,
     authority: String,
     authorization: Option<String>,
@@ -67,10 +73,12 @@ pub struct Gateway {
 
 impl Gateway {
     /// A stream context of worker VM configuration `config`.
-    pub fn new(id: u32, config: Option<Rc<Config>>) -> Self {
+    pub fn new(id: u32, config: Option<Rc<Config>>, metrics: Rc<Metrics>) -> Self {
         Gateway {
             id,
             config,
+            metrics,
+            request: String::new(),
             flow: Flow::Pass,
             authority: String::new(),
             authorization: None,
@@ -82,7 +90,9 @@ impl Gateway {
     }
 
     fn refuse(&mut self, err: &OciError) -> Action {
-        self.log(LogLevel::Warn, &format!("refused: {err}"));
+        // One line per refusal: the request (repository and digest are in it) and the reason.
+        self.log(LogLevel::Warn, &format!("refused {}: {err}", self.request));
+        self.metrics.refused(err.code);
         host::reply_error(err);
         self.flow = Flow::Refused;
         Action::Pause
@@ -111,6 +121,11 @@ impl Gateway {
         let method = host::header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
         let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
         let route = distribution::route(&method, &path);
+        // Drop distribution's `_state` (an opaque, signed blob) from log lines.
+        self.request = format!(
+            "{method} {}",
+            distribution::rewrite_query(&path, &["_state"], &[])
+        );
         let repository = match &route {
             Route::UploadStart { repository, .. }
             | Route::Upload { repository, .. }
@@ -136,7 +151,7 @@ impl Gateway {
         self.authorization = host::header(MapType::HttpRequestHeaders, "authorization");
         let has_body = !end_of_stream
             && host::header(MapType::HttpRequestHeaders, "content-length")
-                .map_or(true, |v| v.trim() != "0");
+                .is_none_or(|v| v.trim() != "0");
 
         match route {
             Route::UploadStart { digest, mount, .. } => {
@@ -150,6 +165,7 @@ impl Gateway {
                         LogLevel::Info,
                         &format!("{repository}: cross-repository mount turned into an upload"),
                     );
+                    self.metrics.mount_rewritten();
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
                 }
                 match digest {
@@ -172,12 +188,14 @@ impl Gateway {
                 id,
                 ..
             } => {
+                let had_state = has_state(&id);
                 let record = UploadRecord::load(&SharedData, &id, &repository)?;
                 let start = host::header(MapType::HttpRequestHeaders, "content-range")
                     .and_then(|v| distribution::content_range_start(&v));
                 let stream = ChunkStream::new(record, start)?;
                 self.flow = Flow::Chunk(Box::new(ChunkFlow {
                     repository,
+                    had_state,
                     upload_id: Some(id),
                     stream: Some(stream),
                     finish: None,
@@ -192,6 +210,7 @@ impl Gateway {
             } => {
                 let client_digest = parse_client_digest(digest.as_deref().unwrap_or(""))?;
                 let recipients = Self::recipients(config, &repository)?;
+                let had_state = has_state(&id);
                 let record = UploadRecord::load(&SharedData, &id, &repository)?;
                 if has_body {
                     // The digest in the request line must become the ciphertext's, which is
@@ -204,6 +223,7 @@ impl Gateway {
                     patch_request(&new_path)?;
                     self.flow = Flow::Chunk(Box::new(ChunkFlow {
                         repository,
+                        had_state,
                         upload_id: Some(id),
                         stream: Some(stream),
                         finish: Some(Finish {
@@ -218,7 +238,7 @@ impl Gateway {
                     let new_path =
                         distribution::rewrite_query(&path, &["digest"], &[("digest", &stored)]);
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
-                    SharedData.set(&upload::record_key(&id), &[])?;
+                    self.drop_state(&id, had_state)?;
                     self.flow = Flow::Finishing {
                         repository,
                         completion,
@@ -231,7 +251,7 @@ impl Gateway {
                 id,
                 ..
             } => {
-                SharedData.set(&upload::record_key(&id), &[])?;
+                self.drop_state(&id, has_state(&id))?;
                 Ok(Action::Continue)
             }
             Route::Upload {
@@ -387,6 +407,7 @@ impl Gateway {
         };
         let rewritten = manifest::rewrite(&body, content_type, &lookup).map_err(|e| e.to_oci())?;
         host::set_body(BufferType::HttpRequestBody, body_size, &rewritten.body)?;
+        self.metrics.manifest_rewritten();
         self.log(
             LogLevel::Info,
             &format!(
@@ -397,6 +418,14 @@ impl Gateway {
             ),
         );
         Ok(Action::Continue)
+    }
+
+    fn drop_state(&self, upload_id: &str, had_state: bool) -> Result<(), OciError> {
+        if had_state {
+            SharedData.set(&upload::record_key(upload_id), &[])?;
+            self.metrics.upload_state(-1);
+        }
+        Ok(())
     }
 
     /// Records an encrypted blob and makes the answer speak of the client's digest.
@@ -413,6 +442,9 @@ impl Gateway {
                     completion.client_digest, entry.encrypted_digest, entry.size
                 ),
             );
+            self.metrics.layer_encrypted(entry.size);
+        } else {
+            self.metrics.blob_passed();
         }
         let location = format!("/v2/{repository}/blobs/{}", completion.client_digest);
         let digest = completion.client_digest.to_string();
@@ -433,6 +465,9 @@ impl Gateway {
                     if let (Some(id), Some(stream)) = (flow.upload_id, flow.stream) {
                         SharedData
                             .set(&upload::record_key(&id), &stream.into_record().to_bytes())?;
+                        if !flow.had_state {
+                            self.metrics.upload_state(1);
+                        }
                     }
                 }
                 Ok(Action::Continue)
@@ -473,8 +508,8 @@ impl Gateway {
                         "could not reach the registry to finish the upload; nothing was stored",
                     )
                 })?;
-                if let Some(id) = flow.upload_id {
-                    SharedData.set(&upload::record_key(&id), &[])?;
+                if let Some(id) = &flow.upload_id {
+                    self.drop_state(id, flow.had_state)?;
                 }
                 self.flow = Flow::Finishing {
                     repository: flow.repository,
@@ -527,6 +562,7 @@ impl Gateway {
                 let stream = ChunkStream::new(UploadRecord::new(&repository), None)?;
                 self.flow = Flow::Chunk(Box::new(ChunkFlow {
                     repository,
+                    had_state: false,
                     upload_id: id,
                     stream: Some(stream),
                     finish: Some(Finish {
@@ -572,6 +608,12 @@ fn patch_request(path: &str) -> Result<(), OciError> {
         "content-type",
         Some("application/octet-stream"),
     )
+}
+
+fn has_state(upload_id: &str) -> bool {
+    SharedData
+        .get(&upload::record_key(upload_id))
+        .is_some_and(|v| !v.is_empty())
 }
 
 fn parse_client_digest(value: &str) -> Result<Digest, OciError> {

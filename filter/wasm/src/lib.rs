@@ -13,6 +13,7 @@
 
 mod gateway;
 mod host;
+mod metrics;
 
 use std::rc::Rc;
 
@@ -26,13 +27,14 @@ mod entry {
     use super::*;
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Info);
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: Rc::new(metrics::Metrics::default()) }) });
     }}
 }
 
 /// One per worker VM: holds the compiled configuration shared by the worker's streams.
 struct Root {
     config: Option<Rc<Config>>,
+    metrics: Rc<metrics::Metrics>,
 }
 
 impl Context for Root {}
@@ -54,6 +56,7 @@ impl RootContext for Root {
             Ok(config) => {
                 host::log(LogLevel::Info, "ocicrypt-filter: configuration loaded");
                 self.config = Some(Rc::new(config));
+                self.metrics = Rc::new(metrics::Metrics::define());
                 true
             }
             Err(e) => {
@@ -70,6 +73,7 @@ impl RootContext for Root {
         Some(Box::new(gateway::Gateway::new(
             context_id,
             self.config.clone(),
+            self.metrics.clone(),
         )))
     }
 

@@ -1,0 +1,107 @@
+//! The filter's Envoy stats. Every worker VM defines the same names, and Envoy keeps one stat per
+//! name, so counters and gauges add up across workers. Envoy prefixes them `wasmcustom.`
+//! (`wasmcustom_ocicrypt_…` on `/stats/prometheus`).
+use ocicrypt_core::error::Code;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+/// Ids of the defined metrics (0 when a definition failed: updates then fail quietly).
+#[derive(Default)]
+pub struct Metrics {
+    layers_encrypted: u32,
+    bytes_encrypted: u32,
+    blobs_passed: u32,
+    manifests_rewritten: u32,
+    mounts_rewritten: u32,
+    uploads_in_flight: u32,
+    layer_size: u32,
+    refusals: Vec<(Code, u32)>,
+}
+
+const REFUSAL_CODES: [Code; 9] = [
+    Code::DigestInvalid,
+    Code::ManifestInvalid,
+    Code::BlobUploadInvalid,
+    Code::BlobUploadUnknown,
+    Code::SizeInvalid,
+    Code::Denied,
+    Code::Unsupported,
+    Code::Unavailable,
+    Code::Unknown,
+];
+
+fn define(kind: MetricType, name: &str) -> u32 {
+    hostcalls::define_metric(kind, name).unwrap_or(0)
+}
+
+impl Metrics {
+    /// Defines every metric of the filter.
+    pub fn define() -> Self {
+        Metrics {
+            layers_encrypted: define(MetricType::Counter, "ocicrypt.layers_encrypted"),
+            bytes_encrypted: define(MetricType::Counter, "ocicrypt.bytes_encrypted"),
+            blobs_passed: define(MetricType::Counter, "ocicrypt.json_blobs_passed"),
+            manifests_rewritten: define(MetricType::Counter, "ocicrypt.manifests_rewritten"),
+            mounts_rewritten: define(MetricType::Counter, "ocicrypt.mounts_rewritten"),
+            uploads_in_flight: define(MetricType::Gauge, "ocicrypt.uploads_in_flight"),
+            layer_size: define(MetricType::Histogram, "ocicrypt.layer_bytes"),
+            refusals: REFUSAL_CODES
+                .iter()
+                .map(|c| {
+                    (
+                        *c,
+                        define(
+                            MetricType::Counter,
+                            &format!("ocicrypt.refusals.{}", c.as_str().to_ascii_lowercase()),
+                        ),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn add(id: u32, n: i64) {
+        if id != 0 {
+            let _ = hostcalls::increment_metric(id, n);
+        }
+    }
+
+    /// A blob was committed encrypted.
+    pub fn layer_encrypted(&self, size: u64) {
+        Self::add(self.layers_encrypted, 1);
+        Self::add(
+            self.bytes_encrypted,
+            i64::try_from(size).unwrap_or(i64::MAX),
+        );
+        if self.layer_size != 0 {
+            let _ = hostcalls::record_metric(self.layer_size, size);
+        }
+    }
+
+    /// A JSON blob was committed as pushed.
+    pub fn blob_passed(&self) {
+        Self::add(self.blobs_passed, 1);
+    }
+
+    /// A manifest was rewritten.
+    pub fn manifest_rewritten(&self) {
+        Self::add(self.manifests_rewritten, 1);
+    }
+
+    /// A cross-repository mount was turned into an upload.
+    pub fn mount_rewritten(&self) {
+        Self::add(self.mounts_rewritten, 1);
+    }
+
+    /// An upload session got (`+1`) or dropped (`-1`) its saved state.
+    pub fn upload_state(&self, delta: i64) {
+        Self::add(self.uploads_in_flight, delta);
+    }
+
+    /// A request was refused.
+    pub fn refused(&self, code: Code) {
+        if let Some((_, id)) = self.refusals.iter().find(|(c, _)| *c == code) {
+            Self::add(*id, 1);
+        }
+    }
+}

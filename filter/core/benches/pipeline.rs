@@ -1,0 +1,105 @@
+//! Throughput of the layer cipher and its parts, in MB/s (10^6 bytes per second).
+//!
+//!     cargo bench -p ocicrypt-filter-core --bench pipeline [-- FILTER] [--quick]
+//!     scripts/bench-micro            # the same natively and as wasm under Node (V8)
+//!
+//! A plain harness (no criterion) so the very same binary builds for `wasm32-wasip1` and runs
+//! under a WASI host. Each case runs for about a second and reports the best of five rounds.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
+use aes::cipher::{KeyIvInit, StreamCipher};
+use ocicrypt_core::blockcipher::LayerEncryptor;
+use ocicrypt_core::sha256::Sha256State;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1024 * 1024;
+
+struct Bench {
+    filter: Vec<String>,
+    round: Duration,
+}
+
+impl Bench {
+    /// Runs `f` (which processes `bytes` bytes per call) repeatedly and prints MB/s.
+    fn case(&self, name: &str, bytes: usize, mut f: impl FnMut()) {
+        if !self.filter.is_empty() && !self.filter.iter().any(|p| name.contains(p.as_str())) {
+            return;
+        }
+        f(); // warm-up (and JIT tier-up under V8)
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let start = Instant::now();
+            let mut calls = 0u64;
+            while start.elapsed() < self.round {
+                f();
+                calls += 1;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            best = best.max(calls as f64 * bytes as f64 / secs / 1e6);
+        }
+        println!("{name:<44} {best:9.1} MB/s");
+    }
+}
+
+fn main() {
+    let mut filter = Vec::new();
+    let mut round = Duration::from_millis(200);
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--bench" => {}
+            "--quick" => round = Duration::from_millis(50),
+            other if other.starts_with('-') => {}
+            other => filter.push(other.to_string()),
+        }
+    }
+    let b = Bench { filter, round };
+    println!("target: {} ({} bits)", std::env::consts::ARCH, usize::BITS);
+
+    let mut buf = vec![0u8; MIB];
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
+    }
+    let key = [7u8; 32];
+    let nonce = [9u8; 16];
+
+    let mut enc = LayerEncryptor::new(key, nonce);
+    b.case("layer encrypt, 1 MiB chunks", MIB, || {
+        enc.encrypt_in_place(black_box(&mut buf));
+    });
+    let mut enc = LayerEncryptor::new(key, nonce);
+    b.case("layer encrypt, 64 KiB chunks", MIB, || {
+        for chunk in buf.chunks_mut(64 * 1024) {
+            enc.encrypt_in_place(black_box(chunk));
+        }
+    });
+    let mut enc = LayerEncryptor::new(key, nonce);
+    b.case("layer encrypt, 16000-byte chunks (unaligned)", MIB, || {
+        for chunk in buf.chunks_mut(16_000) {
+            enc.encrypt_in_place(black_box(chunk));
+        }
+    });
+
+    let mut ctr = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &nonce.into());
+    b.case("aes-256-ctr (aes crate)", MIB, || {
+        ctr.apply_keystream(black_box(&mut buf));
+    });
+
+    let mut sha = Sha256State::new();
+    b.case("sha-256 x1 (Sha256State)", MIB, || {
+        sha.update(black_box(&buf));
+    });
+    let mut three = [Sha256State::new(), Sha256State::new(), Sha256State::new()];
+    b.case("sha-256 x3 sequential (per input byte)", MIB, || {
+        for s in three.iter_mut() {
+            s.update(black_box(&buf));
+        }
+    });
+    black_box((sha.len(), three[0].len()));
+}

@@ -49,6 +49,28 @@ pub struct RegistryConfig {
     pub timeout_ms: u64,
 }
 
+/// The TUF key service the recipients come from (DESIGN §6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyServiceConfig {
+    /// Envoy cluster of the key service.
+    pub cluster: String,
+    /// `:authority` of the callouts.
+    pub authority: String,
+    /// Path prefix of the TUF metadata (`<prefix>/timestamp.json`, …).
+    pub metadata_path: String,
+    /// Path prefix of the targets (`<prefix>/projects/<p>.json`).
+    pub targets_path: String,
+    /// The pinned `root.json` (exact bytes): the only keys the gateway trusts at first.
+    pub trusted_root: Vec<u8>,
+    /// Seconds between refreshes.
+    pub refresh_seconds: u64,
+    /// Callout timeout in milliseconds.
+    pub timeout_ms: u64,
+    /// Seconds a verified answer may be used after its refresh (defaults to three refresh
+    /// periods): past that, pushes wait for a refresh that succeeds.
+    pub max_age_seconds: u64,
+}
+
 /// The compiled plugin configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -60,6 +82,8 @@ pub struct Config {
     pub projects: BTreeMap<String, Vec<Recipient>>,
     /// Largest manifest body the gateway buffers and rewrites.
     pub max_manifest_bytes: usize,
+    /// Where recipients come from for projects without inline recipients.
+    pub key_service: Option<KeyServiceConfig>,
 }
 
 /// Why the configuration was refused. Each variant carries the field path.
@@ -88,6 +112,14 @@ pub enum ConfigError {
         expected: &'static str,
         /// What it is.
         found: &'static str,
+    },
+    /// The pinned TUF root does not verify against its own keys.
+    #[error("{path}: the pinned root does not verify ({reason}); pin the root.json the key service published (scripts/keyservice pin-root)")]
+    TrustedRoot {
+        /// Field path.
+        path: String,
+        /// Verification error.
+        reason: String,
     },
     /// A number outside its allowed range.
     #[error("{path}: {value} is out of range: use a value from {min} to {max}")]
@@ -186,7 +218,8 @@ impl ConfigError {
             | ConfigError::NoRecipients { path }
             | ConfigError::RecipientForm { path, .. }
             | ConfigError::DuplicateRecipient { path, .. }
-            | ConfigError::Recipient { path, .. } => path,
+            | ConfigError::Recipient { path, .. }
+            | ConfigError::TrustedRoot { path, .. } => path,
         }
     }
 }
@@ -206,6 +239,27 @@ mod raw {
         pub(super) projects: Option<Value>,
         #[serde(default)]
         pub(super) limits: Option<Value>,
+        #[serde(default)]
+        pub(super) key_service: Option<Value>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct KeyService {
+        pub(super) cluster: Value,
+        #[serde(default)]
+        pub(super) authority: Option<Value>,
+        #[serde(default)]
+        pub(super) metadata_path: Option<Value>,
+        #[serde(default)]
+        pub(super) targets_path: Option<Value>,
+        pub(super) trusted_root: Value,
+        #[serde(default)]
+        pub(super) refresh_seconds: Option<Value>,
+        #[serde(default)]
+        pub(super) timeout_ms: Option<Value>,
+        #[serde(default)]
+        pub(super) max_age_seconds: Option<Value>,
     }
 
     #[derive(serde::Deserialize)]
@@ -369,11 +423,16 @@ impl Config {
             Some(value) => compile_limits(value)?,
             None => DEFAULT_MAX_MANIFEST_BYTES,
         };
+        let key_service = match top.key_service {
+            Some(value) => Some(compile_key_service(value)?),
+            None => None,
+        };
         Ok(Config {
             registry,
             policy,
             projects,
             max_manifest_bytes,
+            key_service,
         })
     }
 
@@ -450,7 +509,77 @@ fn compile_projects(value: Value) -> Result<BTreeMap<String, Vec<Recipient>>, Co
     Ok(projects)
 }
 
-fn compile_recipients(value: Value, path: &str) -> Result<Vec<Recipient>, ConfigError> {
+fn compile_key_service(value: Value) -> Result<KeyServiceConfig, ConfigError> {
+    let ks: raw::KeyService = object(value, "key_service")?;
+    let cluster = string(ks.cluster, "key_service.cluster")?;
+    if cluster.trim().is_empty() {
+        return Err(ConfigError::Empty {
+            path: "key_service.cluster".to_string(),
+            hint: "name the Envoy cluster that reaches the key service (e.g. \"keyservice\")",
+        });
+    }
+    let opt_string = |v: Option<Value>, path: &str, default: &str| match v {
+        Some(v) => string(v, path),
+        None => Ok(default.to_string()),
+    };
+    let authority = opt_string(ks.authority, "key_service.authority", &cluster)?;
+    let metadata_path = opt_string(ks.metadata_path, "key_service.metadata_path", "/metadata")?;
+    let targets_path = opt_string(ks.targets_path, "key_service.targets_path", "/targets")?;
+    for (path, value) in [
+        ("key_service.metadata_path", &metadata_path),
+        ("key_service.targets_path", &targets_path),
+    ] {
+        if !value.starts_with('/') {
+            return Err(ConfigError::Empty {
+                path: path.to_string(),
+                hint: "give an absolute path starting with /",
+            });
+        }
+    }
+    // The pinned root may be given as the root.json object itself or as its text.
+    let trusted_root = match ks.trusted_root {
+        Value::String(text) => text.into_bytes(),
+        other @ Value::Object(_) => serde_json::to_vec(&other).unwrap_or_default(),
+        other => {
+            return Err(ConfigError::Type {
+                path: "key_service.trusted_root".to_string(),
+                expected: "the root.json object or its text",
+                found: kind(&other),
+            })
+        }
+    };
+    crate::tuf::TrustedMetadataSet::new(&trusted_root, 0).map_err(|e| {
+        ConfigError::TrustedRoot {
+            path: "key_service.trusted_root".to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    let refresh_seconds = match ks.refresh_seconds {
+        Some(v) => integer(&v, "key_service.refresh_seconds", 1, 86_400)?,
+        None => 60,
+    };
+    let timeout_ms = match ks.timeout_ms {
+        Some(v) => integer(&v, "key_service.timeout_ms", 1, MAX_TIMEOUT_MS)?,
+        None => 5000,
+    };
+    let max_age_seconds = match ks.max_age_seconds {
+        Some(v) => integer(&v, "key_service.max_age_seconds", 1, 7 * 86_400)?,
+        None => refresh_seconds.saturating_mul(3),
+    };
+    Ok(KeyServiceConfig {
+        cluster,
+        authority,
+        metadata_path,
+        targets_path,
+        trusted_root,
+        refresh_seconds,
+        timeout_ms,
+        max_age_seconds,
+    })
+}
+
+/// Compiles a recipients list (also the one of a key-service document).
+pub(crate) fn compile_recipients(value: Value, path: &str) -> Result<Vec<Recipient>, ConfigError> {
     let items = array(value, path)?;
     if items.is_empty() {
         return Err(ConfigError::NoRecipients {

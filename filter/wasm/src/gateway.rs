@@ -2,10 +2,11 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use ocicrypt_core::config::Config;
+use ocicrypt_core::config::{Config, KeyServiceConfig};
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::distribution::{self, Route, UploadMethod};
 use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::keyservice::{Lookup, Next};
 use ocicrypt_core::ledger::{self, LedgerEntry};
 use ocicrypt_core::manifest;
 use ocicrypt_core::policy::{project_of, Action as PolicyAction};
@@ -17,6 +18,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use rand_core::OsRng;
 
 use crate::host::{self, SharedData};
+use crate::keys::{self, Resolution};
 use crate::metrics::Metrics;
 
 /// What the stream is doing.
@@ -31,6 +33,7 @@ enum Flow {
     OpeningSession {
         repository: String,
         client_digest: Digest,
+        recipients: Vec<Recipient>,
     },
     /// `PUT ?digest=` with no body: the request line now names the ciphertext.
     Finishing {
@@ -56,12 +59,20 @@ struct ChunkFlow {
 
 struct Finish {
     client_digest: Digest,
+    /// Resolved before the body: a body callback cannot wait for the key service.
+    recipients: Vec<Recipient>,
     completion: Option<Completion>,
 }
 
 /// The per-stream context.
 pub struct Gateway {
     id: u32,
+    /// A key-service lookup the paused request waits for, with its callout token.
+    lookup: Option<(Lookup, u32)>,
+    /// Whether this request already ran a lookup (then the record decides).
+    looked_up: bool,
+    /// `end_of_stream` of the paused request headers.
+    paused_eos: bool,
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
     /// `METHOD path` of the request, for log lines.
@@ -76,6 +87,9 @@ impl Gateway {
     pub fn new(id: u32, config: Option<Rc<Config>>, metrics: Rc<Metrics>) -> Self {
         Gateway {
             id,
+            lookup: None,
+            looked_up: false,
+            paused_eos: false,
             config,
             metrics,
             request: String::new(),
@@ -98,17 +112,70 @@ impl Gateway {
         Action::Pause
     }
 
-    fn recipients(config: &Config, repository: &str) -> Result<Vec<Recipient>, OciError> {
-        let project = project_of(repository);
-        match config.recipients(project) {
-            Some(r) if !r.is_empty() => Ok(r.to_vec()),
-            _ => Err(OciError::new(
-                Code::Unavailable,
-                format!(
-                    "no verified recipient keys for project {project:?}: the repository {repository} must be encrypted and nothing \
-                     was stored; ask the key-service owners to publish the project's recipients"
-                ),
-            )),
+    /// The project's recipients, or `None` when a key-service lookup was started (the
+    /// request stays paused; [`Gateway::on_lookup_done`] re-runs the request line).
+    fn recipients(
+        &mut self,
+        config: &Config,
+        repository: &str,
+        end_of_stream: bool,
+    ) -> Result<Option<Vec<Recipient>>, OciError> {
+        let project = project_of(repository).to_string();
+        loop {
+            match keys::resolve(config, &project, keys::now(), self.looked_up)? {
+                Resolution::Ready(r) => return Ok(Some(r)),
+                Resolution::LookUp => {
+                    let Some(ks) = &config.key_service else {
+                        return Err(OciError::new(
+                            Code::Unknown,
+                            "key lookup without a key service",
+                        ));
+                    };
+                    // One lookup per request: after it, the record decides.
+                    self.looked_up = true;
+                    let (lookup, next) = keys::start(ks, vec![project.clone()], keys::now());
+                    if self.drive_lookup(ks, lookup, next) {
+                        self.paused_eos = end_of_stream;
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a lookup until it waits on a callout (`true`) or is finished and published.
+    fn drive_lookup(&mut self, ks: &KeyServiceConfig, lookup: Lookup, next: Next) -> bool {
+        match keys::drive(ks, lookup, next) {
+            keys::Driven::Waiting(lookup, token) => {
+                self.lookup = Some((*lookup, token));
+                true
+            }
+            keys::Driven::Done(records, metadata) => {
+                for (project, record) in &records {
+                    if let Some(error) = &record.error {
+                        self.log(
+                            LogLevel::Warn,
+                            &format!("key service: project {project}: {error}"),
+                        );
+                    }
+                }
+                self.metrics.key_lookup(&records, metadata.as_ref());
+                keys::publish(&records, metadata);
+                false
+            }
+        }
+    }
+
+    /// A lookup the paused request waited for is finished: decide the request again.
+    fn on_lookup_done(&mut self) -> Result<(), OciError> {
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
+        match self.on_request_line(&config, self.paused_eos)? {
+            Action::Continue => hostcalls::resume_http_request()
+                .map_err(|_| OciError::new(Code::Unknown, "could not resume the request")),
+            _ => Ok(()),
         }
     }
 
@@ -156,7 +223,9 @@ impl Gateway {
         match route {
             Route::UploadStart { digest, mount, .. } => {
                 // Fail before any byte is sent when the project cannot be encrypted to.
-                Self::recipients(config, &repository)?;
+                let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
+                    return Ok(Action::Pause);
+                };
                 if mount.is_some() {
                     // A mount would make the source repository's blob appear here as it is: a
                     // plaintext blob in an encrypted repository. A normal upload instead.
@@ -171,7 +240,7 @@ impl Gateway {
                 match digest {
                     Some(d) if has_body => {
                         let client_digest = parse_client_digest(&d)?;
-                        self.open_session(config, &repository, client_digest)?;
+                        self.open_session(config, &repository, client_digest, recipients)?;
                         return Ok(Action::Pause);
                     }
                     Some(_) => {
@@ -209,7 +278,9 @@ impl Gateway {
                 ..
             } => {
                 let client_digest = parse_client_digest(digest.as_deref().unwrap_or(""))?;
-                let recipients = Self::recipients(config, &repository)?;
+                let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
+                    return Ok(Action::Pause);
+                };
                 let had_state = has_state(&id);
                 let record = UploadRecord::load(&SharedData, &id, &repository)?;
                 if has_body {
@@ -228,6 +299,7 @@ impl Gateway {
                         stream: Some(stream),
                         finish: Some(Finish {
                             client_digest,
+                            recipients,
                             completion: None,
                         }),
                     }));
@@ -321,6 +393,7 @@ impl Gateway {
         config: &Config,
         repository: &str,
         client_digest: Digest,
+        recipients: Vec<Recipient>,
     ) -> Result<(), OciError> {
         let path = format!("/v2/{repository}/blobs/uploads/");
         let headers = self.callout_headers("POST", &path);
@@ -340,17 +413,12 @@ impl Gateway {
         self.flow = Flow::OpeningSession {
             repository: repository.to_string(),
             client_digest,
+            recipients,
         };
         Ok(())
     }
 
     fn on_chunk_body(&mut self, body_size: usize, end_of_stream: bool) -> Result<Action, OciError> {
-        let recipients = match (&self.config, &self.flow) {
-            (Some(config), Flow::Chunk(flow)) if end_of_stream && flow.finish.is_some() => {
-                Some(Self::recipients(config, &flow.repository)?)
-            }
-            _ => None,
-        };
         let Flow::Chunk(flow) = &mut self.flow else {
             return Ok(Action::Continue);
         };
@@ -364,12 +432,12 @@ impl Gateway {
             BodyVerdict::Unchanged => {}
         }
         if end_of_stream {
-            if let (Some(finish), Some(recipients)) = (flow.finish.as_mut(), recipients) {
+            if let Some(finish) = flow.finish.as_mut() {
                 if let Some(stream) = flow.stream.take() {
                     let completion = upload::complete(
                         stream.into_record(),
                         finish.client_digest,
-                        &recipients,
+                        &finish.recipients,
                         &mut OsRng,
                     )?;
                     finish.completion = Some(completion);
@@ -545,6 +613,7 @@ impl Gateway {
             Flow::OpeningSession {
                 repository,
                 client_digest,
+                recipients,
             } => {
                 if status != "202" {
                     return Err(registry_refusal("open an upload session", &status));
@@ -567,6 +636,7 @@ impl Gateway {
                     stream: Some(stream),
                     finish: Some(Finish {
                         client_digest,
+                        recipients,
                         completion: None,
                     }),
                 }));
@@ -643,11 +713,28 @@ fn registry_refusal(what: &str, status: &str) -> OciError {
 impl Context for Gateway {
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        token: u32,
         num_headers: usize,
-        _body_size: usize,
+        body_size: usize,
         _num_trailers: usize,
     ) {
+        if let Some((mut lookup, expected)) = self.lookup.take() {
+            if token == expected {
+                let (status, body) = keys::response(body_size);
+                let next = lookup.on_response(status, &body);
+                let pending = match self.config.clone().and_then(|c| c.key_service.clone()) {
+                    Some(ks) => self.drive_lookup(&ks, lookup, next),
+                    None => false,
+                };
+                if !pending {
+                    if let Err(e) = self.on_lookup_done() {
+                        self.refuse(&e);
+                    }
+                }
+                return;
+            }
+            self.lookup = Some((lookup, expected));
+        }
         if let Err(e) = self.on_callout(num_headers) {
             self.refuse(&e);
         }

@@ -13,11 +13,15 @@
 
 mod gateway;
 mod host;
+mod keys;
 mod metrics;
 
 use std::rc::Rc;
 
-use ocicrypt_core::config::Config;
+use std::time::Duration;
+
+use ocicrypt_core::config::{Config, KeyServiceConfig};
+use ocicrypt_core::keyservice::{Lookup, Next};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
@@ -27,7 +31,7 @@ mod entry {
     use super::*;
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Info);
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: Rc::new(metrics::Metrics::default()) }) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: Rc::new(metrics::Metrics::default()), refresh: None }) });
     }}
 }
 
@@ -35,9 +39,51 @@ mod entry {
 struct Root {
     config: Option<Rc<Config>>,
     metrics: Rc<metrics::Metrics>,
+    /// The timer's key-service refresh in progress, with its callout token.
+    refresh: Option<(Lookup, u32)>,
 }
 
-impl Context for Root {}
+impl Root {
+    fn drive(&mut self, ks: &KeyServiceConfig, lookup: Lookup, next: Next) {
+        match keys::drive(ks, lookup, next) {
+            keys::Driven::Waiting(lookup, token) => self.refresh = Some((*lookup, token)),
+            keys::Driven::Done(records, metadata) => {
+                for (project, record) in &records {
+                    match &record.error {
+                        Some(e) => host::log(LogLevel::Warn, &format!("ocicrypt-filter: key service refresh: project {project}: {e}")),
+                        None => host::log(LogLevel::Info, &format!("ocicrypt-filter: key service refresh: project {project}: verified ({:?})", record.versions)),
+                    }
+                }
+                self.metrics.key_lookup(&records, metadata.as_ref());
+                keys::publish(&records, metadata);
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some((mut lookup, expected)) = self.refresh.take() else {
+            return;
+        };
+        if token != expected {
+            self.refresh = Some((lookup, expected));
+            return;
+        }
+        let Some(ks) = self.config.as_ref().and_then(|c| c.key_service.clone()) else {
+            return;
+        };
+        let (status, body) = keys::response(body_size);
+        let next = lookup.on_response(status, &body);
+        self.drive(&ks, lookup, next);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
@@ -57,6 +103,16 @@ impl RootContext for Root {
                 host::log(LogLevel::Info, "ocicrypt-filter: configuration loaded");
                 self.config = Some(Rc::new(config));
                 self.metrics = Rc::new(metrics::Metrics::define());
+                if let Some(ks) = self.config.as_ref().and_then(|c| c.key_service.as_ref()) {
+                    let period = Duration::from_secs(ks.refresh_seconds);
+                    if proxy_wasm::hostcalls::set_tick_period(period).is_err() {
+                        host::log(
+                            LogLevel::Critical,
+                            "ocicrypt-filter: cannot set the key-service refresh timer",
+                        );
+                        return false;
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -67,6 +123,24 @@ impl RootContext for Root {
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(ks) = self.config.as_ref().and_then(|c| c.key_service.clone()) else {
+            return;
+        };
+        if self.refresh.is_some() {
+            return;
+        }
+        let now = keys::now();
+        let period = i64::try_from(ks.refresh_seconds).unwrap_or(i64::MAX);
+        // Every worker ticks; one per period refreshes, and publishes for all.
+        let projects = keys::projects();
+        if projects.is_empty() || !keys::take_lease(now, period.saturating_sub(1).max(1)) {
+            return;
+        }
+        let (lookup, next) = keys::start(&ks, projects, now);
+        self.drive(&ks, lookup, next);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -2,6 +2,7 @@
 //! name, so counters and gauges add up across workers. Envoy prefixes them `wasmcustom.`
 //! (`wasmcustom_ocicrypt_…` on `/stats/prometheus`).
 use ocicrypt_core::error::Code;
+use ocicrypt_core::keyservice::{KeyRecord, TrustedMetadata};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
@@ -16,6 +17,9 @@ pub struct Metrics {
     uploads_in_flight: u32,
     layer_size: u32,
     refusals: Vec<(Code, u32)>,
+    key_lookups: u32,
+    key_failures: u32,
+    tuf_versions: [u32; 4],
 }
 
 const REFUSAL_CODES: [Code; 9] = [
@@ -29,6 +33,8 @@ const REFUSAL_CODES: [Code; 9] = [
     Code::Unavailable,
     Code::Unknown,
 ];
+
+const TUF_ROLES: [&str; 4] = ["root", "timestamp", "snapshot", "targets"];
 
 fn define(kind: MetricType, name: &str) -> u32 {
     hostcalls::define_metric(kind, name).unwrap_or(0)
@@ -45,6 +51,14 @@ impl Metrics {
             mounts_rewritten: define(MetricType::Counter, "ocicrypt.mounts_rewritten"),
             uploads_in_flight: define(MetricType::Gauge, "ocicrypt.uploads_in_flight"),
             layer_size: define(MetricType::Histogram, "ocicrypt.layer_bytes"),
+            key_lookups: define(MetricType::Counter, "ocicrypt.keyservice.project_lookups"),
+            key_failures: define(MetricType::Counter, "ocicrypt.keyservice.project_failures"),
+            tuf_versions: TUF_ROLES.map(|r| {
+                define(
+                    MetricType::Gauge,
+                    &format!("ocicrypt.keyservice.{r}_version"),
+                )
+            }),
             refusals: REFUSAL_CODES
                 .iter()
                 .map(|c| {
@@ -96,6 +110,28 @@ impl Metrics {
     /// An upload session got (`+1`) or dropped (`-1`) its saved state.
     pub fn upload_state(&self, delta: i64) {
         Self::add(self.uploads_in_flight, delta);
+    }
+
+    /// A key-service lookup finished: per project a success or a failure, and the versions
+    /// of the metadata it verified.
+    pub fn key_lookup(&self, records: &[(String, KeyRecord)], metadata: Option<&TrustedMetadata>) {
+        for (_, record) in records {
+            Self::add(self.key_lookups, 1);
+            if record.error.is_some() {
+                Self::add(self.key_failures, 1);
+            }
+            if metadata.is_some() {
+                for (role, version) in &record.versions {
+                    if let Some(i) = TUF_ROLES.iter().position(|r| r == role) {
+                        if let Some(&id) = self.tuf_versions.get(i) {
+                            if id != 0 {
+                                let _ = hostcalls::record_metric(id, *version);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A request was refused.

@@ -34,7 +34,9 @@ fn write_value(value: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
             } else if let Some(u) = n.as_u64() {
                 out.extend_from_slice(u.to_string().as_bytes());
             } else {
-                return Err(CanonicalError { reason: format!("non-integer number {n}") });
+                return Err(CanonicalError {
+                    reason: format!("non-integer number {n}"),
+                });
             }
         }
         Value::String(s) => write_string(s, out),
@@ -84,7 +86,8 @@ mod tests {
 
     #[test]
     fn sorts_keys_and_drops_whitespace() {
-        let v = json!({"b": 1, "a": [true, null, -3], "c": {"z": "x", "y": 18446744073709551615u64}});
+        let v =
+            json!({"b": 1, "a": [true, null, -3], "c": {"z": "x", "y": 18446744073709551615u64}});
         assert_eq!(
             to_canonical(&v).unwrap(),
             br#"{"a":[true,null,-3],"b":1,"c":{"y":18446744073709551615,"z":"x"}}"#
@@ -94,13 +97,19 @@ mod tests {
     #[test]
     fn escapes_only_quote_and_backslash() {
         let v = json!("a\"b\\c\nd\u{e9}\u{1}");
-        assert_eq!(to_canonical(&v).unwrap(), "\"a\\\"b\\\\c\nd\u{e9}\u{1}\"".as_bytes());
+        assert_eq!(
+            to_canonical(&v).unwrap(),
+            "\"a\\\"b\\\\c\nd\u{e9}\u{1}\"".as_bytes()
+        );
     }
 
     #[test]
     fn keys_sort_by_utf8_bytes() {
         let v = json!({"\u{e9}": 1, "z": 2, "A": 3});
-        assert_eq!(to_canonical(&v).unwrap(), "{\"A\":3,\"z\":2,\"\u{e9}\":1}".as_bytes());
+        assert_eq!(
+            to_canonical(&v).unwrap(),
+            "{\"A\":3,\"z\":2,\"\u{e9}\":1}".as_bytes()
+        );
     }
 
     #[test]

@@ -87,7 +87,9 @@ pub enum RepositoryError {
         keyid: String,
     },
     /// Fewer than a threshold of distinct trusted keys signed (arbitrary software attack).
-    #[error("{role} metadata is signed by {valid} of the {threshold} required keys (of {delegator})")]
+    #[error(
+        "{role} metadata is signed by {valid} of the {threshold} required keys (of {delegator})"
+    )]
     BadSignature {
         /// Role whose metadata was being verified.
         role: String,

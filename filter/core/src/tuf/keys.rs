@@ -8,13 +8,13 @@
 //! A key of another type parses but never verifies a signature: it cannot count toward a
 //! threshold, and it does not make the metadata that lists it unreadable.
 
+use p256::ecdsa::signature::Verifier as _;
 use rsa::pkcs1::DecodeRsaPublicKey;
 use rsa::pkcs8::DecodePublicKey;
 use rsa::traits::PublicKeyParts;
 use rsa::{Pkcs1v15Sign, Pss, RsaPublicKey};
 use serde_json::Value;
 use sha2::{Digest, Sha256, Sha384, Sha512};
-use p256::ecdsa::signature::Verifier as _;
 
 /// Smallest RSA modulus accepted (spec §4.2: "All RSA keys MUST be at least 2048 bits").
 pub const MIN_RSA_BITS: usize = 2048;
@@ -32,7 +32,11 @@ enum Verifier {
     Ed25519(ed25519_dalek::VerifyingKey),
     P256(p256::ecdsa::VerifyingKey),
     P384(p384::ecdsa::VerifyingKey),
-    Rsa { key: RsaPublicKey, padding: RsaPadding, hash: HashAlg },
+    Rsa {
+        key: RsaPublicKey,
+        padding: RsaPadding,
+        hash: HashAlg,
+    },
     Unusable(String),
 }
 
@@ -54,15 +58,30 @@ impl Key {
     /// an unsupported type or an unreadable public key gives a key that verifies nothing.
     pub fn from_value(value: &Value) -> Result<Key, String> {
         let obj = value.as_object().ok_or("key is not an object")?;
-        let keytype = obj.get("keytype").and_then(Value::as_str).ok_or("key has no string keytype")?;
-        let scheme = obj.get("scheme").and_then(Value::as_str).ok_or("key has no string scheme")?;
-        let keyval = obj.get("keyval").and_then(Value::as_object).ok_or("key has no keyval object")?;
+        let keytype = obj
+            .get("keytype")
+            .and_then(Value::as_str)
+            .ok_or("key has no string keytype")?;
+        let scheme = obj
+            .get("scheme")
+            .and_then(Value::as_str)
+            .ok_or("key has no string scheme")?;
+        let keyval = obj
+            .get("keyval")
+            .and_then(Value::as_object)
+            .ok_or("key has no keyval object")?;
         let public = keyval.get("public").and_then(Value::as_str);
         let verifier = match public {
             None => Verifier::Unusable("keyval has no string public".to_owned()),
-            Some(public) => parse_verifier(keytype, scheme, public).unwrap_or_else(Verifier::Unusable),
+            Some(public) => {
+                parse_verifier(keytype, scheme, public).unwrap_or_else(Verifier::Unusable)
+            }
         };
-        Ok(Key { keytype: keytype.to_owned(), scheme: scheme.to_owned(), verifier })
+        Ok(Key {
+            keytype: keytype.to_owned(),
+            scheme: scheme.to_owned(),
+            verifier,
+        })
     }
 
     /// The key's `keytype`.
@@ -134,9 +153,11 @@ impl Key {
 fn parse_verifier(keytype: &str, scheme: &str, public: &str) -> Result<Verifier, String> {
     match (keytype, scheme) {
         ("ed25519", "ed25519") => {
-            let raw = hex::decode(public.trim()).map_err(|e| format!("ed25519 public key is not hex: {e}"))?;
-            let raw: [u8; 32] =
-                raw.try_into().map_err(|_| "ed25519 public key is not 32 bytes".to_owned())?;
+            let raw = hex::decode(public.trim())
+                .map_err(|e| format!("ed25519 public key is not hex: {e}"))?;
+            let raw: [u8; 32] = raw
+                .try_into()
+                .map_err(|_| "ed25519 public key is not 32 bytes".to_owned())?;
             ed25519_dalek::VerifyingKey::from_bytes(&raw)
                 .map(Verifier::Ed25519)
                 .map_err(|e| format!("bad ed25519 public key: {e}"))
@@ -146,8 +167,10 @@ fn parse_verifier(keytype: &str, scheme: &str, public: &str) -> Result<Verifier,
             if public.starts_with("-----BEGIN") {
                 p256::ecdsa::VerifyingKey::from_public_key_pem(public)
             } else {
-                let raw = hex::decode(public).map_err(|e| format!("P-256 key is neither PEM nor hex: {e}"))?;
-                p256::ecdsa::VerifyingKey::from_sec1_bytes(&raw).map_err(|_| p256::pkcs8::spki::Error::KeyMalformed)
+                let raw = hex::decode(public)
+                    .map_err(|e| format!("P-256 key is neither PEM nor hex: {e}"))?;
+                p256::ecdsa::VerifyingKey::from_sec1_bytes(&raw)
+                    .map_err(|_| p256::pkcs8::spki::Error::KeyMalformed)
             }
             .map(Verifier::P256)
             .map_err(|e| format!("bad P-256 public key: {e}"))
@@ -157,8 +180,10 @@ fn parse_verifier(keytype: &str, scheme: &str, public: &str) -> Result<Verifier,
             if public.starts_with("-----BEGIN") {
                 p384::ecdsa::VerifyingKey::from_public_key_pem(public)
             } else {
-                let raw = hex::decode(public).map_err(|e| format!("P-384 key is neither PEM nor hex: {e}"))?;
-                p384::ecdsa::VerifyingKey::from_sec1_bytes(&raw).map_err(|_| p384::pkcs8::spki::Error::KeyMalformed)
+                let raw = hex::decode(public)
+                    .map_err(|e| format!("P-384 key is neither PEM nor hex: {e}"))?;
+                p384::ecdsa::VerifyingKey::from_sec1_bytes(&raw)
+                    .map_err(|_| p384::pkcs8::spki::Error::KeyMalformed)
             }
             .map(Verifier::P384)
             .map_err(|e| format!("bad P-384 public key: {e}"))
@@ -178,7 +203,10 @@ fn parse_verifier(keytype: &str, scheme: &str, public: &str) -> Result<Verifier,
                 .or_else(|_| RsaPublicKey::from_pkcs1_pem(public))
                 .map_err(|e| format!("bad RSA public key: {e}"))?;
             if key.size() * 8 < MIN_RSA_BITS {
-                return Err(format!("RSA key of {} bits, fewer than {MIN_RSA_BITS}", key.size() * 8));
+                return Err(format!(
+                    "RSA key of {} bits, fewer than {MIN_RSA_BITS}",
+                    key.size() * 8
+                ));
             }
             Ok(Verifier::Rsa { key, padding, hash })
         }
@@ -186,7 +214,13 @@ fn parse_verifier(keytype: &str, scheme: &str, public: &str) -> Result<Verifier,
     }
 }
 
-fn verify_rsa(key: &RsaPublicKey, padding: RsaPadding, hash: HashAlg, message: &[u8], sig: &[u8]) -> bool {
+fn verify_rsa(
+    key: &RsaPublicKey,
+    padding: RsaPadding,
+    hash: HashAlg,
+    message: &[u8],
+    sig: &[u8],
+) -> bool {
     let (hashed, h_len) = match hash {
         HashAlg::Sha256 => (Sha256::digest(message).to_vec(), 32),
         HashAlg::Sha384 => (Sha384::digest(message).to_vec(), 48),

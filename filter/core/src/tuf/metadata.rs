@@ -54,27 +54,49 @@ pub struct Envelope {
 impl Envelope {
     /// Read `bytes` as a signed metadata file of `role`.
     pub fn parse(role: &str, bytes: &[u8]) -> Result<Envelope, RepositoryError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| malformed(role, format!("not JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| malformed(role, format!("not JSON: {e}")))?;
         let Value::Object(mut top) = value else {
             return Err(malformed(role, "metadata is not a JSON object"));
         };
-        let signed = top.remove("signed").ok_or_else(|| malformed(role, "no signed"))?;
+        let signed = top
+            .remove("signed")
+            .ok_or_else(|| malformed(role, "no signed"))?;
         if !signed.is_object() {
             return Err(malformed(role, "signed is not an object"));
         }
-        let sigs = top.get("signatures").and_then(Value::as_array).ok_or_else(|| malformed(role, "no signatures array"))?;
+        let sigs = top
+            .get("signatures")
+            .and_then(Value::as_array)
+            .ok_or_else(|| malformed(role, "no signatures array"))?;
         let mut signatures: Vec<Signature> = Vec::with_capacity(sigs.len());
         for s in sigs {
-            let keyid = s.get("keyid").and_then(Value::as_str).ok_or_else(|| malformed(role, "signature without keyid"))?;
-            let sig = s.get("sig").and_then(Value::as_str).ok_or_else(|| malformed(role, "signature without sig"))?;
+            let keyid = s
+                .get("keyid")
+                .and_then(Value::as_str)
+                .ok_or_else(|| malformed(role, "signature without keyid"))?;
+            let sig = s
+                .get("sig")
+                .and_then(Value::as_str)
+                .ok_or_else(|| malformed(role, "signature without sig"))?;
             // §4.2: "The keyid MUST be unique in the signatures array".
             if signatures.iter().any(|seen| seen.keyid == keyid) {
-                return Err(RepositoryError::DuplicateSignature { role: role.to_owned(), keyid: keyid.to_owned() });
+                return Err(RepositoryError::DuplicateSignature {
+                    role: role.to_owned(),
+                    keyid: keyid.to_owned(),
+                });
             }
-            signatures.push(Signature { keyid: keyid.to_owned(), sig: hex::decode(sig).ok() });
+            signatures.push(Signature {
+                keyid: keyid.to_owned(),
+                sig: hex::decode(sig).ok(),
+            });
         }
         let canonical = to_canonical(&signed).map_err(|e| malformed(role, e.to_string()))?;
-        Ok(Envelope { signed, canonical, signatures })
+        Ok(Envelope {
+            signed,
+            canonical,
+            signatures,
+        })
     }
 
     /// The signature made with `keyid`, if any.
@@ -231,12 +253,20 @@ impl SuccinctRoles {
         let mut first = [0u8; 4];
         first.copy_from_slice(digest.get(..4).unwrap_or(&[0; 4]));
         let bin = u64::from(u32::from_be_bytes(first)) >> (32 - self.bit_length);
-        format!("{}-{:0width$x}", self.name_prefix, bin, width = self.suffix_len())
+        format!(
+            "{}-{:0width$x}",
+            self.name_prefix,
+            bin,
+            width = self.suffix_len()
+        )
     }
 
     /// Whether `name` is one of the bins.
     pub fn is_delegated_role(&self, name: &str) -> bool {
-        let Some(suffix) = name.strip_prefix(self.name_prefix.as_str()).and_then(|s| s.strip_prefix('-')) else {
+        let Some(suffix) = name
+            .strip_prefix(self.name_prefix.as_str())
+            .and_then(|s| s.strip_prefix('-'))
+        else {
             return false;
         };
         suffix.len() == self.suffix_len()
@@ -276,9 +306,11 @@ impl Delegations {
     /// `terminating` flag (spec 5.6.7.2).
     pub fn roles_for_target(&self, target_path: &str) -> Vec<(String, bool)> {
         match &self.roles {
-            DelegatedRoles::Roles(roles) => {
-                roles.iter().filter(|r| r.covers(target_path)).map(|r| (r.name.clone(), r.terminating)).collect()
-            }
+            DelegatedRoles::Roles(roles) => roles
+                .iter()
+                .filter(|r| r.covers(target_path))
+                .map(|r| (r.name.clone(), r.terminating))
+                .collect(),
             DelegatedRoles::Succinct(s) => vec![(s.role_for_target(target_path), true)],
         }
     }
@@ -296,23 +328,43 @@ pub struct Targets {
 }
 
 fn malformed(role: &str, reason: impl Into<String>) -> RepositoryError {
-    RepositoryError::Malformed { role: role.to_owned(), reason: reason.into() }
+    RepositoryError::Malformed {
+        role: role.to_owned(),
+        reason: reason.into(),
+    }
 }
 
-fn field<'a>(obj: &'a Map<String, Value>, name: &str, role: &str) -> Result<&'a Value, RepositoryError> {
-    obj.get(name).ok_or_else(|| malformed(role, format!("missing {name}")))
+fn field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    role: &str,
+) -> Result<&'a Value, RepositoryError> {
+    obj.get(name)
+        .ok_or_else(|| malformed(role, format!("missing {name}")))
 }
 
-fn str_field<'a>(obj: &'a Map<String, Value>, name: &str, role: &str) -> Result<&'a str, RepositoryError> {
-    field(obj, name, role)?.as_str().ok_or_else(|| malformed(role, format!("{name} is not a string")))
+fn str_field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    role: &str,
+) -> Result<&'a str, RepositoryError> {
+    field(obj, name, role)?
+        .as_str()
+        .ok_or_else(|| malformed(role, format!("{name} is not a string")))
 }
 
 fn u64_value(v: &Value, name: &str, role: &str) -> Result<u64, RepositoryError> {
-    v.as_u64().ok_or_else(|| malformed(role, format!("{name} is not a non-negative integer")))
+    v.as_u64()
+        .ok_or_else(|| malformed(role, format!("{name} is not a non-negative integer")))
 }
 
-fn obj_value<'a>(v: &'a Value, name: &str, role: &str) -> Result<&'a Map<String, Value>, RepositoryError> {
-    v.as_object().ok_or_else(|| malformed(role, format!("{name} is not an object")))
+fn obj_value<'a>(
+    v: &'a Value,
+    name: &str,
+    role: &str,
+) -> Result<&'a Map<String, Value>, RepositoryError> {
+    v.as_object()
+        .ok_or_else(|| malformed(role, format!("{name} is not an object")))
 }
 
 fn positive(v: u64, name: &str, role: &str) -> Result<u64, RepositoryError> {
@@ -323,27 +375,45 @@ fn positive(v: u64, name: &str, role: &str) -> Result<u64, RepositoryError> {
 }
 
 fn string_list(v: &Value, name: &str, role: &str) -> Result<Vec<String>, RepositoryError> {
-    let arr = v.as_array().ok_or_else(|| malformed(role, format!("{name} is not an array")))?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| malformed(role, format!("{name} is not an array")))?;
     arr.iter()
-        .map(|s| s.as_str().map(str::to_owned).ok_or_else(|| malformed(role, format!("{name} holds a non-string"))))
+        .map(|s| {
+            s.as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| malformed(role, format!("{name} holds a non-string")))
+        })
         .collect()
 }
 
-fn role_keys(obj: &Map<String, Value>, what: &str, role: &str) -> Result<RoleKeys, RepositoryError> {
+fn role_keys(
+    obj: &Map<String, Value>,
+    what: &str,
+    role: &str,
+) -> Result<RoleKeys, RepositoryError> {
     let keyids = string_list(field(obj, "keyids", role)?, &format!("{what}.keyids"), role)?;
     for (i, k) in keyids.iter().enumerate() {
         if keyids.iter().skip(i + 1).any(|o| o == k) {
             return Err(malformed(role, format!("{what}.keyids lists {k} twice")));
         }
     }
-    let threshold = positive(u64_value(field(obj, "threshold", role)?, "threshold", role)?, &format!("{what}.threshold"), role)?;
+    let threshold = positive(
+        u64_value(field(obj, "threshold", role)?, "threshold", role)?,
+        &format!("{what}.threshold"),
+        role,
+    )?;
     Ok(RoleKeys { keyids, threshold })
 }
 
 fn keys_map(v: &Value, role: &str) -> Result<BTreeMap<String, Key>, RepositoryError> {
     obj_value(v, "keys", role)?
         .iter()
-        .map(|(id, k)| Key::from_value(k).map(|k| (id.clone(), k)).map_err(|e| malformed(role, format!("key {id}: {e}"))))
+        .map(|(id, k)| {
+            Key::from_value(k)
+                .map(|k| (id.clone(), k))
+                .map_err(|e| malformed(role, format!("key {id}: {e}")))
+        })
         .collect()
 }
 
@@ -354,7 +424,9 @@ fn hashes(v: &Value, what: &str, role: &str) -> Result<Vec<(String, String)>, Re
     }
     obj.iter()
         .map(|(alg, h)| {
-            h.as_str().map(|h| (alg.clone(), h.to_owned())).ok_or_else(|| malformed(role, format!("{what}.hashes.{alg} is not a string")))
+            h.as_str()
+                .map(|h| (alg.clone(), h.to_owned()))
+                .ok_or_else(|| malformed(role, format!("{what}.hashes.{alg} is not a string")))
         })
         .collect()
 }
@@ -407,29 +479,69 @@ fn common(signed: &Value, expected_type: &str, role: &str) -> Result<Common, Rep
     let obj = obj_value(signed, "signed", role)?;
     let found = str_field(obj, "_type", role)?;
     if found != expected_type {
-        return Err(RepositoryError::WrongType { role: role.to_owned(), expected: expected_type.to_owned(), found: found.to_owned() });
+        return Err(RepositoryError::WrongType {
+            role: role.to_owned(),
+            expected: expected_type.to_owned(),
+            found: found.to_owned(),
+        });
     }
-    let version = positive(u64_value(field(obj, "version", role)?, "version", role)?, "version", role)?;
+    let version = positive(
+        u64_value(field(obj, "version", role)?, "version", role)?,
+        "version",
+        role,
+    )?;
     let spec_version = str_field(obj, "spec_version", role)?;
     let parts: Vec<&str> = spec_version.split('.').collect();
-    if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit())) {
-        return Err(malformed(role, format!("spec_version {spec_version:?} is not X.Y or X.Y.Z")));
+    if !(2..=3).contains(&parts.len())
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit()))
+    {
+        return Err(malformed(
+            role,
+            format!("spec_version {spec_version:?} is not X.Y or X.Y.Z"),
+        ));
     }
     if parts.first() != Some(&SPEC_MAJOR) {
-        return Err(RepositoryError::UnsupportedSpecVersion { role: role.to_owned(), spec_version: spec_version.to_owned() });
+        return Err(RepositoryError::UnsupportedSpecVersion {
+            role: role.to_owned(),
+            spec_version: spec_version.to_owned(),
+        });
     }
     let expires_str = str_field(obj, "expires", role)?;
-    let expires = parse_expires(expires_str)
-        .ok_or_else(|| malformed(role, format!("expires {expires_str:?} is not YYYY-MM-DDTHH:MM:SSZ")))?;
-    Ok(Common { version, spec_version: spec_version.to_owned(), expires })
+    let expires = parse_expires(expires_str).ok_or_else(|| {
+        malformed(
+            role,
+            format!("expires {expires_str:?} is not YYYY-MM-DDTHH:MM:SSZ"),
+        )
+    })?;
+    Ok(Common {
+        version,
+        spec_version: spec_version.to_owned(),
+        expires,
+    })
 }
 
 fn meta_file(v: &Value, what: &str, role: &str) -> Result<MetaFile, RepositoryError> {
     let obj = obj_value(v, what, role)?;
-    let version = positive(u64_value(field(obj, "version", role)?, "version", role)?, &format!("{what}.version"), role)?;
-    let length = obj.get("length").map(|l| u64_value(l, &format!("{what}.length"), role)).transpose()?;
-    let hashes = obj.get("hashes").map(|h| hashes(h, what, role)).transpose()?;
-    Ok(MetaFile { version, length, hashes })
+    let version = positive(
+        u64_value(field(obj, "version", role)?, "version", role)?,
+        &format!("{what}.version"),
+        role,
+    )?;
+    let length = obj
+        .get("length")
+        .map(|l| u64_value(l, &format!("{what}.length"), role))
+        .transpose()?;
+    let hashes = obj
+        .get("hashes")
+        .map(|h| hashes(h, what, role))
+        .transpose()?;
+    Ok(MetaFile {
+        version,
+        length,
+        hashes,
+    })
 }
 
 impl Root {
@@ -447,14 +559,22 @@ impl Root {
         let roles_obj = obj_value(field(obj, "roles", role)?, "roles", role)?;
         let mut roles = BTreeMap::new();
         for (name, r) in roles_obj {
-            roles.insert(name.clone(), role_keys(obj_value(r, name, role)?, name, role)?);
+            roles.insert(
+                name.clone(),
+                role_keys(obj_value(r, name, role)?, name, role)?,
+            );
         }
         for name in TOP_LEVEL_ROLES {
             if !roles.contains_key(name) {
                 return Err(malformed(role, format!("roles has no {name}")));
             }
         }
-        Ok(Root { common, consistent_snapshot, keys, roles })
+        Ok(Root {
+            common,
+            consistent_snapshot,
+            keys,
+            roles,
+        })
     }
 
     /// Keys and threshold of a top-level role.
@@ -468,7 +588,12 @@ impl Root {
         let mut out: Vec<(String, Option<Vec<u8>>)> = self
             .roles
             .get(role)
-            .map(|r| r.keyids.iter().map(|id| (id.clone(), self.keys.get(id).and_then(Key::identity))).collect())
+            .map(|r| {
+                r.keyids
+                    .iter()
+                    .map(|id| (id.clone(), self.keys.get(id).and_then(Key::identity)))
+                    .collect()
+            })
             .unwrap_or_default();
         out.sort();
         out
@@ -482,8 +607,13 @@ impl Timestamp {
         let common = common(signed, TIMESTAMP, role)?;
         let obj = obj_value(signed, "signed", role)?;
         let meta = obj_value(field(obj, "meta", role)?, "meta", role)?;
-        let snapshot = meta.get("snapshot.json").ok_or_else(|| malformed(role, "meta has no snapshot.json"))?;
-        Ok(Timestamp { common, snapshot_meta: meta_file(snapshot, "meta.snapshot.json", role)? })
+        let snapshot = meta
+            .get("snapshot.json")
+            .ok_or_else(|| malformed(role, "meta has no snapshot.json"))?;
+        Ok(Timestamp {
+            common,
+            snapshot_meta: meta_file(snapshot, "meta.snapshot.json", role)?,
+        })
     }
 }
 
@@ -508,15 +638,30 @@ fn delegated_role(v: &Value, role: &str) -> Result<DelegatedRole, RepositoryErro
     let terminating = match obj.get("terminating") {
         Some(Value::Bool(b)) => *b,
         None => false,
-        Some(_) => return Err(malformed(role, format!("{name}.terminating is not a boolean"))),
+        Some(_) => {
+            return Err(malformed(
+                role,
+                format!("{name}.terminating is not a boolean"),
+            ))
+        }
     };
     let paths = match (obj.get("paths"), obj.get("path_hash_prefixes")) {
-        (Some(_), Some(_)) => return Err(malformed(role, format!("{name} sets both paths and path_hash_prefixes"))),
+        (Some(_), Some(_)) => {
+            return Err(malformed(
+                role,
+                format!("{name} sets both paths and path_hash_prefixes"),
+            ))
+        }
         (Some(p), None) => PathSpec::Patterns(string_list(p, "paths", role)?),
         (None, Some(p)) => PathSpec::HashPrefixes(string_list(p, "path_hash_prefixes", role)?),
         (None, None) => PathSpec::Nothing,
     };
-    Ok(DelegatedRole { name, keys, terminating, paths })
+    Ok(DelegatedRole {
+        name,
+        keys,
+        terminating,
+        paths,
+    })
 }
 
 impl Targets {
@@ -527,10 +672,22 @@ impl Targets {
         let mut targets = BTreeMap::new();
         for (path, t) in obj_value(field(obj, "targets", role)?, "targets", role)? {
             let tobj = obj_value(t, path, role)?;
-            let length = u64_value(field(tobj, "length", role)?, &format!("{path}.length"), role)?;
+            let length = u64_value(
+                field(tobj, "length", role)?,
+                &format!("{path}.length"),
+                role,
+            )?;
             let hashes = hashes(field(tobj, "hashes", role)?, path, role)?;
             let custom = tobj.get("custom").cloned();
-            targets.insert(path.clone(), TargetFile { path: path.clone(), length, hashes, custom });
+            targets.insert(
+                path.clone(),
+                TargetFile {
+                    path: path.clone(),
+                    length,
+                    hashes,
+                    custom,
+                },
+            );
         }
         let delegations = match obj.get("delegations") {
             None | Some(Value::Null) => None,
@@ -539,12 +696,20 @@ impl Targets {
                 let keys = keys_map(field(dobj, "keys", role)?, role)?;
                 let roles = match (dobj.get("roles"), dobj.get("succinct_roles")) {
                     (Some(r), None) => {
-                        let list = r.as_array().ok_or_else(|| malformed(role, "delegations.roles is not an array"))?;
-                        let roles = list.iter().map(|r| delegated_role(r, role)).collect::<Result<Vec<_>, _>>()?;
+                        let list = r
+                            .as_array()
+                            .ok_or_else(|| malformed(role, "delegations.roles is not an array"))?;
+                        let roles = list
+                            .iter()
+                            .map(|r| delegated_role(r, role))
+                            .collect::<Result<Vec<_>, _>>()?;
                         for (i, r) in roles.iter().enumerate() {
                             // §4.5: "The rolename MUST be unique in the delegations object".
                             if roles.iter().skip(i + 1).any(|o| o.name == r.name) {
-                                return Err(malformed(role, format!("delegations.roles names {} twice", r.name)));
+                                return Err(malformed(
+                                    role,
+                                    format!("delegations.roles names {} twice", r.name),
+                                ));
                             }
                         }
                         DelegatedRoles::Roles(roles)
@@ -552,9 +717,13 @@ impl Targets {
                     (None, Some(s)) => {
                         let sobj = obj_value(s, "succinct_roles", role)?;
                         let keys = role_keys(sobj, "succinct_roles", role)?;
-                        let bit_length = u64_value(field(sobj, "bit_length", role)?, "bit_length", role)?;
+                        let bit_length =
+                            u64_value(field(sobj, "bit_length", role)?, "bit_length", role)?;
                         if !(1..=32).contains(&bit_length) {
-                            return Err(malformed(role, "succinct_roles.bit_length must be 1 to 32"));
+                            return Err(malformed(
+                                role,
+                                "succinct_roles.bit_length must be 1 to 32",
+                            ));
                         }
                         let name_prefix = str_field(sobj, "name_prefix", role)?.to_owned();
                         DelegatedRoles::Succinct(SuccinctRoles {
@@ -563,12 +732,21 @@ impl Targets {
                             name_prefix,
                         })
                     }
-                    _ => return Err(malformed(role, "delegations needs exactly one of roles and succinct_roles")),
+                    _ => {
+                        return Err(malformed(
+                            role,
+                            "delegations needs exactly one of roles and succinct_roles",
+                        ))
+                    }
                 };
                 Some(Delegations { keys, roles })
             }
         };
-        Ok(Targets { common, targets, delegations })
+        Ok(Targets {
+            common,
+            targets,
+            delegations,
+        })
     }
 }
 
@@ -580,7 +758,10 @@ pub fn verify_length_and_hashes(
     length: Option<u64>,
     hashes: Option<&[(String, String)]>,
 ) -> Result<(), RepositoryError> {
-    let mismatch = |reason: String| RepositoryError::LengthOrHashMismatch { what: what.to_owned(), reason };
+    let mismatch = |reason: String| RepositoryError::LengthOrHashMismatch {
+        what: what.to_owned(),
+        reason,
+    };
     if let Some(expected) = length {
         let got = data.len() as u64;
         if got != expected {
@@ -632,13 +813,31 @@ mod tests {
 
     #[test]
     fn succinct_bins() {
-        let s = SuccinctRoles { keys: RoleKeys { keyids: vec![], threshold: 1 }, bit_length: 8, name_prefix: "bin".into() };
+        let s = SuccinctRoles {
+            keys: RoleKeys {
+                keyids: vec![],
+                threshold: 1,
+            },
+            bit_length: 8,
+            name_prefix: "bin".into(),
+        };
         let name = s.role_for_target("projects/demo.json");
         let expected = &super::super::pattern::target_path_hash("projects/demo.json")[..2];
         assert_eq!(name, format!("bin-{expected}"));
         assert!(s.is_delegated_role("bin-00") && s.is_delegated_role("bin-ff"));
-        assert!(!s.is_delegated_role("bin-100") && !s.is_delegated_role("bin-0") && !s.is_delegated_role("bin-zz"));
-        let s = SuccinctRoles { keys: RoleKeys { keyids: vec![], threshold: 1 }, bit_length: 5, name_prefix: "b".into() };
+        assert!(
+            !s.is_delegated_role("bin-100")
+                && !s.is_delegated_role("bin-0")
+                && !s.is_delegated_role("bin-zz")
+        );
+        let s = SuccinctRoles {
+            keys: RoleKeys {
+                keyids: vec![],
+                threshold: 1,
+            },
+            bit_length: 5,
+            name_prefix: "b".into(),
+        };
         assert!(s.is_delegated_role("b-1f") && !s.is_delegated_role("b-20"));
     }
 }

@@ -67,7 +67,9 @@ fn glob_segment(pattern: &[char], text: &[char]) -> bool {
             },
         }
     }
-    pattern.get(p..).is_some_and(|rest| rest.iter().all(|c| *c == '*'))
+    pattern
+        .get(p..)
+        .is_some_and(|rest| rest.iter().all(|c| *c == '*'))
 }
 
 enum ClassMatch {
@@ -132,8 +134,14 @@ mod tests {
 
     #[test]
     fn star_does_not_cross_slash() {
-        assert!(path_matches("projects/tribe-a*", "projects/tribe-a-web.json"));
-        assert!(!path_matches("projects/tribe-a*", "projects/tribe-a/x.json"));
+        assert!(path_matches(
+            "projects/tribe-a*",
+            "projects/tribe-a-web.json"
+        ));
+        assert!(!path_matches(
+            "projects/tribe-a*",
+            "projects/tribe-a/x.json"
+        ));
         assert!(!path_matches("*", "a/b"));
         assert!(path_matches("*/*", "a/b"));
         assert!(path_matches("releases/*/*", "releases/x/x_v1"));
@@ -157,7 +165,13 @@ mod tests {
     #[test]
     fn hash_prefixes() {
         let h = target_path_hash("projects/demo.json");
-        assert!(hash_prefix_matches(&[h[..2].to_owned()], "projects/demo.json"));
-        assert!(!hash_prefix_matches(&["zz".to_owned()], "projects/demo.json"));
+        assert!(hash_prefix_matches(
+            &[h[..2].to_owned()],
+            "projects/demo.json"
+        ));
+        assert!(!hash_prefix_matches(
+            &["zz".to_owned()],
+            "projects/demo.json"
+        ));
     }
 }

@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::error::{ExpectedVersion, RepositoryError, TufError};
 use super::keys::Key;
-use super::metadata::{Envelope, RoleKeys, Root, Snapshot, Targets, Timestamp, ROOT, SNAPSHOT, TARGETS, TIMESTAMP};
+use super::metadata::{
+    Envelope, RoleKeys, Root, Snapshot, Targets, Timestamp, ROOT, SNAPSHOT, TARGETS, TIMESTAMP,
+};
 
 /// Verified metadata together with the exact bytes it was read from (what a client persists).
 #[derive(Clone, Debug)]
@@ -80,7 +82,10 @@ pub fn verify_threshold(
 }
 
 fn missing_role(role: &str) -> RepositoryError {
-    RepositoryError::Malformed { role: ROOT.to_owned(), reason: format!("roles has no {role}") }
+    RepositoryError::Malformed {
+        role: ROOT.to_owned(),
+        reason: format!("roles has no {role}"),
+    }
 }
 
 impl TrustedMetadataSet {
@@ -92,11 +97,17 @@ impl TrustedMetadataSet {
         let root = Root::from_signed(&envelope.signed)?;
         let own = root.role_keys(ROOT).ok_or_else(|| missing_role(ROOT))?;
         verify_threshold(ROOT, ROOT, &root.keys, own, &envelope)?;
-        let start_keys = [root.role_key_fingerprint(TIMESTAMP), root.role_key_fingerprint(SNAPSHOT)];
+        let start_keys = [
+            root.role_key_fingerprint(TIMESTAMP),
+            root.role_key_fingerprint(SNAPSHOT),
+        ];
         Ok(TrustedMetadataSet {
             reference_time: now,
             start_keys,
-            root: Verified { signed: root, raw: root_bytes.to_vec() },
+            root: Verified {
+                signed: root,
+                raw: root_bytes.to_vec(),
+            },
             timestamp: None,
             snapshot: None,
             targets: BTreeMap::new(),
@@ -141,14 +152,23 @@ impl TrustedMetadataSet {
     /// accepted: expiry is checked on the final root only (5.3.6, 5.3.10).
     pub fn update_root(&mut self, bytes: &[u8]) -> Result<&Verified<Root>, TufError> {
         if self.timestamp.is_some() {
-            return Err(TufError::OutOfOrder { operation: "update_root", reason: "timestamp is already loaded" });
+            return Err(TufError::OutOfOrder {
+                operation: "update_root",
+                reason: "timestamp is already loaded",
+            });
         }
         let envelope = Envelope::parse(ROOT, bytes)?;
         let new_root = Root::from_signed(&envelope.signed)?;
         let trusted = &self.root.signed;
         // 5.3.4: signed by a threshold of the trusted root's keys ...
         let old_keys = trusted.role_keys(ROOT).ok_or_else(|| missing_role(ROOT))?;
-        verify_threshold(ROOT, &format!("root v{}", trusted.common.version), &trusted.keys, old_keys, &envelope)?;
+        verify_threshold(
+            ROOT,
+            &format!("root v{}", trusted.common.version),
+            &trusted.keys,
+            old_keys,
+            &envelope,
+        )?;
         // 5.3.5: exactly N+1.
         let expected = trusted.common.version.saturating_add(1);
         if new_root.common.version != expected {
@@ -161,9 +181,18 @@ impl TrustedMetadataSet {
         }
         // 5.3.4: ... and by a threshold of its own keys.
         let new_keys = new_root.role_keys(ROOT).ok_or_else(|| missing_role(ROOT))?;
-        verify_threshold(ROOT, &format!("root v{expected}"), &new_root.keys, new_keys, &envelope)?;
+        verify_threshold(
+            ROOT,
+            &format!("root v{expected}"),
+            &new_root.keys,
+            new_keys,
+            &envelope,
+        )?;
         // 5.3.7
-        self.root = Verified { signed: new_root, raw: bytes.to_vec() };
+        self.root = Verified {
+            signed: new_root,
+            raw: bytes.to_vec(),
+        };
         Ok(&self.root)
     }
 
@@ -171,7 +200,11 @@ impl TrustedMetadataSet {
     pub fn check_final_root(&self) -> Result<(), RepositoryError> {
         let common = &self.root.signed.common;
         if common.is_expired(self.reference_time) {
-            return Err(RepositoryError::Expired { role: ROOT.to_owned(), expires: common.expires, now: self.reference_time });
+            return Err(RepositoryError::Expired {
+                role: ROOT.to_owned(),
+                expires: common.expires,
+                now: self.reference_time,
+            });
         }
         Ok(())
     }
@@ -183,14 +216,19 @@ impl TrustedMetadataSet {
     /// the new timestamp stays loaded as intermediate metadata.
     pub fn update_timestamp(&mut self, bytes: &[u8]) -> Result<&Verified<Timestamp>, TufError> {
         if self.snapshot.is_some() {
-            return Err(TufError::OutOfOrder { operation: "update_timestamp", reason: "snapshot is already loaded" });
+            return Err(TufError::OutOfOrder {
+                operation: "update_timestamp",
+                reason: "snapshot is already loaded",
+            });
         }
         self.check_final_root()?;
         let envelope = Envelope::parse(TIMESTAMP, bytes)?;
         let new = Timestamp::from_signed(&envelope.signed)?;
         let root = &self.root.signed;
         // 5.4.2
-        let keys = root.role_keys(TIMESTAMP).ok_or_else(|| missing_role(TIMESTAMP))?;
+        let keys = root
+            .role_keys(TIMESTAMP)
+            .ok_or_else(|| missing_role(TIMESTAMP))?;
         verify_threshold(TIMESTAMP, ROOT, &root.keys, keys, &envelope)?;
         if let Some(old) = &self.timestamp {
             // 5.4.3.1
@@ -204,7 +242,11 @@ impl TrustedMetadataSet {
                 .into());
             }
             if new.common.version == old_version {
-                return Err(RepositoryError::EqualVersion { role: TIMESTAMP.to_owned(), version: old_version }.into());
+                return Err(RepositoryError::EqualVersion {
+                    role: TIMESTAMP.to_owned(),
+                    version: old_version,
+                }
+                .into());
             }
             // 5.4.3.2
             let old_snapshot = old.signed.snapshot_meta.version;
@@ -217,17 +259,23 @@ impl TrustedMetadataSet {
                 .into());
             }
         }
-        self.timestamp = Some(Verified { signed: new, raw: bytes.to_vec() });
+        self.timestamp = Some(Verified {
+            signed: new,
+            raw: bytes.to_vec(),
+        });
         // 5.4.4
         self.check_final_timestamp()?;
-        self.timestamp.as_ref().ok_or(TufError::OutOfOrder { operation: "update_timestamp", reason: "unreachable" })
+        self.timestamp.as_ref().ok_or(TufError::OutOfOrder {
+            operation: "update_timestamp",
+            reason: "unreachable",
+        })
     }
 
     fn final_timestamp(&self) -> Result<&Timestamp, TufError> {
-        let ts = self
-            .timestamp
-            .as_ref()
-            .ok_or(TufError::OutOfOrder { operation: "snapshot update", reason: "timestamp is not loaded" })?;
+        let ts = self.timestamp.as_ref().ok_or(TufError::OutOfOrder {
+            operation: "snapshot update",
+            reason: "timestamp is not loaded",
+        })?;
         if ts.signed.common.is_expired(self.reference_time) {
             return Err(RepositoryError::Expired {
                 role: TIMESTAMP.to_owned(),
@@ -248,9 +296,16 @@ impl TrustedMetadataSet {
     /// client verified before (its persisted copy): their hashes are not checked against the
     /// timestamp, so that an old copy can still serve as intermediate metadata for rollback
     /// checks.
-    pub fn update_snapshot(&mut self, bytes: &[u8], from_cache: bool) -> Result<&Verified<Snapshot>, TufError> {
+    pub fn update_snapshot(
+        &mut self,
+        bytes: &[u8],
+        from_cache: bool,
+    ) -> Result<&Verified<Snapshot>, TufError> {
         if self.targets.contains_key(TARGETS) {
-            return Err(TufError::OutOfOrder { operation: "update_snapshot", reason: "targets is already loaded" });
+            return Err(TufError::OutOfOrder {
+                operation: "update_snapshot",
+                reason: "targets is already loaded",
+            });
         }
         let timestamp = self.final_timestamp()?;
         // 5.5.2
@@ -261,7 +316,9 @@ impl TrustedMetadataSet {
         let new = Snapshot::from_signed(&envelope.signed)?;
         let root = &self.root.signed;
         // 5.5.3
-        let keys = root.role_keys(SNAPSHOT).ok_or_else(|| missing_role(SNAPSHOT))?;
+        let keys = root
+            .role_keys(SNAPSHOT)
+            .ok_or_else(|| missing_role(SNAPSHOT))?;
         verify_threshold(SNAPSHOT, ROOT, &root.keys, keys, &envelope)?;
         // 5.5.5
         if let Some(old) = &self.snapshot {
@@ -279,21 +336,32 @@ impl TrustedMetadataSet {
                 }
             }
         }
-        self.snapshot = Some(Verified { signed: new, raw: bytes.to_vec() });
+        self.snapshot = Some(Verified {
+            signed: new,
+            raw: bytes.to_vec(),
+        });
         self.check_final_snapshot()?;
-        self.snapshot.as_ref().ok_or(TufError::OutOfOrder { operation: "update_snapshot", reason: "unreachable" })
+        self.snapshot.as_ref().ok_or(TufError::OutOfOrder {
+            operation: "update_snapshot",
+            reason: "unreachable",
+        })
     }
 
     fn final_snapshot(&self) -> Result<&Snapshot, TufError> {
         let timestamp = self.final_timestamp()?;
-        let snapshot = self
-            .snapshot
-            .as_ref()
-            .ok_or(TufError::OutOfOrder { operation: "targets update", reason: "snapshot is not loaded" })?;
+        let snapshot = self.snapshot.as_ref().ok_or(TufError::OutOfOrder {
+            operation: "targets update",
+            reason: "snapshot is not loaded",
+        })?;
         let common = &snapshot.signed.common;
         // 5.5.6
         if common.is_expired(self.reference_time) {
-            return Err(RepositoryError::Expired { role: SNAPSHOT.to_owned(), expires: common.expires, now: self.reference_time }.into());
+            return Err(RepositoryError::Expired {
+                role: SNAPSHOT.to_owned(),
+                expires: common.expires,
+                now: self.reference_time,
+            }
+            .into());
         }
         // 5.5.4
         if common.version != timestamp.snapshot_meta.version {
@@ -314,24 +382,38 @@ impl TrustedMetadataSet {
     }
 
     /// Keys and threshold `delegator` requires for `role`.
-    fn delegation_keys(&self, role: &str, delegator: &str) -> Result<(&BTreeMap<String, Key>, &RoleKeys), TufError> {
-        let not_delegated = || RepositoryError::NotDelegated { role: role.to_owned(), delegator: delegator.to_owned() };
+    fn delegation_keys(
+        &self,
+        role: &str,
+        delegator: &str,
+    ) -> Result<(&BTreeMap<String, Key>, &RoleKeys), TufError> {
+        let not_delegated = || RepositoryError::NotDelegated {
+            role: role.to_owned(),
+            delegator: delegator.to_owned(),
+        };
         if delegator == ROOT {
             if role != TARGETS {
                 return Err(not_delegated().into());
             }
             let root = &self.root.signed;
-            let keys = root.role_keys(TARGETS).ok_or_else(|| missing_role(TARGETS))?;
+            let keys = root
+                .role_keys(TARGETS)
+                .ok_or_else(|| missing_role(TARGETS))?;
             return Ok((&root.keys, keys));
         }
         if [ROOT, TIMESTAMP, SNAPSHOT, TARGETS].contains(&role) {
             return Err(not_delegated().into());
         }
-        let parent = self
-            .targets
-            .get(delegator)
-            .ok_or(TufError::OutOfOrder { operation: "delegated targets update", reason: "delegator is not loaded" })?;
-        let delegations = parent.verified.signed.delegations.as_ref().ok_or_else(not_delegated)?;
+        let parent = self.targets.get(delegator).ok_or(TufError::OutOfOrder {
+            operation: "delegated targets update",
+            reason: "delegator is not loaded",
+        })?;
+        let delegations = parent
+            .verified
+            .signed
+            .delegations
+            .as_ref()
+            .ok_or_else(not_delegated)?;
         let keys = delegations.role_keys(role).ok_or_else(not_delegated)?;
         Ok((&delegations.keys, keys))
     }
@@ -344,11 +426,21 @@ impl TrustedMetadataSet {
     /// Verify and load metadata of `role`, delegated by the already loaded `delegator` (`root`
     /// for the top-level targets): hashes and length from snapshot (5.6.2), a threshold of the
     /// keys the delegator lists (5.6.3), version from snapshot (5.6.4), expiry (5.6.5).
-    pub fn update_delegated_targets(&mut self, bytes: &[u8], role: &str, delegator: &str) -> Result<&Verified<Targets>, TufError> {
+    pub fn update_delegated_targets(
+        &mut self,
+        bytes: &[u8],
+        role: &str,
+        delegator: &str,
+    ) -> Result<&Verified<Targets>, TufError> {
         let snapshot = self.final_snapshot()?;
         let (keys, role_keys) = self.delegation_keys(role, delegator)?;
         let meta_name = format!("{role}.json");
-        let meta = snapshot.meta.get(&meta_name).ok_or_else(|| RepositoryError::NotInSnapshot { role: role.to_owned() })?;
+        let meta = snapshot
+            .meta
+            .get(&meta_name)
+            .ok_or_else(|| RepositoryError::NotInSnapshot {
+                role: role.to_owned(),
+            })?;
         // 5.6.2
         meta.verify(&meta_name, bytes)?;
         let envelope = Envelope::parse(role, bytes)?;
@@ -366,10 +458,18 @@ impl TrustedMetadataSet {
         }
         // 5.6.5
         if new.common.is_expired(self.reference_time) {
-            return Err(RepositoryError::Expired { role: role.to_owned(), expires: new.common.expires, now: self.reference_time }.into());
+            return Err(RepositoryError::Expired {
+                role: role.to_owned(),
+                expires: new.common.expires,
+                now: self.reference_time,
+            }
+            .into());
         }
         let loaded = LoadedTargets {
-            verified: Verified { signed: new, raw: bytes.to_vec() },
+            verified: Verified {
+                signed: new,
+                raw: bytes.to_vec(),
+            },
             envelope,
             verified_by: BTreeSet::from([delegator.to_owned()]),
         };
@@ -377,14 +477,21 @@ impl TrustedMetadataSet {
         self.targets
             .get(role)
             .map(|l| &l.verified)
-            .ok_or(TufError::OutOfOrder { operation: "update_delegated_targets", reason: "unreachable" })
+            .ok_or(TufError::OutOfOrder {
+                operation: "update_delegated_targets",
+                reason: "unreachable",
+            })
     }
 
     /// Loaded metadata of `role` as reached through `delegator`: `None` if not loaded yet.
     /// Metadata first reached through another delegator is checked again against this
     /// delegator's keys and threshold, so that a role shared by two delegators never inherits
     /// the trust of the other path.
-    pub fn delegated_targets(&mut self, role: &str, delegator: &str) -> Result<Option<&Verified<Targets>>, TufError> {
+    pub fn delegated_targets(
+        &mut self,
+        role: &str,
+        delegator: &str,
+    ) -> Result<Option<&Verified<Targets>>, TufError> {
         let Some(loaded) = self.targets.get(role) else {
             return Ok(None);
         };

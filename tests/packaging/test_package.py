@@ -1,0 +1,256 @@
+"""scripts/package end to end: the module packed in both forms Istio pulls, pushed to a real
+registry (Debian docker-registry, the CNCF distribution), pulled back with standard clients
+(skopeo for both, oras for the artifact) and checked the way Istio's fetcher reads them
+(istio/istio pkg/wasm/imagefetcher.go): layer media types, layer counts, plugin.wasm in the
+tar, and the module's sha256 against the built one.
+
+Then the same script against the real gateway (Envoy + filter): a passthrough repository
+keeps the images byte for byte; an encrypted one makes the script fail, as the README says.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import requests
+
+import helpers
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "scripts" / "package"
+WASM = REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm"
+REPOSITORY = "plain/ocicrypt-filter"
+TAG = "v0.0.0-test"
+
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_LAYER_TGZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_WASM_CONFIG = "application/vnd.module.wasm.config.v1+json"
+MT_WASM_CONTENT = "application/vnd.module.wasm.content.layer.v1+wasm"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A real registry on a free loopback port, storage in a temporary directory."""
+    d = tmp_path_factory.mktemp("pkg-registry")
+    addr = f"127.0.0.1:{free_port()}"
+    (d / "config.yml").write_text(
+        "version: 0.1\n"
+        "log: {level: warn}\n"
+        f"storage: {{filesystem: {{rootdirectory: {d / 'storage'}}}}}\n"
+        f"http: {{addr: {addr}}}\n")
+    log = open(d / "registry.log", "wb")
+    proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(d / "config.yml")],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, (d / "registry.log").read_text()[-2000:]
+        try:
+            if requests.get(f"http://{addr}/v2/", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "registry did not start"
+        time.sleep(0.1)
+    yield addr
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(15)
+
+
+def package(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return helpers.run([sys.executable, PACKAGE, *args], check=check, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def packaged(registry, tmp_path_factory):
+    """scripts/package run as an operator would (it builds the module itself)."""
+    out = tmp_path_factory.mktemp("pkg-out")
+    proc = package("--registry", registry, "--repository", REPOSITORY, "--tag", TAG,
+                   "--insecure", "--out", str(out))
+    digests = json.loads((out / "digests.json").read_text())
+    return {"stdout": proc.stdout, "digests": digests, "out": out,
+            "images": {img["form"]: img for img in digests["images"]}}
+
+
+@pytest.fixture(scope="module")
+def module_bytes(packaged) -> bytes:
+    """The module cargo built (read after scripts/package built it)."""
+    return WASM.read_bytes()
+
+
+def pull(registry: str, ref: str, dest: Path) -> Path:
+    """skopeo copy docker://… oci:… (the digests must not change on the way)."""
+    helpers.run(["skopeo", "copy", "--src-tls-verify=false", "--preserve-digests",
+                 f"docker://{registry}/{REPOSITORY}:{ref}", f"oci:{dest}:{ref}"])
+    return dest
+
+
+def blob(layout: Path, digest: str) -> bytes:
+    data = (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
+    assert f"sha256:{sha256_hex(data)}" == digest, f"blob {digest} in {layout} is corrupt"
+    return data
+
+
+def istio_module(layout: Path, manifest: dict) -> bytes:
+    """The module as Istio's fetcher takes it from an OCI manifest: the "compat" form when the
+    LAST layer is tar+gzip (first file whose base name is plugin.wasm), else the "oci" artifact
+    form, which needs exactly two layers, one of them the wasm content type."""
+    layers = manifest["layers"]
+    assert layers, "Istio refuses an image without layers"
+    last = layers[-1]
+    if last["mediaType"] == MT_LAYER_TGZ:
+        tar = gzip.decompress(blob(layout, last["digest"]))
+        with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+            for member in t:
+                if os.path.basename(member.name) == "plugin.wasm":
+                    return t.extractfile(member).read()
+        raise AssertionError("no plugin.wasm in the compat layer")
+    assert len(layers) == 2, f"Istio needs exactly 2 layers in the artifact form, got {len(layers)}"
+    wasm = [d for d in layers if d["mediaType"] == MT_WASM_CONTENT]
+    assert wasm, f"no {MT_WASM_CONTENT} layer"
+    return blob(layout, wasm[0]["digest"])
+
+
+def test_prints_what_istio_needs(packaged, module_bytes, registry):
+    out, d = packaged["stdout"], packaged["digests"]
+    module_sha = sha256_hex(module_bytes)
+    assert d["module"]["sha256"] == module_sha
+    assert f"sha256:{module_sha}" in out, out
+    compat = packaged["images"]["compat"]
+    # WasmPlugin.sha256 for an oci:// URL is the manifest digest, bare hex (the CRD's pattern)
+    assert d["wasmplugin"] == {"url": f"oci://{registry}/{REPOSITORY}:{TAG}",
+                               "sha256": compat["digest"].split(":", 1)[1]}
+    assert f"  sha256: {d['wasmplugin']['sha256']}\n" in out, out
+    for img in packaged["images"].values():
+        assert img["pushed"] is True
+        assert img["digest"] in out
+
+
+def test_registry_serves_the_printed_digests(packaged, registry):
+    for img in packaged["images"].values():
+        resp = requests.head(f"http://{registry}/v2/{REPOSITORY}/manifests/{img['ref']}",
+                             headers={"Accept": MT_MANIFEST}, timeout=10)
+        assert resp.status_code == 200, resp.status_code
+        assert resp.headers["Docker-Content-Digest"] == img["digest"]
+
+
+def test_compat_image_round_trip(packaged, module_bytes, registry, tmp_path):
+    img = packaged["images"]["compat"]
+    layout = pull(registry, img["ref"], tmp_path / "pulled")
+    manifest, _, digest = helpers.read_layout(layout, img["ref"])
+    assert digest == img["digest"]
+    assert manifest["mediaType"] == MT_MANIFEST
+    assert manifest["config"]["mediaType"] == MT_IMAGE_CONFIG
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [MT_LAYER_TGZ]
+
+    tar = gzip.decompress(blob(layout, manifest["layers"][0]["digest"]))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        members = t.getmembers()
+        assert [m.name for m in members] == ["plugin.wasm"]
+        inside = t.extractfile(members[0]).read()
+    assert sha256_hex(inside) == sha256_hex(module_bytes)
+
+    config = json.loads(blob(layout, manifest["config"]["digest"]))
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [f"sha256:{sha256_hex(tar)}"]}
+    assert (config["os"], config["architecture"]) == ("wasip1", "wasm")
+    assert istio_module(layout, manifest) == module_bytes
+
+
+def test_artifact_image_round_trip(packaged, module_bytes, registry, tmp_path):
+    img = packaged["images"]["artifact"]
+    layout = pull(registry, img["ref"], tmp_path / "pulled")
+    manifest, _, digest = helpers.read_layout(layout, img["ref"])
+    assert digest == img["digest"]
+    assert manifest["config"]["mediaType"] == MT_WASM_CONFIG
+    types = [layer["mediaType"] for layer in manifest["layers"]]
+    assert sorted(types) == sorted([MT_WASM_CONFIG, MT_WASM_CONTENT]), types
+
+    (wasm,) = [d for d in manifest["layers"] if d["mediaType"] == MT_WASM_CONTENT]
+    assert wasm["digest"] == f"sha256:{sha256_hex(module_bytes)}"
+    assert wasm["size"] == len(module_bytes)
+    runtime = json.loads(blob(layout, manifest["config"]["digest"]))
+    assert runtime["type"] == "envoy_proxy"
+    assert runtime["config"]["root_ids"] == ["ocicrypt"]
+    assert runtime["abiVersions"] == [packaged["digests"]["module"]["abi"]]
+    assert istio_module(layout, manifest) == module_bytes
+
+
+def test_artifact_pulled_with_oras(packaged, module_bytes, registry, tmp_path):
+    """A second, independent client: oras (Python) pulls the layers by their titles."""
+    import oras.client
+
+    client = oras.client.OrasClient(hostname=registry, insecure=True)
+    files = client.pull(target=f"{registry}/{REPOSITORY}:{packaged['images']['artifact']['ref']}",
+                        outdir=str(tmp_path))
+    by_name: Dict[str, bytes] = {Path(f).name: Path(f).read_bytes() for f in files}
+    assert set(by_name) == {"plugin.wasm", "runtime-config.json"}
+    assert sha256_hex(by_name["plugin.wasm"]) == sha256_hex(module_bytes)
+
+
+def test_layout_is_reproducible(packaged, tmp_path):
+    """The same module gives the same digests (so a digest can be re-derived from a build)."""
+    package("--wasm", str(WASM), "--tag", TAG, "--out", str(tmp_path), "--no-push")
+    again = json.loads((tmp_path / "digests.json").read_text())
+    assert [(i["form"], i["digest"]) for i in again["images"]] == \
+        [(i["form"], i["digest"]) for i in packaged["digests"]["images"]]
+    index = json.loads((tmp_path / "oci" / "index.json").read_text())
+    assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]] \
+        == [TAG, f"{TAG}-wasm"]
+
+
+# ---------------------------------------------------------------------------------------------
+# through the gateway
+
+
+@pytest.mark.filter
+def test_passthrough_repository_through_gateway(stack, packaged, tmp_path):
+    """plain/** is passed through: the registry behind Envoy holds the very same manifests."""
+    stack.check_alive()
+    proc = package("--registry", stack.addr, "--repository", REPOSITORY, "--tag", TAG,
+                   "--insecure", "--wasm", str(WASM), "--out", str(tmp_path))
+    got = json.loads((tmp_path / "digests.json").read_text())
+    for img in got["images"]:
+        assert img["pushed"] is True, proc.stdout
+        assert img["digest"] == packaged["images"][img["form"]]["digest"]
+        stored = stack.direct().get_manifest(REPOSITORY, img["ref"])
+        assert stored.status_code == 200
+        assert f"sha256:{sha256_hex(stored.content)}" == img["digest"]
+
+
+@pytest.mark.filter
+def test_encrypted_repository_through_gateway_fails(stack, tmp_path):
+    """demo/** is encrypted: the module would not be loadable, so the script must fail and say
+    to use a passthrough repository."""
+    stack.check_alive()
+    proc = package("--registry", stack.addr, "--repository", "demo/ocicrypt-filter", "--tag",
+                   TAG, "--insecure", "--wasm", str(WASM), "--out", str(tmp_path), check=False)
+    assert proc.returncode != 0, proc.stdout
+    assert "passthrough" in proc.stderr, proc.stderr
+    got: List[dict] = []
+    if (tmp_path / "digests.json").exists():
+        got = json.loads((tmp_path / "digests.json").read_text())["images"]
+    assert not any(img.get("pushed") for img in got)

@@ -111,7 +111,8 @@ pub fn parse_document(bytes: &[u8], project: &str) -> Result<Vec<Recipient>, Key
         .as_object()
         .ok_or_else(|| bad("not a JSON object".to_string()))?;
     if let Some(named) = obj.get("project") {
-        if named.as_str() != Some(project) {
+        let target = recipients_target(project);
+        if named.as_str() != Some(project) && named.as_str() != Some(target.as_str()) {
             // A document of another project served under this one's path: a mix-and-match.
             return Err(bad(format!("it names project {named}")));
         }

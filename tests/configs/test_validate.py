@@ -1,0 +1,147 @@
+"""scripts/validate-configs: every shipped configuration validates, and the checks are real
+(a manifest or an Envoy configuration with a bad field fails, naming the field)."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+VALIDATE = REPO / "scripts" / "validate-configs"
+ISTIO = REPO / "envoy" / "istio"
+SHARED_CRDS = (REPO.parent / "shared" / "reference"
+               / "istio-crds-wasmplugin-serviceentry-destinationrule.yaml")
+
+
+def validate(*args, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(VALIDATE), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def verdicts(out: str) -> dict:
+    """{what: "ok"|"FAIL"} from the script's per-file lines."""
+    got = {}
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0] in ("ok", "FAIL") and line.startswith("  "):
+            got[parts[1].split("  [")[0]] = parts[0]
+    return got
+
+
+def test_every_shipped_config_validates():
+    proc = validate()
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    got = verdicts(proc.stdout)
+    istio = sorted(str(p.relative_to(REPO)) for p in ISTIO.glob("*.yaml"))
+    assert len(istio) >= 3, istio
+    for name in istio + ["envoy/envoy.yaml",
+                         "envoy/envoy.yaml rendered by scripts/gateway.py (filter on)",
+                         "envoy/envoy.yaml rendered by scripts/gateway.py (filter off)"]:
+        assert got.get(name) == "ok", f"{name}: {got.get(name)}\n{proc.stdout}"
+
+
+def shared_crds() -> Path:
+    if not SHARED_CRDS.is_file():
+        pytest.skip(f"{SHARED_CRDS} is not beside the repository (CI always has it)")
+    return SHARED_CRDS
+
+
+def test_vendored_crds_match_the_reference():
+    """envoy/istio/crds/istio-crds.yaml is what --vendor-crds derives from shared/reference."""
+    proc = validate("--vendor-crds", shared_crds(), "--check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_istio_manifests_against_the_reference_crds():
+    """The same verdict straight from the upstream CRD file, not only from the vendored copy."""
+    proc = validate("--crds", shared_crds(), *sorted(ISTIO.glob("*.yaml")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def broken(edit):
+    doc = yaml.safe_load((ISTIO / "wasmplugin.yaml").read_text())
+    edit(doc)
+    return doc
+
+
+BAD_WASMPLUGINS = {
+    # a field the CRD does not have (strict field validation, as kubectl --validate=strict)
+    "unknown field": (lambda d: d["spec"].__setitem__("failstrategy", "FAIL_CLOSE"),
+                      "spec: Additional properties are not allowed ('failstrategy'"),
+    "unknown nested field": (lambda d: d["spec"]["match"][0].__setitem__("port", 443),
+                             "spec.match[0]: Additional properties are not allowed ('port'"),
+    "enum": (lambda d: d["spec"].__setitem__("phase", "BEFORE_ROUTER"),
+             "spec.phase: 'BEFORE_ROUTER' is not one of"),
+    "pattern": (lambda d: d["spec"].__setitem__("sha256", "sha256:" + "a" * 64),
+                "spec.sha256: 'sha256:aaaa"),
+    "type": (lambda d: d["spec"]["match"][0]["ports"][0].__setitem__("number", "443"),
+             "spec.match[0].ports[0].number: '443' is not of type 'integer'"),
+    "bound": (lambda d: d["spec"]["match"][0]["ports"][0].__setitem__("number", 70000),
+              "spec.match[0].ports[0].number: 70000 is greater than the maximum of 65535"),
+    "list-map key": (lambda d: d["spec"]["match"][0]["ports"].append({"number": 443}),
+                     "spec.match[0].ports[1]: duplicate entry for key {'number': 443}"),
+    "required": (lambda d: d["spec"].pop("url"), "spec: 'url' is a required property"),
+    "version": (lambda d: d.__setitem__("apiVersion", "extensions.istio.io/v1beta1"),
+                "serves no version 'v1beta1' of WasmPlugin"),
+    "name": (lambda d: d["metadata"].__setitem__("name", "OciCrypt"),
+             "metadata.name: 'OciCrypt' must be a DNS-1123 subdomain"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WASMPLUGINS))
+def test_bad_wasmplugin_fails(case, tmp_path):
+    edit, message = BAD_WASMPLUGINS[case]
+    path = tmp_path / "wasmplugin.yaml"
+    path.write_text(yaml.safe_dump(broken(edit)))
+    proc = validate(path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"FAIL  {path}" in proc.stdout, proc.stdout
+    assert message in proc.stdout, proc.stdout
+
+
+def test_the_unbroken_copy_passes(tmp_path):
+    """The negative cases fail for their edit, not for being copied elsewhere."""
+    path = tmp_path / "wasmplugin.yaml"
+    path.write_text(yaml.safe_dump(broken(lambda d: None)))
+    proc = validate(path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_one_bad_document_in_a_stream_fails(tmp_path):
+    good = yaml.safe_load((ISTIO / "serviceentry-keyservice.yaml").read_text())
+    bad = copy.deepcopy(good)
+    bad["spec"]["location"] = "OUTSIDE"
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump_all([good, bad]))
+    proc = validate(path)
+    assert proc.returncode == 1
+    assert verdicts(proc.stdout) == {f"{path} (document 1)": "ok",
+                                     f"{path} (document 2)": "FAIL"}, proc.stdout
+
+
+def test_unrecognised_yaml_fails(tmp_path):
+    path = tmp_path / "stray.yaml"
+    path.write_text("just: a mapping\n")
+    proc = validate(path)
+    assert proc.returncode == 1
+    assert "nothing can validate it" in proc.stdout
+
+
+def test_bad_envoy_config_fails(tmp_path):
+    """The Envoy check is Envoy's own: an unknown field in a bootstrap is refused."""
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"clusters": [{
+            "name": "registry", "type": "STATIC", "connect_timeout": "5s",
+            "per_connection_buffer_limit": 4194304,  # the real field ends in _bytes
+        }]},
+    }))
+    proc = validate("--no-build", path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"FAIL  {path}" in proc.stdout
+    assert "per_connection_buffer_limit" in proc.stdout, proc.stdout

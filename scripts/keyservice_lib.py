@@ -48,7 +48,6 @@ from tuf.api.metadata import (
     Key,
     Metadata,
     MetaFile,
-    Role,
     Root,
     Snapshot,
     SuccinctRoles,
@@ -805,8 +804,13 @@ class Repository:
 
 
 @contextlib.contextmanager
-def locked(repo: Path) -> Iterator[None]:
-    repo.mkdir(parents=True, exist_ok=True)
+def locked(repo: Path, create: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on the repository (cron jobs and operators take turns)."""
+    repo = Path(repo)
+    if create:
+        repo.mkdir(parents=True, exist_ok=True)
+    elif not (repo / CONFIG_NAME).exists():
+        load_config(repo.resolve())  # raises the "not a repository" error
     with open(repo / ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -1503,9 +1507,17 @@ def refresh_if_needed(r: Repository) -> List[str]:
 # ============================================================================================
 # attack variants of the served repository (for the end-to-end tests)
 
-#: kind -> (python-tuf exception, which client it defeats, description)
-ATTACKS: Dict[str, Dict[str, str]] = {
+#: kind -> whether the attack uses the key service's online (snapshot/timestamp) keys, the
+#: python-tuf exception it causes, which client it defeats ("any"; "warm": one that has seen
+#: the current metadata; "cold": one that downloads the attacked file), and what it does.
+#: "leaves_newer_versions": a client that saw the attack keeps the newer timestamp/snapshot
+#: versions it verified (validly signed with the online keys) and refuses the genuine
+#: repository as a rollback until the online keys are rotated (rotate-key) or it restarts
+#: from its pinned root.
+ATTACKS: Dict[str, Dict[str, Any]] = {
     "tampered-target": {
+        "leaves_newer_versions": False,
+        "online_keys": False,
         "expect": "LengthOrHashMismatchError",
         "client": "cold",
         "what": "the project document is replaced by one listing attacker keys (same length); "
@@ -1514,6 +1526,8 @@ ATTACKS: Dict[str, Dict[str, str]] = {
                 "kept a verified copy keeps using it.",
     },
     "rollback": {
+        "leaves_newer_versions": False,
+        "online_keys": False,
         "expect": "BadVersionNumberError",
         "client": "warm",
         "what": "the previous genuine timestamp (and, without consistent snapshots, the "
@@ -1522,6 +1536,8 @@ ATTACKS: Dict[str, Dict[str, str]] = {
                 "state (TUF cannot tell it apart; expiry bounds it).",
     },
     "rollback-targets": {
+        "leaves_newer_versions": True,
+        "online_keys": True,
         "expect": "BadVersionNumberError",
         "client": "warm",
         "what": "with the key service's online snapshot and timestamp keys, a new snapshot "
@@ -1530,6 +1546,8 @@ ATTACKS: Dict[str, Dict[str, str]] = {
                 "client that has seen the current snapshot.",
     },
     "freeze": {
+        "leaves_newer_versions": False,
+        "online_keys": True,
         "expect": "ExpiredMetadataError",
         "client": "any",
         "what": "the timestamp (next version, genuine timestamp key) expired an hour ago, as "
@@ -1537,6 +1555,8 @@ ATTACKS: Dict[str, Dict[str, str]] = {
                 "(indefinite freeze attack).",
     },
     "fast-forward": {
+        "leaves_newer_versions": True,
+        "online_keys": True,
         "expect": "BadVersionNumberError",
         "client": "any",
         "what": "with the online snapshot and timestamp keys, the snapshot claims version "
@@ -1545,6 +1565,8 @@ ATTACKS: Dict[str, Dict[str, str]] = {
                 "Recovery after such a compromise: rotate-key --role snapshot/timestamp.",
     },
     "mix-and-match": {
+        "leaves_newer_versions": False,
+        "online_keys": False,
         "expect": "BadVersionNumberError",
         "client": "cold",
         "what": "current timestamp and snapshot, but the previous genuine version of the role "
@@ -1552,6 +1574,8 @@ ATTACKS: Dict[str, Dict[str, str]] = {
                 "that downloads that role; a client that kept the current version keeps it.",
     },
     "bad-signature": {
+        "leaves_newer_versions": True,
+        "online_keys": True,
         "expect": "UnsignedMetadataError",
         "client": "any",
         "what": "the role holding the project lists an attacker document (next version) and "
@@ -1559,6 +1583,8 @@ ATTACKS: Dict[str, Dict[str, str]] = {
                 "re-signed with the online keys.",
     },
     "too-few-signatures": {
+        "leaves_newer_versions": False,
+        "online_keys": True,
         "expect": "UnsignedMetadataError",
         "client": "any",
         "what": "a new root version gives the targets role an attacker key, signed by one root "
@@ -1567,6 +1593,8 @@ ATTACKS: Dict[str, Dict[str, str]] = {
                 "timestamp re-signed with the online keys.",
     },
     "substituted-key": {
+        "leaves_newer_versions": True,
+        "online_keys": True,
         "expect": "UnsignedMetadataError",
         "client": "any",
         "what": "the key service replaces the project's recipients with attacker keys and "
@@ -1611,6 +1639,11 @@ class _Attack:
 
     def history(self, role: str, version: int) -> bytes:
         p = self.r.history_dir / role_file(role, version)
+        if version < 1:
+            raise KeyServiceError(
+                f"{role} has only version 1: nothing older to replay (this attack needs a "
+                f"repository where {role} changed at least once; let the client see the newer one)"
+            )
         if not p.exists():
             raise KeyServiceError(
                 f"{p} is missing: this attack replays version {version} of {role}, so the "
@@ -1829,11 +1862,19 @@ def make_attack(r: Repository, out: Path, kind: str, project: str = "demo") -> L
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(r.meta_dir, out / "metadata", ignore=shutil.ignore_patterns(".tmp-*"))
-    shutil.copytree(r.targets_dir, out / "targets", ignore=shutil.ignore_patterns(".tmp-*"))
-    a = _Attack(r, out, project)
-    getattr(a, kind.replace("-", "_"))()
+    try:
+        shutil.copytree(r.meta_dir, out / "metadata", ignore=shutil.ignore_patterns(".tmp-*"))
+        shutil.copytree(r.targets_dir, out / "targets", ignore=shutil.ignore_patterns(".tmp-*"))
+        a = _Attack(r, out, project)
+        getattr(a, kind.replace("-", "_"))()
+    except BaseException:
+        for sub in ("metadata", "targets", "attacker"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     info = dict(ATTACKS[kind])
     report = {
         "kind": kind,
@@ -1841,6 +1882,8 @@ def make_attack(r: Repository, out: Path, kind: str, project: str = "demo") -> L
         "role": a.owner,
         "expect": {"python-tuf": info["expect"]},
         "client": info["client"],
+        "online_keys": info["online_keys"],
+        "leaves_newer_versions": info["leaves_newer_versions"],
         "description": info["what"],
         "details": a.notes,
         "attacker_keys": a.attacker_files,
@@ -1859,13 +1902,16 @@ def make_attack(r: Repository, out: Path, kind: str, project: str = "demo") -> L
 
 
 def nginx_config(served: Path, listen: str, state: Path) -> str:
-    """An nginx configuration serving only ``metadata/`` and ``targets/`` of ``served``."""
-    served = Path(served).resolve()
+    """An nginx configuration serving only ``metadata/`` and ``targets/`` of ``served``.
+
+    ``served`` is not resolved: when it is a symlink, nginx follows it on every request, so
+    re-pointing the link (``ln -sfn``) switches what is served without a reload."""
+    served = Path(served).absolute()
     state = Path(state).resolve()
     user = "user root;\n" if os.geteuid() == 0 else ""
     tmp = state / "tmp"
     return f"""# key service: nginx serving {served} (generated by scripts/keyservice serve-config)
-# run:  nginx -p {state} -c {state}/nginx.conf -g 'daemon off;'
+# run:  nginx -p {state} -e {state}/error.log -c {state}/nginx.conf -g "daemon off;"
 # stop: kill -QUIT $(cat {state}/nginx.pid)
 {user}worker_processes 1;
 pid {state}/nginx.pid;
@@ -1885,7 +1931,7 @@ http {{
     server {{
         listen {listen};
         server_name _;
-        location ~ /\. {{ return 404; }}
+        location ~ /\\. {{ return 404; }}
         location /metadata/ {{
             alias {served}/metadata/;
             add_header Cache-Control "no-cache" always;
@@ -1901,7 +1947,7 @@ http {{
 
 
 def write_nginx_config(served: Path, listen: str, state: Optional[Path] = None) -> Path:
-    served = Path(served).resolve()
+    served = Path(served).absolute()
     if not (served / "metadata").is_dir() or not (served / "targets").is_dir():
         raise KeyServiceError(f"{served} has no metadata/ and targets/ to serve")
     state = Path(state).resolve() if state else served / ".nginx"

@@ -94,9 +94,34 @@ class Stack:
         assert not dead, f"{self.name}: {dead} exited; see {self.opts.state_dir}"
 
 
+def _write_owner(state: Path) -> None:
+    """Mark a state directory as belonging to this pytest process (see pytest_sessionstart)."""
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "owner").write_text(json.dumps(
+        {"pid": os.getpid(), "start_time": gateway._proc_start_time(os.getpid())}))
+
+
+def pytest_sessionstart(session):
+    """Stop stacks and containerd daemons left behind by an earlier pytest run that was killed
+    (its processes run in their own sessions and outlive it). Only state directories whose
+    owning pytest process is gone are touched, and only the processes recorded there."""
+    import tempfile
+
+    for pids in Path(tempfile.gettempdir()).glob("pytest-of-*/pytest-*/*/pids"):
+        try:
+            owner = json.loads((pids.parent / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if gateway._alive(owner["pid"]) and \
+                gateway._proc_start_time(owner["pid"]) == owner["start_time"]:
+            continue
+        gateway.stop_recorded(pids.parent, log=lambda m: print(f"stale: {m}", file=sys.stderr))
+
+
 def _start_stack(tmp_path_factory, name: str, port_offset: int, *, filter: bool,
                  creds: Optional[Tuple[str, str]] = None, **extra) -> Stack:
     state = tmp_path_factory.mktemp(f"stack-{name}")
+    _write_owner(state)
     opts = gateway.Options(
         state_dir=state,
         gateway_addr=f"127.0.0.1:{PORT_BASE + port_offset}",
@@ -222,6 +247,10 @@ disabled_plugins = [
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()
+        _write_owner(self.base)
+        (self.base / "pids").write_text(json.dumps([{
+            "name": "containerd", "pid": self.proc.pid,
+            "start_time": gateway._proc_start_time(self.proc.pid), "argv": self.proc.args}]))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -241,6 +270,7 @@ disabled_plugins = [
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        (self.base / "pids").unlink(missing_ok=True)
 
     def ctr(self, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         return helpers.run(["ctr", "-a", str(self.sock), *args], check=check, timeout=timeout)

@@ -300,3 +300,39 @@ def test_run_script_detach_and_stop(tmp_path):
             time.sleep(0.1)
         assert not Path(f"/proc/{pid}").exists(), f"pid {pid} still running"
     assert not (tmp_path / "state" / "pids").exists()
+
+
+def test_run_script_foreground_stops_on_ctrl_c(tmp_path):
+    """scripts/run in the foreground: serves until SIGINT, then stops what it started."""
+    import signal
+
+    import requests
+
+    env = dict(os.environ, GATEWAY_ADDR="127.0.0.1:15910", REGISTRY_ADDR="127.0.0.1:15911",
+               ENVOY_ADMIN_ADDR="127.0.0.1:15912", GATEWAY_STATE=str(tmp_path / "state"))
+    proc = subprocess.Popen([str(REPO / "scripts" / "run"), "--no-filter"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    pids = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get("http://127.0.0.1:15910/v2/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        pids = [e["pid"] for e in json.loads((tmp_path / "state" / "pids").read_text())]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert "gateway: stopped" in out
+    assert len(pids) == 2
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"

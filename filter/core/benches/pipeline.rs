@@ -16,6 +16,8 @@
 use aes::cipher::{KeyIvInit, StreamCipher};
 use ocicrypt_core::blockcipher::LayerEncryptor;
 use ocicrypt_core::sha256::Sha256State;
+use ocicrypt_core::simd::aes256x8::Aes256x8;
+use ocicrypt_core::simd::sha256x4::{Schedule, Sha256x4};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -101,5 +103,21 @@ fn main() {
             s.update(black_box(&buf));
         }
     });
-    black_box((sha.len(), three[0].len()));
+    let lanes = if ocicrypt_core::simd::HARDWARE {
+        "simd128"
+    } else {
+        "portable"
+    };
+    let aes = Aes256x8::new(&key);
+    b.case(&format!("aes-256-ctr fixsliced x8 ({lanes})"), MIB, || {
+        aes.apply_keystream(&nonce, 0, black_box(&mut buf));
+    });
+    let mut x4 = Sha256x4::new([&[0u32; 8]; 4]);
+    b.case(&format!("sha-256 x4 lanes, per input byte ({lanes})"), MIB, || {
+        for block in black_box(&buf).chunks_exact(64) {
+            let block = block.try_into().unwrap();
+            x4.compress(&Schedule::pc(block, block));
+        }
+    });
+    black_box((sha.len(), three[0].len(), x4.states()));
 }

@@ -25,6 +25,7 @@ pub mod manifest;
 pub mod policy;
 pub mod recipients;
 pub mod sha256;
+pub mod simd;
 pub mod spec;
 pub mod tuf;
 pub mod upload;

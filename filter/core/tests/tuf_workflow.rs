@@ -712,6 +712,38 @@ mod tuf {
     }
 
     #[test]
+    fn snapshot_key_rotation_forgets_cached_timestamp_and_snapshot() {
+        let k = keys();
+        let (root1, mut r) = simple_repo(&k, &[]);
+        let mut up = Updater::new(MetadataCache::new(root1), UpdaterConfig::default());
+        let start = up.start_refresh(NOW);
+        drive(&mut up, &mut r, start).unwrap();
+        assert!(up.cache().timestamp.is_some() && up.cache().snapshot.is_some());
+        // Root v2 rotates the snapshot key; root v3 is bad, so the cycle fails after v2.
+        let s2 = key(30);
+        r.metadata.insert(
+            "2.root.json".into(),
+            sign(&root(2, &[&k.r], &k.t, &s2, &k.g, FUTURE), &[&k.r]),
+        );
+        r.metadata.insert(
+            "3.root.json".into(),
+            sign(&root(3, &[&k.r], &k.t, &s2, &k.g, FUTURE), &[&s2]),
+        );
+        let start = up.start_refresh(NOW);
+        assert!(matches!(
+            repo(drive(&mut up, &mut r, start)),
+            RepositoryError::BadSignature { .. }
+        ));
+        // 5.3.11: v2 is persisted, and with it timestamp and snapshot are forgotten.
+        assert_eq!(up.cache().root, r.metadata["2.root.json"]);
+        assert_eq!(
+            (up.cache().timestamp.as_ref(), up.cache().snapshot.as_ref()),
+            (None, None)
+        );
+        assert!(up.cache().targets.contains_key("targets"));
+    }
+
+    #[test]
     fn download_errors() {
         let k = keys();
         let (root1, mut r) = simple_repo(&k, &[("f", b"x")]);

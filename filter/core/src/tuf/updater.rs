@@ -622,9 +622,17 @@ impl Updater {
                 next_version,
                 remaining,
             } => {
-                self.set()?.update_root(body)?;
+                let set = self.set()?;
+                set.update_root(body)?;
+                let rotated = set.timestamp_or_snapshot_keys_rotated();
                 // 5.3.8
                 self.cache.root = body.to_vec();
+                // 5.3.11 as soon as the rotated root is persisted, so that a later failure in
+                // this cycle cannot leave the old timestamp/snapshot next to it.
+                if rotated {
+                    self.cache.timestamp = None;
+                    self.cache.snapshot = None;
+                }
                 self.next_root(next_version.saturating_add(1), remaining.saturating_sub(1))
             }
             Job::Timestamp => {

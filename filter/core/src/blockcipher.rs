@@ -9,7 +9,8 @@
 
 use crate::digest::Digest;
 use crate::sha256::{hmac_finish, hmac_init, Sha256State};
-use aes::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
+use crate::simd::sha256x4::{Schedule, Sha256x4};
+use aes::cipher::{InnerIvInit, KeyInit, KeyIvInit, StreamCipher, StreamCipherSeek};
 use hmac::Mac;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -21,6 +22,11 @@ const STATE_VERSION: u8 = 1;
 const STATE_LEN: usize = 1 + 32 + 16 + 8 + 3 * Sha256State::SERIALIZED_LEN;
 /// `hmac_init` absorbs one 64-byte pad block before any ciphertext.
 const HMAC_PAD_LEN: u64 = 64;
+/// SHA-256 block: the data-parallel path works on whole blocks from a block boundary.
+const BLOCK: usize = 64;
+/// Bytes the data-parallel path encrypts before hashing them (a copy of the plaintext of one
+/// tile stays on the stack meanwhile).
+const TILE: usize = 4096;
 
 /// Why a cipher state or a ciphertext was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -75,7 +81,8 @@ pub enum CipherError {
 pub struct LayerEncryptor {
     symkey: Zeroizing<[u8; 32]>,
     nonce: [u8; 16],
-    cipher: Aes256Ctr,
+    /// The expanded key; the CTR position is derived from `offset` on every call.
+    aes: aes::Aes256,
     offset: u64,
     plain: Sha256State,
     encrypted: Sha256State,
@@ -122,12 +129,12 @@ impl LayerEncryptor {
     /// Starts a layer with the given key and initial counter block.
     pub fn new(symkey: [u8; 32], nonce: [u8; 16]) -> Self {
         let symkey = Zeroizing::new(symkey);
-        let cipher = Aes256Ctr::new((&*symkey).into(), (&nonce).into());
+        let aes = aes::Aes256::new((&*symkey).into());
         let mac = hmac_init(&symkey);
         LayerEncryptor {
             symkey,
             nonce,
-            cipher,
+            aes,
             offset: 0,
             plain: Sha256State::new(),
             encrypted: Sha256State::new(),
@@ -145,16 +152,81 @@ impl LayerEncryptor {
     }
 
     /// Encrypts the next `chunk` of the blob in place and updates the digests and the HMAC.
+    ///
+    /// On wasm with `simd128` this is [`Self::encrypt_in_place_lanes`], elsewhere
+    /// [`Self::encrypt_in_place_scalar`]; both give the same bytes and state.
     pub fn encrypt_in_place(&mut self, chunk: &mut [u8]) {
-        self.plain.update(chunk);
-        if self.cipher.try_apply_keystream(chunk).is_err() {
-            // Unreachable: a 128-bit counter that starts at block 0 outlasts any u64 offset.
-            // Should it ever happen, plaintext must still not leave the gateway.
-            chunk.zeroize();
+        if crate::simd::HARDWARE {
+            self.encrypt_in_place_lanes(chunk);
+        } else {
+            self.encrypt_in_place_scalar(chunk);
         }
+    }
+
+    /// One pass per function: hash the plaintext, encrypt, hash the ciphertext twice. Fastest
+    /// where AES and SHA-256 have instructions (`aes` and `sha2` detect AES-NI and SHA-NI).
+    pub fn encrypt_in_place_scalar(&mut self, chunk: &mut [u8]) {
+        self.plain.update(chunk);
+        self.apply_keystream(chunk);
         self.encrypted.update(chunk);
         self.mac.update(chunk);
         self.offset = self.offset.wrapping_add(chunk.len() as u64);
+    }
+
+    /// The three hashes advance together in the lanes of one vector (see [`crate::simd`]):
+    /// whole blocks from a block boundary go through [`Sha256x4`], the bytes before the first
+    /// boundary and after the last one through [`Self::encrypt_in_place_scalar`].
+    pub fn encrypt_in_place_lanes(&mut self, chunk: &mut [u8]) {
+        let to_boundary = (BLOCK as u64 - self.offset % BLOCK as u64) as usize % BLOCK;
+        let (head, rest) = chunk.split_at_mut(to_boundary.min(chunk.len()));
+        self.encrypt_in_place_scalar(head);
+        let (body, tail) = rest.as_chunks_mut::<BLOCK>();
+        self.encrypt_blocks_lanes(body);
+        self.encrypt_in_place_scalar(tail);
+    }
+
+    /// Encrypts whole blocks from a block boundary of the stream (all three hash states are
+    /// then on a block boundary too: the HMAC's is one pad block ahead).
+    fn encrypt_blocks_lanes(&mut self, blocks: &mut [[u8; BLOCK]]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let (Some(p), Some(c), Some(m)) = (
+            self.plain.chaining_value(),
+            self.encrypted.chaining_value(),
+            self.mac.chaining_value(),
+        ) else {
+            // Unreachable while the states agree with `offset` (checked on restore).
+            self.encrypt_in_place_scalar(blocks.as_flattened_mut());
+            return;
+        };
+        let mut lanes = Sha256x4::new([&p, &c, &m, &c]);
+        let mut plain = [[0u8; BLOCK]; TILE / BLOCK];
+        for tile in blocks.chunks_mut(TILE / BLOCK) {
+            let kept = plain.get_mut(..tile.len()).unwrap_or_default();
+            kept.copy_from_slice(tile);
+            self.apply_keystream(tile.as_flattened_mut());
+            self.offset = self.offset.wrapping_add(tile.as_flattened().len() as u64);
+            for (p, c) in kept.iter().zip(tile.iter()) {
+                lanes.compress(&Schedule::pc(p, c));
+            }
+        }
+        plain.zeroize();
+        let [p, c, m, _] = lanes.states();
+        let n = blocks.len() as u64;
+        self.plain.advance_blocks(p, n);
+        self.encrypted.advance_blocks(c, n);
+        self.mac.advance_blocks(m, n);
+    }
+
+    /// XORs `data` with the keystream from byte `self.offset` on (does not move `offset`).
+    fn apply_keystream(&self, data: &mut [u8]) {
+        let mut ctr = ctr_from(&self.aes, &self.nonce);
+        if ctr.try_seek(self.offset).is_err() || ctr.try_apply_keystream(data).is_err() {
+            // Unreachable: a 128-bit counter that starts at block 0 outlasts any u64 offset.
+            // Should it ever happen, plaintext must still not leave the gateway.
+            data.zeroize();
+        }
     }
 
     /// Bytes encrypted so far.
@@ -214,14 +286,14 @@ impl LayerEncryptor {
                 mac: mac.len(),
             });
         }
-        let mut cipher = Aes256Ctr::new((&*symkey).into(), (&nonce).into());
-        cipher
+        let aes = aes::Aes256::new((&*symkey).into());
+        ctr_from(&aes, &nonce)
             .try_seek(offset)
             .map_err(|_| CipherError::Seek(offset))?;
         Ok(LayerEncryptor {
             symkey,
             nonce,
-            cipher,
+            aes,
             offset,
             plain,
             encrypted,
@@ -240,6 +312,11 @@ impl LayerEncryptor {
             nonce: self.nonce,
         }
     }
+}
+
+/// CTR mode over an already expanded key, at the start of the stream.
+fn ctr_from(aes: &aes::Aes256, nonce: &[u8; 16]) -> Aes256Ctr {
+    Aes256Ctr::from_core(ctr::CtrCore::inner_iv_init(aes.clone(), nonce.into()))
 }
 
 fn take<const N: usize>(bytes: &[u8]) -> Result<([u8; N], &[u8]), CipherError> {

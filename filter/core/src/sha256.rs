@@ -140,6 +140,20 @@ impl Sha256State {
         Some((state, rest))
     }
 
+    /// The chaining value, if the state sits on a block boundary (nothing buffered), so that
+    /// whole blocks can be compressed elsewhere (e.g. several states at once in SIMD lanes)
+    /// and handed back with [`Self::advance_blocks`].
+    pub(crate) fn chaining_value(&self) -> Option<[u32; 8]> {
+        (self.buffered() == 0).then_some(self.h)
+    }
+
+    /// Takes the chaining value `h` reached by compressing `blocks` more whole blocks from the
+    /// boundary where [`Self::chaining_value`] was read.
+    pub(crate) fn advance_blocks(&mut self, h: [u32; 8], blocks: u64) {
+        self.h = h;
+        self.total = self.total.wrapping_add(blocks.wrapping_mul(BLOCK as u64));
+    }
+
     /// Number of bytes absorbed so far.
     pub fn len(&self) -> u64 {
         self.total

@@ -39,10 +39,12 @@ fn vector_ops_match_scalar() {
             U32x4::new(b[0], b[1], b[2], b[3]),
             U32x4::new(m[0], m[1], m[2], m[3]),
         );
-        let each = |f: &dyn Fn(u32, u32, u32) -> u32| {
-            [0, 1, 2, 3].map(|i| f(a[i], b[i], m[i]))
-        };
-        assert_eq!((va + vb).lanes(), each(&|x, y, _| x.wrapping_add(y)), "seed {seed}");
+        let each = |f: &dyn Fn(u32, u32, u32) -> u32| [0, 1, 2, 3].map(|i| f(a[i], b[i], m[i]));
+        assert_eq!(
+            (va + vb).lanes(),
+            each(&|x, y, _| x.wrapping_add(y)),
+            "seed {seed}"
+        );
         assert_eq!((va ^ vb).lanes(), each(&|x, y, _| x ^ y));
         assert_eq!((va & vb).lanes(), each(&|x, y, _| x & y));
         assert_eq!((va | vb).lanes(), each(&|x, y, _| x | y));
@@ -53,11 +55,17 @@ fn vector_ops_match_scalar() {
         );
         assert_eq!(va.shl::<7>().lanes(), each(&|x, _, _| x << 7));
         assert_eq!(va.shr::<13>().lanes(), each(&|x, _, _| x >> 13));
-        assert_eq!(va.rotr::<6, 26>().lanes(), each(&|x, _, _| x.rotate_right(6)));
+        assert_eq!(
+            va.rotr::<6, 26>().lanes(),
+            each(&|x, _, _| x.rotate_right(6))
+        );
         let bytes: [u8; 16] = rng.gen();
         let v = U32x4::from_bytes(&bytes);
         assert_eq!(v.to_bytes(), bytes);
-        assert_eq!(v.lanes()[1], u32::from_le_bytes(bytes[4..8].try_into().unwrap()));
+        assert_eq!(
+            v.lanes()[1],
+            u32::from_le_bytes(bytes[4..8].try_into().unwrap())
+        );
         let (lo, hi): (u64, u64) = rng.gen();
         let mut want = [0u8; 16];
         want[..8].copy_from_slice(&lo.to_le_bytes());
@@ -153,7 +161,10 @@ fn random_ctr_splits_and_wrap_match_ctr_crate() {
             aes.apply_keystream(&nonce, start + pos as u64, &mut data[pos..pos + n]);
             pos += n;
         }
-        assert_eq!(data, want, "seed {seed} round {round} start {start} len {len}");
+        assert_eq!(
+            data, want,
+            "seed {seed} round {round} start {start} len {len}"
+        );
     }
 }
 
@@ -257,7 +268,9 @@ fn random_states_and_blocks_match_compress256() {
         let steps = rng.gen_range(1..4);
         let mut want = states;
         for _ in 0..steps {
-            x.compress(&Schedule::four([&blocks[0], &blocks[1], &blocks[2], &blocks[3]]));
+            x.compress(&Schedule::four([
+                &blocks[0], &blocks[1], &blocks[2], &blocks[3],
+            ]));
             for (h, b) in want.iter_mut().zip(&blocks) {
                 compress_ref(h, b);
             }

@@ -10,6 +10,7 @@ use super::vector::shuffle32;
 use super::U32x4;
 
 /// FIPS 180-4 §4.2.2 round constants, one per lane.
+#[allow(clippy::indexing_slicing)] // evaluated at compile time: a bad index fails the build
 const K: [[U32x4; 16]; 4] = {
     const K32: [u32; 64] = [
         0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,

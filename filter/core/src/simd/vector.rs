@@ -107,8 +107,8 @@ pub(crate) mod imp {
     #[inline(always)]
     pub fn from_bytes(b: &[u8; 16]) -> Inner {
         let mut out = [0u32; 4];
-        for (o, w) in out.iter_mut().zip(b.chunks_exact(4)) {
-            *o = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        for (o, w) in out.iter_mut().zip(b.as_chunks::<4>().0) {
+            *o = u32::from_le_bytes(*w);
         }
         out
     }

@@ -39,11 +39,17 @@ enum Flow {
     Finishing {
         repository: String,
         completion: Completion,
+        /// The session whose saved state is dropped once the registry committed the blob (a
+        /// refused finish, e.g. a 401 the client retries with credentials, must find it again).
+        upload: Option<(String, bool)>,
     },
     /// `PUT` of a manifest: buffered, then rewritten.
     Manifest {
         repository: String,
         content_type: String,
+        /// Digest of the body the client pushed, once seen: the answer names it (containerd
+        /// refuses a `Docker-Content-Digest` other than its own).
+        client_digest: Option<Digest>,
     },
 }
 
@@ -310,10 +316,10 @@ impl Gateway {
                     let new_path =
                         distribution::rewrite_query(&path, &["digest"], &[("digest", &stored)]);
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
-                    self.drop_state(&id, had_state)?;
                     self.flow = Flow::Finishing {
                         repository,
                         completion,
+                        upload: Some((id, had_state)),
                     };
                 }
                 Ok(Action::Continue)
@@ -368,6 +374,7 @@ impl Gateway {
                 self.flow = Flow::Manifest {
                     repository,
                     content_type,
+                    client_digest: None,
                 };
                 Ok(Action::Continue)
             }
@@ -462,11 +469,13 @@ impl Gateway {
         let Flow::Manifest {
             repository,
             content_type,
-        } = &self.flow
+            client_digest,
+        } = &mut self.flow
         else {
             return Ok(Action::Continue);
         };
         let body = host::body(BufferType::HttpRequestBody, body_size)?;
+        *client_digest = Some(Digest::of(&body));
         let repo = repository.clone();
         let lookup = |d: &Digest| -> Option<LedgerEntry> {
             SharedData
@@ -497,7 +506,15 @@ impl Gateway {
     }
 
     /// Records an encrypted blob and makes the answer speak of the client's digest.
-    fn commit(&self, repository: &str, completion: &Completion) -> Result<(), OciError> {
+    fn commit(
+        &self,
+        repository: &str,
+        completion: &Completion,
+        upload: Option<&(String, bool)>,
+    ) -> Result<(), OciError> {
+        if let Some((id, had_state)) = upload {
+            self.drop_state(id, *had_state)?;
+        }
         if let Some(entry) = &completion.ledger {
             SharedData.set(
                 &ledger::key(repository, &completion.client_digest),
@@ -576,12 +593,10 @@ impl Gateway {
                         "could not reach the registry to finish the upload; nothing was stored",
                     )
                 })?;
-                if let Some(id) = &flow.upload_id {
-                    self.drop_state(id, flow.had_state)?;
-                }
                 self.flow = Flow::Finishing {
                     repository: flow.repository,
                     completion,
+                    upload: flow.upload_id.map(|id| (id, flow.had_state)),
                 };
                 // Held until the finishing PUT answers; then turned into the client's 201.
                 Ok(Action::Pause)
@@ -589,10 +604,34 @@ impl Gateway {
             Flow::Finishing {
                 repository,
                 completion,
+                upload,
             } => {
                 if status == "201" {
-                    self.commit(&repository, &completion)?;
+                    self.commit(&repository, &completion, upload.as_ref())?;
                 }
+                Ok(Action::Continue)
+            }
+            Flow::Manifest {
+                client_digest: Some(client_digest),
+                ..
+            } if status == "201" => {
+                // What was stored has another digest; say it in a header of our own, and keep
+                // the client's in Docker-Content-Digest.
+                if let Some(stored) =
+                    host::header(MapType::HttpResponseHeaders, "docker-content-digest")
+                {
+                    host::set_header(
+                        MapType::HttpResponseHeaders,
+                        "x-ocicrypt-stored-digest",
+                        Some(&stored),
+                    )?;
+                }
+                let digest = client_digest.to_string();
+                host::set_header(
+                    MapType::HttpResponseHeaders,
+                    "docker-content-digest",
+                    Some(&digest),
+                )?;
                 Ok(Action::Continue)
             }
             _ => Ok(Action::Continue),
@@ -647,6 +686,7 @@ impl Gateway {
             Flow::Finishing {
                 repository,
                 completion,
+                upload,
             } => {
                 if status != "201" {
                     return Err(registry_refusal("commit the encrypted blob", &status));
@@ -655,7 +695,7 @@ impl Gateway {
                 host::set_header(MapType::HttpResponseHeaders, "range", None)?;
                 host::set_header(MapType::HttpResponseHeaders, "docker-upload-uuid", None)?;
                 host::set_header(MapType::HttpResponseHeaders, "content-length", Some("0"))?;
-                self.commit(&repository, &completion)?;
+                self.commit(&repository, &completion, upload.as_ref())?;
                 hostcalls::resume_http_response()
                     .map_err(|_| OciError::new(Code::Unknown, "could not resume the response"))?;
                 Ok(())

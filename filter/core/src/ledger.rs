@@ -1,20 +1,44 @@
 //! The ledger: what the gateway encrypted, keyed by repository and plaintext digest, so that the
 //! manifest (which names layers by their plaintext digests) can be rewritten to the ciphertext.
+//!
+//! Manifests whose digest changes when they are rewritten are ledgered too (plaintext manifest
+//! digest → stored manifest), so that an index naming its children, or a referrer naming its
+//! `subject`, by the digest the client computed can be pointed at what the registry holds. A
+//! manifest entry carries its stored [`LedgerEntry::media_type`]; a blob entry has none.
+//!
+//! A child manifest pushed by digest cannot be stored under that digest once rewritten, so the
+//! adapter stores it under a reserved tag ([`ledger_tag`]) instead. Reserved tags start with
+//! [`RESERVED_TAG_PREFIX`] and belong to the gateway: clients must not write or delete them
+//! ([`is_reserved_tag`]).
 use std::collections::BTreeMap;
 
 use crate::digest::Digest;
+use crate::manifest::Rewritten;
 
-/// One encrypted blob, as the manifest rewrite needs it. Holds no secret: the symkey only
-/// appears wrapped inside the `keys.jwe` annotation.
+/// Prefix of every tag the gateway reserves for itself.
+pub const RESERVED_TAG_PREFIX: &str = "ocicrypt.";
+
+/// Prefix of the tag under which a rewritten manifest pushed by digest is stored, followed by
+/// the 64 hex digits of the digest the client pushed it under.
+const LEDGER_TAG_PREFIX: &str = "ocicrypt.sha256-";
+
+/// One encrypted blob or rewritten manifest, as the manifest rewrite needs it. Holds no secret:
+/// the symkey only appears wrapped inside the `keys.jwe` annotation.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerEntry {
-    /// Digest of the ciphertext blob the registry stores.
+    /// Digest of the ciphertext blob, or of the rewritten manifest, the registry stores.
     pub encrypted_digest: Digest,
-    /// Blob size (CTR keeps the plaintext size).
+    /// Blob size (CTR keeps the plaintext size), or size of the rewritten manifest.
     pub size: u64,
-    /// `org.opencontainers.image.enc.*` annotations to add to the layer descriptor.
+    /// `org.opencontainers.image.enc.*` annotations to add to the layer descriptor (empty for
+    /// a manifest).
     pub annotations: BTreeMap<String, String>,
+    /// Media type of the stored manifest (a Docker v2s2 manifest is stored as an OCI image
+    /// manifest, a Docker manifest list as an OCI index); `None` for a blob. Left out of the
+    /// serialized form when `None`, so blob entries read and write as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
 }
 
 /// Shared-data key of a ledger entry. Repository names are `[a-z0-9._/-]`, so `@` separates.
@@ -23,14 +47,246 @@ pub fn key(repository: &str, plaintext: &Digest) -> String {
 }
 
 impl LedgerEntry {
+    /// The entry for a manifest once the registry stored it: digest and length of the
+    /// rewritten body, the media type it was stored as, no annotations. Record it under the
+    /// digest the client pushed the manifest under.
+    pub fn for_manifest(rewritten: &Rewritten) -> LedgerEntry {
+        LedgerEntry {
+            encrypted_digest: rewritten.digest(),
+            size: u64::try_from(rewritten.body.len()).unwrap_or(u64::MAX),
+            annotations: BTreeMap::new(),
+            media_type: Some(rewritten.descriptor_media_type().to_string()),
+        }
+    }
+
+    /// True when the entry describes a manifest rather than a blob.
+    pub fn is_manifest(&self) -> bool {
+        self.media_type.is_some()
+    }
+
     /// Serialized form kept in shared data.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Reads an entry written by [`LedgerEntry::to_bytes`]; `None` for anything else (an empty
-    /// value marks a removed entry).
+    /// Reads an entry written by [`LedgerEntry::to_bytes`] (including entries written before
+    /// `media_type` existed); `None` for anything else (an empty value marks a removed entry).
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// The reserved tag under which a manifest pushed by digest `d` is stored once rewritten:
+/// `ocicrypt.sha256-<64 hex>` (80 characters, a valid OCI tag).
+pub fn ledger_tag(d: &Digest) -> String {
+    format!("{LEDGER_TAG_PREFIX}{}", hex::encode(d.0))
+}
+
+/// The digest a tag made by [`ledger_tag`] stands for; `None` for any other reference.
+pub fn digest_of_ledger_tag(tag: &str) -> Option<Digest> {
+    let hex_part = tag.strip_prefix(LEDGER_TAG_PREFIX)?;
+    Digest::parse(&format!("sha256:{hex_part}")).ok()
+}
+
+/// True when a manifest reference (the last segment of `/v2/<name>/manifests/<reference>`) is
+/// a tag reserved to the gateway, which clients must not write or delete: it starts with
+/// [`RESERVED_TAG_PREFIX`]. Compared without regard to ASCII case and after percent-decoding,
+/// so that no spelling a registry might normalize slips through.
+pub fn is_reserved_tag(reference: &str) -> bool {
+    let decoded = percent_decode(reference);
+    decoded
+        .get(..RESERVED_TAG_PREFIX.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(RESERVED_TAG_PREFIX.as_bytes()))
+}
+
+/// Decodes `%XX` escapes (invalid escapes are kept as they are).
+fn percent_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.as_bytes().iter();
+    while let Some(&b) = bytes.next() {
+        if b != b'%' {
+            out.push(b);
+            continue;
+        }
+        let rest = bytes.as_slice();
+        match rest
+            .get(..2)
+            .filter(|pair| pair.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|pair| std::str::from_utf8(pair).ok())
+            .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        {
+            Some(decoded) => {
+                out.push(decoded);
+                bytes.nth(1);
+            }
+            None => out.push(b),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob_entry() -> LedgerEntry {
+        LedgerEntry {
+            encrypted_digest: Digest::of(b"ciphertext"),
+            size: 42,
+            annotations: BTreeMap::from([(
+                "org.opencontainers.image.enc.pubopts".to_string(),
+                "e30=".to_string(),
+            )]),
+            media_type: None,
+        }
+    }
+
+    #[test]
+    fn serde_round_trips_old_and_new_format() {
+        let cipher = Digest::of(b"ciphertext");
+        // Written before `media_type` existed: still a blob entry.
+        let old = format!(
+            r#"{{"encrypted_digest":"{cipher}","size":42,"annotations":{{"org.opencontainers.image.enc.pubopts":"e30="}}}}"#
+        );
+        assert_eq!(LedgerEntry::from_bytes(old.as_bytes()), Some(blob_entry()));
+        // A blob entry is written exactly as before, so older readers still read it.
+        assert_eq!(blob_entry().to_bytes(), old.into_bytes());
+
+        let manifest = LedgerEntry {
+            encrypted_digest: cipher,
+            size: 1234,
+            annotations: BTreeMap::new(),
+            media_type: Some("application/vnd.oci.image.index.v1+json".to_string()),
+        };
+        let bytes = manifest.to_bytes();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(
+            text.contains(r#""media_type":"application/vnd.oci.image.index.v1+json""#),
+            "{text}"
+        );
+        assert_eq!(LedgerEntry::from_bytes(&bytes), Some(manifest.clone()));
+        assert!(manifest.is_manifest());
+        assert!(!blob_entry().is_manifest());
+
+        // Explicit null reads as a blob entry.
+        let null = format!(
+            r#"{{"encrypted_digest":"{cipher}","size":1,"annotations":{{}},"media_type":null}}"#
+        );
+        assert_eq!(
+            LedgerEntry::from_bytes(null.as_bytes()).map(|e| e.media_type),
+            Some(None)
+        );
+    }
+
+    #[test]
+    fn from_bytes_refuses_other_shapes() {
+        let cipher = Digest::of(b"ciphertext");
+        for bad in [
+            String::new(),
+            "{}".to_string(),
+            format!(r#"{{"encrypted_digest":"{cipher}","size":1,"annotations":{{}},"extra":1}}"#),
+            format!(
+                r#"{{"encrypted_digest":"{cipher}","size":1,"annotations":{{}},"media_type":7}}"#
+            ),
+            r#"{"encrypted_digest":"sha512:00","size":1,"annotations":{}}"#.to_string(),
+        ] {
+            assert_eq!(LedgerEntry::from_bytes(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn entry_for_a_rewritten_manifest() {
+        let body = br#"{"schemaVersion":2}"#.to_vec();
+        for (content_type, stored) in [
+            (
+                "application/vnd.oci.image.manifest.v1+json",
+                "application/vnd.oci.image.manifest.v1+json",
+            ),
+            (
+                "application/vnd.oci.image.index.v1+json; charset=utf-8",
+                "application/vnd.oci.image.index.v1+json",
+            ),
+            (
+                "Application/VND.OCI.image.manifest.v1+json",
+                "application/vnd.oci.image.manifest.v1+json",
+            ),
+        ] {
+            let rewritten = Rewritten {
+                body: body.clone(),
+                media_type: content_type.to_string(),
+                encrypted_layers: 0,
+                rewritten_references: 0,
+            };
+            let entry = LedgerEntry::for_manifest(&rewritten);
+            assert_eq!(entry.encrypted_digest, Digest::of(&body));
+            assert_eq!(entry.size, body.len() as u64);
+            assert!(entry.annotations.is_empty());
+            assert_eq!(entry.media_type.as_deref(), Some(stored), "{content_type}");
+        }
+    }
+
+    /// The OCI distribution spec's tag grammar, `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
+    fn is_valid_tag(tag: &str) -> bool {
+        let mut chars = tag.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            && tag.len() <= 128
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    }
+
+    #[test]
+    fn ledger_tags() {
+        let d = Digest::of(b"manifest");
+        let tag = ledger_tag(&d);
+        assert_eq!(tag, format!("ocicrypt.sha256-{}", hex::encode(d.0)));
+        assert_eq!(tag.len(), 80);
+        assert!(is_valid_tag(&tag), "{tag}");
+        assert!(is_reserved_tag(&tag));
+        assert_eq!(digest_of_ledger_tag(&tag), Some(d));
+
+        for other in [
+            "latest",
+            "ocicrypt.sha256-",
+            "ocicrypt.sha256-abc",
+            &format!("ocicrypt.sha256-{}", hex::encode(d.0).to_uppercase()),
+            &format!("ocicrypt.sha256-{}0", hex::encode(d.0)),
+            &format!("ocicrypt.sha512-{}", hex::encode(d.0)),
+            &format!("sha256-{}", hex::encode(d.0)),
+            &d.to_string(),
+        ] {
+            assert_eq!(digest_of_ledger_tag(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn reserved_tags() {
+        for reserved in [
+            "ocicrypt.",
+            "ocicrypt.sha256-00",
+            "ocicrypt.ledger",
+            "OCICRYPT.anything",
+            "Ocicrypt.x",
+            "ocicrypt%2Esha256-00",
+            "ocicrypt%2esha256-00",
+            "%6Fcicrypt.x",
+        ] {
+            assert!(is_reserved_tag(reserved), "{reserved}");
+        }
+        for free in [
+            "latest",
+            "v1.0",
+            "ocicrypt",
+            "ocicrypt-1.0",
+            "ocicrypt_x",
+            "my.ocicrypt.x",
+            "sha256-0123.sig",
+            "ocicrypt%2",
+            "ocicrypt%+E",
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "",
+        ] {
+            assert!(!is_reserved_tag(free), "{free}");
+        }
     }
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod digest;
 pub mod distribution;
 pub mod error;
+pub mod index;
 pub mod keyservice;
 pub mod keywrap;
 pub mod ledger;

@@ -8,6 +8,11 @@
 //! media types), and refuses anything that would leave plaintext behind or store a layer no
 //! runtime can decrypt.
 //!
+//! Rewriting changes a manifest's digest, so manifests are ledgered too (see
+//! [`crate::ledger`]): an index (or Docker manifest list, stored as an OCI index) has its
+//! children pointed at the manifests the registry stores, and a `subject` naming a rewritten
+//! manifest is pointed at the stored one (see [`crate::index`]).
+//!
 //! The JSON is edited in place (`serde_json` with `preserve_order`), so unknown fields,
 //! annotations, `subject` and `artifactType` survive and field order is kept. A manifest that
 //! needs no change is returned byte for byte, so its digest (and any signature over it) stays.
@@ -15,6 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::digest::Digest;
 use crate::error::{Code, OciError};
+use crate::index;
 use crate::ledger::LedgerEntry;
 use crate::spec;
 
@@ -38,7 +44,7 @@ const MANIFEST_FIELDS: &[&str] = &[
     "annotations",
 ];
 /// Descriptor fields whose spelling is checked, for the same reason.
-const DESCRIPTOR_FIELDS: &[&str] = &[
+pub(crate) const DESCRIPTOR_FIELDS: &[&str] = &[
     "mediaType",
     "artifactType",
     "digest",
@@ -58,21 +64,57 @@ pub struct Rewritten {
     pub media_type: String,
     /// How many layer descriptors were replaced by their encrypted form.
     pub encrypted_layers: usize,
+    /// How many references to other manifests (index children, `subject`) were pointed at the
+    /// manifest the registry stores.
+    pub rewritten_references: usize,
+}
+
+impl Rewritten {
+    /// Digest of the manifest the registry will store (of [`Rewritten::body`]).
+    pub fn digest(&self) -> Digest {
+        Digest::of(&self.body)
+    }
+
+    /// The media type a descriptor of the stored manifest carries: [`Rewritten::media_type`]
+    /// without Content-Type parameters, spelled as the spec spells it.
+    pub fn descriptor_media_type(&self) -> &str {
+        match kind_of(&self.media_type) {
+            Some(kind) => kind.stored_media_type(),
+            None => essence(&self.media_type),
+        }
+    }
 }
 
 /// Why a manifest cannot be stored in an encrypted repository. Every variant becomes a
-/// `MANIFEST_INVALID` answer through [`ManifestError::to_oci`].
+/// `MANIFEST_INVALID` answer through [`ManifestError::to_oci`], except
+/// [`ManifestError::DigestMismatch`] (`DIGEST_INVALID`) and [`ManifestError::Serialize`]
+/// (`UNKNOWN`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
-    /// OCI image index or Docker manifest list.
+    /// A manifest pushed by digest whose body has another digest.
     #[error(
-        "multi-platform indexes are not supported yet in encrypted repositories \
-         (Content-Type {content_type:?}): push a single-platform image manifest (e.g. with \
-         --platform), or push the index to an unencrypted repository"
+        "the manifest body has digest {actual} but was pushed as {pushed}: push the manifest \
+         under its own digest"
     )]
-    IndexNotSupported {
-        /// The request's Content-Type.
-        content_type: String,
+    DigestMismatch {
+        /// The digest in the request path.
+        pushed: Digest,
+        /// Digest of the body.
+        actual: Digest,
+    },
+    /// An index child that is not a manifest the gateway stored in this repository.
+    #[error(
+        "manifests[{child}] {digest} (platform {platform}) was not pushed through the encrypting \
+         gateway into this repository, so the index cannot name what the registry stores: push \
+         every child manifest through the gateway into this repository first, then the index"
+    )]
+    UnknownChild {
+        /// Index of the child in `manifests`.
+        child: usize,
+        /// The child's digest as written.
+        digest: String,
+        /// The child's platform (`os/architecture[/variant]`, or `none`).
+        platform: String,
     },
     /// Docker schema 1 manifests cannot describe encrypted layers.
     #[error(
@@ -86,9 +128,9 @@ pub enum ManifestError {
     /// Any other (or a missing) Content-Type.
     #[error(
         "manifest Content-Type {content_type:?} is not an image manifest the gateway can encrypt: \
-         send an OCI image manifest (application/vnd.oci.image.manifest.v1+json) or a Docker v2 \
-         schema 2 manifest with its media type as Content-Type, or push this artifact to an \
-         unencrypted repository"
+         send an OCI image manifest (application/vnd.oci.image.manifest.v1+json) or index, or a \
+         Docker v2 schema 2 manifest or manifest list, with its media type as Content-Type, or \
+         push this artifact to an unencrypted repository"
     )]
     UnsupportedMediaType {
         /// The request's Content-Type.
@@ -232,10 +274,12 @@ pub enum ManifestError {
 
 impl ManifestError {
     /// The OCI error answer: `MANIFEST_INVALID` (400) for everything the client can fix,
-    /// `UNKNOWN` (500) for a serialization failure.
+    /// `DIGEST_INVALID` (400) for a body that does not match its digest, `UNKNOWN` (500) for a
+    /// serialization failure.
     pub fn to_oci(&self) -> OciError {
         let code = match self {
             ManifestError::Serialize { .. } => Code::Unknown,
+            ManifestError::DigestMismatch { .. } => Code::DigestInvalid,
             _ => Code::ManifestInvalid,
         };
         OciError::new(code, self.to_string())
@@ -261,11 +305,29 @@ pub fn stored_content_type(request_content_type: &str) -> &str {
     }
 }
 
+/// Checks that a manifest pushed by digest (`PUT /v2/<name>/manifests/<digest>`) has that
+/// digest. The registry cannot check it when the gateway stores the rewritten manifest under a
+/// reserved tag ([`crate::ledger::ledger_tag`]) instead, so the gateway must before it ledgers
+/// the manifest under `pushed`.
+pub fn verify_pushed_digest(body: &[u8], pushed: &Digest) -> Result<(), ManifestError> {
+    let actual = Digest::of(body);
+    if actual == *pushed {
+        Ok(())
+    } else {
+        Err(ManifestError::DigestMismatch {
+            pushed: *pushed,
+            actual,
+        })
+    }
+}
+
 /// The manifest kinds that can be rewritten.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Oci,
     Docker,
+    OciIndex,
+    DockerList,
 }
 
 impl Kind {
@@ -274,22 +336,42 @@ impl Kind {
         match self {
             Kind::Oci => spec::MEDIA_TYPE_OCI_MANIFEST,
             Kind::Docker => spec::MEDIA_TYPE_DOCKER_MANIFEST,
+            Kind::OciIndex => spec::MEDIA_TYPE_OCI_INDEX,
+            Kind::DockerList => spec::MEDIA_TYPE_DOCKER_MANIFEST_LIST,
         }
     }
+
+    /// The media type the manifest is stored as.
+    fn stored_media_type(self) -> &'static str {
+        match self {
+            Kind::Oci | Kind::Docker => spec::MEDIA_TYPE_OCI_MANIFEST,
+            Kind::OciIndex | Kind::DockerList => spec::MEDIA_TYPE_OCI_INDEX,
+        }
+    }
+
+    fn is_docker(self) -> bool {
+        matches!(self, Kind::Docker | Kind::DockerList)
+    }
+
+    fn is_index(self) -> bool {
+        matches!(self, Kind::OciIndex | Kind::DockerList)
+    }
+}
+
+/// The kind of a Content-Type the gateway rewrites, if it is one.
+fn kind_of(content_type: &str) -> Option<Kind> {
+    let media_type = essence(content_type);
+    [Kind::Oci, Kind::Docker, Kind::OciIndex, Kind::DockerList]
+        .into_iter()
+        .find(|kind| media_type.eq_ignore_ascii_case(kind.media_type()))
 }
 
 /// Decides from the request's Content-Type whether the manifest can be rewritten.
 fn classify(content_type: &str) -> Result<Kind, ManifestError> {
     let media_type = essence(content_type);
     let is = |t: &str| media_type.eq_ignore_ascii_case(t);
-    if is(spec::MEDIA_TYPE_OCI_MANIFEST) {
-        Ok(Kind::Oci)
-    } else if is(spec::MEDIA_TYPE_DOCKER_MANIFEST) {
-        Ok(Kind::Docker)
-    } else if is(spec::MEDIA_TYPE_OCI_INDEX) || is(spec::MEDIA_TYPE_DOCKER_MANIFEST_LIST) {
-        Err(ManifestError::IndexNotSupported {
-            content_type: content_type.to_string(),
-        })
+    if let Some(kind) = kind_of(content_type) {
+        Ok(kind)
     } else if is(MEDIA_TYPE_DOCKER_SCHEMA1) || is(MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED) {
         Err(ManifestError::Schema1 {
             content_type: content_type.to_string(),
@@ -345,7 +427,7 @@ fn go_folds_to(key: &str, known: &str) -> bool {
 
 /// Refuses field names that the registry's decoder would read as one of `known` although they
 /// are spelled differently.
-fn check_spelling(
+pub(crate) fn check_spelling(
     object: &Map<String, Value>,
     known: &[&str],
     path: &str,
@@ -366,7 +448,8 @@ fn prefix(path: &str) -> String {
     format!("{path}.")
 }
 
-fn malformed(field: String, reason: &str) -> ManifestError {
+/// A [`ManifestError::Malformed`] for `field`.
+pub(crate) fn malformed(field: String, reason: &str) -> ManifestError {
     ManifestError::Malformed {
         field,
         reason: reason.to_string(),
@@ -374,14 +457,17 @@ fn malformed(field: String, reason: &str) -> ManifestError {
 }
 
 /// The fields of a descriptor the rewrite decides on.
-struct Descriptor {
-    media_type: String,
-    digest: String,
-    size: u64,
+pub(crate) struct Descriptor {
+    /// `mediaType`.
+    pub(crate) media_type: String,
+    /// `digest`, as written.
+    pub(crate) digest: String,
+    /// `size`.
+    pub(crate) size: u64,
 }
 
 /// Reads and checks the `mediaType`, `digest` and `size` of a descriptor object.
-fn read_descriptor(value: &Value, path: &str) -> Result<Descriptor, ManifestError> {
+pub(crate) fn read_descriptor(value: &Value, path: &str) -> Result<Descriptor, ManifestError> {
     let object = value
         .as_object()
         .ok_or_else(|| malformed(path.to_string(), "is not a JSON object"))?;
@@ -482,18 +568,31 @@ fn is_external(media_type: &str, object: &Map<String, Value>) -> bool {
 
 /// Rewrites a manifest PUT body for an encrypted repository.
 ///
-/// `lookup` answers the ledger of the target repository: the encrypted blob the gateway
-/// produced for a plaintext digest. Rules, per layer descriptor (after Docker layer types were
-/// mapped to OCI types):
+/// `lookup` answers the ledger of the target repository: for a plaintext blob digest, the
+/// encrypted blob the gateway produced; for the digest a manifest was pushed under, the
+/// manifest the registry stores ([`LedgerEntry::media_type`] set). Blob entries only count for
+/// layers and config, manifest entries only for index children and `subject`.
+///
+/// Image manifests (OCI, Docker v2s2 → OCI), per layer descriptor (after Docker layer types
+/// were mapped to OCI types):
 /// - known to the ledger, image-layer type → encrypted descriptor;
-/// - known to the ledger, other type → refused (no decryptor);
+/// - known to the ledger, other type → refused (no decryptor: Helm charts and other
+///   non-image artifacts belong in an unencrypted repository);
 /// - image-layer type not known → refused (not uploaded through the gateway), except
 ///   non-distributable layers with `urls`, which stay as they are;
 /// - `+encrypted` of a known type → unchanged (refused if the gateway encrypted its blob again);
 ///   `+encrypted` of an unknown type → refused;
-/// - any other type not known (SBOMs, attestations, JSON) → unchanged.
+/// - any other type not known (SBOMs, attestations, signatures, JSON) → unchanged.
 ///
-/// A config the ledger knows is refused. Indexes, schema 1 and unknown types are refused.
+/// A config the ledger knows is refused.
+///
+/// Indexes (OCI, Docker manifest list → OCI index): every child of `manifests` must be a
+/// manifest the ledger knows, and is pointed at the stored one (digest, size, media type;
+/// `platform`, annotations and other fields kept); a child the ledger does not know is
+/// refused. Nested indexes are children like any other.
+///
+/// In both, a `subject` the ledger knows is pointed at the stored manifest; one it does not
+/// know is left as it is. Schema 1 and other types are refused.
 pub fn rewrite(
     body: &[u8],
     request_content_type: &str,
@@ -507,7 +606,12 @@ pub fn rewrite(
     let manifest = document
         .as_object_mut()
         .ok_or_else(|| malformed("(document)".to_string(), "is not a JSON object"))?;
-    check_spelling(manifest, MANIFEST_FIELDS, "")?;
+    let fields = if kind.is_index() {
+        index::INDEX_FIELDS
+    } else {
+        MANIFEST_FIELDS
+    };
+    check_spelling(manifest, fields, "")?;
 
     match manifest.get("schemaVersion") {
         Some(v) if v.as_u64() == Some(2) => {}
@@ -534,10 +638,51 @@ pub fn rewrite(
         Some(_) => return Err(malformed("mediaType".to_string(), "is not a string")),
     }
     let mut changed = false;
-    if kind == Kind::Docker {
-        set_media_type(manifest, spec::MEDIA_TYPE_OCI_MANIFEST);
+    if kind.is_docker() {
+        set_media_type(manifest, kind.stored_media_type());
         changed = true;
     }
+
+    let mut encrypted_layers = 0usize;
+    let mut rewritten_references = 0usize;
+    if kind.is_index() {
+        rewritten_references += index::rewrite_children(manifest, lookup)?;
+    } else {
+        encrypted_layers = rewrite_image(manifest, kind, lookup)?;
+    }
+    if index::rewrite_subject(manifest, lookup)? {
+        rewritten_references += 1;
+    }
+    changed |= encrypted_layers > 0 || rewritten_references > 0;
+
+    let media_type = stored_content_type(request_content_type).to_string();
+    if !changed {
+        return Ok(Rewritten {
+            body: body.to_vec(),
+            media_type,
+            encrypted_layers,
+            rewritten_references,
+        });
+    }
+    let body = serde_json::to_vec(&document).map_err(|e| ManifestError::Serialize {
+        reason: e.to_string(),
+    })?;
+    Ok(Rewritten {
+        body,
+        media_type,
+        encrypted_layers,
+        rewritten_references,
+    })
+}
+
+/// The config and layers half of [`rewrite`] for image manifests; returns how many layers were
+/// encrypted.
+fn rewrite_image(
+    manifest: &mut Map<String, Value>,
+    kind: Kind,
+    lookup: &dyn Fn(&Digest) -> Option<LedgerEntry>,
+) -> Result<usize, ManifestError> {
+    let blob = |d: &Digest| lookup(d).filter(|entry| !entry.is_manifest());
 
     // The config stays plaintext; Docker configs are valid OCI configs, only the type changes.
     let config = manifest.get_mut("config").ok_or_else(|| {
@@ -549,7 +694,7 @@ pub fn rewrite(
     let config_descriptor = read_descriptor(config, "config")?;
     if let Some(entry_digest) = Digest::parse(&config_descriptor.digest)
         .ok()
-        .filter(|d| lookup(d).is_some())
+        .filter(|d| blob(d).is_some())
     {
         return Err(ManifestError::ConfigEncrypted {
             digest: entry_digest,
@@ -592,7 +737,7 @@ pub fn rewrite(
             }
         }
         let digest = Digest::parse(&descriptor.digest).ok();
-        let entry = digest.as_ref().and_then(lookup);
+        let entry = digest.as_ref().and_then(blob);
 
         if media_type.ends_with(spec::ENCRYPTED_SUFFIX) {
             if !spec::is_known_encrypted(media_type) {
@@ -623,7 +768,6 @@ pub fn rewrite(
                 }
                 encrypt_descriptor(object, encrypted_type, &entry, &path)?;
                 encrypted_layers += 1;
-                changed = true;
             }
             (None, Some(_), Some(digest)) => {
                 return Err(ManifestError::EncryptedWithoutDecryptor {
@@ -651,21 +795,5 @@ pub fn rewrite(
             (None, None, _) | (None, Some(_), None) => {}
         }
     }
-
-    let media_type = stored_content_type(request_content_type).to_string();
-    if !changed {
-        return Ok(Rewritten {
-            body: body.to_vec(),
-            media_type,
-            encrypted_layers,
-        });
-    }
-    let body = serde_json::to_vec(&document).map_err(|e| ManifestError::Serialize {
-        reason: e.to_string(),
-    })?;
-    Ok(Rewritten {
-        body,
-        media_type,
-        encrypted_layers,
-    })
+    Ok(encrypted_layers)
 }

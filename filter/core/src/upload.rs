@@ -278,6 +278,7 @@ pub fn complete<R: CryptoRngCore>(
             encrypted_digest: layer.encrypted_digest,
             size: layer.size,
             annotations,
+            media_type: None,
         }),
     })
 }

@@ -47,9 +47,13 @@ enum Flow {
     Manifest {
         repository: String,
         content_type: String,
+        /// The digest the client pushed it by (`PUT …/manifests/sha256:…`).
+        by_digest: Option<Digest>,
         /// Digest of the body the client pushed, once seen: the answer names it (containerd
         /// refuses a `Docker-Content-Digest` other than its own).
         client_digest: Option<Digest>,
+        /// What was stored, recorded in the ledger once the registry took it.
+        entry: Option<LedgerEntry>,
     },
 }
 
@@ -193,6 +197,21 @@ impl Gateway {
     ) -> Result<Action, OciError> {
         let method = host::header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
         let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        if matches!(method.as_str(), "PUT" | "DELETE") {
+            if let Some(reference) = path
+                .split('?')
+                .next()
+                .and_then(|p| p.rsplit_once("/manifests/"))
+                .map(|(_, r)| r)
+            {
+                if ledger::is_reserved_tag(reference) {
+                    return Err(OciError::new(
+                        Code::Denied,
+                        format!("tag {reference:?} is reserved for the encrypting gateway's ledger; use another tag"),
+                    ));
+                }
+            }
+        }
         let route = distribution::route(&method, &path);
         // Drop distribution's `_state` (an opaque, signed blob) from log lines.
         self.request = format!(
@@ -337,15 +356,18 @@ impl Gateway {
                 ..
             } => Ok(Action::Continue),
             Route::ManifestPut { reference, .. } => {
-                if reference.starts_with("sha256:") {
-                    return Err(OciError::new(
-                        Code::ManifestInvalid,
-                        format!(
-                            "manifest pushed by digest {reference} into encrypted repository {repository}: encrypting \
-                             changes its digest; push it by tag"
-                        ),
-                    ));
-                }
+                let by_digest = if reference.starts_with("sha256:") {
+                    // Encrypting changes the manifest's digest, and the request line cannot
+                    // change once the body is seen: store it under the gateway's ledger tag
+                    // for the pushed digest (which also records the mapping in the registry).
+                    let pushed = parse_client_digest(&reference)?;
+                    let path =
+                        format!("/v2/{repository}/manifests/{}", ledger::ledger_tag(&pushed));
+                    host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path))?;
+                    Some(pushed)
+                } else {
+                    None
+                };
                 if !has_body {
                     return Err(OciError::new(
                         Code::ManifestInvalid,
@@ -374,7 +396,9 @@ impl Gateway {
                 self.flow = Flow::Manifest {
                     repository,
                     content_type,
+                    by_digest,
                     client_digest: None,
+                    entry: None,
                 };
                 Ok(Action::Continue)
             }
@@ -469,12 +493,19 @@ impl Gateway {
         let Flow::Manifest {
             repository,
             content_type,
+            by_digest,
             client_digest,
+            entry,
         } = &mut self.flow
         else {
             return Ok(Action::Continue);
         };
         let body = host::body(BufferType::HttpRequestBody, body_size)?;
+        if let Some(pushed) = by_digest {
+            // The registry no longer checks the body against the digest (the path names a
+            // tag now): check it here, or a client could point a digest at any manifest.
+            manifest::verify_pushed_digest(&body, pushed).map_err(|e| e.to_oci())?;
+        }
         *client_digest = Some(Digest::of(&body));
         let repo = repository.clone();
         let lookup = |d: &Digest| -> Option<LedgerEntry> {
@@ -483,6 +514,7 @@ impl Gateway {
                 .and_then(|b| LedgerEntry::from_bytes(&b))
         };
         let rewritten = manifest::rewrite(&body, content_type, &lookup).map_err(|e| e.to_oci())?;
+        *entry = Some(LedgerEntry::for_manifest(&rewritten));
         host::set_body(BufferType::HttpRequestBody, body_size, &rewritten.body)?;
         self.metrics.manifest_rewritten();
         self.log(
@@ -612,9 +644,21 @@ impl Gateway {
                 Ok(Action::Continue)
             }
             Flow::Manifest {
+                repository,
+                by_digest,
                 client_digest: Some(client_digest),
+                entry,
                 ..
             } if status == "201" => {
+                // Every stored manifest is ledgered, so an index naming it as a child, or a
+                // referrer naming it as `subject`, can be rewritten to what was stored.
+                if let Some(entry) = &entry {
+                    SharedData.set(&ledger::key(&repository, &client_digest), &entry.to_bytes())?;
+                }
+                if by_digest.is_some() {
+                    let location = format!("/v2/{repository}/manifests/{client_digest}");
+                    host::set_header(MapType::HttpResponseHeaders, "location", Some(&location))?;
+                }
                 // What was stored has another digest; say it in a header of our own, and keep
                 // the client's in Docker-Content-Digest.
                 if let Some(stored) =

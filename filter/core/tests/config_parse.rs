@@ -192,10 +192,10 @@ fn refusals_name_the_field_and_the_fix() {
         ),
         (
             "unknown top-level field",
-            edit("/key_service", Some(json!({}))),
+            edit("/key_servce", Some(json!({}))),
             "(top level)",
             |e| matches!(e, ConfigError::Shape { .. }),
-            &["unknown field `key_service`", "registry"],
+            &["unknown field `key_servce`", "registry"],
         ),
         (
             "registry missing",

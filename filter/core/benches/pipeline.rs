@@ -88,6 +88,15 @@ fn main() {
         }
     });
 
+    let mut enc = LayerEncryptor::new(key, nonce);
+    b.case("layer encrypt, scalar path, 1 MiB chunks", MIB, || {
+        enc.encrypt_in_place_scalar(black_box(&mut buf));
+    });
+    let mut enc = LayerEncryptor::new(key, nonce);
+    b.case("layer encrypt, lanes path, 1 MiB chunks", MIB, || {
+        enc.encrypt_in_place_lanes(black_box(&mut buf));
+    });
+
     let mut ctr = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &nonce.into());
     b.case("aes-256-ctr (aes crate)", MIB, || {
         ctr.apply_keystream(black_box(&mut buf));

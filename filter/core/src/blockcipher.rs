@@ -9,9 +9,12 @@
 
 use crate::digest::Digest;
 use crate::sha256::{hmac_finish, hmac_init, Sha256State};
-use crate::simd::sha256x4::{Schedule, Sha256x4};
+use crate::simd::aes256x8::Aes256x8;
+use crate::simd::sha256x4::{self, Schedule, Sha256x4};
+use crate::simd::U32x4;
 use aes::cipher::{InnerIvInit, KeyInit, KeyIvInit, StreamCipher, StreamCipherSeek};
 use hmac::Mac;
+use std::borrow::Cow;
 use zeroize::{Zeroize, Zeroizing};
 
 type Aes256Ctr = ctr::Ctr128BE<aes::Aes256>;
@@ -24,9 +27,13 @@ const STATE_LEN: usize = 1 + 32 + 16 + 8 + 3 * Sha256State::SERIALIZED_LEN;
 const HMAC_PAD_LEN: u64 = 64;
 /// SHA-256 block: the data-parallel path works on whole blocks from a block boundary.
 const BLOCK: usize = 64;
-/// Bytes the data-parallel path encrypts before hashing them (a copy of the plaintext of one
-/// tile stays on the stack meanwhile).
-const TILE: usize = 4096;
+
+/// The expanded key in the form this build's fast path uses: fixsliced for eight blocks in
+/// `simd128` lanes on wasm, the `aes` crate (AES-NI when the CPU has it) elsewhere.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+type Keys = Aes256x8;
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+type Keys = aes::Aes256;
 
 /// Why a cipher state or a ciphertext was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -82,7 +89,7 @@ pub struct LayerEncryptor {
     symkey: Zeroizing<[u8; 32]>,
     nonce: [u8; 16],
     /// The expanded key; the CTR position is derived from `offset` on every call.
-    aes: aes::Aes256,
+    keys: Keys,
     offset: u64,
     plain: Sha256State,
     encrypted: Sha256State,
@@ -129,12 +136,12 @@ impl LayerEncryptor {
     /// Starts a layer with the given key and initial counter block.
     pub fn new(symkey: [u8; 32], nonce: [u8; 16]) -> Self {
         let symkey = Zeroizing::new(symkey);
-        let aes = aes::Aes256::new((&*symkey).into());
+        let keys = expand(&symkey);
         let mac = hmac_init(&symkey);
         LayerEncryptor {
             symkey,
             nonce,
-            aes,
+            keys,
             offset: 0,
             plain: Sha256State::new(),
             encrypted: Sha256State::new(),
@@ -173,16 +180,31 @@ impl LayerEncryptor {
         self.offset = self.offset.wrapping_add(chunk.len() as u64);
     }
 
-    /// The three hashes advance together in the lanes of one vector (see [`crate::simd`]):
-    /// whole blocks from a block boundary go through [`Sha256x4`], the bytes before the first
-    /// boundary and after the last one through [`Self::encrypt_in_place_scalar`].
+    /// One pass over the data for all four functions, in `simd128` lanes on wasm (see
+    /// [`crate::simd`]): eight AES blocks of keystream at a time, XORed into the data as it
+    /// is loaded for hashing, and the three hashes advancing together in the lanes of one
+    /// vector. Whole blocks from a block boundary take this path; the bytes before the first
+    /// boundary and after the last one are hashed one state at a time.
     pub fn encrypt_in_place_lanes(&mut self, chunk: &mut [u8]) {
         let to_boundary = (BLOCK as u64 - self.offset % BLOCK as u64) as usize % BLOCK;
         let (head, rest) = chunk.split_at_mut(to_boundary.min(chunk.len()));
-        self.encrypt_in_place_scalar(head);
+        self.encrypt_partial_lanes(head);
         let (body, tail) = rest.as_chunks_mut::<BLOCK>();
         self.encrypt_blocks_lanes(body);
-        self.encrypt_in_place_scalar(tail);
+        self.encrypt_partial_lanes(tail);
+    }
+
+    /// A piece shorter than a block, or not on a block boundary.
+    fn encrypt_partial_lanes(&mut self, data: &mut [u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.plain.update(data);
+        self.aes_x8()
+            .apply_keystream(&self.nonce, self.offset, data);
+        self.encrypted.update(data);
+        self.mac.update(data);
+        self.offset = self.offset.wrapping_add(data.len() as u64);
     }
 
     /// Encrypts whole blocks from a block boundary of the stream (all three hash states are
@@ -201,27 +223,50 @@ impl LayerEncryptor {
             return;
         };
         let mut lanes = Sha256x4::new([&p, &c, &m, &c]);
-        let mut plain = [[0u8; BLOCK]; TILE / BLOCK];
-        for tile in blocks.chunks_mut(TILE / BLOCK) {
-            let kept = plain.get_mut(..tile.len()).unwrap_or_default();
-            kept.copy_from_slice(tile);
-            self.apply_keystream(tile.as_flattened_mut());
-            self.offset = self.offset.wrapping_add(tile.as_flattened().len() as u64);
-            for (p, c) in kept.iter().zip(tile.iter()) {
-                lanes.compress(&Schedule::pc(p, c));
-            }
+        let aes = self.aes_x8();
+        // The offset is a multiple of 64, so the keystream starts on a whole AES block.
+        let mut counter =
+            u128::from_be_bytes(self.nonce).wrapping_add(u128::from(self.offset / 16));
+        let (pairs, odd) = blocks.as_chunks_mut::<2>();
+        for [first, second] in pairs {
+            let [k0, k1, k2, k3, k4, k5, k6, k7] = aes.keystream(counter);
+            counter = counter.wrapping_add(8);
+            encrypt_and_hash(&mut lanes, first, [k0, k1, k2, k3]);
+            encrypt_and_hash(&mut lanes, second, [k4, k5, k6, k7]);
         }
-        plain.zeroize();
+        for last in odd {
+            let [k0, k1, k2, k3, ..] = aes.keystream(counter);
+            encrypt_and_hash(&mut lanes, last, [k0, k1, k2, k3]);
+        }
         let [p, c, m, _] = lanes.states();
         let n = blocks.len() as u64;
+        self.offset = self.offset.wrapping_add(n.wrapping_mul(BLOCK as u64));
         self.plain.advance_blocks(p, n);
         self.encrypted.advance_blocks(c, n);
         self.mac.advance_blocks(m, n);
     }
 
+    /// The key for [`Aes256x8`]: the one held on wasm, expanded on the spot elsewhere (where
+    /// only tests of the lanes path need it).
+    fn aes_x8(&self) -> Cow<'_, Aes256x8> {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        return Cow::Borrowed(&self.keys);
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        return Cow::Owned(Aes256x8::new(&self.symkey));
+    }
+
+    /// The key for the `aes` crate: the one held natively, expanded on the spot on wasm
+    /// (where only tests of the scalar path need it).
+    fn aes_crate(&self) -> Cow<'_, aes::Aes256> {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        return Cow::Owned(aes::Aes256::new((&*self.symkey).into()));
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        return Cow::Borrowed(&self.keys);
+    }
+
     /// XORs `data` with the keystream from byte `self.offset` on (does not move `offset`).
     fn apply_keystream(&self, data: &mut [u8]) {
-        let mut ctr = ctr_from(&self.aes, &self.nonce);
+        let mut ctr = ctr_from(&self.aes_crate(), &self.nonce);
         if ctr.try_seek(self.offset).is_err() || ctr.try_apply_keystream(data).is_err() {
             // Unreachable: a 128-bit counter that starts at block 0 outlasts any u64 offset.
             // Should it ever happen, plaintext must still not leave the gateway.
@@ -286,14 +331,11 @@ impl LayerEncryptor {
                 mac: mac.len(),
             });
         }
-        let aes = aes::Aes256::new((&*symkey).into());
-        ctr_from(&aes, &nonce)
-            .try_seek(offset)
-            .map_err(|_| CipherError::Seek(offset))?;
+        let keys = expand(&symkey);
         Ok(LayerEncryptor {
             symkey,
             nonce,
-            aes,
+            keys,
             offset,
             plain,
             encrypted,
@@ -312,6 +354,34 @@ impl LayerEncryptor {
             nonce: self.nonce,
         }
     }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn expand(symkey: &[u8; 32]) -> Keys {
+    Aes256x8::new(symkey)
+}
+
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+fn expand(symkey: &[u8; 32]) -> Keys {
+    aes::Aes256::new(symkey.into())
+}
+
+/// XORs one block of data with its four keystream vectors, and feeds the plaintext to lane 0
+/// and the ciphertext to lanes 1-3 of `lanes`. The data is read and written once.
+#[inline(always)]
+fn encrypt_and_hash(lanes: &mut Sha256x4, block: &mut [u8; BLOCK], keystream: [U32x4; 4]) {
+    let plain = sha256x4::vectors(block);
+    let mut cipher = [U32x4::ZERO; 4];
+    for (((c, p), k), out) in cipher
+        .iter_mut()
+        .zip(plain)
+        .zip(keystream)
+        .zip(block.as_chunks_mut::<16>().0)
+    {
+        *c = p ^ k;
+        *out = c.to_bytes();
+    }
+    lanes.compress(&Schedule::pc_vectors(plain, cipher));
 }
 
 /// CTR mode over an already expanded key, at the start of the stream.

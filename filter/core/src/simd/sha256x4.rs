@@ -50,26 +50,24 @@ fn byteswap32(x: U32x4) -> U32x4 {
     U32x4(super::vector::shuffle!(x.0; 3 2 1 0 7 6 5 4 11 10 9 8 15 14 13 12))
 }
 
-/// Splits a 64-byte block into four 16-byte pieces, each loaded as big-endian words.
+/// A 64-byte block as four vectors in memory order.
 #[inline(always)]
-fn load_be(block: &[u8; 64]) -> [U32x4; 4] {
+pub fn vectors(block: &[u8; 64]) -> [U32x4; 4] {
     let mut out = [U32x4::ZERO; 4];
-    for (o, piece) in out.iter_mut().zip(block.chunks_exact(16)) {
-        let mut b = [0u8; 16];
-        b.copy_from_slice(piece);
-        *o = byteswap32(U32x4::from_bytes(&b));
+    for (o, piece) in out.iter_mut().zip(block.as_chunks::<16>().0) {
+        *o = U32x4::from_bytes(piece);
     }
     out
 }
 
 impl Schedule {
-    /// Lane 0 from `first`, lanes 1, 2 and 3 from `rest` — words already big-endian-decoded,
-    /// four per vector as [`Schedule::from_pieces`] takes them.
+    /// Lane 0 from the block `first`, lanes 1, 2 and 3 from the block `rest`, each given as
+    /// four vectors of 16 bytes in memory order ([`U32x4::from_bytes`]).
     #[inline(always)]
-    pub fn from_pieces(first: &[U32x4; 4], rest: &[U32x4; 4]) -> Self {
+    pub fn pc_vectors(first: [U32x4; 4], rest: [U32x4; 4]) -> Self {
         let mut w = [U32x4::ZERO; 16];
         for ((out, p), c) in w.chunks_exact_mut(4).zip(first).zip(rest) {
-            let (p, c) = (p.0, c.0);
+            let (p, c) = (byteswap32(p).0, byteswap32(c).0);
             if let [w0, w1, w2, w3] = out {
                 *w0 = U32x4(shuffle32!(p, c; 0 4 4 4));
                 *w1 = U32x4(shuffle32!(p, c; 1 5 5 5));
@@ -83,12 +81,12 @@ impl Schedule {
     /// Lane 0 reads `first`, lanes 1, 2 and 3 read `rest`.
     #[inline(always)]
     pub fn pc(first: &[u8; 64], rest: &[u8; 64]) -> Self {
-        Self::from_pieces(&load_be(first), &load_be(rest))
+        Self::pc_vectors(vectors(first), vectors(rest))
     }
 
     /// Lane `j` reads `blocks[j]`.
     pub fn four(blocks: [&[u8; 64]; 4]) -> Self {
-        let [a, b, c, d] = blocks.map(load_be);
+        let [a, b, c, d] = blocks.map(|b| vectors(b).map(byteswap32));
         let mut w = [U32x4::ZERO; 16];
         for (k, out) in w.chunks_exact_mut(4).enumerate() {
             let (Some(a), Some(b), Some(c), Some(d)) = (a.get(k), b.get(k), c.get(k), d.get(k))

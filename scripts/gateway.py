@@ -620,6 +620,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except GatewayError as err:
         print(f"gateway: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # start() already stopped what it had started
+        print("gateway: interrupted while starting; stopped", file=sys.stderr)
+        return 130
     print(gw.banner(), flush=True)
     if args.detach:
         print(f"gateway: running detached; stop with: scripts/run --stop"

@@ -9,7 +9,7 @@ Stacks (session-scoped, each on its own loopback ports and temporary state direc
 
 Tests that need the filter are marked ``filter``; harness checks are marked ``harness``.
 When the filter cannot be built or loaded, the ``stack`` fixtures fail (error) with the reason:
-nothing is skipped silently. Ports can be moved with E2E_PORT_BASE (default 15000).
+nothing is skipped silently. Ports are picked free unless E2E_PORT_BASE fixes them.
 """
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ import gateway  # noqa: E402
 import helpers  # noqa: E402
 from helpers import MIB, AccessLog, Image, Registry  # noqa: E402
 
-PORT_BASE = int(os.environ.get("E2E_PORT_BASE", "15000"))
+#: Fixed ports when E2E_PORT_BASE is set (gateway BASE+n, registry +1, admin +2 for stack
+#: offsets n = 0, 10, 20, 30); by default free ports are picked, so that two test sessions on
+#: one machine do not collide.
+PORT_BASE = int(os.environ["E2E_PORT_BASE"]) if os.environ.get("E2E_PORT_BASE") else None
 BIG_LAYER_BYTES = int(os.environ.get("E2E_BIG_LAYER_MIB", "64")) * MIB
 AUTH = ("e2e-user", "e2e-s3cret-pass")
 
@@ -93,6 +96,42 @@ class Stack:
         dead = self.gw.dead()
         assert not dead, f"{self.name}: {dead} exited; see {self.opts.state_dir}"
 
+    @property
+    def envoy_log(self) -> Path:
+        return self.opts.state_dir / "envoy.log"
+
+
+#: Stacks started in this session (checked after every test by `stacks_stay_healthy`).
+STARTED: List[Stack] = []
+#: Lines in Envoy's log that mean the plugin crashed (a panic traps the VM; later requests on
+#: that worker fail) even when the test that caused it passed.
+WASM_FAILURE_SIGNS = ("panicked at", "wasm trap", "Wasm VM failed", "Function: proxy_on_",
+                      "Plugin configured to fail closed")
+
+
+@pytest.fixture(autouse=True)
+def stacks_stay_healthy(request):
+    """After each test: every started stack is still running and Envoy logged no plugin crash
+    while the test ran (an error in teardown names the test and quotes the log)."""
+    sizes = {s.name: s.envoy_log.stat().st_size if s.envoy_log.exists() else 0 for s in STARTED}
+    yield
+    problems = []
+    for s in STARTED:
+        dead = s.gw.dead()
+        if dead:
+            problems.append(f"{s.name}: {dead} exited (see {s.opts.state_dir})")
+            continue
+        if not s.envoy_log.exists():
+            continue
+        with open(s.envoy_log, "rb") as f:
+            f.seek(sizes.get(s.name, 0))
+            new = f.read().decode(errors="replace")
+        bad = [line for line in new.splitlines() if any(m in line for m in WASM_FAILURE_SIGNS)]
+        if bad:
+            problems.append(f"{s.name}: the plugin failed during this test:\n" + "\n".join(bad[:20]))
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
 
 def _write_owner(state: Path) -> None:
     """Mark a state directory as belonging to this pytest process (see pytest_sessionstart)."""
@@ -122,11 +161,15 @@ def _start_stack(tmp_path_factory, name: str, port_offset: int, *, filter: bool,
                  creds: Optional[Tuple[str, str]] = None, **extra) -> Stack:
     state = tmp_path_factory.mktemp(f"stack-{name}")
     _write_owner(state)
+    if PORT_BASE is not None:
+        ports = [PORT_BASE + port_offset + i for i in range(3)]
+    else:
+        ports = helpers.free_ports(3)
     opts = gateway.Options(
         state_dir=state,
-        gateway_addr=f"127.0.0.1:{PORT_BASE + port_offset}",
-        registry_addr=f"127.0.0.1:{PORT_BASE + port_offset + 1}",
-        admin_addr=f"127.0.0.1:{PORT_BASE + port_offset + 2}",
+        gateway_addr=f"127.0.0.1:{ports[0]}",
+        registry_addr=f"127.0.0.1:{ports[1]}",
+        admin_addr=f"127.0.0.1:{ports[2]}",
         filter=filter,
         htpasswd=creds,
         envoy_component_log_level="wasm:debug" if filter else "",
@@ -137,7 +180,9 @@ def _start_stack(tmp_path_factory, name: str, port_offset: int, *, filter: bool,
         gw.start()
     except gateway.GatewayError as err:
         pytest.fail(f"stack {name!r} did not start: {err}", pytrace=False)
-    return Stack(name, gw, creds, gw.keys)
+    s = Stack(name, gw, creds, gw.keys)
+    STARTED.append(s)
+    return s
 
 
 @pytest.fixture(scope="session")
@@ -146,6 +191,7 @@ def stack(tmp_path_factory):
     s = _start_stack(tmp_path_factory, "filter", 0, filter=True,
                      extra_rules=NOKEYS_RULES, extra_projects=NOKEYS_PROJECTS)
     yield s
+    STARTED.remove(s)
     s.gw.stop()
 
 
@@ -154,6 +200,7 @@ def auth_stack(tmp_path_factory):
     """Envoy + the ocicrypt filter + registry behind htpasswd basic auth."""
     s = _start_stack(tmp_path_factory, "filter-auth", 10, filter=True, creds=AUTH)
     yield s
+    STARTED.remove(s)
     s.gw.stop()
 
 
@@ -162,6 +209,7 @@ def plain_stack(tmp_path_factory):
     """Envoy without the filter + registry: checks of the harness and of the clients."""
     s = _start_stack(tmp_path_factory, "nofilter", 20, filter=False)
     yield s
+    STARTED.remove(s)
     s.gw.stop()
 
 
@@ -169,6 +217,7 @@ def plain_stack(tmp_path_factory):
 def plain_auth_stack(tmp_path_factory):
     s = _start_stack(tmp_path_factory, "nofilter-auth", 30, filter=False, creds=AUTH)
     yield s
+    STARTED.remove(s)
     s.gw.stop()
 
 
@@ -272,7 +321,8 @@ disabled_plugins = [
                 self.proc.wait()
         (self.base / "pids").unlink(missing_ok=True)
 
-    def ctr(self, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    def ctr(self, *args, check: bool = True,
+            timeout: float = helpers.CLIENT_TIMEOUT) -> subprocess.CompletedProcess:
         return helpers.run(["ctr", "-a", str(self.sock), *args], check=check, timeout=timeout)
 
     def import_image(self, image: Image, name: str, as_index: bool = False) -> str:

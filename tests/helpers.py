@@ -32,6 +32,10 @@ MANIFEST_ACCEPT = ", ".join(
      "application/vnd.docker.distribution.manifest.list.v2+json"]
 )
 MIB = 1024 * 1024
+#: Seconds a client command (skopeo, ctr) may take. Pushes here take seconds; a client that
+#: hangs (ctr 1.6 does when a manifest PUT is answered before its body was read) fails the
+#: test after this long instead of stalling the suite.
+CLIENT_TIMEOUT = float(os.environ.get("E2E_CLIENT_TIMEOUT", "180"))
 
 
 def sha256_digest(data: bytes) -> str:
@@ -44,6 +48,20 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(4 * MIB), b""):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def free_ports(n: int) -> List[int]:
+    """n distinct loopback TCP ports nobody listens on right now (the kernel's picks)."""
+    import socket
+
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def new_marker() -> str:
@@ -238,21 +256,43 @@ class Registry:
                             headers={"Content-Type": "application/octet-stream"})
 
     def upload_chunked(self, repo: str, data: bytes, digest: Optional[str] = None,
-                       chunk: int = 16 * MIB) -> requests.Response:
-        """POST, PATCHes with Content-Range, then an empty PUT ?digest= (oras's way)."""
+                       chunk: int = 16 * MIB, refused_patch_at: Optional[int] = None,
+                       refused_how: str = "content-type") -> requests.Response:
+        """POST, PATCHes with Content-Range, then an empty PUT ?digest= (oras's way).
+        refused_patch_at=i: before chunk i, send a PATCH that the registry refuses:
+        refused_how="content-type": other bytes with Content-Type text/plain (distribution 2.8
+        takes only application/octet-stream: 500; it does not check Content-Range);
+        refused_how="no-auth": the same chunk without credentials (401), as oras-py does before
+        every request when the registry wants basic auth; refused_how="no-auth-put": the final
+        PUT is first sent without credentials (401), then with them."""
         r = self.start_upload(repo)
         assert r.status_code == 202, f"POST upload {repo}: {r.status_code} {r.text[:300]}"
         loc = r.headers["Location"]
-        for start in range(0, len(data), chunk):
+        for i, start in enumerate(range(0, len(data), chunk)):
             part = data[start:start + chunk]
+            if i == refused_patch_at:
+                rng = f"{start}-{start + len(part) - 1}"
+                if refused_how == "no-auth":
+                    bad = requests.request("PATCH", self.url(loc), data=part, timeout=120,
+                                           allow_redirects=False, headers={
+                                               "Content-Type": "application/octet-stream",
+                                               "Content-Range": rng})
+                else:
+                    bad = self.request("PATCH", loc, data=os.urandom(len(part)), headers={
+                        "Content-Type": "text/plain", "Content-Range": rng})
+                assert bad.status_code >= 400, f"bad PATCH: {bad.status_code} {bad.text[:300]}"
             r = self.request("PATCH", loc, data=part, headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Range": f"{start}-{start + len(part) - 1}",
             })
             assert r.status_code == 202, f"PATCH {repo}: {r.status_code} {r.text[:300]}"
             loc = r.headers["Location"]
-        return self.request("PUT", loc, params={"digest": digest or sha256_digest(data)},
-                            headers={"Content-Length": "0"})
+        params = {"digest": digest or sha256_digest(data)}
+        if refused_how == "no-auth-put":
+            bad = requests.request("PUT", self.url(loc), params=params, timeout=120,
+                                   allow_redirects=False, headers={"Content-Length": "0"})
+            assert bad.status_code == 401, f"PUT without credentials: {bad.status_code} {bad.text}"
+        return self.request("PUT", loc, params=params, headers={"Content-Length": "0"})
 
     def put_manifest(self, repo: str, ref: str, body: bytes,
                      media_type: str = MT_MANIFEST) -> requests.Response:
@@ -333,7 +373,7 @@ def skopeo_push(image: Image, dest: str, creds: Optional[Tuple[str, str]] = None
     argv = ["skopeo", "copy", "--dest-tls-verify=false", *extra]
     if creds:
         argv += ["--dest-creds", f"{creds[0]}:{creds[1]}"]
-    return run(argv + [image.oci_ref, f"docker://{dest}"], check=check)
+    return run(argv + [image.oci_ref, f"docker://{dest}"], check=check, timeout=CLIENT_TIMEOUT)
 
 
 def skopeo_pull(src: str, out: Path, tag: str, keys: Sequence[Path] = (),
@@ -350,7 +390,8 @@ def skopeo_pull(src: str, out: Path, tag: str, keys: Sequence[Path] = (),
         argv += ["--decryption-key", str(k)]
     if creds:
         argv += ["--src-creds", f"{creds[0]}:{creds[1]}"]
-    return run(argv + [f"docker://{src}", f"oci:{out}:{tag}"], check=check)
+    return run(argv + [f"docker://{src}", f"oci:{out}:{tag}"], check=check,
+               timeout=CLIENT_TIMEOUT)
 
 
 class AccessLog:

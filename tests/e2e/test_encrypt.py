@@ -180,3 +180,29 @@ def test_skopeo_mount_from_plain_repository_is_not_honoured(stack, mount_image, 
     helpers.skopeo_pull(f"{stack.registry_addr}/demo/mnt:v1", out, "v1",
                         keys=[stack.keys["rsa"]["private"]])
     helpers.assert_decrypted_matches(out, "v1", mount_image)
+
+
+@pytest.mark.parametrize("how", ["content-type", "no-auth", "no-auth-put"])
+def test_refused_request_does_not_corrupt_the_upload(request, mount_image, how, tmp_path):
+    """A PATCH or final PUT that the registry refuses (bad Content-Type: 500; or no credentials:
+    401, which oras-py sends before retrying every request with basic auth) must neither advance
+    nor consume the filter's upload state: the upload goes on and still decrypts right."""
+    stack = request.getfixturevalue("auth_stack" if how.startswith("no-auth") else "stack")
+    reg = stack.via_gateway()
+    repo = "demo/refused-patch"
+    image = mount_image
+    big = image.layers[0]
+    r = reg.upload_chunked(repo, big.path.read_bytes(), digest=big.digest, chunk=1 * helpers.MIB,
+                           refused_patch_at=None if how == "no-auth-put" else 2, refused_how=how)
+    assert r.status_code == 201, f"{r.status_code} {r.text[:500]}"
+    for blob in (image.config, image.layers[1]):
+        r = reg.upload_monolithic(repo, blob.path.read_bytes(), digest=blob.digest)
+        assert r.status_code == 201, f"{blob.digest}: {r.status_code} {r.text[:500]}"
+    r = reg.put_manifest(repo, "v1", image.manifest_bytes)
+    assert r.status_code == 201, f"manifest: {r.status_code} {r.text[:500]}"
+    manifest = stack.direct().get_manifest(repo, "v1").json()
+    helpers.assert_encrypted_manifest(manifest, image)
+    out = tmp_path / "out"
+    helpers.skopeo_pull(f"{stack.registry_addr}/{repo}:v1", out, "v1", creds=stack.creds,
+                        keys=[stack.keys["rsa"]["private"]])
+    helpers.assert_decrypted_matches(out, "v1", image)

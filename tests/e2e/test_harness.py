@@ -278,15 +278,18 @@ def test_run_script_detach_and_stop(tmp_path):
     """scripts/run --detach returns once the gateway answers, --stop stops exactly that."""
     import requests
 
-    env = dict(os.environ, GATEWAY_ADDR="127.0.0.1:15900", REGISTRY_ADDR="127.0.0.1:15901",
-               ENVOY_ADMIN_ADDR="127.0.0.1:15902", GATEWAY_STATE=str(tmp_path / "state"))
+    ports = helpers.free_ports(3)
+    gw = f"127.0.0.1:{ports[0]}"
+    env = dict(os.environ, GATEWAY_ADDR=gw, REGISTRY_ADDR=f"127.0.0.1:{ports[1]}",
+               ENVOY_ADMIN_ADDR=f"127.0.0.1:{ports[2]}",
+               GATEWAY_STATE=str(tmp_path / "state"))
     proc = subprocess.run([str(REPO / "scripts" / "run"), "--detach", "--no-filter"], env=env,
                           capture_output=True, text=True, timeout=300)
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "127.0.0.1:15900" in proc.stdout and "demo-rsa.pem" in proc.stdout
+        assert gw in proc.stdout and "demo-rsa.pem" in proc.stdout
         assert "--decryption-key" in proc.stdout
-        assert requests.get("http://127.0.0.1:15900/v2/", timeout=5).status_code == 200
+        assert requests.get(f"http://{gw}/v2/", timeout=5).status_code == 200
         pids = [e["pid"] for e in json.loads((tmp_path / "state" / "pids").read_text())]
         assert len(pids) == 2
     finally:
@@ -308,25 +311,28 @@ def test_run_script_foreground_stops_on_ctrl_c(tmp_path):
 
     import requests
 
-    env = dict(os.environ, GATEWAY_ADDR="127.0.0.1:15910", REGISTRY_ADDR="127.0.0.1:15911",
-               ENVOY_ADMIN_ADDR="127.0.0.1:15912", GATEWAY_STATE=str(tmp_path / "state"))
+    ports = helpers.free_ports(3)
+    gw = f"127.0.0.1:{ports[0]}"
+    env = dict(os.environ, GATEWAY_ADDR=gw, REGISTRY_ADDR=f"127.0.0.1:{ports[1]}",
+               ENVOY_ADMIN_ADDR=f"127.0.0.1:{ports[2]}",
+               GATEWAY_STATE=str(tmp_path / "state"))
     proc = subprocess.Popen([str(REPO / "scripts" / "run"), "--no-filter"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     pids = []
+    lines = []
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get("http://127.0.0.1:15910/v2/", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
+        # up and serving once it says so (readline returns "" if it exits first)
+        for line in iter(proc.stdout.readline, ""):
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        assert requests.get(f"http://{gw}/v2/", timeout=5).status_code == 200
         pids = [e["pid"] for e in json.loads((tmp_path / "state" / "pids").read_text())]
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
+        out = "".join(lines) + out
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -336,3 +342,13 @@ def test_run_script_foreground_stops_on_ctrl_c(tmp_path):
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_refused_patch_then_resume(plain_stack):
+    """The registry refuses a PATCH (wrong Content-Type: 400) and the upload goes on unharmed
+    (what test_refusals checks through the filter)."""
+    reg = plain_stack.via_gateway()
+    data = os.urandom(3 * helpers.MIB)
+    r = reg.upload_chunked("plain/resume", data, chunk=1 * helpers.MIB, refused_patch_at=1)
+    assert r.status_code == 201, r.text
+    assert plain_stack.direct().get_blob("plain/resume", sha256_digest(data)) == data

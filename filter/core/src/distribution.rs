@@ -32,6 +32,13 @@ pub enum Route {
         /// Tag or digest.
         reference: String,
     },
+    /// `HEAD /v2/<name>/blobs/<digest>`: does the registry have this blob?
+    BlobHead {
+        /// Repository name.
+        repository: String,
+        /// The digest asked about.
+        digest: String,
+    },
     /// Anything else (reads, catalog, `/v2/` ping, deletes): forwarded untouched.
     Other,
 }
@@ -86,6 +93,13 @@ pub fn route(method: &str, path: &str) -> Route {
             id: id.to_string(),
             digest: query_param(query, "digest"),
         };
+    }
+    if method == "HEAD" {
+        if let Some((repository, tail)) = rsplit_marker(rest, "/blobs/") {
+            if tail.starts_with("sha256:") && !tail.contains('/') {
+                return Route::BlobHead { repository, digest: tail.to_string() };
+            }
+        }
     }
     if method == "PUT" {
         if let Some((repository, tail)) = rsplit_marker(rest, "/manifests/") {
@@ -270,7 +284,11 @@ mod tests {
             }
         );
         assert_eq!(route("GET", "/v2/demo/app/manifests/latest"), Route::Other);
-        assert_eq!(route("HEAD", "/v2/demo/app/blobs/sha256:00"), Route::Other);
+        assert_eq!(
+            route("HEAD", "/v2/demo/app/blobs/sha256:00"),
+            Route::BlobHead { repository: "demo/app".into(), digest: "sha256:00".into() }
+        );
+        assert_eq!(route("GET", "/v2/demo/app/blobs/sha256:00"), Route::Other);
         assert_eq!(route("GET", "/v2/"), Route::Other);
         assert_eq!(route("POST", "/v2/DEMO/app/blobs/uploads/"), Route::Other);
         // a repository may itself be called "blobs"

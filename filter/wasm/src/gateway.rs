@@ -43,6 +43,14 @@ enum Flow {
         /// refused finish, e.g. a 401 the client retries with credentials, must find it again).
         upload: Option<(String, bool)>,
     },
+    /// A `HEAD` or mount answered from the ledger: the registry is asked about the ciphertext.
+    Known {
+        repository: String,
+        client_digest: Digest,
+        entry: LedgerEntry,
+        /// A mount (answer 201, record the blob in this repository) rather than a `HEAD`.
+        mounted: bool,
+    },
     /// `PUT` of a manifest: buffered, then rewritten.
     Manifest {
         repository: String,
@@ -221,6 +229,7 @@ impl Gateway {
         let repository = match &route {
             Route::UploadStart { repository, .. }
             | Route::Upload { repository, .. }
+            | Route::BlobHead { repository, .. }
             | Route::ManifestPut { repository, .. } => repository.clone(),
             Route::Other => {
                 if distribution::is_ambiguous_write(&method, &path) {
@@ -251,6 +260,15 @@ impl Gateway {
                 let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
                     return Ok(Action::Pause);
                 };
+                if let (Some(mount), Some(from)) = (
+                    &mount,
+                    path.split_once('?')
+                        .and_then(|(_, q)| distribution::query_param(q, "from")),
+                ) {
+                    if let Some(action) = self.mount_encrypted(&repository, mount, &from, &path)? {
+                        return Ok(action);
+                    }
+                }
                 if mount.is_some() {
                     // A mount would make the source repository's blob appear here as it is: a
                     // plaintext blob in an encrypted repository. A normal upload instead.
@@ -355,6 +373,26 @@ impl Gateway {
                 method: UploadMethod::Get,
                 ..
             } => Ok(Action::Continue),
+            Route::BlobHead { digest, .. } => {
+                // A re-push: the client asks for the plaintext digest; what the gateway stored
+                // for it in this repository is the ciphertext. Ask the registry about that, so
+                // the client skips the upload only if the encrypted blob is really there.
+                let Ok(client_digest) = Digest::parse(&digest) else {
+                    return Ok(Action::Continue);
+                };
+                let Some(entry) = blob_entry(&repository, &client_digest) else {
+                    return Ok(Action::Continue);
+                };
+                let path = format!("/v2/{repository}/blobs/{}", entry.encrypted_digest);
+                host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path))?;
+                self.flow = Flow::Known {
+                    repository,
+                    client_digest,
+                    entry,
+                    mounted: false,
+                };
+                Ok(Action::Continue)
+            }
             Route::ManifestPut { reference, .. } => {
                 let by_digest = if reference.starts_with("sha256:") {
                     // Encrypting changes the manifest's digest, and the request line cannot
@@ -529,6 +567,47 @@ impl Gateway {
         Ok(Action::Continue)
     }
 
+    /// A mount of plaintext digest `mount` from `from` into `repository`: when both
+    /// repositories belong to the same project (so the same recipients) and the gateway
+    /// encrypted that blob in `from`, mount the ciphertext instead. `None`: not possible.
+    fn mount_encrypted(
+        &mut self,
+        repository: &str,
+        mount: &str,
+        from: &str,
+        path: &str,
+    ) -> Result<Option<Action>, OciError> {
+        if project_of(from) != project_of(repository) || !distribution::is_repository_name(from) {
+            return Ok(None);
+        }
+        let Ok(client_digest) = Digest::parse(mount) else {
+            return Ok(None);
+        };
+        let Some(entry) = blob_entry(from, &client_digest) else {
+            return Ok(None);
+        };
+        let encrypted = entry.encrypted_digest.to_string();
+        let new_path = distribution::rewrite_query(
+            path,
+            &["mount", "from", "digest"],
+            &[("mount", &encrypted), ("from", from)],
+        );
+        host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
+        self.log(
+            LogLevel::Info,
+            &format!(
+                "{repository}: mount of {client_digest} from {from} as its ciphertext {encrypted}"
+            ),
+        );
+        self.flow = Flow::Known {
+            repository: repository.to_string(),
+            client_digest,
+            entry,
+            mounted: true,
+        };
+        Ok(Some(Action::Continue))
+    }
+
     fn drop_state(&self, upload_id: &str, had_state: bool) -> Result<(), OciError> {
         if had_state {
             SharedData.set(&upload::record_key(upload_id), &[])?;
@@ -640,6 +719,37 @@ impl Gateway {
             } => {
                 if status == "201" {
                     self.commit(&repository, &completion, upload.as_ref())?;
+                }
+                Ok(Action::Continue)
+            }
+            Flow::Known {
+                repository,
+                client_digest,
+                entry,
+                mounted,
+            } => {
+                let ok = if mounted {
+                    status == "201"
+                } else {
+                    status == "200"
+                };
+                if ok {
+                    if mounted {
+                        SharedData
+                            .set(&ledger::key(&repository, &client_digest), &entry.to_bytes())?;
+                        let location = format!("/v2/{repository}/blobs/{client_digest}");
+                        host::set_header(
+                            MapType::HttpResponseHeaders,
+                            "location",
+                            Some(&location),
+                        )?;
+                    }
+                    let digest = client_digest.to_string();
+                    host::set_header(
+                        MapType::HttpResponseHeaders,
+                        "docker-content-digest",
+                        Some(&digest),
+                    )?;
                 }
                 Ok(Action::Continue)
             }
@@ -762,6 +872,14 @@ fn patch_request(path: &str) -> Result<(), OciError> {
         "content-type",
         Some("application/octet-stream"),
     )
+}
+
+/// The ledger entry of a blob (not a manifest) the gateway encrypted in `repository`.
+fn blob_entry(repository: &str, digest: &Digest) -> Option<LedgerEntry> {
+    SharedData
+        .get(&ledger::key(repository, digest))
+        .and_then(|b| LedgerEntry::from_bytes(&b))
+        .filter(|e| e.media_type.is_none())
 }
 
 fn has_state(upload_id: &str) -> bool {

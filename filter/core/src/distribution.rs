@@ -97,7 +97,10 @@ pub fn route(method: &str, path: &str) -> Route {
     if method == "HEAD" {
         if let Some((repository, tail)) = rsplit_marker(rest, "/blobs/") {
             if tail.starts_with("sha256:") && !tail.contains('/') {
-                return Route::BlobHead { repository, digest: tail.to_string() };
+                return Route::BlobHead {
+                    repository,
+                    digest: tail.to_string(),
+                };
             }
         }
     }
@@ -286,7 +289,10 @@ mod tests {
         assert_eq!(route("GET", "/v2/demo/app/manifests/latest"), Route::Other);
         assert_eq!(
             route("HEAD", "/v2/demo/app/blobs/sha256:00"),
-            Route::BlobHead { repository: "demo/app".into(), digest: "sha256:00".into() }
+            Route::BlobHead {
+                repository: "demo/app".into(),
+                digest: "sha256:00".into()
+            }
         );
         assert_eq!(route("GET", "/v2/demo/app/blobs/sha256:00"), Route::Other);
         assert_eq!(route("GET", "/v2/"), Route::Other);

@@ -18,6 +18,7 @@ use ocicrypt_core::blockcipher::LayerEncryptor;
 use ocicrypt_core::sha256::Sha256State;
 use ocicrypt_core::simd::aes256x8::Aes256x8;
 use ocicrypt_core::simd::sha256x4::{Schedule, Sha256x4};
+use ocicrypt_core::simd::U32x4;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,19 @@ fn main() {
             for block in black_box(&buf).chunks_exact(64) {
                 let block = block.try_into().unwrap();
                 x4.compress(&Schedule::pc(block, block));
+            }
+        },
+    );
+    b.case(
+        &format!("sha-256 x4 lanes, block pairs, per input byte ({lanes})"),
+        MIB,
+        || {
+            for pair in black_box(&buf).chunks_exact(128) {
+                let v: [U32x4; 8] = std::array::from_fn(|i| {
+                    U32x4::from_bytes(pair[16 * i..][..16].try_into().unwrap())
+                });
+                let [a, b, c, d, e, f, g, h] = v;
+                x4.compress_pc_pair([a, b, c, d], [a, b, c, d], [e, f, g, h], [e, f, g, h]);
             }
         },
     );

@@ -231,12 +231,14 @@ impl LayerEncryptor {
         for [first, second] in pairs {
             let [k0, k1, k2, k3, k4, k5, k6, k7] = aes.keystream(counter);
             counter = counter.wrapping_add(8);
-            encrypt_and_hash(&mut lanes, first, [k0, k1, k2, k3]);
-            encrypt_and_hash(&mut lanes, second, [k4, k5, k6, k7]);
+            let (p0, c0) = encrypt_block(first, [k0, k1, k2, k3]);
+            let (p1, c1) = encrypt_block(second, [k4, k5, k6, k7]);
+            lanes.compress_pc_pair(p0, c0, p1, c1);
         }
         for last in odd {
             let [k0, k1, k2, k3, ..] = aes.keystream(counter);
-            encrypt_and_hash(&mut lanes, last, [k0, k1, k2, k3]);
+            let (p, c) = encrypt_block(last, [k0, k1, k2, k3]);
+            lanes.compress(&Schedule::pc_vectors(p, c));
         }
         let [p, c, m, _] = lanes.states();
         let n = blocks.len() as u64;
@@ -366,10 +368,10 @@ fn expand(symkey: &[u8; 32]) -> Keys {
     aes::Aes256::new(symkey.into())
 }
 
-/// XORs one block of data with its four keystream vectors, and feeds the plaintext to lane 0
-/// and the ciphertext to lanes 1-3 of `lanes`. The data is read and written once.
+/// XORs one block of data with its four keystream vectors in place; returns the plaintext
+/// and the ciphertext as vectors, for hashing. The data is read and written once.
 #[inline(always)]
-fn encrypt_and_hash(lanes: &mut Sha256x4, block: &mut [u8; BLOCK], keystream: [U32x4; 4]) {
+fn encrypt_block(block: &mut [u8; BLOCK], keystream: [U32x4; 4]) -> ([U32x4; 4], [U32x4; 4]) {
     let plain = sha256x4::vectors(block);
     let mut cipher = [U32x4::ZERO; 4];
     for (((c, p), k), out) in cipher
@@ -381,7 +383,7 @@ fn encrypt_and_hash(lanes: &mut Sha256x4, block: &mut [u8; BLOCK], keystream: [U
         *c = p ^ k;
         *out = c.to_bytes();
     }
-    lanes.compress(&Schedule::pc_vectors(plain, cipher));
+    (plain, cipher)
 }
 
 /// CTR mode over an already expanded key, at the start of the stream.

@@ -286,5 +286,20 @@ fn random_states_and_blocks_match_compress256() {
             compress_ref(h, &blocks[1]);
         }
         assert_eq!(x.states(), want, "pc: seed {seed} round {round}");
+
+        // Two blocks in a row: lane 0 blocks 0 then 2, lanes 1-3 blocks 1 then 3.
+        let mut x = Sha256x4::new([&states[0], &states[1], &states[2], &states[3]]);
+        let v = |b: &[u8; 64]| -> [U32x4; 4] {
+            std::array::from_fn(|i| U32x4::from_bytes(b[16 * i..16 * i + 16].try_into().unwrap()))
+        };
+        x.compress_pc_pair(v(&blocks[0]), v(&blocks[1]), v(&blocks[2]), v(&blocks[3]));
+        let mut want = states;
+        compress_ref(&mut want[0], &blocks[0]);
+        compress_ref(&mut want[0], &blocks[2]);
+        for h in &mut want[1..] {
+            compress_ref(h, &blocks[1]);
+            compress_ref(h, &blocks[3]);
+        }
+        assert_eq!(x.states(), want, "pc pair: seed {seed} round {round}");
     }
 }

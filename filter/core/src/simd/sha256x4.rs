@@ -3,8 +3,8 @@
 //!
 //! The layer cipher feeds lane 0 the plaintext and lanes 1–3 the ciphertext (lane 1 the
 //! ciphertext digest, lane 2 HMAC's inner hash, whose 64-byte pad block leaves it block-aligned
-//! with the ciphertext, lane 3 a spare): [`Sha256x4::compress_pc`] reads each 64-byte block
-//! once for all four.
+//! with the ciphertext, lane 3 a spare): [`Sha256x4::compress_pc_pair`] takes two such
+//! blocks at once and computes their message schedules together, two lanes each.
 
 use super::vector::shuffle32;
 use super::U32x4;
@@ -50,6 +50,22 @@ fn byteswap32(x: U32x4) -> U32x4 {
     U32x4(super::vector::shuffle!(x.0; 3 2 1 0 7 6 5 4 11 10 9 8 15 14 13 12))
 }
 
+/// 4x4 transpose: lane `j` of result `i` is lane `i` of input `j`.
+#[inline(always)]
+fn transpose4(a: U32x4, b: U32x4, c: U32x4, d: U32x4) -> [U32x4; 4] {
+    let (a, b, c, d) = (a.0, b.0, c.0, d.0);
+    let ab_lo = shuffle32!(a, b; 0 4 1 5);
+    let ab_hi = shuffle32!(a, b; 2 6 3 7);
+    let cd_lo = shuffle32!(c, d; 0 4 1 5);
+    let cd_hi = shuffle32!(c, d; 2 6 3 7);
+    [
+        U32x4(shuffle32!(ab_lo, cd_lo; 0 1 4 5)),
+        U32x4(shuffle32!(ab_lo, cd_lo; 2 3 6 7)),
+        U32x4(shuffle32!(ab_hi, cd_hi; 0 1 4 5)),
+        U32x4(shuffle32!(ab_hi, cd_hi; 2 3 6 7)),
+    ]
+}
+
 /// A 64-byte block as four vectors in memory order.
 #[inline(always)]
 pub fn vectors(block: &[u8; 64]) -> [U32x4; 4] {
@@ -93,17 +109,7 @@ impl Schedule {
             else {
                 continue;
             };
-            // 4x4 transpose: out[t] lane j = word t of block j.
-            let ab_lo = shuffle32!(a.0, b.0; 0 4 1 5);
-            let ab_hi = shuffle32!(a.0, b.0; 2 6 3 7);
-            let cd_lo = shuffle32!(c.0, d.0; 0 4 1 5);
-            let cd_hi = shuffle32!(c.0, d.0; 2 6 3 7);
-            if let [w0, w1, w2, w3] = out {
-                *w0 = U32x4(shuffle32!(ab_lo, cd_lo; 0 1 4 5));
-                *w1 = U32x4(shuffle32!(ab_lo, cd_lo; 2 3 6 7));
-                *w2 = U32x4(shuffle32!(ab_hi, cd_hi; 0 1 4 5));
-                *w3 = U32x4(shuffle32!(ab_hi, cd_hi; 2 3 6 7));
-            }
+            out.copy_from_slice(&transpose4(*a, *b, *c, *d));
         }
         Schedule { w }
     }
@@ -133,25 +139,35 @@ fn small_sigma1(x: U32x4) -> U32x4 {
 macro_rules! round {
     ($a:ident $b:ident $c:ident $d:ident $e:ident $f:ident $g:ident $h:ident, $kw:expr) => {
         // Ch(e, f, g) = (e & f) ^ (!e & g); Maj(a, b, c) = c where a == b, else a.
-        let t1 = $h + big_sigma1($e) + U32x4::bitselect($f, $g, $e) + $kw;
-        let t2 = big_sigma0($a) + U32x4::bitselect($a, $b, $b ^ $c);
+        // Ordered so that the sums independent of this round's e and a go first, leaving
+        // one add after each Σ on the critical path (the JIT does not reassociate).
+        let t1 = ($h + $kw) + U32x4::bitselect($f, $g, $e) + big_sigma1($e);
+        let t2 = U32x4::bitselect($a, $b, $b ^ $c) + big_sigma0($a);
         $d = $d + t1;
         $h = t1 + t2;
     };
 }
 
-/// Eight rounds over `w[$i..$i + 8]`, `k[$i..$i + 8]`.
+/// Eight rounds over `kw[$i..$i + 8]` (round constant plus message word).
 macro_rules! eight_rounds {
     ($a:ident $b:ident $c:ident $d:ident $e:ident $f:ident $g:ident $h:ident,
-     $w:ident, $k:ident, $i:literal) => {
-        round!($a $b $c $d $e $f $g $h, $k[$i] + $w[$i]);
-        round!($h $a $b $c $d $e $f $g, $k[$i + 1] + $w[$i + 1]);
-        round!($g $h $a $b $c $d $e $f, $k[$i + 2] + $w[$i + 2]);
-        round!($f $g $h $a $b $c $d $e, $k[$i + 3] + $w[$i + 3]);
-        round!($e $f $g $h $a $b $c $d, $k[$i + 4] + $w[$i + 4]);
-        round!($d $e $f $g $h $a $b $c, $k[$i + 5] + $w[$i + 5]);
-        round!($c $d $e $f $g $h $a $b, $k[$i + 6] + $w[$i + 6]);
-        round!($b $c $d $e $f $g $h $a, $k[$i + 7] + $w[$i + 7]);
+     $kw:ident, $i:literal) => {
+        round!($a $b $c $d $e $f $g $h, $kw[$i]);
+        round!($h $a $b $c $d $e $f $g, $kw[$i + 1]);
+        round!($g $h $a $b $c $d $e $f, $kw[$i + 2]);
+        round!($f $g $h $a $b $c $d $e, $kw[$i + 3]);
+        round!($e $f $g $h $a $b $c $d, $kw[$i + 4]);
+        round!($d $e $f $g $h $a $b $c, $kw[$i + 5]);
+        round!($c $d $e $f $g $h $a $b, $kw[$i + 6]);
+        round!($b $c $d $e $f $g $h $a, $kw[$i + 7]);
+    };
+}
+
+/// Sixteen rounds over `kw[0..16]`.
+macro_rules! sixteen_rounds {
+    ($a:ident $b:ident $c:ident $d:ident $e:ident $f:ident $g:ident $h:ident, $kw:ident) => {
+        eight_rounds!($a $b $c $d $e $f $g $h, $kw, 0);
+        eight_rounds!($a $b $c $d $e $f $g $h, $kw, 8);
     };
 }
 
@@ -204,8 +220,59 @@ impl Sha256x4 {
             if group > 0 {
                 schedule!(w; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
             }
-            eight_rounds!(a b c d e f g h, w, k, 0);
-            eight_rounds!(a b c d e f g h, w, k, 8);
+            let mut kw = [U32x4::ZERO; 16];
+            for ((o, k), w) in kw.iter_mut().zip(k).zip(&w) {
+                *o = *k + *w;
+            }
+            sixteen_rounds!(a b c d e f g h, kw);
+        }
+        for (h, v) in self.h.iter_mut().zip([a, b, c, d, e, f, g, h]) {
+            *h = *h + v;
+        }
+    }
+
+    /// Compresses two blocks per lane, one after the other: the block `p0` in lane 0 and
+    /// `c0` in lanes 1–3, then `p1` in lane 0 and `c1` in lanes 1–3 (each given as in
+    /// [`Schedule::pc_vectors`]). The four message schedules are computed in the four lanes of
+    /// one vector, so each word costs half of what it does in [`Self::compress`].
+    #[inline(always)]
+    pub fn compress_pc_pair(
+        &mut self,
+        p0: [U32x4; 4],
+        c0: [U32x4; 4],
+        p1: [U32x4; 4],
+        c1: [U32x4; 4],
+    ) {
+        // w[t] lanes: word t of p0, c0, p1, c1.
+        let mut w = [U32x4::ZERO; 16];
+        let [p0, c0, p1, c1] = [p0, c0, p1, c1].map(|v| v.map(byteswap32));
+        for ((out, (a, b)), (c, d)) in w
+            .chunks_exact_mut(4)
+            .zip(p0.into_iter().zip(c0))
+            .zip(p1.into_iter().zip(c1))
+        {
+            out.copy_from_slice(&transpose4(a, b, c, d));
+        }
+        // First block; the second block's round inputs are kept for after.
+        let mut second = [[U32x4::ZERO; 16]; 4];
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = self.h;
+        for ((group, k), kw1) in K.iter().enumerate().zip(second.iter_mut()) {
+            if group > 0 {
+                schedule!(w; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+            }
+            let mut kw0 = [U32x4::ZERO; 16];
+            for (((o0, o1), k), w) in kw0.iter_mut().zip(kw1.iter_mut()).zip(k).zip(&w) {
+                *o0 = *k + U32x4(shuffle32!(w.0, w.0; 0 1 1 1));
+                *o1 = *k + U32x4(shuffle32!(w.0, w.0; 2 3 3 3));
+            }
+            sixteen_rounds!(a b c d e f g h, kw0);
+        }
+        for (h, v) in self.h.iter_mut().zip([a, b, c, d, e, f, g, h]) {
+            *h = *h + v;
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = self.h;
+        for kw1 in &second {
+            sixteen_rounds!(a b c d e f g h, kw1);
         }
         for (h, v) in self.h.iter_mut().zip([a, b, c, d, e, f, g, h]) {
             *h = *h + v;

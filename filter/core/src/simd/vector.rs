@@ -22,11 +22,14 @@ pub(crate) mod imp {
     }
     #[inline(always)]
     pub fn from_bytes(b: &[u8; 16]) -> Inner {
-        // LLVM folds this into one `v128.load`.
-        u8x16(
-            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
-            b[14], b[15],
-        )
+        // LLVM folds this into one `v128.load` (sixteen byte lanes would stay sixteen
+        // `v128.load8_lane`s where the bytes come from a sliced block).
+        let (lo, hi) = b
+            .split_first_chunk::<8>()
+            .map_or(([0; 8], [0; 8]), |(lo, rest)| {
+                (*lo, rest.first_chunk::<8>().copied().unwrap_or([0; 8]))
+            });
+        u64x2(u64::from_le_bytes(lo), u64::from_le_bytes(hi))
     }
     #[inline(always)]
     pub fn to_bytes(x: Inner) -> [u8; 16] {

@@ -51,6 +51,27 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Runs `f` repeatedly and prints microseconds per call.
+    fn case_ops(&self, name: &str, mut f: impl FnMut()) {
+        if !self.filter.is_empty() && !self.filter.iter().any(|p| name.contains(p.as_str())) {
+            return;
+        }
+        f();
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let start = Instant::now();
+            let mut calls = 0u64;
+            while start.elapsed() < self.round {
+                f();
+                calls += 1;
+            }
+            best = best.min(start.elapsed().as_secs_f64() * 1e6 / calls as f64);
+        }
+        println!("{name:<44} {best:9.1} us/call");
+    }
+}
+
 fn main() {
     let mut filter = Vec::new();
     let mut round = Duration::from_millis(200);
@@ -96,6 +117,11 @@ fn main() {
     let mut enc = LayerEncryptor::new(key, nonce);
     b.case("layer encrypt, lanes path, 1 MiB chunks", MIB, || {
         enc.encrypt_in_place_lanes(black_box(&mut buf));
+    });
+
+    let saved = LayerEncryptor::new(key, nonce).to_bytes();
+    b.case_ops("restore a saved encryptor (from_bytes)", || {
+        black_box(LayerEncryptor::from_bytes(black_box(&saved)).unwrap());
     });
 
     let mut ctr = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &nonce.into());

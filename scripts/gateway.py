@@ -143,10 +143,32 @@ class Options:
     envoy_component_log_level: str = ""
     concurrency: int = 2
     startup_timeout: float = 60.0
+    #: Where the demo project's recipients come from: "tuf" (the key service, a python-tuf
+    #: repository under <state>/keyservice/ served by nginx) or "inline" (in the plugin config).
+    keys_source: str = "tuf"
+    #: Address of the key service (nginx); default: the gateway's port + 3.
+    keyservice_addr: Optional[str] = None
+    #: The filter's key-service refresh period.
+    keyservice_refresh_seconds: int = 60
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
         self.wasm_path = Path(self.wasm_path)
+        if self.keys_source not in ("tuf", "inline"):
+            raise GatewayError(f"keys_source must be 'tuf' or 'inline', not {self.keys_source!r}")
+        if self.keyservice_addr is None:
+            host, port = _split_addr(self.gateway_addr)
+            self.keyservice_addr = f"{host}:{port + 3}"
+
+    @property
+    def keyservice_dir(self) -> Path:
+        """The key service's TUF repository (keys/, metadata/, targets/)."""
+        return self.state_dir / "keyservice"
+
+    @property
+    def keyservice_served(self) -> Path:
+        """What nginx serves: a symlink to keyservice/ (tests re-point it at attacked copies)."""
+        return self.state_dir / "keyservice-served"
 
     @property
     def registry_dir(self) -> Path:
@@ -161,18 +183,31 @@ class Options:
         return self.state_dir / "pids"
 
 
-def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]]) -> Dict[str, Any]:
-    """The filter's JSON configuration for this stack."""
-    projects: Dict[str, Any] = {
-        "demo": {
+def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]],
+                  trusted_root: Optional[str] = None) -> Dict[str, Any]:
+    """The filter's JSON configuration for this stack. With the key service, `demo`'s
+    recipients come from it (verified with TUF against `trusted_root`); inline otherwise."""
+    projects: Dict[str, Any] = {}
+    if opts.keys_source == "inline":
+        projects["demo"] = {
             "recipients": [
                 {"pem": keys["rsa"]["public"].read_text()},
                 {"pem": keys["ec"]["public"].read_text()},
             ]
         }
-    }
     projects.update(copy.deepcopy(opts.extra_projects))
-    return {
+    extra: Dict[str, Any] = {}
+    if opts.keys_source == "tuf":
+        extra["key_service"] = {
+            "cluster": "keyservice",
+            "authority": "keyservice.local",
+            "metadata_path": "/metadata",
+            "targets_path": "/targets",
+            "trusted_root": trusted_root,
+            "refresh_seconds": opts.keyservice_refresh_seconds,
+            "timeout_ms": 5000,
+        }
+    return {**extra, **{
         "registry": {"cluster": "registry", "timeout_ms": opts.registry_timeout_ms},
         "policy": {
             "default": opts.policy_default,
@@ -180,7 +215,7 @@ def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]]) -> Dict[str, 
         },
         "projects": projects,
         "limits": {"max_manifest_bytes": opts.max_manifest_bytes},
-    }
+    }}
 
 
 def registry_config(opts: Options) -> Dict[str, Any]:
@@ -246,11 +281,38 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
                 f"({BUFFER_LIMIT}): a manifest the filter must buffer would not fit"
             )
 
-    (cluster,) = cfg["static_resources"]["clusters"]
+    clusters = cfg["static_resources"]["clusters"]
+    (cluster,) = [c for c in clusters if c["name"] == "registry"]
     host, port = _split_addr(opts.registry_addr)
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     endpoint["endpoint"]["address"]["socket_address"] = {"address": host, "port_value": port}
+    cfg["static_resources"]["clusters"] = [c for c in clusters if c["name"] != "keyservice"]
+    if plugin_cfg is not None and "key_service" in plugin_cfg:
+        ks = copy.deepcopy(cluster)
+        ks["name"] = "keyservice"
+        ks["load_assignment"]["cluster_name"] = "keyservice"
+        ks.pop("per_connection_buffer_limit_bytes", None)
+        host, port = _split_addr(opts.keyservice_addr)
+        (endpoint,) = ks["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        endpoint["endpoint"]["address"]["socket_address"] = {"address": host, "port_value": port}
+        cfg["static_resources"]["clusters"].append(ks)
     return cfg
+
+
+KEYSERVICE = REPO / "scripts" / "keyservice"
+
+
+def ensure_keyservice(opts: Options, log=print) -> str:
+    """Build (or keep) the demo key service repository and return the root to pin."""
+    proc = subprocess.run([sys.executable, str(KEYSERVICE), "demo", "--repo", str(opts.keyservice_dir),
+                           "--keys-dir", str(opts.state_dir / "keys")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GatewayError(f"scripts/keyservice demo failed:\n{proc.stdout}{proc.stderr}")
+    served = opts.keyservice_served
+    if not served.is_symlink():
+        served.symlink_to(opts.keyservice_dir.name)
+    # Pin the repository's first root: the filter then walks the root chain itself.
+    return (opts.keyservice_dir / "metadata" / "1.root.json").read_text()
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +490,8 @@ class Gateway:
         (o.state_dir / "registry.yml").write_text(yaml.safe_dump(registry_config(o), sort_keys=False))
         if o.filter:
             ensure_wasm(o, self.log)
-            self.plugin_cfg = plugin_config(o, self.keys)
+            root = ensure_keyservice(o, self.log) if o.keys_source == "tuf" else None
+            self.plugin_cfg = plugin_config(o, self.keys, root)
             (o.state_dir / "plugin-config.json").write_text(json.dumps(self.plugin_cfg, indent=2))
         else:
             self.plugin_cfg = None
@@ -479,7 +542,10 @@ class Gateway:
         o = self.opts
         if o.pids_file.exists():
             stop_recorded(o.state_dir, self.log)
-        for addr in (o.registry_addr, o.gateway_addr, o.admin_addr):
+        addrs = [o.registry_addr, o.gateway_addr, o.admin_addr]
+        if o.filter and o.keys_source == "tuf":
+            addrs.append(o.keyservice_addr)
+        for addr in addrs:
             if not _port_free(addr):
                 raise GatewayError(f"{addr} is already in use (another gateway running?)")
         self.prepare()
@@ -490,6 +556,14 @@ class Gateway:
             # 200 without auth; 401 with auth (the registry is up and asking for credentials).
             self._wait("registry", reg, f"{self.registry_url}/v2/",
                        lambda s: s == (401 if o.htpasswd else 200), reg_log)
+
+            if self.plugin_cfg is not None and "key_service" in self.plugin_cfg:
+                ks_log = o.state_dir / "keyservice.log"
+                ks = self._spawn("keyservice", [sys.executable, str(KEYSERVICE), "serve", "--repo",
+                                                str(o.keyservice_served), "--listen", o.keyservice_addr,
+                                                "--state", str(o.state_dir / "keyservice-nginx")], ks_log)
+                self._wait("keyservice", ks, f"http://{o.keyservice_addr}/metadata/1.root.json",
+                           lambda s: s == 200, ks_log)
 
             envoy_log = o.state_dir / "envoy.log"
             argv = [envoy_path(), "-c", str(o.state_dir / "envoy.yaml"),
@@ -549,6 +623,9 @@ class Gateway:
             f"registry:  http://{o.registry_addr}  (storage {o.registry_dir})"
             + (f"  basic auth user {o.htpasswd[0]}" if o.htpasswd else ""),
             "policy:    demo/** is encrypted to the demo recipients, plain/** passes through",
+            (f"key svc:   http://{o.keyservice_addr}  (TUF repository {o.keyservice_dir}; manage it "
+             f"with scripts/keyservice --repo {o.keyservice_dir} ...)"
+             if o.filter and o.keys_source == "tuf" else "key svc:   none (inline recipients)"),
             f"keys:      {rsa}  {ec}  (private, PKCS#8; *.pub.pem beside them)",
             f"logs:      {o.state_dir}/envoy.log  {o.access_log}  {o.state_dir}/registry.log",
             "push:      skopeo copy --dest-tls-verify=false" + creds_push
@@ -580,6 +657,8 @@ def _options_from_args(args: argparse.Namespace) -> Options:
         htpasswd=creds,
         envoy_log_level=args.log_level,
         envoy_component_log_level=args.component_log_level,
+        keys_source="inline" if args.inline_keys else "tuf",
+        keyservice_addr=args.keyservice_addr,
     )
 
 
@@ -591,6 +670,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--registry-addr", default=os.environ.get("REGISTRY_ADDR", "127.0.0.1:5001"))
     p.add_argument("--admin-addr", default=os.environ.get("ENVOY_ADMIN_ADDR", "127.0.0.1:9901"))
     p.add_argument("--no-filter", action="store_true", help="run Envoy without the wasm filter")
+    p.add_argument("--keyservice-addr", default=os.environ.get("KEYSERVICE_ADDR"),
+                   help="key service (nginx) address (default: the gateway's port + 3)")
+    p.add_argument("--inline-keys", action="store_true",
+                   help="put the demo recipients in the plugin configuration instead of the key service")
     p.add_argument("--htpasswd", metavar="USER:PASSWORD",
                    default=os.environ.get("REGISTRY_HTPASSWD") or None,
                    help="registry requires basic auth with these credentials")

@@ -162,14 +162,15 @@ def _start_stack(tmp_path_factory, name: str, port_offset: int, *, filter: bool,
     state = tmp_path_factory.mktemp(f"stack-{name}")
     _write_owner(state)
     if PORT_BASE is not None:
-        ports = [PORT_BASE + port_offset + i for i in range(3)]
+        ports = [PORT_BASE + port_offset + i for i in range(4)]
     else:
-        ports = helpers.free_ports(3)
+        ports = helpers.free_ports(4)
     opts = gateway.Options(
         state_dir=state,
         gateway_addr=f"127.0.0.1:{ports[0]}",
         registry_addr=f"127.0.0.1:{ports[1]}",
         admin_addr=f"127.0.0.1:{ports[2]}",
+        keyservice_addr=f"127.0.0.1:{ports[3]}",
         filter=filter,
         htpasswd=creds,
         envoy_component_log_level="wasm:debug" if filter else "",

@@ -39,6 +39,11 @@ pub struct LedgerEntry {
     /// serialized form when `None`, so blob entries read and write as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// Fingerprint of the recipients a blob's key was wrapped to
+    /// ([`crate::recipients::fingerprint`]): a re-push may reuse the ciphertext only while the
+    /// project's recipients are the same (after a rotation the layer is encrypted anew).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<String>,
 }
 
 /// Shared-data key of a ledger entry. Repository names are `[a-z0-9._/-]`, so `@` separates.
@@ -56,6 +61,7 @@ impl LedgerEntry {
             size: u64::try_from(rewritten.body.len()).unwrap_or(u64::MAX),
             annotations: BTreeMap::new(),
             media_type: Some(rewritten.descriptor_media_type().to_string()),
+            recipients: None,
         }
     }
 
@@ -138,6 +144,7 @@ mod tests {
                 "e30=".to_string(),
             )]),
             media_type: None,
+            recipients: None,
         }
     }
 
@@ -157,6 +164,7 @@ mod tests {
             size: 1234,
             annotations: BTreeMap::new(),
             media_type: Some("application/vnd.oci.image.index.v1+json".to_string()),
+            recipients: None,
         };
         let bytes = manifest.to_bytes();
         let text = String::from_utf8(bytes.clone()).unwrap();

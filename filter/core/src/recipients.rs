@@ -283,6 +283,39 @@ impl Recipient {
     }
 }
 
+/// A stable fingerprint of a set of recipients (order and duplicates do not matter): the
+/// SHA-256 of the sorted SHA-256s of each public key's canonical bytes (RSA: modulus and
+/// exponent; EC: the uncompressed SEC1 point), in hex.
+pub fn fingerprint(recipients: &[Recipient]) -> String {
+    use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+    use sha2::{Digest as _, Sha256};
+    let mut each: Vec<[u8; 32]> = recipients
+        .iter()
+        .map(|r| {
+            let mut h = Sha256::new();
+            match r {
+                Recipient::Rsa(k) => {
+                    h.update(b"rsa\0");
+                    h.update(k.n().to_bytes_be());
+                    h.update(b"\0");
+                    h.update(k.e().to_bytes_be());
+                }
+                Recipient::P256(k) => h.update(k.to_encoded_point(false).as_bytes()),
+                Recipient::P384(k) => h.update(k.to_encoded_point(false).as_bytes()),
+                Recipient::P521(k) => h.update(k.to_encoded_point(false).as_bytes()),
+            }
+            h.finalize().into()
+        })
+        .collect();
+    each.sort_unstable();
+    each.dedup();
+    let mut all = Sha256::new();
+    for d in &each {
+        all.update(d);
+    }
+    hex::encode(all.finalize())
+}
+
 /// JWK coordinates may have lost leading zero bytes in sloppy producers; RFC 7518 wants them
 /// full length, and SEC1 needs them so.
 fn uncompressed_point(x: &[u8], y: &[u8], size: usize) -> Result<Vec<u8>, RecipientError> {

@@ -279,6 +279,7 @@ pub fn complete<R: CryptoRngCore>(
             size: layer.size,
             annotations,
             media_type: None,
+            recipients: Some(crate::recipients::fingerprint(recipients)),
         }),
     })
 }

@@ -10,7 +10,7 @@ use ocicrypt_core::keyservice::{Lookup, Next};
 use ocicrypt_core::ledger::{self, LedgerEntry};
 use ocicrypt_core::manifest;
 use ocicrypt_core::policy::{project_of, Action as PolicyAction};
-use ocicrypt_core::recipients::Recipient;
+use ocicrypt_core::recipients::{fingerprint, Recipient};
 use ocicrypt_core::upload::{self, BodyVerdict, ChunkStream, Completion, Store, UploadRecord};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -265,7 +265,9 @@ impl Gateway {
                     path.split_once('?')
                         .and_then(|(_, q)| distribution::query_param(q, "from")),
                 ) {
-                    if let Some(action) = self.mount_encrypted(&repository, mount, &from, &path)? {
+                    if let Some(action) =
+                        self.mount_encrypted(&repository, mount, &from, &path, &recipients)?
+                    {
                         return Ok(action);
                     }
                 }
@@ -383,6 +385,14 @@ impl Gateway {
                 let Some(entry) = blob_entry(&repository, &client_digest) else {
                     return Ok(Action::Continue);
                 };
+                let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
+                    return Ok(Action::Pause);
+                };
+                if entry.recipients.as_deref() != Some(fingerprint(&recipients).as_str()) {
+                    // Wrapped to recipients the project no longer has: let the client upload it
+                    // again, to be encrypted to the current ones.
+                    return Ok(Action::Continue);
+                }
                 let path = format!("/v2/{repository}/blobs/{}", entry.encrypted_digest);
                 host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path))?;
                 self.flow = Flow::Known {
@@ -576,6 +586,7 @@ impl Gateway {
         mount: &str,
         from: &str,
         path: &str,
+        recipients: &[Recipient],
     ) -> Result<Option<Action>, OciError> {
         if project_of(from) != project_of(repository) || !distribution::is_repository_name(from) {
             return Ok(None);
@@ -586,6 +597,9 @@ impl Gateway {
         let Some(entry) = blob_entry(from, &client_digest) else {
             return Ok(None);
         };
+        if entry.recipients.as_deref() != Some(fingerprint(recipients).as_str()) {
+            return Ok(None);
+        }
         let encrypted = entry.encrypted_digest.to_string();
         let new_path = distribution::rewrite_query(
             path,

@@ -27,6 +27,8 @@ enum Flow {
     Pass,
     /// A refusal was sent; ignore the rest of the stream.
     Refused,
+    /// A refused request whose body is read (and dropped) before the refusal is sent.
+    Draining(OciError),
     /// Request body bytes of an upload session (`PATCH`, or a `PUT`/`POST` turned into one).
     Chunk(Box<ChunkFlow>),
     /// `POST ?digest=` with a body: headers paused while a callout opens a session.
@@ -533,7 +535,14 @@ impl Gateway {
     ) -> Result<Action, OciError> {
         let limit = self.config.as_ref().map_or(0, |c| c.max_manifest_bytes);
         if body_size > limit {
-            return Err(too_large(body_size, limit));
+            let err = too_large(body_size, limit);
+            if end_of_stream {
+                return Err(err);
+            }
+            // Drop what was held and the rest as it comes; answer at the end (see Draining).
+            host::set_body(BufferType::HttpRequestBody, body_size, &[])?;
+            self.flow = Flow::Draining(err);
+            return Ok(Action::Continue);
         }
         if !end_of_stream {
             return Ok(Action::Pause);
@@ -896,6 +905,12 @@ fn blob_entry(repository: &str, digest: &Digest) -> Option<LedgerEntry> {
         .filter(|e| e.media_type.is_none())
 }
 
+fn is_manifest_put() -> bool {
+    host::header(MapType::HttpRequestHeaders, ":method").as_deref() == Some("PUT")
+        && host::header(MapType::HttpRequestHeaders, ":path")
+            .is_some_and(|p| p.contains("/manifests/"))
+}
+
 fn has_state(upload_id: &str) -> bool {
     SharedData
         .get(&upload::record_key(upload_id))
@@ -968,6 +983,12 @@ impl HttpContext for Gateway {
         };
         match self.on_request_line(&config, end_of_stream) {
             Ok(action) => action,
+            Err(e) if !end_of_stream && is_manifest_put() => {
+                // containerd may hang forever on an answer that comes before it has sent the
+                // manifest body: take the body (forwarding none of it), answer at its end.
+                self.flow = Flow::Draining(e);
+                Action::Continue
+            }
             Err(e) => self.refuse(&e),
         }
     }
@@ -977,6 +998,14 @@ impl HttpContext for Gateway {
             Flow::Chunk(_) => self.on_chunk_body(body_size, end_of_stream),
             Flow::Manifest { .. } => self.on_manifest_body(body_size, end_of_stream),
             Flow::Refused => return Action::Pause,
+            Flow::Draining(ref e) => {
+                if end_of_stream {
+                    Err(e.clone())
+                } else {
+                    host::set_body(BufferType::HttpRequestBody, body_size, &[])
+                        .map(|()| Action::Continue)
+                }
+            }
             _ => Ok(Action::Continue),
         };
         match result {

@@ -48,6 +48,7 @@ fn stored_entry(n: u8, size: u64, media_type: &str) -> (Digest, LedgerEntry) {
             size,
             annotations: BTreeMap::new(),
             media_type: Some(media_type.to_string()),
+            recipients: None,
         },
     )
 }
@@ -61,6 +62,7 @@ fn unchanged_entry(n: u8, size: u64, media_type: &str) -> (Digest, LedgerEntry) 
             size,
             annotations: BTreeMap::new(),
             media_type: Some(media_type.to_string()),
+            recipients: None,
         },
     )
 }
@@ -364,6 +366,7 @@ fn good_cases() -> Vec<Good> {
                         size: 509,
                         annotations: BTreeMap::new(),
                         media_type: None,
+                        recipients: None,
                     },
                 ),
             ],
@@ -509,6 +512,7 @@ fn bad_cases() -> Vec<Bad> {
                     size: 501,
                     annotations: BTreeMap::new(),
                     media_type: None,
+                    recipients: None,
                 },
             )],
             input: json!({
@@ -673,6 +677,7 @@ fn children_then_index_flow() {
                         format!("p{n}"),
                     )]),
                     media_type: None,
+                    recipients: None,
                 },
             )
         })

@@ -64,6 +64,7 @@ fn ledger() -> BTreeMap<Digest, LedgerEntry> {
                         (PUBOPTS.to_string(), format!("pubopts-{n}")),
                     ]),
                     media_type: None,
+                    recipients: None,
                 },
             )
         })
@@ -75,6 +76,7 @@ fn ledger() -> BTreeMap<Digest, LedgerEntry> {
             size: 777,
             annotations: BTreeMap::new(),
             media_type: Some(OCI_MANIFEST.to_string()),
+            recipients: None,
         },
     );
     map

@@ -52,6 +52,7 @@ fn entry(n: u8, size: u64) -> LedgerEntry {
             (PUBOPTS.to_string(), format!("pubopts-{n}")),
         ]),
         media_type: None,
+        recipients: None,
     }
 }
 

@@ -157,6 +157,109 @@ pub fn is_json_like(window: &[u8]) -> bool {
     window.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
+/// Leading bytes of formats a blob may be in, all of which the gateway encrypts: image layers
+/// (gzip, zstd; tar is recognised by its header checksum) and other compressed or executable
+/// content that is not ciphertext although it may look random past its header.
+const KNOWN_MAGIC: [&[u8]; 10] = [
+    b"\x1f\x8b",           // gzip
+    b"\x28\xb5\x2f\xfd",   // zstd
+    b"\xfd7zXZ\x00",       // xz
+    b"BZh",                // bzip2
+    b"PK\x03\x04",         // zip, jar
+    b"7z\xbc\xaf\x27\x1c", // 7z
+    b"\x04\x22\x4d\x18",   // lz4
+    b"\x00asm",            // wasm
+    b"\x7fELF",            // ELF
+    b"\x89PNG",            // png
+];
+
+/// Whether a 512-byte block is a tar header: its checksum field (octal, at 148) equals the sum
+/// of the header's bytes with that field read as spaces. Holds for ustar, GNU and v7 tars.
+fn is_tar_header(block: &[u8]) -> bool {
+    let (Some(head), Some(field)) = (block.get(..512), block.get(148..156)) else {
+        return false;
+    };
+    let digits: String = field
+        .iter()
+        .take_while(|b| (b'0'..=b'7').contains(b))
+        .map(|&b| b as char)
+        .collect();
+    let text = std::str::from_utf8(field).unwrap_or("");
+    let Ok(stated) = u32::from_str_radix(
+        if digits.is_empty() {
+            text.trim()
+        } else {
+            &digits
+        },
+        8,
+    ) else {
+        return false;
+    };
+    let sum: u32 = head
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                u32::from(b' ')
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
+    sum == stated
+}
+
+/// Whether the first bytes of a blob look like ciphertext: no known format's magic, no tar
+/// header, and byte values spread as uniformly as random bytes are. Such a blob is what a
+/// pipeline that encrypts itself (`skopeo copy --encryption-key`) uploads: it passes as it is,
+/// and its manifest must then declare the layer `+encrypted` (anything else is refused).
+/// A heuristic on purpose kept narrow: anything else, including unknown formats, is encrypted.
+pub fn looks_encrypted(window: &[u8]) -> bool {
+    if window.len() < 32
+        || KNOWN_MAGIC.iter().any(|m| window.starts_with(m))
+        || is_tar_header(window)
+    {
+        return false;
+    }
+    // Values and the differences of neighbours must both look uniform: a counting sequence or
+    // a table has uniform values but regular differences.
+    let differences: Vec<u8> = window
+        .windows(2)
+        .map(|w| match w {
+            [a, b] => b.wrapping_sub(*a),
+            _ => 0,
+        })
+        .collect();
+    looks_uniform(window) && looks_uniform(&differences)
+}
+
+fn looks_uniform(bytes: &[u8]) -> bool {
+    let mut counts = [0u32; 256];
+    for &b in bytes {
+        if let Some(c) = counts.get_mut(usize::from(b)) {
+            *c += 1;
+        }
+    }
+    let n = bytes.len() as f64;
+    if bytes.len() >= 500 {
+        // Pearson's chi-square against the uniform distribution: 255 degrees of freedom, mean
+        // 255 and standard deviation about 22.6 for random bytes; text and structured data score
+        // in the thousands.
+        let expected = n / 256.0;
+        let chi2: f64 = counts
+            .iter()
+            .map(|&c| (f64::from(c) - expected).powi(2) / expected)
+            .sum();
+        chi2 < 400.0
+    } else {
+        // Too few bytes for the test above: count distinct values against what n random bytes
+        // give on average (256 · (1 − (255/256)^n)).
+        let distinct = counts.iter().filter(|&&c| c > 0).count() as f64;
+        let random = 256.0 * (1.0 - (255.0f64 / 256.0).powf(n));
+        distinct >= 0.75 * random
+    }
+}
+
 /// The body of one request (`PATCH`, or a `PUT`/`POST` that carries bytes) of an upload in an
 /// encrypted repository.
 pub struct ChunkStream {
@@ -199,11 +302,12 @@ impl ChunkStream {
                 return BodyVerdict::NeedMore;
             }
             let window = buffer.get(..SNIFF_WINDOW.min(buffer.len())).unwrap_or(&[]);
-            self.record.treatment = if self.record.offset == 0 && is_json_like(window) {
-                Treatment::Passthrough
-            } else {
-                Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
-            };
+            self.record.treatment =
+                if self.record.offset == 0 && (is_json_like(window) || looks_encrypted(window)) {
+                    Treatment::Passthrough
+                } else {
+                    Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
+                };
         }
         self.record.offset += buffer.len() as u64;
         match &mut self.record.treatment {
@@ -377,6 +481,42 @@ mod tests {
         let store = MapStore::default();
         let (out, _) = push(&store, &blob, &[]);
         assert_ne!(out, blob);
+    }
+
+    #[test]
+    fn ciphertext_is_told_from_layers_and_text() {
+        use rand::RngCore;
+        for n in [48usize, 141, 511, 512, 4096] {
+            let mut random = vec![0u8; n];
+            rand::thread_rng().fill_bytes(&mut random);
+            if random.starts_with(b"\x1f\x8b") {
+                random[0] = 0;
+            }
+            let window = &random[..n.min(SNIFF_WINDOW)];
+            assert!(
+                looks_encrypted(window),
+                "{n} random bytes not taken for ciphertext"
+            );
+            let mut gz = random.clone();
+            gz[..2].copy_from_slice(b"\x1f\x8b");
+            assert!(
+                !looks_encrypted(&gz[..n.min(SNIFF_WINDOW)]),
+                "gzip taken for ciphertext"
+            );
+        }
+        let text = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. ".repeat(8);
+        assert!(!looks_encrypted(&text[..512]));
+        // A tar (v7 or ustar) header, even holding random bytes past it.
+        let mut tar = vec![0u8; 1024];
+        tar[..8].copy_from_slice(b"file.bin");
+        tar[100..108].copy_from_slice(b"0000644\0");
+        tar[148..156].copy_from_slice(b"        ");
+        let sum: u32 = tar[..512].iter().map(|&b| u32::from(b)).sum();
+        let chk = format!("{sum:06o}\0 ");
+        tar[148..156].copy_from_slice(chk.as_bytes());
+        assert!(is_tar_header(&tar));
+        assert!(!looks_encrypted(&tar[..512]));
+        assert!(!looks_encrypted(&[7u8; 16]));
     }
 
     #[test]

@@ -128,3 +128,25 @@ def test_metrics_after_a_push(stack, tmp_path):
         + image.layers[0].size
     assert after["ocicrypt_manifests_rewritten"] >= before.get("ocicrypt_manifests_rewritten", 0) + 1
     assert after.get("ocicrypt_uploads_in_flight", 0) == 0
+
+
+def test_image_encrypted_by_the_pipeline_passes_unchanged(stack, tmp_path):
+    """skopeo encrypts in the pipeline (its own recipient); through the gateway the layers are
+    recognised as ciphertext, pass as they are, and the image decrypts with the pipeline's key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = tmp_path / "pipeline.pem", tmp_path / "pipeline.pub.pem"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    image = helpers.build_image(tmp_path / "layout", "v1", 2 * helpers.MIB,
+                                marker=helpers.new_marker())
+    helpers.skopeo_push(image, f"{stack.addr}/demo/pre:v1",
+                        extra=["--encryption-key", f"jwe:{pub}"])
+    manifest = stack.direct().get_manifest("demo/pre", "v1").json()
+    assert all(l["mediaType"].endswith("+encrypted") for l in manifest["layers"]), manifest
+    out = tmp_path / "out"
+    helpers.skopeo_pull(f"{stack.registry_addr}/demo/pre:v1", out, "v1", keys=[priv])
+    helpers.assert_decrypted_matches(out, "v1", image, exact=False)
+    assert not helpers.scan_for(stack.storage, [image.marker.encode()])

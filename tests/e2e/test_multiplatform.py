@@ -1,0 +1,83 @@
+"""Multi-platform images: `skopeo copy --all` of an OCI layout whose tag names an image index
+(children pushed by digest, then the index by tag). Every child is rewritten and stored under its
+new digest, the index is rewritten to name them, and every platform pulls back and decrypts."""
+import hashlib
+import json
+import shutil
+
+import pytest
+
+import helpers
+
+pytestmark = [pytest.mark.filter, pytest.mark.clients]
+
+MT_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def multi_layout(tmp_path_factory):
+    base = tmp_path_factory.mktemp("multi")
+    platforms = [("amd64", None), ("arm64", "v8")]
+    images = {}
+    layout = base / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    children = []
+    for arch, variant in platforms:
+        img = helpers.build_image(base / arch, "v1", 1 * helpers.MIB, marker=helpers.new_marker())
+        for blob in (base / arch / "blobs" / "sha256").iterdir():
+            shutil.copy(blob, layout / "blobs" / "sha256" / blob.name)
+        platform = {"architecture": arch, "os": "linux"}
+        if variant:
+            platform["variant"] = variant
+        children.append({"mediaType": MT_MANIFEST, "digest": img.manifest_digest,
+                         "size": len(img.manifest_bytes), "platform": platform})
+        images[arch] = img
+    index = json.dumps({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": children},
+                       separators=(",", ":")).encode()
+    (layout / "blobs" / "sha256" / sha(index).split(":")[1]).write_bytes(index)
+    (layout / "index.json").write_text(json.dumps({
+        "schemaVersion": 2, "mediaType": MT_INDEX,
+        "manifests": [{"mediaType": MT_INDEX, "digest": sha(index), "size": len(index),
+                       "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+    return layout, images
+
+
+def test_multi_platform_index_push_and_decrypt_every_platform(stack, multi_layout, tmp_path):
+    layout, images = multi_layout
+    helpers.run(["skopeo", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                 f"oci:{layout}:v1", f"docker://{stack.addr}/demo/multi:v1"],
+                timeout=helpers.CLIENT_TIMEOUT)
+    reg = stack.direct()
+    r = reg.get_manifest("demo/multi", "v1")
+    index = r.json()
+    assert index["mediaType"] == MT_INDEX, index
+    assert len(index["manifests"]) == 2
+    for child in index["manifests"]:
+        arch = child["platform"]["architecture"]
+        # Rewritten: the child's digest is no longer the one pushed.
+        assert child["digest"] != images[arch].manifest_digest
+        m = reg.get_manifest("demo/multi", child["digest"]).json()
+        helpers.assert_encrypted_manifest(m, images[arch])
+
+    out = tmp_path / "out"
+    helpers.run(["skopeo", "copy", "--all", "--src-tls-verify=false",
+                 "--dest-oci-accept-uncompressed-layers",
+                 "--decryption-key", str(stack.keys["rsa"]["private"]),
+                 f"docker://{stack.registry_addr}/demo/multi:v1", f"oci:{out}:v1"],
+                timeout=helpers.CLIENT_TIMEOUT)
+    blobs = out / "blobs" / "sha256"
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    pulled = json.loads((blobs / top["digest"].split(":")[1]).read_text())
+    assert len(pulled["manifests"]) == 2
+    for child in pulled["manifests"]:
+        arch = child["platform"]["architecture"]
+        m = json.loads((blobs / child["digest"].split(":")[1]).read_text())
+        assert [l["digest"] for l in m["layers"]] == images[arch].layer_digests, arch
+        assert not any("+encrypted" in l["mediaType"] for l in m["layers"])
+    assert not helpers.scan_for(stack.storage, [images[a].marker.encode() for a in images])

@@ -48,7 +48,7 @@ def test_rendered_config_with_filter(tmp_path):
     import yaml
 
     opts = gateway.Options(state_dir=tmp_path / "state", wasm_path=tmp_path / "none.wasm",
-                           build_wasm=False,
+                           build_wasm=False, keys_source="inline",
                            extra_rules=[{"repositories": "x/**", "action": "encrypt"}])
     keys = gateway.ensure_keys(opts.state_dir)
     cfg = gateway.envoy_config(opts, gateway.plugin_config(opts, keys))
@@ -68,6 +68,13 @@ def test_rendered_config_with_filter(tmp_path):
     # keys are kept across runs
     before = keys["rsa"]["private"].read_bytes()
     assert gateway.ensure_keys(opts.state_dir)["rsa"]["private"].read_bytes() == before
+    # The default: demo's recipients come from the key service, with its cluster.
+    tuf = gateway.Options(state_dir=tmp_path / "state", wasm_path=tmp_path / "none.wasm",
+                          build_wasm=False)
+    plugin = gateway.plugin_config(tuf, keys, trusted_root="{}")
+    assert "demo" not in plugin["projects"] and plugin["key_service"]["cluster"] == "keyservice"
+    clusters = [c["name"] for c in gateway.envoy_config(tuf, plugin)["static_resources"]["clusters"]]
+    assert clusters == ["registry", "keyservice"]
     # the committed template itself is valid YAML with the same shape
     tmpl = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
     assert tmpl["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 4194304

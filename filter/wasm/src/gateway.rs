@@ -815,8 +815,7 @@ impl Gateway {
         }
     }
 
-    fn on_callout(&mut self, num_headers: usize) -> Result<(), OciError> {
-        let _ = num_headers;
+    fn on_callout(&mut self, body_size: usize) -> Result<(), OciError> {
         let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
         let get = |name: &str| {
             headers
@@ -866,6 +865,17 @@ impl Gateway {
                 upload,
             } => {
                 if status != "201" {
+                    if let Some((code, body)) = registry_error(&status, body_size) {
+                        // The registry's own refusal (e.g. DIGEST_INVALID for a JSON blob whose
+                        // digest the client got wrong) is the client's answer, as without us.
+                        self.log(
+                            LogLevel::Warn,
+                            &format!("refused {}: the registry answered {code}", self.request),
+                        );
+                        host::reply_raw(code, &body);
+                        self.flow = Flow::Refused;
+                        return Ok(());
+                    }
                     return Err(registry_refusal("commit the encrypted blob", &status));
                 }
                 host::set_header(MapType::HttpResponseHeaders, ":status", Some("201"))?;
@@ -903,6 +913,17 @@ fn blob_entry(repository: &str, digest: &Digest) -> Option<LedgerEntry> {
         .get(&ledger::key(repository, digest))
         .and_then(|b| LedgerEntry::from_bytes(&b))
         .filter(|e| e.media_type.is_none())
+}
+
+/// A 4xx answer of the registry carrying an OCI error body, to hand to the client as it is.
+fn registry_error(status: &str, body_size: usize) -> Option<(u32, Vec<u8>)> {
+    let code: u32 = status.parse().ok().filter(|c| (400..500).contains(c))?;
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()?;
+    let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    doc.get("errors")?.as_array()?;
+    Some((code, body))
 }
 
 fn is_manifest_put() -> bool {
@@ -945,7 +966,7 @@ impl Context for Gateway {
     fn on_http_call_response(
         &mut self,
         token: u32,
-        num_headers: usize,
+        _num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
@@ -966,7 +987,7 @@ impl Context for Gateway {
             }
             self.lookup = Some((lookup, expected));
         }
-        if let Err(e) = self.on_callout(num_headers) {
+        if let Err(e) = self.on_callout(body_size) {
             self.refuse(&e);
         }
     }

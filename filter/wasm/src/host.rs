@@ -57,6 +57,18 @@ pub fn reply_error(err: &OciError) {
     );
 }
 
+/// Sends a local reply with a body that already is an OCI error document.
+pub fn reply_raw(status: u32, body: &[u8]) {
+    let _ = hostcalls::send_http_response(
+        status,
+        vec![
+            ("content-type", "application/json"),
+            ("x-ocicrypt-filter", "registry-refused"),
+        ],
+        Some(body),
+    );
+}
+
 /// Envoy shared data: one map per process, visible to every worker VM.
 pub struct SharedData;
 

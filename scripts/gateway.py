@@ -150,6 +150,11 @@ class Options:
     keyservice_addr: Optional[str] = None
     #: The filter's key-service refresh period.
     keyservice_refresh_seconds: int = 60
+    #: Replicas: the base64 32-byte key every replica shares (plugin `replicas.state_key`): upload
+    #: state travels sealed in the Location, the ledger is kept in the registry too.
+    state_key: Optional[str] = None
+    #: False: use a registry already running at registry_addr (another replica's).
+    start_registry: bool = True
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -207,6 +212,8 @@ def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]],
             "refresh_seconds": opts.keyservice_refresh_seconds,
             "timeout_ms": 5000,
         }
+    if opts.state_key:
+        extra["replicas"] = {"state_key": opts.state_key}
     return {**extra, **{
         "registry": {"cluster": "registry", "timeout_ms": opts.registry_timeout_ms},
         "policy": {
@@ -542,7 +549,7 @@ class Gateway:
         o = self.opts
         if o.pids_file.exists():
             stop_recorded(o.state_dir, self.log)
-        addrs = [o.registry_addr, o.gateway_addr, o.admin_addr]
+        addrs = [o.gateway_addr, o.admin_addr] + ([o.registry_addr] if o.start_registry else [])
         if o.filter and o.keys_source == "tuf":
             addrs.append(o.keyservice_addr)
         for addr in addrs:
@@ -550,12 +557,13 @@ class Gateway:
                 raise GatewayError(f"{addr} is already in use (another gateway running?)")
         self.prepare()
         try:
-            reg_log = o.state_dir / "registry.log"
-            reg = self._spawn("registry", [REGISTRY_BIN, "serve", str(o.state_dir / "registry.yml")],
-                              reg_log)
-            # 200 without auth; 401 with auth (the registry is up and asking for credentials).
-            self._wait("registry", reg, f"{self.registry_url}/v2/",
-                       lambda s: s == (401 if o.htpasswd else 200), reg_log)
+            if o.start_registry:
+                reg_log = o.state_dir / "registry.log"
+                reg = self._spawn("registry", [REGISTRY_BIN, "serve", str(o.state_dir / "registry.yml")],
+                                  reg_log)
+                # 200 without auth; 401 with auth (the registry is up and asking for credentials).
+                self._wait("registry", reg, f"{self.registry_url}/v2/",
+                           lambda s: s == (401 if o.htpasswd else 200), reg_log)
 
             if self.plugin_cfg is not None and "key_service" in self.plugin_cfg:
                 ks_log = o.state_dir / "keyservice.log"

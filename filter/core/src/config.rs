@@ -84,6 +84,19 @@ pub struct Config {
     pub max_manifest_bytes: usize,
     /// Where recipients come from for projects without inline recipients.
     pub key_service: Option<KeyServiceConfig>,
+    /// Key the gateway replicas share to seal upload state into the `Location` clients echo,
+    /// so an upload can continue on any replica (and across restarts).
+    pub state_key: Option<StateKey>,
+}
+
+/// The replicas' shared sealing key; its `Debug` never shows the bytes.
+#[derive(Clone)]
+pub struct StateKey(pub zeroize::Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for StateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateKey(..)")
+    }
 }
 
 /// Why the configuration was refused. Each variant carries the field path.
@@ -241,6 +254,14 @@ mod raw {
         pub(super) limits: Option<Value>,
         #[serde(default)]
         pub(super) key_service: Option<Value>,
+        #[serde(default)]
+        pub(super) replicas: Option<Value>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Replicas {
+        pub(super) state_key: Value,
     }
 
     #[derive(serde::Deserialize)]
@@ -427,12 +448,17 @@ impl Config {
             Some(value) => Some(compile_key_service(value)?),
             None => None,
         };
+        let state_key = match top.replicas {
+            Some(value) => Some(compile_replicas(value)?),
+            None => None,
+        };
         Ok(Config {
             registry,
             policy,
             projects,
             max_manifest_bytes,
             key_service,
+            state_key,
         })
     }
 
@@ -507,6 +533,23 @@ fn compile_projects(value: Value) -> Result<BTreeMap<String, Vec<Recipient>>, Co
         projects.insert(name, recipients);
     }
     Ok(projects)
+}
+
+fn compile_replicas(value: Value) -> Result<StateKey, ConfigError> {
+    use base64::Engine as _;
+    let replicas: raw::Replicas = object(value, "replicas")?;
+    let path = "replicas.state_key";
+    let text = zeroize::Zeroizing::new(string(replicas.state_key, path)?);
+    let bytes = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .unwrap_or_default(),
+    );
+    let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| ConfigError::Empty {
+        path: path.to_string(),
+        hint: "give 32 random bytes in standard base64, the same on every replica (e.g. `openssl rand -base64 32`)",
+    })?;
+    Ok(StateKey(zeroize::Zeroizing::new(key)))
 }
 
 fn compile_key_service(value: Value) -> Result<KeyServiceConfig, ConfigError> {

@@ -131,6 +131,126 @@ fn percent_decode(s: &str) -> Vec<u8> {
     out
 }
 
+/// `artifactType` of the small manifests that keep the ledger in the registry itself, under the
+/// reserved tag [`ledger_tag`] of the plaintext digest: every gateway replica, and a restarted
+/// one, can read what another encrypted.
+pub const LEDGER_ARTIFACT_TYPE: &str = "application/vnd.ocicrypt-filter.ledger.v1";
+/// Media type of the ciphertext layer a ledger manifest points at (keeps the blob alive too).
+pub const LEDGER_LAYER_TYPE: &str = "application/vnd.ocicrypt-filter.ciphertext";
+/// The OCI empty descriptor's content, the ledger manifests' config.
+pub const EMPTY_CONFIG: &[u8] = b"{}";
+const ANNOTATION_PLAINTEXT: &str = "org.ocicrypt-filter.plaintext";
+const ANNOTATION_RECIPIENTS: &str = "org.ocicrypt-filter.recipients";
+
+/// The ledger manifest recording that `plaintext` was stored as `entry` (a blob entry).
+pub fn ledger_manifest(plaintext: &Digest, entry: &LedgerEntry) -> Vec<u8> {
+    let mut layer_annotations = serde_json::Map::new();
+    for (k, v) in &entry.annotations {
+        layer_annotations.insert(k.clone(), serde_json::Value::String(v.clone()));
+    }
+    if let Some(r) = &entry.recipients {
+        layer_annotations.insert(
+            ANNOTATION_RECIPIENTS.to_string(),
+            serde_json::Value::String(r.clone()),
+        );
+    }
+    let doc = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::spec::MEDIA_TYPE_OCI_MANIFEST,
+        "artifactType": LEDGER_ARTIFACT_TYPE,
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": Digest::of(EMPTY_CONFIG).to_string(),
+            "size": EMPTY_CONFIG.len(),
+        },
+        "layers": [{
+            "mediaType": LEDGER_LAYER_TYPE,
+            "digest": entry.encrypted_digest.to_string(),
+            "size": entry.size,
+            "annotations": layer_annotations,
+        }],
+        "annotations": { ANNOTATION_PLAINTEXT: plaintext.to_string() },
+    });
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+/// The ledger entry a manifest stored under a ledger tag stands for: a ledger manifest gives
+/// its blob entry; any other manifest (an index child or referrer the gateway rewrote and
+/// stored under the tag) gives a manifest entry for itself. `None` when unreadable.
+pub fn entry_from_stored(body: &[u8]) -> Option<LedgerEntry> {
+    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if doc.get("artifactType").and_then(|v| v.as_str()) == Some(LEDGER_ARTIFACT_TYPE) {
+        let layer = doc.get("layers")?.as_array()?.first()?;
+        let mut annotations = BTreeMap::new();
+        let mut recipients = None;
+        for (k, v) in layer
+            .get("annotations")
+            .and_then(|a| a.as_object())
+            .into_iter()
+            .flatten()
+        {
+            let v = v.as_str()?.to_string();
+            if k == ANNOTATION_RECIPIENTS {
+                recipients = Some(v);
+            } else if k.starts_with(crate::spec::ANNOTATION_ENC_PREFIX) {
+                annotations.insert(k.clone(), v);
+            }
+        }
+        return Some(LedgerEntry {
+            encrypted_digest: Digest::parse(layer.get("digest")?.as_str()?).ok()?,
+            size: layer.get("size")?.as_u64()?,
+            annotations,
+            media_type: None,
+            recipients,
+        });
+    }
+    let media_type = doc
+        .get("mediaType")
+        .and_then(|v| v.as_str())
+        .unwrap_or(crate::spec::MEDIA_TYPE_OCI_MANIFEST)
+        .to_string();
+    Some(LedgerEntry {
+        encrypted_digest: Digest::of(body),
+        size: body.len() as u64,
+        annotations: BTreeMap::new(),
+        media_type: Some(media_type),
+        recipients: None,
+    })
+}
+
+/// Digests a manifest or index names (config, layers, children, subject): what a manifest
+/// rewrite may need ledger entries for.
+pub fn referenced_digests(body: &[u8]) -> Vec<Digest> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut take = |v: Option<&serde_json::Value>| {
+        if let Some(d) = v
+            .and_then(|d| d.get("digest"))
+            .and_then(|d| d.as_str())
+            .and_then(|d| Digest::parse(d).ok())
+        {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+    };
+    take(doc.get("config"));
+    take(doc.get("subject"));
+    for list in ["layers", "manifests"] {
+        for item in doc
+            .get(list)
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+        {
+            take(Some(item));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +416,32 @@ mod tests {
         ] {
             assert!(!is_reserved_tag(free), "{free}");
         }
+    }
+
+    #[test]
+    fn ledger_manifests_round_trip() {
+        let plain = Digest::of(b"layer");
+        let mut annotations = BTreeMap::new();
+        annotations.insert(
+            "org.opencontainers.image.enc.pubopts".to_string(),
+            "cHVi".to_string(),
+        );
+        let entry = LedgerEntry {
+            encrypted_digest: Digest::of(b"cipher"),
+            size: 5,
+            annotations,
+            media_type: None,
+            recipients: Some("ab".into()),
+        };
+        let body = ledger_manifest(&plain, &entry);
+        assert_eq!(entry_from_stored(&body), Some(entry));
+        assert_eq!(referenced_digests(&body).len(), 2);
+        let other = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        let e = entry_from_stored(other).unwrap();
+        assert_eq!(e.encrypted_digest, Digest::of(other));
+        assert_eq!(
+            e.media_type.as_deref(),
+            Some("application/vnd.oci.image.index.v1+json")
+        );
     }
 }

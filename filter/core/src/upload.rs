@@ -135,6 +135,62 @@ impl UploadRecord {
     }
 }
 
+/// Query parameter carrying the sealed upload state in the `Location` the client echoes.
+pub const STATE_PARAM: &str = "_ocicrypt";
+
+/// Seals a record for the client to carry (AES-256-GCM under the key the replicas share, the
+/// upload id as associated data so a state cannot be moved to another upload), as base64url.
+/// Any replica holding the key can continue the upload; the client sees only ciphertext.
+pub fn seal(
+    key: &[u8; 32],
+    upload_id: &str,
+    record: &UploadRecord,
+    rng: &mut impl CryptoRngCore,
+) -> String {
+    use aes_gcm::aead::Aead as _;
+    use aes_gcm::{Aes256Gcm, KeyInit as _};
+    use base64::Engine as _;
+    let mut nonce = [0u8; 12];
+    rng.fill_bytes(&mut nonce);
+    let plain = record.to_bytes();
+    let sealed = Aes256Gcm::new(key.into())
+        .encrypt(
+            (&nonce).into(),
+            aes_gcm::aead::Payload {
+                msg: &plain,
+                aad: upload_id.as_bytes(),
+            },
+        )
+        .unwrap_or_default();
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&sealed);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
+}
+
+/// Opens what [`seal`] made for `upload_id`; `None` for anything else (tampered, another
+/// upload's, another key's).
+pub fn unseal(key: &[u8; 32], upload_id: &str, token: &str) -> Option<UploadRecord> {
+    use aes_gcm::aead::Aead as _;
+    use aes_gcm::{Aes256Gcm, KeyInit as _};
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()?;
+    let (nonce, sealed) = bytes.split_first_chunk::<12>()?;
+    let plain = Zeroizing::new(
+        Aes256Gcm::new(key.into())
+            .decrypt(
+                nonce.into(),
+                aes_gcm::aead::Payload {
+                    msg: sealed,
+                    aad: upload_id.as_bytes(),
+                },
+            )
+            .ok()?,
+    );
+    UploadRecord::from_bytes(&plain)
+}
+
 /// What to do with the request body the adapter holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BodyVerdict {
@@ -567,6 +623,26 @@ mod tests {
                 .code,
             Code::BlobUploadUnknown
         );
+    }
+
+    #[test]
+    fn sealed_state_opens_only_for_its_upload_and_key() {
+        let store = MapStore::default();
+        let (_, record) = push(&store, &[3u8; 5000], &[]);
+        let key = [7u8; 32];
+        let token = seal(&key, "u1", &record, &mut rand_core::OsRng);
+        let back = unseal(&key, "u1", &token).unwrap();
+        assert_eq!(back.offset, 5000);
+        assert_eq!(back.to_bytes(), record.to_bytes());
+        assert!(
+            unseal(&key, "u2", &token).is_none(),
+            "moved to another upload"
+        );
+        assert!(unseal(&[8u8; 32], "u1", &token).is_none(), "another key");
+        let mut tampered = token.into_bytes();
+        let last = tampered.len() - 2;
+        tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+        assert!(unseal(&key, "u1", std::str::from_utf8(&tampered).unwrap()).is_none());
     }
 
     #[test]

@@ -45,6 +45,14 @@ enum Flow {
         /// refused finish, e.g. a 401 the client retries with credentials, must find it again).
         upload: Option<(String, bool)>,
     },
+    /// The blob is committed; its ledger entry is being written to the registry (replicas)
+    /// while the client's answer waits.
+    Recording {
+        repository: String,
+        completion: Completion,
+        upload: Option<(String, bool)>,
+        stage: RecordingStage,
+    },
     /// A `HEAD` or mount answered from the ledger: the registry is asked about the ciphertext.
     Known {
         repository: String,
@@ -84,6 +92,17 @@ struct Finish {
     completion: Option<Completion>,
 }
 
+/// Where the recording of a blob in the registry's ledger stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RecordingStage {
+    /// A session for the ledger manifests' empty config is being opened.
+    ConfigSession,
+    /// The empty config is being uploaded.
+    Config,
+    /// The ledger manifest is being written.
+    Manifest,
+}
+
 /// The per-stream context.
 pub struct Gateway {
     id: u32,
@@ -91,6 +110,10 @@ pub struct Gateway {
     lookup: Option<(Lookup, u32)>,
     /// Whether this request already ran a lookup (then the record decides).
     looked_up: bool,
+    /// Ledger reads in flight for the held manifest: (callout token, plaintext digest).
+    ledger_reads: Vec<(u32, Digest)>,
+    /// The manifest body held while its ledger entries are read from the registry.
+    held_manifest: Option<Vec<u8>>,
     /// `end_of_stream` of the paused request headers.
     paused_eos: bool,
     config: Option<Rc<Config>>,
@@ -109,6 +132,8 @@ impl Gateway {
             id,
             lookup: None,
             looked_up: false,
+            ledger_reads: Vec::new(),
+            held_manifest: None,
             paused_eos: false,
             config,
             metrics,
@@ -304,8 +329,7 @@ impl Gateway {
                 id,
                 ..
             } => {
-                let had_state = has_state(&id);
-                let record = UploadRecord::load(&SharedData, &id, &repository)?;
+                let (record, had_state) = load_record(config, &id, &repository, &path)?;
                 let start = host::header(MapType::HttpRequestHeaders, "content-range")
                     .and_then(|v| distribution::content_range_start(&v));
                 let stream = ChunkStream::new(record, start)?;
@@ -328,8 +352,7 @@ impl Gateway {
                 let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
                     return Ok(Action::Pause);
                 };
-                let had_state = has_state(&id);
-                let record = UploadRecord::load(&SharedData, &id, &repository)?;
+                let (record, had_state) = load_record(config, &id, &repository, &path)?;
                 if has_body {
                     // The digest in the request line must become the ciphertext's, which is
                     // known only after the body; the request line cannot change once the body
@@ -337,7 +360,8 @@ impl Gateway {
                     let start = host::header(MapType::HttpRequestHeaders, "content-range")
                         .and_then(|v| distribution::content_range_start(&v));
                     let stream = ChunkStream::new(record, start)?;
-                    let new_path = distribution::rewrite_query(&path, &["digest"], &[]);
+                    let new_path =
+                        distribution::rewrite_query(&path, &["digest", upload::STATE_PARAM], &[]);
                     patch_request(&new_path)?;
                     self.flow = Flow::Chunk(Box::new(ChunkFlow {
                         repository,
@@ -354,8 +378,11 @@ impl Gateway {
                     let completion =
                         upload::complete(record, client_digest, &recipients, &mut OsRng)?;
                     let stored = completion.stored_digest.to_string();
-                    let new_path =
-                        distribution::rewrite_query(&path, &["digest"], &[("digest", &stored)]);
+                    let new_path = distribution::rewrite_query(
+                        &path,
+                        &["digest", upload::STATE_PARAM],
+                        &[("digest", &stored)],
+                    );
                     host::set_header(MapType::HttpRequestHeaders, ":path", Some(&new_path))?;
                     self.flow = Flow::Finishing {
                         repository,
@@ -564,15 +591,58 @@ impl Gateway {
             manifest::verify_pushed_digest(&body, pushed).map_err(|e| e.to_oci())?;
         }
         *client_digest = Some(Digest::of(&body));
+        let _ = (content_type, entry);
+        let repo = repository.clone();
+        if self.durable() {
+            // Replicas: what another replica (or this one before a restart) encrypted is in the
+            // registry's ledger; fetch what this process does not know, then rewrite.
+            let missing: Vec<Digest> = ledger::referenced_digests(&body)
+                .into_iter()
+                .filter(|d| {
+                    SharedData
+                        .get(&ledger::key(&repo, d))
+                        .is_none_or(|v| v.is_empty())
+                })
+                .collect();
+            if !missing.is_empty() {
+                let mut waiting = Vec::new();
+                for d in missing {
+                    let path = format!("/v2/{repo}/manifests/{}", ledger::ledger_tag(&d));
+                    let token = self.registry_call("GET", &path, None, None)?;
+                    waiting.push((token, d));
+                }
+                self.ledger_reads = waiting;
+                self.held_manifest = Some(body);
+                return Ok(Action::Pause);
+            }
+        }
+        let new_body = self.rewrite_manifest(&body)?;
+        host::set_body(BufferType::HttpRequestBody, body_size, &new_body)?;
+        Ok(Action::Continue)
+    }
+
+    /// Rewrites the manifest the stream holds with the ledger as it is now.
+    fn rewrite_manifest(&mut self, body: &[u8]) -> Result<Vec<u8>, OciError> {
+        let Flow::Manifest {
+            repository,
+            content_type,
+            entry,
+            ..
+        } = &mut self.flow
+        else {
+            return Err(OciError::new(
+                Code::Unknown,
+                "manifest rewrite outside a manifest push",
+            ));
+        };
         let repo = repository.clone();
         let lookup = |d: &Digest| -> Option<LedgerEntry> {
             SharedData
                 .get(&ledger::key(&repo, d))
                 .and_then(|b| LedgerEntry::from_bytes(&b))
         };
-        let rewritten = manifest::rewrite(&body, content_type, &lookup).map_err(|e| e.to_oci())?;
+        let rewritten = manifest::rewrite(body, content_type, &lookup).map_err(|e| e.to_oci())?;
         *entry = Some(LedgerEntry::for_manifest(&rewritten));
-        host::set_body(BufferType::HttpRequestBody, body_size, &rewritten.body)?;
         self.metrics.manifest_rewritten();
         self.log(
             LogLevel::Info,
@@ -583,7 +653,109 @@ impl Gateway {
                 Digest::of(&rewritten.body)
             ),
         );
-        Ok(Action::Continue)
+        Ok(rewritten.body)
+    }
+
+    /// Whether the ledger is kept in the registry too (replicas share `replicas.state_key`).
+    fn durable(&self) -> bool {
+        self.config.as_ref().is_some_and(|c| c.state_key.is_some())
+    }
+
+    /// A callout to the registry with the client's credentials.
+    fn registry_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        content_type: Option<&str>,
+    ) -> Result<u32, OciError> {
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
+        let len = body.map_or(0, <[u8]>::len).to_string();
+        let mut headers = vec![
+            (":method", method),
+            (":path", path),
+            (":authority", self.authority.as_str()),
+            ("accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"),
+        ];
+        if body.is_some() {
+            headers.push(("content-length", len.as_str()));
+        }
+        if let Some(ct) = content_type {
+            headers.push(("content-type", ct));
+        }
+        if let Some(auth) = &self.authorization {
+            headers.push(("authorization", auth.as_str()));
+        }
+        hostcalls::dispatch_http_call(
+            &config.registry.cluster,
+            headers,
+            body,
+            vec![],
+            Duration::from_millis(config.registry.timeout_ms),
+        )
+        .map_err(|_| {
+            OciError::new(
+                Code::Unavailable,
+                "could not reach the registry; nothing was stored",
+            )
+        })
+    }
+
+    /// Starts recording an encrypted blob in the registry's ledger (replicas): the empty config
+    /// the ledger manifests share, then the ledger manifest. The client's answer waits.
+    fn start_recording(
+        &mut self,
+        repository: String,
+        completion: Completion,
+        upload: Option<(String, bool)>,
+    ) -> Result<(), OciError> {
+        let stage = if SharedData
+            .get(&empty_config_key(&repository))
+            .is_some_and(|v| !v.is_empty())
+        {
+            // The empty config is in this repository already: straight to the ledger manifest.
+            self.put_ledger_manifest(&repository, &completion)?;
+            RecordingStage::Manifest
+        } else {
+            self.registry_call(
+                "POST",
+                &format!("/v2/{repository}/blobs/uploads/"),
+                None,
+                None,
+            )?;
+            RecordingStage::ConfigSession
+        };
+        self.flow = Flow::Recording {
+            repository,
+            completion,
+            upload,
+            stage,
+        };
+        Ok(())
+    }
+
+    fn put_ledger_manifest(
+        &self,
+        repository: &str,
+        completion: &Completion,
+    ) -> Result<u32, OciError> {
+        let entry = completion.ledger.as_ref().ok_or_else(|| {
+            OciError::new(Code::Unknown, "recording a blob without a ledger entry")
+        })?;
+        let body = ledger::ledger_manifest(&completion.client_digest, entry);
+        let path = format!(
+            "/v2/{repository}/manifests/{}",
+            ledger::ledger_tag(&completion.client_digest)
+        );
+        self.registry_call(
+            "PUT",
+            &path,
+            Some(&body),
+            Some(ocicrypt_core::spec::MEDIA_TYPE_OCI_MANIFEST),
+        )
     }
 
     /// A mount of plaintext digest `mount` from `from` into `repository`: when both
@@ -682,10 +854,29 @@ impl Gateway {
             Flow::Chunk(flow) if flow.finish.is_none() => {
                 if status == "202" {
                     if let (Some(id), Some(stream)) = (flow.upload_id, flow.stream) {
-                        SharedData
-                            .set(&upload::record_key(&id), &stream.into_record().to_bytes())?;
+                        let record = stream.into_record();
+                        SharedData.set(&upload::record_key(&id), &record.to_bytes())?;
                         if !flow.had_state {
                             self.metrics.upload_state(1);
+                        }
+                        if let Some(key) = self.config.as_ref().and_then(|c| c.state_key.as_ref()) {
+                            // The state travels with the client: the next request of this
+                            // upload may reach another replica, or this one after a restart.
+                            let token = upload::seal(&key.0, &id, &record, &mut OsRng);
+                            if let Some(location) =
+                                host::header(MapType::HttpResponseHeaders, "location")
+                            {
+                                let sealed = distribution::rewrite_query(
+                                    &location,
+                                    &[upload::STATE_PARAM],
+                                    &[(upload::STATE_PARAM, &token)],
+                                );
+                                host::set_header(
+                                    MapType::HttpResponseHeaders,
+                                    "location",
+                                    Some(&sealed),
+                                )?;
+                            }
                         }
                     }
                 }
@@ -741,6 +932,10 @@ impl Gateway {
                 upload,
             } => {
                 if status == "201" {
+                    if self.durable() && completion.ledger.is_some() {
+                        self.start_recording(repository, completion, upload)?;
+                        return Ok(Action::Pause);
+                    }
                     self.commit(&repository, &completion, upload.as_ref())?;
                 }
                 Ok(Action::Continue)
@@ -815,7 +1010,7 @@ impl Gateway {
         }
     }
 
-    fn on_callout(&mut self, body_size: usize) -> Result<(), OciError> {
+    fn on_callout(&mut self, token: u32, body_size: usize) -> Result<(), OciError> {
         let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
         let get = |name: &str| {
             headers
@@ -824,6 +1019,29 @@ impl Gateway {
                 .map(|(_, v)| v.clone())
         };
         let status = get(":status").unwrap_or_else(|| "503".to_string());
+        if let Some(i) = self.ledger_reads.iter().position(|(t, _)| *t == token) {
+            let (_, digest) = self.ledger_reads.swap_remove(i);
+            if let Flow::Manifest { repository, .. } = &self.flow {
+                if status == "200" {
+                    let body =
+                        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default();
+                    if let Some(entry) = ledger::entry_from_stored(&body) {
+                        SharedData.set(&ledger::key(repository, &digest), &entry.to_bytes())?;
+                    }
+                }
+            }
+            if self.ledger_reads.is_empty() {
+                let held = self.held_manifest.take().unwrap_or_default();
+                let new_body = self.rewrite_manifest(&held)?;
+                host::set_body(BufferType::HttpRequestBody, held.len(), &new_body)?;
+                hostcalls::resume_http_request()
+                    .map_err(|_| OciError::new(Code::Unknown, "could not resume the request"))?;
+            }
+            return Ok(());
+        }
         match std::mem::replace(&mut self.flow, Flow::Pass) {
             Flow::OpeningSession {
                 repository,
@@ -882,9 +1100,75 @@ impl Gateway {
                 host::set_header(MapType::HttpResponseHeaders, "range", None)?;
                 host::set_header(MapType::HttpResponseHeaders, "docker-upload-uuid", None)?;
                 host::set_header(MapType::HttpResponseHeaders, "content-length", Some("0"))?;
+                if self.durable() && completion.ledger.is_some() {
+                    return self.start_recording(repository, completion, upload);
+                }
                 self.commit(&repository, &completion, upload.as_ref())?;
                 hostcalls::resume_http_response()
                     .map_err(|_| OciError::new(Code::Unknown, "could not resume the response"))?;
+                Ok(())
+            }
+            Flow::Recording {
+                repository,
+                completion,
+                upload,
+                stage,
+            } => {
+                let next = match stage {
+                    RecordingStage::ConfigSession => {
+                        let location = get("location")
+                            .filter(|_| status == "202")
+                            .and_then(|l| distribution::location_path(&l))
+                            .ok_or_else(|| {
+                                registry_refusal(
+                                    "open a session for the ledger's empty config",
+                                    &status,
+                                )
+                            })?;
+                        let empty = Digest::of(ledger::EMPTY_CONFIG).to_string();
+                        let path = distribution::rewrite_query(
+                            &location,
+                            &["digest"],
+                            &[("digest", &empty)],
+                        );
+                        self.registry_call(
+                            "PUT",
+                            &path,
+                            Some(ledger::EMPTY_CONFIG),
+                            Some("application/octet-stream"),
+                        )?;
+                        RecordingStage::Config
+                    }
+                    RecordingStage::Config => {
+                        if status != "201" {
+                            return Err(registry_refusal(
+                                "store the ledger's empty config",
+                                &status,
+                            ));
+                        }
+                        SharedData.set(&empty_config_key(&repository), b"1")?;
+                        self.put_ledger_manifest(&repository, &completion)?;
+                        RecordingStage::Manifest
+                    }
+                    RecordingStage::Manifest => {
+                        if status != "201" {
+                            return Err(registry_refusal(
+                                "record the encrypted blob in the registry's ledger",
+                                &status,
+                            ));
+                        }
+                        self.commit(&repository, &completion, upload.as_ref())?;
+                        return hostcalls::resume_http_response().map_err(|_| {
+                            OciError::new(Code::Unknown, "could not resume the response")
+                        });
+                    }
+                };
+                self.flow = Flow::Recording {
+                    repository,
+                    completion,
+                    upload,
+                    stage: next,
+                };
                 Ok(())
             }
             other => {
@@ -926,10 +1210,44 @@ fn registry_error(status: &str, body_size: usize) -> Option<(u32, Vec<u8>)> {
     Some((code, body))
 }
 
+/// Shared-data key marking that a repository holds the ledger manifests' empty config.
+fn empty_config_key(repository: &str) -> String {
+    format!("ocicrypt/ledger-config/{repository}")
+}
+
 fn is_manifest_put() -> bool {
     host::header(MapType::HttpRequestHeaders, ":method").as_deref() == Some("PUT")
         && host::header(MapType::HttpRequestHeaders, ":path")
             .is_some_and(|p| p.contains("/manifests/"))
+}
+
+/// The state of upload `id` for this request, and whether it had any: sealed in the URL the
+/// client echoes (replicas sharing `replicas.state_key`), else saved in this Envoy's shared
+/// data, else fresh. The sealed parameter is removed from the request before it is forwarded.
+fn load_record(
+    config: &Config,
+    id: &str,
+    repository: &str,
+    path: &str,
+) -> Result<(UploadRecord, bool), OciError> {
+    let token = path
+        .split_once('?')
+        .and_then(|(_, q)| distribution::query_param(q, upload::STATE_PARAM));
+    if let (Some(key), Some(token)) = (config.state_key.as_ref(), token) {
+        let record = upload::unseal(&key.0, id, &token)
+            .filter(|r| r.repository == repository)
+            .ok_or_else(|| {
+                OciError::new(
+                    Code::BlobUploadInvalid,
+                    "the gateway's upload state in this URL does not open (another gateway's key, or altered); restart the upload",
+                )
+            })?;
+        let stripped = distribution::rewrite_query(path, &[upload::STATE_PARAM], &[]);
+        host::set_header(MapType::HttpRequestHeaders, ":path", Some(&stripped))?;
+        return Ok((record, has_state(id)));
+    }
+    let had_state = has_state(id);
+    Ok((UploadRecord::load(&SharedData, id, repository)?, had_state))
 }
 
 fn has_state(upload_id: &str) -> bool {
@@ -987,7 +1305,7 @@ impl Context for Gateway {
             }
             self.lookup = Some((lookup, expected));
         }
-        if let Err(e) = self.on_callout(body_size) {
+        if let Err(e) = self.on_callout(token, body_size) {
             self.refuse(&e);
         }
     }

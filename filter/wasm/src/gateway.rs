@@ -855,27 +855,32 @@ impl Gateway {
                 if status == "202" {
                     if let (Some(id), Some(stream)) = (flow.upload_id, flow.stream) {
                         let record = stream.into_record();
-                        SharedData.set(&upload::record_key(&id), &record.to_bytes())?;
-                        if !flow.had_state {
-                            self.metrics.upload_state(1);
-                        }
                         if let Some(key) = self.config.as_ref().and_then(|c| c.state_key.as_ref()) {
-                            // The state travels with the client: the next request of this
-                            // upload may reach another replica, or this one after a restart.
+                            // The state travels with the client, and only there: the next
+                            // request of this upload may reach another replica, or this one
+                            // after a restart, and no replica keeps anything per upload.
                             let token = upload::seal(&key.0, &id, &record, &mut OsRng);
-                            if let Some(location) =
-                                host::header(MapType::HttpResponseHeaders, "location")
-                            {
-                                let sealed = distribution::rewrite_query(
-                                    &location,
-                                    &[upload::STATE_PARAM],
-                                    &[(upload::STATE_PARAM, &token)],
-                                );
-                                host::set_header(
-                                    MapType::HttpResponseHeaders,
-                                    "location",
-                                    Some(&sealed),
-                                )?;
+                            let location = host::header(MapType::HttpResponseHeaders, "location")
+                                .ok_or_else(|| {
+                                OciError::new(
+                                    Code::Unknown,
+                                    "the registry answered a PATCH without a Location",
+                                )
+                            })?;
+                            let sealed = distribution::rewrite_query(
+                                &location,
+                                &[upload::STATE_PARAM],
+                                &[(upload::STATE_PARAM, &token)],
+                            );
+                            host::set_header(
+                                MapType::HttpResponseHeaders,
+                                "location",
+                                Some(&sealed),
+                            )?;
+                        } else {
+                            SharedData.set(&upload::record_key(&id), &record.to_bytes())?;
+                            if !flow.had_state {
+                                self.metrics.upload_state(1);
                             }
                         }
                     }

@@ -120,3 +120,16 @@ def test_restart_between_blobs_and_manifest(replicas, tmp_path):
     out = tmp_path / "out"
     helpers.skopeo_pull(f"{a.registry_addr}/demo/restart:v1", out, "v1", keys=[a.keys["ec"]["private"]])
     helpers.assert_decrypted_matches(out, "v1", image)
+
+
+def test_repush_through_the_other_replica_uploads_nothing(replicas, tmp_path):
+    a, b = replicas
+    image = helpers.build_image(tmp_path / "layout", "v1", 2 * helpers.MIB, marker=helpers.new_marker())
+    alternating_push([a.addr], "demo/across", image)
+    # The other replica has never seen these blobs: it reads the registry's ledger.
+    for layer in image.layers:
+        r = requests.head(f"http://{b.addr}/v2/demo/across/blobs/{layer.digest}", timeout=30)
+        assert r.status_code == 200, r.status_code
+        assert r.headers["Docker-Content-Digest"] == layer.digest
+    unknown = "sha256:" + "1" * 64
+    assert requests.head(f"http://{b.addr}/v2/demo/across/blobs/{unknown}", timeout=30).status_code == 404

@@ -53,6 +53,8 @@ enum Flow {
         upload: Option<(String, bool)>,
         stage: RecordingStage,
     },
+    /// A `HEAD` paused while the registry's ledger is read.
+    HeadLookup { repository: String },
     /// A `HEAD` or mount answered from the ledger: the registry is asked about the ciphertext.
     Known {
         repository: String,
@@ -110,6 +112,8 @@ pub struct Gateway {
     lookup: Option<(Lookup, u32)>,
     /// Whether this request already ran a lookup (then the record decides).
     looked_up: bool,
+    /// Whether this request already read the registry's ledger for its blob.
+    ledger_checked: bool,
     /// Ledger reads in flight for the held manifest: (callout token, plaintext digest).
     ledger_reads: Vec<(u32, Digest)>,
     /// The manifest body held while its ledger entries are read from the registry.
@@ -132,6 +136,7 @@ impl Gateway {
             id,
             lookup: None,
             looked_up: false,
+            ledger_checked: false,
             ledger_reads: Vec::new(),
             held_manifest: None,
             paused_eos: false,
@@ -412,6 +417,20 @@ impl Gateway {
                     return Ok(Action::Continue);
                 };
                 let Some(entry) = blob_entry(&repository, &client_digest) else {
+                    if self.durable() && !self.ledger_checked {
+                        // Another replica (or this one before a restart) may have encrypted it:
+                        // read the registry's ledger, then decide again.
+                        self.ledger_checked = true;
+                        self.paused_eos = end_of_stream;
+                        let path = format!(
+                            "/v2/{repository}/manifests/{}",
+                            ledger::ledger_tag(&client_digest)
+                        );
+                        let token = self.registry_call("GET", &path, None, None)?;
+                        self.ledger_reads = vec![(token, client_digest)];
+                        self.flow = Flow::HeadLookup { repository };
+                        return Ok(Action::Pause);
+                    }
                     return Ok(Action::Continue);
                 };
                 let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
@@ -1026,7 +1045,8 @@ impl Gateway {
         let status = get(":status").unwrap_or_else(|| "503".to_string());
         if let Some(i) = self.ledger_reads.iter().position(|(t, _)| *t == token) {
             let (_, digest) = self.ledger_reads.swap_remove(i);
-            if let Flow::Manifest { repository, .. } = &self.flow {
+            if let Flow::Manifest { repository, .. } | Flow::HeadLookup { repository } = &self.flow
+            {
                 if status == "200" {
                     let body =
                         hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
@@ -1037,6 +1057,10 @@ impl Gateway {
                         SharedData.set(&ledger::key(repository, &digest), &entry.to_bytes())?;
                     }
                 }
+            }
+            if let Flow::HeadLookup { .. } = self.flow {
+                self.flow = Flow::Pass;
+                return self.on_lookup_done();
             }
             if self.ledger_reads.is_empty() {
                 let held = self.held_manifest.take().unwrap_or_default();

@@ -636,11 +636,11 @@ class Gateway:
              if o.filter and o.keys_source == "tuf" else "key svc:   none (inline recipients)"),
             f"keys:      {rsa}  {ec}  (private, PKCS#8; *.pub.pem beside them)",
             f"logs:      {o.state_dir}/envoy.log  {o.access_log}  {o.state_dir}/registry.log",
+            "image:     scripts/demo-image /tmp/demo-image   (a small OCI layout; any image will do)",
             "push:      skopeo copy --dest-tls-verify=false" + creds_push
-            + f" docker://docker.io/library/alpine:latest docker://{gw}/demo/alpine:latest",
-            "           (or from a local layout: oci:/path/to/layout:tag)",
+            + f" oci:/tmp/demo-image:v1 docker://{gw}/demo/app:v1",
             f"pull:      skopeo copy --src-tls-verify=false{creds_pull} --decryption-key {rsa} "
-            f"docker://{gw}/demo/alpine:latest oci:/tmp/alpine:latest",
+            f"docker://{gw}/demo/app:v1 oci:/tmp/demo-app:v1",
         ]
         return "\n".join(lines)
 

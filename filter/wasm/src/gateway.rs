@@ -317,7 +317,7 @@ impl Gateway {
                 match digest {
                     Some(d) if has_body => {
                         let client_digest = parse_client_digest(&d)?;
-                        self.open_session(config, &repository, client_digest, recipients)?;
+                        self.open_session(&repository, client_digest, recipients)?;
                         return Ok(Action::Pause);
                     }
                     Some(_) => {
@@ -502,41 +502,18 @@ impl Gateway {
         }
     }
 
-    fn callout_headers<'a>(&'a self, method: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
-        let mut headers = vec![
-            (":method", method),
-            (":path", path),
-            (":authority", self.authority.as_str()),
-            ("content-length", "0"),
-        ];
-        if let Some(auth) = &self.authorization {
-            headers.push(("authorization", auth.as_str()));
-        }
-        headers
-    }
-
     fn open_session(
         &mut self,
-        config: &Config,
         repository: &str,
         client_digest: Digest,
         recipients: Vec<Recipient>,
     ) -> Result<(), OciError> {
-        let path = format!("/v2/{repository}/blobs/uploads/");
-        let headers = self.callout_headers("POST", &path);
-        hostcalls::dispatch_http_call(
-            &config.registry.cluster,
-            headers,
+        self.registry_call(
+            "POST",
+            &format!("/v2/{repository}/blobs/uploads/"),
             None,
-            vec![],
-            Duration::from_millis(config.registry.timeout_ms),
-        )
-        .map_err(|_| {
-            OciError::new(
-                Code::Unavailable,
-                "could not reach the registry to open an upload session",
-            )
-        })?;
+            None,
+        )?;
         self.flow = Flow::OpeningSession {
             repository: repository.to_string(),
             client_digest,
@@ -699,7 +676,8 @@ impl Gateway {
             (":authority", self.authority.as_str()),
             ("accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"),
         ];
-        if body.is_some() {
+        // A bodiless POST/PUT still says so (distribution wants a length on uploads).
+        if method != "GET" {
             headers.push(("content-length", len.as_str()));
         }
         if let Some(ct) = content_type {
@@ -924,24 +902,7 @@ impl Gateway {
                 let stored = completion.stored_digest.to_string();
                 let path =
                     distribution::rewrite_query(&location, &["digest"], &[("digest", &stored)]);
-                let config = self
-                    .config
-                    .clone()
-                    .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
-                let headers = self.callout_headers("PUT", &path);
-                hostcalls::dispatch_http_call(
-                    &config.registry.cluster,
-                    headers,
-                    None,
-                    vec![],
-                    Duration::from_millis(config.registry.timeout_ms),
-                )
-                .map_err(|_| {
-                    OciError::new(
-                        Code::Unavailable,
-                        "could not reach the registry to finish the upload; nothing was stored",
-                    )
-                })?;
+                self.registry_call("PUT", &path, None, None)?;
                 self.flow = Flow::Finishing {
                     repository: flow.repository,
                     completion,

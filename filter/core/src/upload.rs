@@ -277,6 +277,11 @@ pub fn looks_encrypted(window: &[u8]) -> bool {
     {
         return false;
     }
+    // zstd skippable frames (magic 0x184D2A50..=0x184D2A5F, little endian) may open a zstd
+    // stream, as in zstd:chunked layers.
+    if matches!(window, [0x50..=0x5f, 0x2a, 0x4d, 0x18, ..]) {
+        return false;
+    }
     // Values and the differences of neighbours must both look uniform: a counting sequence or
     // a table has uniform values but regular differences.
     let differences: Vec<u8> = window
@@ -573,6 +578,13 @@ mod tests {
         assert!(is_tar_header(&tar));
         assert!(!looks_encrypted(&tar[..512]));
         assert!(!looks_encrypted(&[7u8; 16]));
+        let mut skippable = vec![0u8; 512];
+        rand::thread_rng().fill_bytes(&mut skippable);
+        skippable[..4].copy_from_slice(&[0x5e, 0x2a, 0x4d, 0x18]);
+        assert!(
+            !looks_encrypted(&skippable),
+            "zstd skippable frame taken for ciphertext"
+        );
     }
 
     #[test]

@@ -667,7 +667,23 @@ def _options_from_args(args: argparse.Namespace) -> Options:
         envoy_component_log_level=args.component_log_level,
         keys_source="inline" if args.inline_keys else "tuf",
         keyservice_addr=args.keyservice_addr,
+        state_key=None if args.no_state_key else _state_key(Path(args.state)),
     )
+
+
+def _state_key(state_dir: Path) -> str:
+    """The local gateway's replicas.state_key, made once and kept in <state>/state-key: upload
+    state then travels sealed in the Location and the ledger is kept in the registry, so a
+    restart of the gateway between a push's blobs and its manifest loses nothing."""
+    import base64
+
+    path = state_dir.resolve() / "state-key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+    return path.read_text().strip()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -680,6 +696,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-filter", action="store_true", help="run Envoy without the wasm filter")
     p.add_argument("--keyservice-addr", default=os.environ.get("KEYSERVICE_ADDR"),
                    help="key service (nginx) address (default: the gateway's port + 3)")
+    p.add_argument("--no-state-key", action="store_true",
+                   help="keep upload state and the ledger in Envoy's shared data only (no replicas.state_key)")
     p.add_argument("--inline-keys", action="store_true",
                    help="put the demo recipients in the plugin configuration instead of the key service")
     p.add_argument("--htpasswd", metavar="USER:PASSWORD",

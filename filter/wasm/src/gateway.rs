@@ -834,14 +834,7 @@ impl Gateway {
         } else {
             self.metrics.blob_passed();
         }
-        let location = format!("/v2/{repository}/blobs/{}", completion.client_digest);
-        let digest = completion.client_digest.to_string();
-        host::set_header(
-            MapType::HttpResponseHeaders,
-            "docker-content-digest",
-            Some(&digest),
-        )?;
-        host::set_header(MapType::HttpResponseHeaders, "location", Some(&location))?;
+        answer_as_pushed("blobs", repository, &completion.client_digest, true)?;
         Ok(())
     }
 
@@ -940,19 +933,8 @@ impl Gateway {
                     if mounted {
                         SharedData
                             .set(&ledger::key(&repository, &client_digest), &entry.to_bytes())?;
-                        let location = format!("/v2/{repository}/blobs/{client_digest}");
-                        host::set_header(
-                            MapType::HttpResponseHeaders,
-                            "location",
-                            Some(&location),
-                        )?;
                     }
-                    let digest = client_digest.to_string();
-                    host::set_header(
-                        MapType::HttpResponseHeaders,
-                        "docker-content-digest",
-                        Some(&digest),
-                    )?;
+                    answer_as_pushed("blobs", &repository, &client_digest, mounted)?;
                 }
                 Ok(Action::Continue)
             }
@@ -968,10 +950,7 @@ impl Gateway {
                 if let Some(entry) = &entry {
                     SharedData.set(&ledger::key(&repository, &client_digest), &entry.to_bytes())?;
                 }
-                if by_digest.is_some() {
-                    let location = format!("/v2/{repository}/manifests/{client_digest}");
-                    host::set_header(MapType::HttpResponseHeaders, "location", Some(&location))?;
-                }
+
                 // What was stored has another digest; say it in a header of our own, and keep
                 // the client's in Docker-Content-Digest.
                 if let Some(stored) =
@@ -983,11 +962,11 @@ impl Gateway {
                         Some(&stored),
                     )?;
                 }
-                let digest = client_digest.to_string();
-                host::set_header(
-                    MapType::HttpResponseHeaders,
-                    "docker-content-digest",
-                    Some(&digest),
+                answer_as_pushed(
+                    "manifests",
+                    &repository,
+                    &client_digest,
+                    by_digest.is_some(),
                 )?;
                 Ok(Action::Continue)
             }
@@ -1198,6 +1177,27 @@ fn registry_error(status: &str, body_size: usize) -> Option<(u32, Vec<u8>)> {
     let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
     doc.get("errors")?.as_array()?;
     Some((code, body))
+}
+
+/// Makes the held answer speak of what the client pushed: `Docker-Content-Digest` is the
+/// client's digest (containerd refuses any other) and, when `location`, so is the `Location`.
+fn answer_as_pushed(
+    kind: &str,
+    repository: &str,
+    digest: &Digest,
+    location: bool,
+) -> Result<(), OciError> {
+    let digest = digest.to_string();
+    host::set_header(
+        MapType::HttpResponseHeaders,
+        "docker-content-digest",
+        Some(&digest),
+    )?;
+    if location {
+        let path = format!("/v2/{repository}/{kind}/{digest}");
+        host::set_header(MapType::HttpResponseHeaders, "location", Some(&path))?;
+    }
+    Ok(())
 }
 
 /// Shared-data key marking that a repository holds the ledger manifests' empty config.

@@ -1,6 +1,5 @@
 //! The parts of the OCI distribution API the gateway acts on: which request is this, and how
 //! to rewrite its request line.
-use crate::digest::Digest;
 
 /// What a request is, as far as the gateway cares.
 #[derive(Debug, PartialEq, Eq)]
@@ -233,11 +232,6 @@ pub fn upload_id_of_location(location: &str) -> Option<String> {
         Route::Upload { id, .. } => Some(id),
         _ => None,
     }
-}
-
-/// Parses a `digest=` value, as clients send it (percent-encoded colon is already decoded).
-pub fn parse_digest(value: &str) -> Result<Digest, crate::digest::DigestError> {
-    Digest::parse(value)
 }
 
 /// Start offset of a `Content-Range: <start>-<end>` header (distribution's form, no unit).

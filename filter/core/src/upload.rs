@@ -37,8 +37,10 @@ pub fn record_key(upload_id: &str) -> String {
 pub enum Treatment {
     /// Not decided yet: no byte seen.
     Undecided,
-    /// JSON (image configs, artifact metadata): forwarded as pushed.
+    /// Already ciphertext (an image the pipeline encrypted): forwarded as pushed.
     Passthrough,
+    /// JSON (image configs, artifact metadata): forwarded as pushed, checked for NUL bytes.
+    Json,
     /// Everything else: AES-256-CTR as it streams.
     Encrypt(Box<LayerEncryptor>),
 }
@@ -76,6 +78,7 @@ impl UploadRecord {
         match &self.treatment {
             Treatment::Undecided => out.push(0),
             Treatment::Passthrough => out.push(1),
+            Treatment::Json => out.push(3),
             Treatment::Encrypt(enc) => {
                 out.push(2);
                 out.extend_from_slice(&enc.to_bytes());
@@ -100,6 +103,7 @@ impl UploadRecord {
         let treatment = match kind {
             0 if rest.is_empty() => Treatment::Undecided,
             1 if rest.is_empty() => Treatment::Passthrough,
+            3 if rest.is_empty() => Treatment::Json,
             2 => Treatment::Encrypt(Box::new(LayerEncryptor::from_bytes(rest).ok()?)),
             _ => return None,
         };
@@ -198,9 +202,6 @@ pub enum BodyVerdict {
     Replaced,
     /// The buffer is forwarded as it is (JSON blob, or nothing to do).
     Unchanged,
-    /// Too few bytes to decide the treatment: buffer (bounded by [`SNIFF_WINDOW`]) and call
-    /// again with the whole buffer.
-    NeedMore,
 }
 
 /// Decides the treatment from the first bytes: a blob whose first non-blank byte is `{` and
@@ -347,36 +348,48 @@ impl ChunkStream {
         })
     }
 
-    /// Processes the bytes the adapter holds. `buffer` is every byte of this request not yet
-    /// forwarded (after a [`BodyVerdict::NeedMore`], the whole buffered body).
+    /// Processes the chunk the adapter holds. The treatment is decided on the first chunk,
+    /// whatever its size: asking the host to buffer for more is not an option (Envoy then shows
+    /// a wasm filter only the older buffered bytes while the new chunk waits outside the
+    /// buffer; the buffered body grows to a `413`, or a chunk would go on unseen).
     pub fn on_body<R: CryptoRngCore>(
         &mut self,
         buffer: &mut [u8],
-        end_of_stream: bool,
+        _end_of_stream: bool,
         rng: &mut R,
-    ) -> BodyVerdict {
+    ) -> Result<BodyVerdict, OciError> {
         if matches!(self.record.treatment, Treatment::Undecided) {
             if buffer.is_empty() {
-                return BodyVerdict::Unchanged;
-            }
-            if buffer.len() < SNIFF_WINDOW && !end_of_stream && self.record.offset == 0 {
-                return BodyVerdict::NeedMore;
+                return Ok(BodyVerdict::Unchanged);
             }
             let window = buffer.get(..SNIFF_WINDOW.min(buffer.len())).unwrap_or(&[]);
-            self.record.treatment =
-                if self.record.offset == 0 && (is_json_like(window) || looks_encrypted(window)) {
-                    Treatment::Passthrough
-                } else {
-                    Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
-                };
+            self.record.treatment = if self.record.offset != 0 {
+                Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
+            } else if is_json_like(window) {
+                Treatment::Json
+            } else if looks_encrypted(window) {
+                Treatment::Passthrough
+            } else {
+                Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
+            };
         }
-        self.record.offset += buffer.len() as u64;
         match &mut self.record.treatment {
             Treatment::Encrypt(enc) => {
+                self.record.offset += buffer.len() as u64;
                 enc.encrypt_in_place(buffer);
-                BodyVerdict::Replaced
+                Ok(BodyVerdict::Replaced)
             }
-            _ => BodyVerdict::Unchanged,
+            // JSON text never holds a NUL byte and a tar header always does: a blob taken for
+            // JSON on a short first chunk that turns out to hold one is refused before that
+            // chunk goes on (it may be a tar whose first member is named `{…}`).
+            Treatment::Json if buffer.contains(&0) => Err(OciError::new(
+                Code::BlobUploadInvalid,
+                "the blob began like JSON but holds binary data; nothing was stored, push it again",
+            )),
+            _ => {
+                self.record.offset += buffer.len() as u64;
+                Ok(BodyVerdict::Unchanged)
+            }
         }
     }
 
@@ -412,7 +425,7 @@ pub fn complete<R: CryptoRngCore>(
     rng: &mut R,
 ) -> Result<Completion, OciError> {
     let encryptor = match record.treatment {
-        Treatment::Passthrough => {
+        Treatment::Passthrough | Treatment::Json => {
             // The registry verifies JSON blobs itself against the client's digest.
             return Ok(Completion {
                 client_digest,
@@ -484,8 +497,9 @@ mod tests {
             let record = UploadRecord::load(store, "u1", "demo/app").unwrap();
             let mut stream = ChunkStream::new(record, Some(pos as u64)).unwrap();
             let mut buf = blob[pos..end].to_vec();
-            let v = stream.on_body(&mut buf, true, &mut rand_core::OsRng);
-            assert_ne!(v, BodyVerdict::NeedMore);
+            stream
+                .on_body(&mut buf, true, &mut rand_core::OsRng)
+                .unwrap();
             out.extend_from_slice(&buf);
             store
                 .set(&record_key("u1"), &stream.into_record().to_bytes())
@@ -588,18 +602,41 @@ mod tests {
     }
 
     #[test]
-    fn short_first_chunk_asks_for_more() {
-        let record = UploadRecord::new("demo/app");
-        let mut s = ChunkStream::new(record, None).unwrap();
-        let mut buf = b"\x1f\x8b".to_vec();
+    fn a_short_first_chunk_is_decided_at_once() {
+        let fresh = || ChunkStream::new(UploadRecord::new("demo/app"), None).unwrap();
+        let mut gz = b"\x1f\x8b".to_vec();
+        let verdict = fresh()
+            .on_body(&mut gz, false, &mut rand_core::OsRng)
+            .unwrap();
+        assert_eq!(verdict, BodyVerdict::Replaced);
+        // A short JSON-looking first chunk passes, and so does the JSON after it ...
+        let mut json = fresh();
+        let mut head = b"{\"a\":".to_vec();
         assert_eq!(
-            s.on_body(&mut buf, false, &mut rand_core::OsRng),
-            BodyVerdict::NeedMore
+            json.on_body(&mut head, false, &mut rand_core::OsRng)
+                .unwrap(),
+            BodyVerdict::Unchanged
         );
+        let mut tail = b"1}".to_vec();
         assert_eq!(
-            s.on_body(&mut buf, true, &mut rand_core::OsRng),
-            BodyVerdict::Replaced
+            json.on_body(&mut tail, true, &mut rand_core::OsRng)
+                .unwrap(),
+            BodyVerdict::Unchanged
         );
+        // ... but a tar whose first member is named `{x}`, arriving 3 bytes first, is refused
+        // at its first NUL, before that chunk goes on.
+        let mut tar = fresh();
+        let mut name = b"{x}".to_vec();
+        assert_eq!(
+            tar.on_body(&mut name, false, &mut rand_core::OsRng)
+                .unwrap(),
+            BodyVerdict::Unchanged
+        );
+        let mut rest = vec![0u8; 509];
+        let err = tar
+            .on_body(&mut rest, false, &mut rand_core::OsRng)
+            .unwrap_err();
+        assert_eq!(err.code, Code::BlobUploadInvalid);
     }
 
     #[test]

@@ -530,8 +530,7 @@ impl Gateway {
             return Ok(Action::Continue);
         };
         let mut buf = host::body(BufferType::HttpRequestBody, body_size)?;
-        match stream.on_body(&mut buf, end_of_stream, &mut OsRng) {
-            BodyVerdict::NeedMore => return Ok(Action::Pause),
+        match stream.on_body(&mut buf, end_of_stream, &mut OsRng)? {
             BodyVerdict::Replaced => host::set_body(BufferType::HttpRequestBody, body_size, &buf)?,
             BodyVerdict::Unchanged => {}
         }
@@ -572,10 +571,9 @@ impl Gateway {
         }
         let Flow::Manifest {
             repository,
-            content_type,
             by_digest,
             client_digest,
-            entry,
+            ..
         } = &mut self.flow
         else {
             return Ok(Action::Continue);
@@ -587,18 +585,13 @@ impl Gateway {
             manifest::verify_pushed_digest(&body, pushed).map_err(|e| e.to_oci())?;
         }
         *client_digest = Some(Digest::of(&body));
-        let _ = (content_type, entry);
         let repo = repository.clone();
         if self.durable() {
             // Replicas: what another replica (or this one before a restart) encrypted is in the
             // registry's ledger; fetch what this process does not know, then rewrite.
             let missing: Vec<Digest> = ledger::referenced_digests(&body)
                 .into_iter()
-                .filter(|d| {
-                    SharedData
-                        .get(&ledger::key(&repo, d))
-                        .is_none_or(|v| v.is_empty())
-                })
+                .filter(|d| ledger_entry(&repo, d).is_none())
                 .collect();
             if !missing.is_empty() {
                 let mut waiting = Vec::new();
@@ -632,11 +625,7 @@ impl Gateway {
             ));
         };
         let repo = repository.clone();
-        let lookup = |d: &Digest| -> Option<LedgerEntry> {
-            SharedData
-                .get(&ledger::key(&repo, d))
-                .and_then(|b| LedgerEntry::from_bytes(&b))
-        };
+        let lookup = |d: &Digest| ledger_entry(&repo, d);
         let rewritten = manifest::rewrite(body, content_type, &lookup).map_err(|e| e.to_oci())?;
         *entry = Some(LedgerEntry::for_manifest(&rewritten));
         self.metrics.manifest_rewritten();
@@ -1160,12 +1149,17 @@ fn patch_request(path: &str) -> Result<(), OciError> {
     )
 }
 
-/// The ledger entry of a blob (not a manifest) the gateway encrypted in `repository`.
-fn blob_entry(repository: &str, digest: &Digest) -> Option<LedgerEntry> {
+/// What this process's ledger records for `digest` in `repository` (an empty or unreadable
+/// value counts as nothing).
+fn ledger_entry(repository: &str, digest: &Digest) -> Option<LedgerEntry> {
     SharedData
         .get(&ledger::key(repository, digest))
         .and_then(|b| LedgerEntry::from_bytes(&b))
-        .filter(|e| e.media_type.is_none())
+}
+
+/// The ledger entry of a blob (not a manifest) the gateway encrypted in `repository`.
+fn blob_entry(repository: &str, digest: &Digest) -> Option<LedgerEntry> {
+    ledger_entry(repository, digest).filter(|e| e.media_type.is_none())
 }
 
 /// A 4xx answer of the registry carrying an OCI error body, to hand to the client as it is.
@@ -1247,7 +1241,7 @@ fn has_state(upload_id: &str) -> bool {
 }
 
 fn parse_client_digest(value: &str) -> Result<Digest, OciError> {
-    distribution::parse_digest(value).map_err(|e| OciError::new(Code::DigestInvalid, e.to_string()))
+    Digest::parse(value).map_err(|e| OciError::new(Code::DigestInvalid, e.to_string()))
 }
 
 fn too_large(len: usize, limit: usize) -> OciError {

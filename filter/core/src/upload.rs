@@ -118,6 +118,16 @@ impl UploadRecord {
     /// A record of another repository is refused: a session id must not be replayed across
     /// repositories to continue someone else's keystream.
     pub fn load(store: &dyn Store, upload_id: &str, repository: &str) -> Result<Self, OciError> {
+        Self::load_saved(store, upload_id, repository).map(|(record, _)| record)
+    }
+
+    /// [`Self::load`], also telling whether a saved record was there (one read of the store:
+    /// the adapter needs both, and each read copies the record out of the host).
+    pub fn load_saved(
+        store: &dyn Store,
+        upload_id: &str,
+        repository: &str,
+    ) -> Result<(Self, bool), OciError> {
         match store.get(&record_key(upload_id)) {
             Some(bytes) if !bytes.is_empty() => {
                 let record = UploadRecord::from_bytes(&bytes).ok_or_else(|| {
@@ -132,9 +142,9 @@ impl UploadRecord {
                         format!("upload {upload_id} does not belong to repository {repository}"),
                     ));
                 }
-                Ok(record)
+                Ok((record, true))
             }
-            _ => Ok(UploadRecord::new(repository)),
+            _ => Ok((UploadRecord::new(repository), false)),
         }
     }
 }
@@ -672,6 +682,18 @@ mod tests {
                 .code,
             Code::BlobUploadUnknown
         );
+    }
+
+    #[test]
+    fn load_saved_tells_a_saved_record_from_a_fresh_one() {
+        let store = MapStore::default();
+        let (fresh, had) = UploadRecord::load_saved(&store, "u1", "demo/app").unwrap();
+        assert!(!had);
+        assert_eq!(fresh.offset, 0);
+        push(&store, &[5u8; 3000], &[]);
+        let (saved, had) = UploadRecord::load_saved(&store, "u1", "demo/app").unwrap();
+        assert!(had);
+        assert_eq!(saved.offset, 3000);
     }
 
     #[test]

@@ -1230,8 +1230,7 @@ fn load_record(
         host::set_header(MapType::HttpRequestHeaders, ":path", Some(&stripped))?;
         return Ok((record, has_state(id)));
     }
-    let had_state = has_state(id);
-    Ok((UploadRecord::load(&SharedData, id, repository)?, had_state))
+    UploadRecord::load_saved(&SharedData, id, repository)
 }
 
 fn has_state(upload_id: &str) -> bool {

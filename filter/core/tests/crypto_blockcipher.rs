@@ -8,23 +8,15 @@
     clippy::panic
 )]
 
+mod common {
+    pub mod crypto;
+}
+
 use aes::cipher::{BlockEncrypt, KeyInit};
-use hmac::Mac;
+use common::crypto::{hmac_ref, seeded_rng, sp800_38a_f55};
 use ocicrypt_core::blockcipher::{decrypt_layer, CipherError, EncryptedLayer, LayerEncryptor};
 use ocicrypt_core::digest::Digest;
-use rand::{Rng, RngCore, SeedableRng};
-
-fn unhex<const N: usize>(s: &str) -> [u8; N] {
-    let mut out = [0u8; N];
-    hex::decode_to_slice(s.replace(' ', ""), &mut out).unwrap();
-    out
-}
-
-fn hmac_ref(key: &[u8; 32], data: &[u8]) -> [u8; 32] {
-    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap();
-    mac.update(data);
-    mac.finalize().into_bytes().into()
-}
+use rand::{Rng, RngCore};
 
 fn one_shot(key: [u8; 32], nonce: [u8; 16], plain: &[u8]) -> (Vec<u8>, EncryptedLayer) {
     let mut enc = LayerEncryptor::new(key, nonce);
@@ -46,16 +38,7 @@ fn assert_layer_eq(a: &EncryptedLayer, b: &EncryptedLayer) {
 /// block, exactly ocicrypt's nonce.
 #[test]
 fn nist_sp800_38a_f55_ctr_aes256() {
-    let key = unhex::<32>("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
-    let counter = unhex::<16>("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff");
-    let plain = unhex::<64>(
-        "6bc1bee22e409f96e93d7e117393172a ae2d8a571e03ac9c9eb76fac45af8e51 \
-         30c81c46a35ce411e5fbc1191a0a52ef f69f2445df4f9b17ad2b417be66c3710",
-    );
-    let cipher = unhex::<64>(
-        "601ec313775789a5b7a7f504bbf3d228 f443e3ca4d62b59aca84e990cacaf5c5 \
-         2b0930daa23de94ce87017ba2d84988d dfc9c58db67aada613c2dd08457941a6",
-    );
+    let (key, counter, plain, cipher) = sp800_38a_f55();
     let (out, layer) = one_shot(key, counter, &plain);
     assert_eq!(out, cipher);
     assert_eq!(layer.size, 64);
@@ -100,8 +83,7 @@ fn counter_wraps_like_go() {
 
 #[test]
 fn random_chunks_with_resume_equal_one_shot() {
-    let seed = rand::thread_rng().gen::<u64>();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     for round in 0..60 {
         let len = match round % 3 {
             0 => rng.gen_range(0..64),
@@ -247,8 +229,7 @@ fn debug_never_shows_the_key() {
 fn lanes_and_scalar_paths_agree_on_random_splits() {
     use aes::cipher::{KeyIvInit, StreamCipher};
     use sha2::Digest as _;
-    let seed = rand::thread_rng().gen::<u64>();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     for round in 0..40 {
         let key: [u8; 32] = rng.gen();
         let mut nonce: [u8; 16] = rng.gen();

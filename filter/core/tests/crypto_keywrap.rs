@@ -10,9 +10,13 @@
 
 #[path = "crypto_fixtures.rs"]
 mod fixtures;
+mod common {
+    pub mod tempdir;
+}
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
+use common::tempdir::TempDir;
 use fixtures::*;
 use ocicrypt_core::blockcipher::{decrypt_layer, EncryptedLayer, LayerEncryptor};
 use ocicrypt_core::keywrap::{layer_annotations, unwrap_private_options, KeyWrapError, PrivateKey};
@@ -320,22 +324,6 @@ fn python_ready() -> Result<(), String> {
             String::from_utf8_lossy(&o.stderr).trim()
         )),
         Ok(_) => Ok(()),
-    }
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let mut n = [0u8; 8];
-        rand::thread_rng().fill_bytes(&mut n);
-        let p = std::env::temp_dir().join(format!("ocicrypt-{tag}-{}", hex::encode(n)));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

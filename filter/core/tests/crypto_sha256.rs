@@ -7,16 +7,14 @@
     clippy::panic
 )]
 
-use hmac::Mac;
-use ocicrypt_core::sha256::{hmac_finish, hmac_init, Sha256State};
-use rand::{Rng, RngCore, SeedableRng};
-use sha2::Digest as _;
-
-fn hex32(s: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(s.replace(' ', ""), &mut out).unwrap();
-    out
+mod common {
+    pub mod crypto;
 }
+
+use common::crypto::{hmac_ref, seeded_rng, unhex};
+use ocicrypt_core::sha256::{hmac_finish, hmac_init, Sha256State};
+use rand::{Rng, RngCore};
+use sha2::Digest as _;
 
 fn one_shot(data: &[u8]) -> [u8; 32] {
     let mut s = Sha256State::new();
@@ -38,18 +36,18 @@ fn save_restore(s: &Sha256State) -> Sha256State {
 fn nist_vectors() {
     assert_eq!(
         one_shot(b"abc"),
-        hex32("ba7816bf 8f01cfea 414140de 5dae2223 b00361a3 96177a9c b410ff61 f20015ad")
+        unhex::<32>("ba7816bf 8f01cfea 414140de 5dae2223 b00361a3 96177a9c b410ff61 f20015ad")
     );
     assert_eq!(
         one_shot(b""),
-        hex32("e3b0c442 98fc1c14 9afbf4c8 996fb924 27ae41e4 649b934c a495991b 7852b855")
+        unhex::<32>("e3b0c442 98fc1c14 9afbf4c8 996fb924 27ae41e4 649b934c a495991b 7852b855")
     );
     assert_eq!(
         one_shot(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
-        hex32("248d6a61 d20638b8 e5c02693 0c3e6039 a33ce459 64ff2167 f6ecedd4 19db06c1")
+        unhex::<32>("248d6a61 d20638b8 e5c02693 0c3e6039 a33ce459 64ff2167 f6ecedd4 19db06c1")
     );
     let million_a =
-        hex32("cdc76e5c 9914fb92 81a1c7e2 84d73e67 f1809a48 a497200e 046d39cc c7112cd0");
+        unhex::<32>("cdc76e5c 9914fb92 81a1c7e2 84d73e67 f1809a48 a497200e 046d39cc c7112cd0");
     assert_eq!(one_shot(&vec![b'a'; 1_000_000]), million_a);
 
     // The same million, fed in odd pieces through save/restore.
@@ -77,14 +75,13 @@ fn rfc4231_hmac_case_2() {
     inner.update(b"what do ya want for nothing?");
     assert_eq!(
         hmac_finish(&key, inner),
-        hex32("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+        unhex::<32>("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
     );
 }
 
 #[test]
 fn random_chunks_and_restores_match_sha2() {
-    let seed = rand::thread_rng().gen::<u64>();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     for round in 0..200 {
         let len = if round % 4 == 0 {
             rng.gen_range(0..200)
@@ -110,8 +107,7 @@ fn random_chunks_and_restores_match_sha2() {
 
 #[test]
 fn random_hmac_matches_hmac_crate() {
-    let seed = rand::thread_rng().gen::<u64>();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng();
     for round in 0..100 {
         let mut key = [0u8; 32];
         rng.fill_bytes(&mut key);
@@ -128,9 +124,7 @@ fn random_hmac_matches_hmac_crate() {
                 inner = save_restore(&inner);
             }
         }
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
-        mac.update(&data);
-        let want: [u8; 32] = mac.finalize().into_bytes().into();
+        let want = hmac_ref(&key, &data);
         assert_eq!(hmac_finish(&key, inner), want, "seed {seed} round {round}");
     }
 }

@@ -9,27 +9,21 @@
     clippy::panic
 )]
 
+mod common {
+    pub mod crypto;
+}
+
 use aes::cipher::{BlockEncrypt, KeyInit, KeyIvInit, StreamCipher, StreamCipherSeek};
+use common::crypto::{seeded_rng, sp800_38a_f55, unhex};
 use ocicrypt_core::simd::aes256x8::Aes256x8;
 use ocicrypt_core::simd::sha256x4::{Schedule, Sha256x4};
 use ocicrypt_core::simd::U32x4;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngCore};
 use sha2::digest::generic_array::GenericArray;
-
-fn unhex<const N: usize>(s: &str) -> [u8; N] {
-    let mut out = [0u8; N];
-    hex::decode_to_slice(s.replace(' ', ""), &mut out).unwrap();
-    out
-}
-
-fn rng() -> (u64, rand::rngs::StdRng) {
-    let seed = rand::thread_rng().gen::<u64>();
-    (seed, rand::rngs::StdRng::seed_from_u64(seed))
-}
 
 #[test]
 fn vector_ops_match_scalar() {
-    let (seed, mut rng) = rng();
+    let (seed, mut rng) = seeded_rng();
     for _ in 0..200 {
         let a: [u32; 4] = rng.gen();
         let b: [u32; 4] = rng.gen();
@@ -92,7 +86,7 @@ fn fips197_c3_aes256() {
 
 #[test]
 fn random_blocks_match_aes_crate() {
-    let (seed, mut rng) = rng();
+    let (seed, mut rng) = seeded_rng();
     for round in 0..50 {
         let key: [u8; 32] = rng.gen();
         let mut blocks = [[0u8; 16]; 8];
@@ -114,16 +108,7 @@ fn random_blocks_match_aes_crate() {
 /// NIST SP 800-38A F.5.5 CTR-AES256.Encrypt, from every starting offset.
 #[test]
 fn sp800_38a_f55_ctr_every_offset() {
-    let key = unhex::<32>("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4");
-    let counter = unhex::<16>("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff");
-    let plain = unhex::<64>(
-        "6bc1bee22e409f96e93d7e117393172a ae2d8a571e03ac9c9eb76fac45af8e51 \
-         30c81c46a35ce411e5fbc1191a0a52ef f69f2445df4f9b17ad2b417be66c3710",
-    );
-    let cipher = unhex::<64>(
-        "601ec313775789a5b7a7f504bbf3d228 f443e3ca4d62b59aca84e990cacaf5c5 \
-         2b0930daa23de94ce87017ba2d84988d dfc9c58db67aada613c2dd08457941a6",
-    );
+    let (key, counter, plain, cipher) = sp800_38a_f55();
     let aes = Aes256x8::new(&key);
     for cut in 0..=64 {
         let mut buf = plain;
@@ -136,7 +121,7 @@ fn sp800_38a_f55_ctr_every_offset() {
 
 #[test]
 fn random_ctr_splits_and_wrap_match_ctr_crate() {
-    let (seed, mut rng) = rng();
+    let (seed, mut rng) = seeded_rng();
     for round in 0..60 {
         let key: [u8; 32] = rng.gen();
         let mut nonce: [u8; 16] = rng.gen();
@@ -257,7 +242,7 @@ fn nist_vectors_in_lanes() {
 
 #[test]
 fn random_states_and_blocks_match_compress256() {
-    let (seed, mut rng) = rng();
+    let (seed, mut rng) = seeded_rng();
     for round in 0..100 {
         let states: [[u32; 8]; 4] = rng.gen();
         let mut blocks = [[0u8; 64]; 4];

@@ -11,9 +11,13 @@
 
 #[path = "crypto_fixtures.rs"]
 mod fixtures;
+mod common {
+    pub mod tempdir;
+}
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use common::tempdir::TempDir;
 use fixtures::*;
 use ocicrypt_core::blockcipher::{decrypt_layer, LayerEncryptor};
 use ocicrypt_core::digest::Digest;
@@ -23,26 +27,10 @@ use ocicrypt_core::spec::{ANNOTATION_KEYS_JWE, ANNOTATION_PUBOPTS};
 use rand::RngCore;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let mut n = [0u8; 8];
-        rand::thread_rng().fill_bytes(&mut n);
-        let p = std::env::temp_dir().join(format!("ocicrypt-{tag}-{}", hex::encode(n)));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn skopeo_ready() -> Result<(), String> {
     match Command::new("skopeo").arg("--version").output() {

@@ -9,19 +9,16 @@
     clippy::panic
 )]
 
-use std::fs;
-use std::path::{Path, PathBuf};
+mod common {
+    pub mod tuf;
+}
 
+use std::fs;
+
+use common::tuf::{initial_root, overlay, NOW};
 use ocicrypt_core::config::KeyServiceConfig;
 use ocicrypt_core::keyservice::{KeyRecord, Lookup, Next, TrustedMetadata};
 use ocicrypt_core::tuf::MetadataCache;
-
-/// 2030-01-01, the time the fixtures are made for.
-const NOW: i64 = 1_893_456_000;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tuf")
-}
 
 fn config() -> KeyServiceConfig {
     KeyServiceConfig {
@@ -29,7 +26,7 @@ fn config() -> KeyServiceConfig {
         authority: "keys".into(),
         metadata_path: "/metadata".into(),
         targets_path: "/targets".into(),
-        trusted_root: fs::read(fixtures().join("good/metadata/1.root.json")).unwrap(),
+        trusted_root: initial_root(),
         refresh_seconds: 60,
         timeout_ms: 1000,
         max_age_seconds: 180,
@@ -39,12 +36,7 @@ fn config() -> KeyServiceConfig {
 /// Serves the good repository with `variants` layered on top; `None` = key service down.
 fn serve(variants: &[&str], path: &str) -> (u16, Vec<u8>) {
     let rel = path.trim_start_matches('/');
-    let mut dirs: Vec<PathBuf> = variants
-        .iter()
-        .map(|v| fixtures().join("variants").join(v))
-        .collect();
-    dirs.push(fixtures().join("good"));
-    for d in dirs {
+    for d in overlay(variants) {
         if let Ok(bytes) = fs::read(d.join(rel)) {
             return (200, bytes);
         }

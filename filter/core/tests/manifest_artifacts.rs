@@ -7,20 +7,19 @@
     clippy::panic
 )]
 
+mod common {
+    pub mod manifest;
+}
+
 use std::collections::BTreeMap;
 
+use common::manifest::*;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::Code;
 use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::manifest::{rewrite, ManifestError, Rewritten};
+use ocicrypt_core::manifest::{ManifestError, Rewritten};
 use serde_json::{json, Value};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_TGZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const OCI_TGZ_ENC: &str = "application/vnd.oci.image.layer.v1.tar+gzip+encrypted";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const EMPTY: &str = "application/vnd.oci.empty.v1+json";
 const EMPTY_DIGEST: &str =
     "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
@@ -28,8 +27,6 @@ const COSIGN_SIG: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 const COSIGN_SIG_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 const HELM_CONFIG: &str = "application/vnd.cncf.helm.config.v1+json";
 const HELM_CHART: &str = "application/vnd.cncf.helm.chart.content.v1.tar+gzip";
-const JWE: &str = "org.opencontainers.image.enc.keys.jwe";
-const PUBOPTS: &str = "org.opencontainers.image.enc.pubopts";
 
 fn blob(n: u8) -> Digest {
     Digest::of(&[n, 0x01])
@@ -37,15 +34,6 @@ fn blob(n: u8) -> Digest {
 
 fn blob_cipher(n: u8) -> Digest {
     Digest::of(&[n, 0x02])
-}
-
-/// The digest a client pushed manifest number `n` under, and the one the registry stores.
-fn pushed(n: u8) -> Digest {
-    Digest::of(&[n, 0x11])
-}
-
-fn stored(n: u8) -> Digest {
-    Digest::of(&[n, 0x22])
 }
 
 /// The ledger of a repository holding one encrypted image: layer blobs 1 and 2, and image
@@ -83,12 +71,10 @@ fn ledger() -> BTreeMap<Digest, LedgerEntry> {
 }
 
 fn run(input: &Value, content_type: &str) -> Result<Rewritten, ManifestError> {
-    let map = ledger();
-    let lookup = move |d: &Digest| map.get(d).cloned();
-    rewrite(
+    rewrite_with(
         &serde_json::to_vec_pretty(input).unwrap(),
         content_type,
-        &lookup,
+        ledger(),
     )
 }
 

@@ -8,23 +8,21 @@
     clippy::panic
 )]
 
+mod common {
+    pub mod tuf;
+}
+
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use common::tuf::{fixtures, initial_root, overlay, repo_err, NOW};
 use ocicrypt_core::tuf::metadata::{Envelope, Root, Timestamp};
 use ocicrypt_core::tuf::{
     decode_role_name, ExpectedVersion, Fetch, FetchBase, MetadataCache, Outcome, Progress,
     RepositoryError, TufError, Updater, UpdaterConfig,
 };
-
-/// 2030-01-01T00:00:00Z, the time the fixtures are made for (manifest.json `test_now`).
-const NOW: i64 = 1_893_456_000;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tuf")
-}
 
 /// Serves `good/` with variant overlays on top (the first directory holding a file wins),
 /// recording every request.
@@ -39,19 +37,14 @@ impl Server {
     }
 
     fn with(variants: &[&str]) -> Server {
-        let mut dirs: Vec<PathBuf> = variants
-            .iter()
-            .map(|v| fixtures().join("variants").join(v))
-            .collect();
         for v in variants {
             assert!(
                 fixtures().join("variants").join(v).is_dir(),
                 "no variant {v}: run scripts/tuf-fixtures"
             );
         }
-        dirs.push(fixtures().join("good"));
         Server {
-            dirs,
+            dirs: overlay(variants),
             log: RefCell::new(Vec::new()),
         }
     }
@@ -80,11 +73,6 @@ impl Server {
     }
 }
 
-fn initial_root() -> Vec<u8> {
-    fs::read(fixtures().join("good/metadata/1.root.json"))
-        .expect("fixtures: run scripts/tuf-fixtures")
-}
-
 fn good_file(rel: &str) -> Vec<u8> {
     fs::read(fixtures().join("good").join(rel)).unwrap()
 }
@@ -93,22 +81,16 @@ fn fresh() -> Updater {
     Updater::new(MetadataCache::new(initial_root()), UpdaterConfig::default())
 }
 
+/// Runs the updater against `server`, checking that it waits for each request it made.
 fn drive(
     up: &mut Updater,
     server: &Server,
     start: Result<Progress, TufError>,
 ) -> Result<Outcome, TufError> {
-    let mut progress = start?;
-    loop {
-        match progress {
-            Progress::Done(outcome) => return Ok(outcome),
-            Progress::Fetch(fetch) => {
-                assert_eq!(up.next_request(), Some(&fetch));
-                let (status, body) = server.get(&fetch);
-                progress = up.on_response(status, &body)?;
-            }
-        }
-    }
+    common::tuf::drive(up, start, |up, fetch| {
+        assert_eq!(up.next_request(), Some(fetch));
+        server.get(fetch)
+    })
 }
 
 fn refresh(up: &mut Updater, server: &Server) -> Result<Outcome, TufError> {
@@ -134,13 +116,6 @@ fn cached_root_version(up: &Updater) -> u64 {
         .unwrap()
         .common
         .version
-}
-
-fn repo_err(result: Result<Outcome, TufError>) -> RepositoryError {
-    match result {
-        Err(TufError::Repository(e)) => e,
-        other => panic!("expected a repository error, got {other:?}"),
-    }
 }
 
 fn good_client() -> Updater {

@@ -10,8 +10,13 @@
     clippy::panic
 )]
 
+mod common {
+    pub mod tuf;
+}
+
 use std::collections::BTreeMap;
 
+use common::tuf::{repo_err, NOW};
 use ed25519_dalek::{Signer as _, SigningKey};
 use ocicrypt_core::tuf::canonical::to_canonical;
 use ocicrypt_core::tuf::{
@@ -21,7 +26,6 @@ use ocicrypt_core::tuf::{
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-const NOW: i64 = 1_893_456_000; // 2030-01-01
 const FUTURE: &str = "2099-01-01T00:00:00Z";
 const PAST: &str = "2029-06-01T00:00:00Z";
 
@@ -147,13 +151,6 @@ fn keys() -> Keys {
     }
 }
 
-fn repo(result: Result<impl std::fmt::Debug, TufError>) -> RepositoryError {
-    match result {
-        Err(TufError::Repository(e)) => e,
-        other => panic!("expected a repository error, got {other:?}"),
-    }
-}
-
 /// An in-memory repository for the updater: path -> bytes.
 #[derive(Default)]
 struct Repo {
@@ -180,16 +177,7 @@ fn drive(
     repo: &mut Repo,
     start: Result<Progress, TufError>,
 ) -> Result<Outcome, TufError> {
-    let mut p = start?;
-    loop {
-        match p {
-            Progress::Done(o) => return Ok(o),
-            Progress::Fetch(f) => {
-                let (status, body) = repo.get(&f);
-                p = up.on_response(status, &body)?;
-            }
-        }
-    }
+    common::tuf::drive(up, start, |_, f| repo.get(f))
 }
 
 /// A small non-consistent-snapshot repository with one target.
@@ -233,7 +221,7 @@ mod tuf {
             &[(k.s.keyid.clone(), &k.s), ("alias".into(), &k.s)],
         );
         assert_eq!(
-            repo(set.update_snapshot(&snap, false)),
+            repo_err(set.update_snapshot(&snap, false)),
             RepositoryError::BadSignature {
                 role: "snapshot".into(),
                 delegator: "root".into(),
@@ -256,7 +244,7 @@ mod tuf {
             &[(k.t.keyid.clone(), &k.t), (k.t.keyid.clone(), &k.t)],
         );
         assert_eq!(
-            repo(set.update_timestamp(&ts)),
+            repo_err(set.update_timestamp(&ts)),
             RepositoryError::DuplicateSignature {
                 role: "timestamp".into(),
                 keyid: k.t.keyid.clone()
@@ -270,7 +258,7 @@ mod tuf {
         let mut r = root(1, &[&k.r], &k.t, &k.s, &k.g, FUTURE);
         r["roles"]["snapshot"] = json!({"keyids": [k.s.keyid, k.s.keyid], "threshold": 2});
         assert!(matches!(
-            repo(TrustedMetadataSet::new(&sign(&r, &[&k.r]), NOW)),
+            repo_err(TrustedMetadataSet::new(&sign(&r, &[&k.r]), NOW)),
             RepositoryError::Malformed { .. }
         ));
     }
@@ -317,7 +305,7 @@ mod tuf {
             .unwrap()
             .replace("\"x-period\": 7", "\"x-period\": 8");
         assert!(matches!(
-            repo(TrustedMetadataSet::new(tampered.as_bytes(), NOW)),
+            repo_err(TrustedMetadataSet::new(tampered.as_bytes(), NOW)),
             RepositoryError::BadSignature { .. }
         ));
     }
@@ -359,7 +347,7 @@ mod tuf {
         .unwrap();
         let snap_as_ts = sign(&snapshot(1, &[("targets", 1)]), &[&k.t]);
         assert_eq!(
-            repo(set.update_timestamp(&snap_as_ts)),
+            repo_err(set.update_timestamp(&snap_as_ts)),
             RepositoryError::WrongType {
                 role: "timestamp".into(),
                 expected: "timestamp".into(),
@@ -374,17 +362,17 @@ mod tuf {
         let mut r = root(1, &[&k.r], &k.t, &k.s, &k.g, FUTURE);
         r.as_object_mut().unwrap().remove("version");
         assert!(matches!(
-            repo(TrustedMetadataSet::new(&sign(&r, &[&k.r]), NOW)),
+            repo_err(TrustedMetadataSet::new(&sign(&r, &[&k.r]), NOW)),
             RepositoryError::Malformed { .. }
         ));
         let mut r = root(1, &[&k.r], &k.t, &k.s, &k.g, FUTURE);
         r["spec_version"] = json!("2.0.0");
         assert!(matches!(
-            repo(TrustedMetadataSet::new(&sign(&r, &[&k.r]), NOW)),
+            repo_err(TrustedMetadataSet::new(&sign(&r, &[&k.r]), NOW)),
             RepositoryError::UnsupportedSpecVersion { .. }
         ));
         assert!(matches!(
-            repo(TrustedMetadataSet::new(b"not json", NOW)),
+            repo_err(TrustedMetadataSet::new(b"not json", NOW)),
             RepositoryError::Malformed { .. }
         ));
     }
@@ -398,7 +386,7 @@ mod tuf {
         // Skipping a version (5.3.5).
         let r3 = sign(&root(3, &[&k.r], &k.t, &k.s, &k.g, FUTURE), &[&k.r]);
         assert_eq!(
-            repo(set.update_root(&r3)),
+            repo_err(set.update_root(&r3)),
             RepositoryError::BadVersion {
                 role: "root".into(),
                 expected: ExpectedVersion::Exactly(2),
@@ -408,7 +396,7 @@ mod tuf {
         // Rotation signed by the new key only, then by the old key only (5.3.4).
         let v2 = root(2, &[&new_root_key], &k.t, &k.s, &k.g, PAST);
         assert_eq!(
-            repo(set.update_root(&sign(&v2, &[&new_root_key]))),
+            repo_err(set.update_root(&sign(&v2, &[&new_root_key]))),
             RepositoryError::BadSignature {
                 role: "root".into(),
                 delegator: "root v1".into(),
@@ -417,7 +405,7 @@ mod tuf {
             }
         );
         assert_eq!(
-            repo(set.update_root(&sign(&v2, &[&k.r]))),
+            repo_err(set.update_root(&sign(&v2, &[&k.r]))),
             RepositoryError::BadSignature {
                 role: "root".into(),
                 delegator: "root v2".into(),
@@ -431,7 +419,7 @@ mod tuf {
         // … but an expired final root stops the cycle (5.3.10).
         let ts = sign(&timestamp(1, 1, FUTURE), &[&k.t]);
         assert!(
-            matches!(repo(set.update_timestamp(&ts)), RepositoryError::Expired { role, .. } if role == "root")
+            matches!(repo_err(set.update_timestamp(&ts)), RepositoryError::Expired { role, .. } if role == "root")
         );
         // A newer, valid root fixes it.
         let v3 = root(3, &[&new_root_key], &k.t, &k.s, &k.g, FUTURE);
@@ -455,7 +443,7 @@ mod tuf {
         set.update_timestamp(&sign(&timestamp(2, 5, FUTURE), &[&k.t]))
             .unwrap();
         assert_eq!(
-            repo(set.update_timestamp(&sign(&timestamp(2, 6, FUTURE), &[&k.t]))),
+            repo_err(set.update_timestamp(&sign(&timestamp(2, 6, FUTURE), &[&k.t]))),
             RepositoryError::EqualVersion {
                 role: "timestamp".into(),
                 version: 2
@@ -467,7 +455,7 @@ mod tuf {
             "the trusted one is kept"
         );
         assert_eq!(
-            repo(set.update_timestamp(&sign(&timestamp(1, 5, FUTURE), &[&k.t]))),
+            repo_err(set.update_timestamp(&sign(&timestamp(1, 5, FUTURE), &[&k.t]))),
             RepositoryError::BadVersion {
                 role: "timestamp".into(),
                 expected: ExpectedVersion::AtLeast(2),
@@ -475,7 +463,7 @@ mod tuf {
             }
         );
         assert_eq!(
-            repo(set.update_timestamp(&sign(&timestamp(3, 4, FUTURE), &[&k.t]))),
+            repo_err(set.update_timestamp(&sign(&timestamp(3, 4, FUTURE), &[&k.t]))),
             RepositoryError::BadVersion {
                 role: "snapshot.json".into(),
                 expected: ExpectedVersion::AtLeast(5),
@@ -484,13 +472,13 @@ mod tuf {
         );
         // An expired timestamp is kept as intermediate (rollback reference) but blocks snapshot.
         assert!(matches!(
-            repo(set.update_timestamp(&sign(&timestamp(4, 5, PAST), &[&k.t]))),
+            repo_err(set.update_timestamp(&sign(&timestamp(4, 5, PAST), &[&k.t]))),
             RepositoryError::Expired { .. }
         ));
         assert_eq!(set.timestamp().unwrap().signed.common.version, 4);
         let snap = sign(&snapshot(5, &[("targets", 1)]), &[&k.s]);
         assert!(
-            matches!(repo(set.update_snapshot(&snap, false)), RepositoryError::Expired { role, .. } if role == "timestamp")
+            matches!(repo_err(set.update_snapshot(&snap, false)), RepositoryError::Expired { role, .. } if role == "timestamp")
         );
     }
 
@@ -508,7 +496,7 @@ mod tuf {
         ts["meta"]["snapshot.json"] = meta(1, Some(b"other bytes"));
         set.update_timestamp(&sign(&ts, &[&k.t])).unwrap();
         assert!(matches!(
-            repo(set.update_snapshot(&snap, false)),
+            repo_err(set.update_snapshot(&snap, false)),
             RepositoryError::LengthOrHashMismatch { .. }
         ));
         let mut set = TrustedMetadataSet::new(
@@ -520,7 +508,7 @@ mod tuf {
         set.update_timestamp(&sign(&ts, &[&k.t])).unwrap();
         // Hash matches, but version 1 is not the 2 timestamp lists (5.5.4): kept as intermediate.
         assert_eq!(
-            repo(set.update_snapshot(&snap, false)),
+            repo_err(set.update_snapshot(&snap, false)),
             RepositoryError::BadVersion {
                 role: "snapshot".into(),
                 expected: ExpectedVersion::Exactly(2),
@@ -530,14 +518,14 @@ mod tuf {
         // Against that intermediate snapshot: a role may not vanish or go back (5.5.5).
         let gone = sign(&snapshot(2, &[("targets", 3)]), &[&k.s]);
         assert_eq!(
-            repo(set.update_snapshot(&gone, true)),
+            repo_err(set.update_snapshot(&gone, true)),
             RepositoryError::MetaRemoved {
                 meta: "a.json".into()
             }
         );
         let back = sign(&snapshot(2, &[("targets", 2), ("a", 1)]), &[&k.s]);
         assert_eq!(
-            repo(set.update_snapshot(&back, true)),
+            repo_err(set.update_snapshot(&back, true)),
             RepositoryError::BadVersion {
                 role: "targets.json".into(),
                 expected: ExpectedVersion::AtLeast(3),
@@ -549,7 +537,7 @@ mod tuf {
         // Targets must be the version snapshot lists (5.6.4) and then snapshot is frozen.
         let t2 = sign(&targets(2, &[], None), &[&k.g]);
         assert_eq!(
-            repo(set.update_targets(&t2)),
+            repo_err(set.update_targets(&t2)),
             RepositoryError::BadVersion {
                 role: "targets".into(),
                 expected: ExpectedVersion::Exactly(3),
@@ -667,7 +655,7 @@ mod tuf {
             .unwrap()
             .is_some());
         assert_eq!(
-            repo(set.delegated_targets("release", "parent-b")),
+            repo_err(set.delegated_targets("release", "parent-b")),
             RepositoryError::BadSignature {
                 role: "release".into(),
                 delegator: "parent-b".into(),
@@ -677,7 +665,7 @@ mod tuf {
         );
         // A role the delegator does not delegate to.
         assert_eq!(
-            repo(set.update_delegated_targets(&release, "release", "targets")),
+            repo_err(set.update_delegated_targets(&release, "release", "targets")),
             RepositoryError::NotDelegated {
                 role: "release".into(),
                 delegator: "targets".into()
@@ -731,7 +719,7 @@ mod tuf {
         );
         let start = up.start_refresh(NOW);
         assert!(matches!(
-            repo(drive(&mut up, &mut r, start)),
+            repo_err(drive(&mut up, &mut r, start)),
             RepositoryError::BadSignature { .. }
         ));
         // 5.3.11: v2 is persisted, and with it timestamp and snapshot are forgotten.
@@ -803,7 +791,7 @@ mod tuf {
         drive(&mut up, &mut r, start).unwrap();
         let start = up.start_fetch_target("f");
         assert!(matches!(
-            repo(drive(&mut up, &mut r, start)),
+            repo_err(drive(&mut up, &mut r, start)),
             RepositoryError::LengthOrHashMismatch { .. }
         ));
     }

@@ -40,8 +40,9 @@ def proc_cpu(pid: Optional[int]) -> float:
         return 0.0
 
 
-def worker_cpu(pid: Optional[int]) -> Dict[str, float]:
-    """CPU seconds each Envoy worker thread (named wrk:worker_N) has used so far."""
+def worker_cpu(pid: Optional[int], main: bool = False) -> Dict[str, float]:
+    """CPU seconds each Envoy worker thread (named wrk:worker_N) has used so far; with `main`,
+    also Envoy's main thread (the task whose id is the pid), as "main"."""
     out: Dict[str, float] = {}
     if not pid:
         return out
@@ -50,6 +51,8 @@ def worker_cpu(pid: Optional[int]) -> Dict[str, float]:
             name = (task / "comm").read_text().strip()
             if name.startswith("wrk:"):
                 out[name] = _cpu_seconds(task / "stat")
+            elif main and task.name == str(pid):
+                out["main"] = _cpu_seconds(task / "stat")
         except (OSError, IndexError, ValueError):
             continue
     return out

@@ -313,6 +313,33 @@ def oci_error_codes(resp: requests.Response) -> List[str]:
     return [e.get("code") for e in body["errors"]]
 
 
+def location_path(loc: str) -> str:
+    """The path (and query) of an upload `Location`, absolute or not."""
+    return loc.split("://", 1)[1][loc.split("://", 1)[1].index("/"):] if "://" in loc else loc
+
+
+def envoy_stats(admin_addr: str, prefix: str = "ocicrypt_") -> Dict[str, float]:
+    """Envoy's Prometheus stats whose names start with `prefix`, labels dropped."""
+    text = requests.get(f"http://{admin_addr}/stats/prometheus", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            values[name.split("{")[0]] = float(value)
+    return values
+
+
+def check_stored_encrypted_and_decrypts(stack, repo: str, image: "Image", out: Path,
+                                        key: Path) -> None:
+    """The registry holds `repo:v1` encrypted, skopeo decrypts it with `key` to the
+    byte-identical `image`, and no plaintext marker is anywhere in storage."""
+    manifest = stack.direct().get_manifest(repo, "v1").json()
+    assert_encrypted_manifest(manifest, image)
+    skopeo_pull(f"{stack.registry_addr}/{repo}:v1", out, "v1", keys=[key])
+    assert_decrypted_matches(out, "v1", image)
+    assert not scan_for(stack.storage, [image.marker.encode()])
+
+
 # --------------------------------------------------------------------------------------------
 # storage inspection
 

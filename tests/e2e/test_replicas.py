@@ -17,10 +17,6 @@ from conftest import STARTED, Stack, _write_owner
 pytestmark = [pytest.mark.filter]
 
 
-def location_path(loc: str) -> str:
-    return loc.split("://", 1)[1][loc.split("://", 1)[1].index("/"):] if "://" in loc else loc
-
-
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     key = base64.b64encode(os.urandom(32)).decode()
@@ -63,14 +59,14 @@ def alternating_push(gateways, repo, image, chunk=1 << 20):
         data = blob.path.read_bytes()
         r = requests.post(f"{next_base()}/v2/{repo}/blobs/uploads/", timeout=30)
         assert r.status_code == 202, r.text
-        loc = location_path(r.headers["Location"])
+        loc = helpers.location_path(r.headers["Location"])
         for start in range(0, len(data), chunk):
             part = data[start:start + chunk]
             r = requests.patch(next_base() + loc, data=part, timeout=60, headers={
                 "Content-Type": "application/octet-stream",
                 "Content-Range": f"{start}-{start + len(part) - 1}"})
             assert r.status_code == 202, r.text
-            loc = location_path(r.headers["Location"])
+            loc = helpers.location_path(r.headers["Location"])
         sep = "&" if "?" in loc else "?"
         r = requests.put(f"{next_base()}{loc}{sep}digest={blob.digest}", timeout=60)
         assert r.status_code == 201, r.text
@@ -96,11 +92,11 @@ def test_push_spread_over_two_replicas(replicas, tmp_path):
 def test_sealed_state_is_required_and_checked(replicas):
     a, b = replicas
     r = requests.post(f"http://{a.addr}/v2/demo/tamper/blobs/uploads/", timeout=30)
-    loc = location_path(r.headers["Location"])
+    loc = helpers.location_path(r.headers["Location"])
     r = requests.patch(f"http://{b.addr}{loc}", data=b"\x1f\x8b" + os.urandom(4096), timeout=30,
                        headers={"Content-Type": "application/octet-stream"})
     assert r.status_code == 202
-    loc = location_path(r.headers["Location"])
+    loc = helpers.location_path(r.headers["Location"])
     assert "_ocicrypt=" in loc
     tampered = loc.replace("_ocicrypt=", "_ocicrypt=AAAA")
     r = requests.put(f"http://{a.addr}{tampered}&digest=sha256:{'0' * 64}", timeout=30)

@@ -106,19 +106,11 @@ def test_no_mount_across_projects(two_projects, repush_image, tmp_path):
 
 def test_metrics_after_a_push(stack, tmp_path):
     """The filter's stats appear on Envoy's Prometheus endpoint and move with a push."""
-    import requests
-
     image = helpers.build_image(tmp_path / "layout", "v1", 2 * helpers.MIB,
                                 marker=helpers.new_marker())
 
     def scrape():
-        text = requests.get(f"http://{stack.opts.admin_addr}/stats/prometheus", timeout=10).text
-        values = {}
-        for line in text.splitlines():
-            if line.startswith("ocicrypt_"):
-                name, _, value = line.rpartition(" ")
-                values[name.split("{")[0]] = float(value)
-        return values
+        return helpers.envoy_stats(stack.opts.admin_addr)
 
     before = scrape()
     helpers.skopeo_push(image, f"{stack.addr}/demo/metrics:v1", extra=["--preserve-digests"])

@@ -83,6 +83,12 @@ pub enum CipherError {
     },
 }
 
+/// A keystream handed in for a chunk is not this stream's keystream at this offset (or not
+/// as long as the chunk): refused before any byte changed.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+#[error("the given keystream is not this layer's keystream at this offset")]
+pub struct KeystreamMismatch;
+
 /// Streaming encryptor of one layer blob. Holds the layer key; wiped on drop.
 #[derive(Clone)]
 pub struct LayerEncryptor {
@@ -190,7 +196,7 @@ impl LayerEncryptor {
         let (head, rest) = chunk.split_at_mut(to_boundary.min(chunk.len()));
         self.encrypt_partial_lanes(head);
         let (body, tail) = rest.as_chunks_mut::<BLOCK>();
-        self.encrypt_blocks_lanes(body);
+        self.encrypt_blocks_lanes(body, None);
         self.encrypt_partial_lanes(tail);
     }
 
@@ -208,8 +214,9 @@ impl LayerEncryptor {
     }
 
     /// Encrypts whole blocks from a block boundary of the stream (all three hash states are
-    /// then on a block boundary too: the HMAC's is one pad block ahead).
-    fn encrypt_blocks_lanes(&mut self, blocks: &mut [[u8; BLOCK]]) {
+    /// then on a block boundary too: the HMAC's is one pad block ahead). With `given`, its
+    /// blocks are the keystream (as long as `blocks`); without, the keystream is computed here.
+    fn encrypt_blocks_lanes(&mut self, blocks: &mut [[u8; BLOCK]], given: Option<&[[u8; BLOCK]]>) {
         if blocks.is_empty() {
             return;
         }
@@ -219,26 +226,48 @@ impl LayerEncryptor {
             self.mac.chaining_value(),
         ) else {
             // Unreachable while the states agree with `offset` (checked on restore).
-            self.encrypt_in_place_scalar(blocks.as_flattened_mut());
+            match given {
+                Some(ks) => {
+                    self.encrypt_partial_given(blocks.as_flattened_mut(), ks.as_flattened())
+                }
+                None => self.encrypt_in_place_scalar(blocks.as_flattened_mut()),
+            }
             return;
         };
         let mut lanes = Sha256x4::new([&p, &c, &m, &c]);
-        let aes = self.aes_x8();
-        // The offset is a multiple of 64, so the keystream starts on a whole AES block.
-        let mut counter =
-            u128::from_be_bytes(self.nonce).wrapping_add(u128::from(self.offset / 16));
-        let (pairs, odd) = blocks.as_chunks_mut::<2>();
-        for [first, second] in pairs {
-            let [k0, k1, k2, k3, k4, k5, k6, k7] = aes.keystream(counter);
-            counter = counter.wrapping_add(8);
-            let (p0, c0) = encrypt_block(first, [k0, k1, k2, k3]);
-            let (p1, c1) = encrypt_block(second, [k4, k5, k6, k7]);
-            lanes.compress_pc_pair(p0, c0, p1, c1);
-        }
-        for last in odd {
-            let [k0, k1, k2, k3, ..] = aes.keystream(counter);
-            let (p, c) = encrypt_block(last, [k0, k1, k2, k3]);
-            lanes.compress(&Schedule::pc_vectors(p, c));
+        match given {
+            Some(ks) => {
+                let (pairs, odd) = blocks.as_chunks_mut::<2>();
+                let (ks_pairs, ks_odd) = ks.as_chunks::<2>();
+                for ([first, second], [k_first, k_second]) in pairs.iter_mut().zip(ks_pairs) {
+                    let (p0, c0) = encrypt_block(first, sha256x4::vectors(k_first));
+                    let (p1, c1) = encrypt_block(second, sha256x4::vectors(k_second));
+                    lanes.compress_pc_pair(p0, c0, p1, c1);
+                }
+                for (last, k) in odd.iter_mut().zip(ks_odd) {
+                    let (p, c) = encrypt_block(last, sha256x4::vectors(k));
+                    lanes.compress(&Schedule::pc_vectors(p, c));
+                }
+            }
+            None => {
+                let aes = self.aes_x8();
+                // The offset is a multiple of 64, so the keystream starts on a whole AES block.
+                let mut counter =
+                    u128::from_be_bytes(self.nonce).wrapping_add(u128::from(self.offset / 16));
+                let (pairs, odd) = blocks.as_chunks_mut::<2>();
+                for [first, second] in pairs {
+                    let [k0, k1, k2, k3, k4, k5, k6, k7] = aes.keystream(counter);
+                    counter = counter.wrapping_add(8);
+                    let (p0, c0) = encrypt_block(first, [k0, k1, k2, k3]);
+                    let (p1, c1) = encrypt_block(second, [k4, k5, k6, k7]);
+                    lanes.compress_pc_pair(p0, c0, p1, c1);
+                }
+                for last in odd {
+                    let [k0, k1, k2, k3, ..] = aes.keystream(counter);
+                    let (p, c) = encrypt_block(last, [k0, k1, k2, k3]);
+                    lanes.compress(&Schedule::pc_vectors(p, c));
+                }
+            }
         }
         let [p, c, m, _] = lanes.states();
         let n = blocks.len() as u64;
@@ -246,6 +275,76 @@ impl LayerEncryptor {
         self.plain.advance_blocks(p, n);
         self.encrypted.advance_blocks(c, n);
         self.mac.advance_blocks(m, n);
+    }
+
+    /// Encrypts the next `chunk` with `keystream`, the CTR keystream of these very bytes that
+    /// another worker computed ([`keystream`]); hashes as [`Self::encrypt_in_place`] does.
+    ///
+    /// The keystream is checked before use: its first block must equal the one computed here
+    /// (one AES batch), so a segment of another stream or offset is refused, never applied.
+    /// On refusal nothing changes and the caller encrypts those bytes itself.
+    pub fn encrypt_in_place_given(
+        &mut self,
+        chunk: &mut [u8],
+        keystream: &[u8],
+    ) -> Result<(), KeystreamMismatch> {
+        if keystream.len() != chunk.len() {
+            return Err(KeystreamMismatch);
+        }
+        let probe_len = keystream.len().min(16);
+        let mut probe = Zeroizing::new([0u8; 16]);
+        let probe = probe.get_mut(..probe_len).unwrap_or_default();
+        if crate::simd::HARDWARE {
+            self.aes_x8()
+                .apply_keystream(&self.nonce, self.offset, probe);
+        } else {
+            self.apply_keystream(probe);
+        }
+        let expected = keystream.get(..probe_len).unwrap_or_default();
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&*probe, expected)) {
+            return Err(KeystreamMismatch);
+        }
+        if crate::simd::HARDWARE {
+            self.encrypt_given_lanes(chunk, keystream);
+        } else {
+            self.encrypt_partial_given(chunk, keystream);
+        }
+        Ok(())
+    }
+
+    /// [`Self::encrypt_in_place_given`] after its check, hashing in `simd128` lanes like
+    /// [`Self::encrypt_in_place_lanes`] (public for tests of both paths natively).
+    #[doc(hidden)]
+    pub fn encrypt_given_lanes(&mut self, chunk: &mut [u8], keystream: &[u8]) {
+        if keystream.len() != chunk.len() {
+            // Only a caller that skipped the check gets here: never leave plaintext.
+            self.encrypt_in_place_lanes(chunk);
+            return;
+        }
+        let to_boundary = (BLOCK as u64 - self.offset % BLOCK as u64) as usize % BLOCK;
+        let split = to_boundary.min(chunk.len());
+        let (head, rest) = chunk.split_at_mut(split);
+        let (ks_head, ks_rest) = keystream.split_at(split);
+        self.encrypt_partial_given(head, ks_head);
+        // Same lengths, same splits: `ks_body` has as many blocks as `body`.
+        let (body, tail) = rest.as_chunks_mut::<BLOCK>();
+        let (ks_body, ks_tail) = ks_rest.as_chunks::<BLOCK>();
+        self.encrypt_blocks_lanes(body, Some(ks_body));
+        self.encrypt_partial_given(tail, ks_tail);
+    }
+
+    /// One state at a time, with a given keystream of the same length.
+    fn encrypt_partial_given(&mut self, data: &mut [u8], keystream: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.plain.update(data);
+        for (d, k) in data.iter_mut().zip(keystream) {
+            *d ^= k;
+        }
+        self.encrypted.update(data);
+        self.mac.update(data);
+        self.offset = self.offset.wrapping_add(data.len() as u64);
     }
 
     /// The key for [`Aes256x8`]: the one held on wasm, expanded on the spot elsewhere (where
@@ -274,6 +373,12 @@ impl LayerEncryptor {
             // Should it ever happen, plaintext must still not leave the gateway.
             data.zeroize();
         }
+    }
+
+    /// The layer key and initial counter block, for a helper to compute keystream
+    /// ([`crate::keystream::SegmentRequest`]).
+    pub(crate) fn key_material(&self) -> (&[u8; 32], &[u8; 16]) {
+        (&self.symkey, &self.nonce)
     }
 
     /// Bytes encrypted so far.
@@ -356,6 +461,29 @@ impl LayerEncryptor {
             nonce: self.nonce,
         }
     }
+}
+
+/// `len` bytes of the AES-256-CTR keystream of (`symkey`, `nonce`) from byte `offset` of the
+/// stream on: what [`LayerEncryptor::encrypt_in_place_given`] takes, computed on another
+/// worker.
+pub fn keystream(
+    symkey: &[u8; 32],
+    nonce: &[u8; 16],
+    offset: u64,
+    len: usize,
+) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(vec![0u8; len]);
+    if crate::simd::HARDWARE {
+        Aes256x8::new(symkey).apply_keystream(nonce, offset, &mut out);
+    } else {
+        let mut ctr = ctr_from(&aes::Aes256::new(symkey.into()), nonce);
+        if ctr.try_seek(offset).is_err() || ctr.try_apply_keystream(&mut out).is_err() {
+            // Unreachable (a 128-bit counter outlasts any u64 offset); an empty answer is then
+            // refused by the receiver's length check instead of a wrong keystream.
+            out.clear();
+        }
+    }
+    out
 }
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]

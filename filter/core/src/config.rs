@@ -15,7 +15,7 @@
 //!               "rules": [ { "repositories": "demo/**", "action": "encrypt" } ] },
 //!   "projects": { "demo": { "recipients": [ { "pem": "-----BEGIN PUBLIC KEY-----\n…" },
 //!                                           { "jwk": { "kty": "EC", "crv": "P-256", "x": "…", "y": "…" } } ] } },
-//!   "limits": { "max_manifest_bytes": 4194304 }
+//!   "limits": { "max_manifest_bytes": 4194304, "keystream_prefetch_bytes": 33554432 }
 //! }
 //! ```
 //!
@@ -39,6 +39,9 @@ pub const DEFAULT_MAX_MANIFEST_BYTES: usize = 4 << 20;
 pub const MIN_MAX_MANIFEST_BYTES: u64 = 1 << 10;
 /// Largest accepted `limits.max_manifest_bytes` (64 MiB).
 pub const MAX_MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// Largest accepted `limits.keystream_prefetch_bytes` (256 MiB; 0 turns prefetch off).
+pub const MAX_KEYSTREAM_PREFETCH_BYTES: u64 = 256 << 20;
 
 /// Where the filter finishes uploads and reads what it needs from the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +85,9 @@ pub struct Config {
     pub projects: BTreeMap<String, Vec<Recipient>>,
     /// Largest manifest body the gateway buffers and rewrites.
     pub max_manifest_bytes: usize,
+    /// Keystream a worker may have asked other workers for and not yet used (0: off); see
+    /// [`crate::keystream`].
+    pub keystream_prefetch_bytes: u64,
     /// Where recipients come from for projects without inline recipients.
     pub key_service: Option<KeyServiceConfig>,
     /// Key the gateway replicas share to seal upload state into the `Location` clients echo,
@@ -327,6 +333,8 @@ mod raw {
     pub(super) struct Limits {
         #[serde(default)]
         pub(super) max_manifest_bytes: Option<Value>,
+        #[serde(default)]
+        pub(super) keystream_prefetch_bytes: Option<Value>,
     }
 }
 
@@ -440,9 +448,9 @@ impl Config {
             Some(value) => compile_projects(value)?,
             None => BTreeMap::new(),
         };
-        let max_manifest_bytes = match top.limits {
+        let (max_manifest_bytes, keystream_prefetch_bytes) = match top.limits {
             Some(value) => compile_limits(value)?,
-            None => DEFAULT_MAX_MANIFEST_BYTES,
+            None => (DEFAULT_MAX_MANIFEST_BYTES, crate::keystream::BUDGET_BYTES),
         };
         let key_service = match top.key_service {
             Some(value) => Some(compile_key_service(value)?),
@@ -457,6 +465,7 @@ impl Config {
             policy,
             projects,
             max_manifest_bytes,
+            keystream_prefetch_bytes,
             key_service,
             state_key,
         })
@@ -680,17 +689,27 @@ pub(crate) fn compile_recipients(value: Value, path: &str) -> Result<Vec<Recipie
     Ok(recipients)
 }
 
-fn compile_limits(value: Value) -> Result<usize, ConfigError> {
+fn compile_limits(value: Value) -> Result<(usize, u64), ConfigError> {
     let limits: raw::Limits = object(value, "limits")?;
+    let prefetch = match limits.keystream_prefetch_bytes {
+        Some(value) => integer(
+            &value,
+            "limits.keystream_prefetch_bytes",
+            0,
+            MAX_KEYSTREAM_PREFETCH_BYTES,
+        )?,
+        None => crate::keystream::BUDGET_BYTES,
+    };
     let Some(value) = limits.max_manifest_bytes else {
-        return Ok(DEFAULT_MAX_MANIFEST_BYTES);
+        return Ok((DEFAULT_MAX_MANIFEST_BYTES, prefetch));
     };
     let path = "limits.max_manifest_bytes";
     let n = integer(&value, path, MIN_MAX_MANIFEST_BYTES, MAX_MAX_MANIFEST_BYTES)?;
-    usize::try_from(n).map_err(|_| ConfigError::Range {
+    let manifest = usize::try_from(n).map_err(|_| ConfigError::Range {
         path: path.to_string(),
         value: n,
         min: MIN_MAX_MANIFEST_BYTES,
         max: MAX_MAX_MANIFEST_BYTES,
-    })
+    })?;
+    Ok((manifest, prefetch))
 }

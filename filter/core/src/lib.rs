@@ -20,6 +20,7 @@ pub mod distribution;
 pub mod error;
 pub mod index;
 pub mod keyservice;
+pub mod keystream;
 pub mod keywrap;
 pub mod ledger;
 pub mod manifest;

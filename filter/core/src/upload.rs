@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 use crate::blockcipher::LayerEncryptor;
 use crate::digest::Digest;
 use crate::error::{Code, OciError};
+use crate::keystream::{KeystreamSupply, LocalOnly, Supply};
 use crate::keywrap;
 use crate::ledger::LedgerEntry;
 use crate::recipients::Recipient;
@@ -365,8 +366,20 @@ impl ChunkStream {
     pub fn on_body<R: CryptoRngCore>(
         &mut self,
         buffer: &mut [u8],
+        end_of_stream: bool,
+        rng: &mut R,
+    ) -> Result<BodyVerdict, OciError> {
+        self.on_body_with(buffer, end_of_stream, rng, &mut LocalOnly)
+    }
+
+    /// [`Self::on_body`], taking keystream that another worker computed where `supply` has it
+    /// (see [`crate::keystream`]); the bytes written are the same either way.
+    pub fn on_body_with<R: CryptoRngCore>(
+        &mut self,
+        buffer: &mut [u8],
         _end_of_stream: bool,
         rng: &mut R,
+        supply: &mut dyn KeystreamSupply,
     ) -> Result<BodyVerdict, OciError> {
         if matches!(self.record.treatment, Treatment::Undecided) {
             if buffer.is_empty() {
@@ -386,7 +399,42 @@ impl ChunkStream {
         match &mut self.record.treatment {
             Treatment::Encrypt(enc) => {
                 self.record.offset += buffer.len() as u64;
-                enc.encrypt_in_place(buffer);
+                let mut rest = buffer;
+                while !rest.is_empty() {
+                    let at = enc.offset();
+                    let done = match supply.next(at, rest.len()) {
+                        Supply::Local(n) => {
+                            let (now, _) = rest.split_at_mut(n.clamp(1, rest.len()));
+                            enc.encrypt_in_place(now);
+                            now.len()
+                        }
+                        Supply::Given([]) => {
+                            enc.encrypt_in_place(rest);
+                            rest.len()
+                        }
+                        Supply::Given(keystream) => {
+                            let n = keystream.len().min(rest.len());
+                            let (now, _) = rest.split_at_mut(n);
+                            match enc
+                                .encrypt_in_place_given(now, keystream.get(..n).unwrap_or_default())
+                            {
+                                Ok(()) => {
+                                    supply.used(n);
+                                    n
+                                }
+                                Err(_) => {
+                                    supply.refused(at);
+                                    enc.encrypt_in_place(now);
+                                    n
+                                }
+                            }
+                        }
+                    };
+                    // `done` is at least 1 and at most the bytes left: every turn progresses.
+                    rest = std::mem::take(&mut rest)
+                        .get_mut(done..)
+                        .unwrap_or_default();
+                }
                 Ok(BodyVerdict::Replaced)
             }
             // JSON text never holds a NUL byte and a tar header always does: a blob taken for
@@ -401,6 +449,19 @@ impl ChunkStream {
                 Ok(BodyVerdict::Unchanged)
             }
         }
+    }
+
+    /// The layer cipher, once the blob is known to be encrypted.
+    pub fn encryptor(&self) -> Option<&LayerEncryptor> {
+        match &self.record.treatment {
+            Treatment::Encrypt(enc) => Some(enc),
+            _ => None,
+        }
+    }
+
+    /// Stream offset reached (bytes of the blob seen, over all its requests).
+    pub fn offset(&self) -> u64 {
+        self.record.offset
     }
 
     /// Bytes of this request seen so far.

@@ -60,7 +60,7 @@ fn good() -> Value {
             "demo": {"recipients": [{"pem": RSA2048_PEM}, {"jwk": p256_jwk()}]},
             "team-b.x_y": {"recipients": [{"pem": P256_PEM}]}
         },
-        "limits": {"max_manifest_bytes": 1048576}
+        "limits": {"max_manifest_bytes": 1048576, "keystream_prefetch_bytes": 8388608}
     })
 }
 
@@ -74,6 +74,7 @@ fn good_configuration_compiles() {
     assert_eq!(config.registry.cluster, "registry");
     assert_eq!(config.registry.timeout_ms, 30000);
     assert_eq!(config.max_manifest_bytes, 1 << 20);
+    assert_eq!(config.keystream_prefetch_bytes, 8 << 20);
     assert_eq!(config.policy.default, Action::Passthrough);
     assert_eq!(config.policy.rules.len(), 3);
     assert_eq!(config.policy.rules[1].pattern.as_str(), "demo/**");
@@ -111,6 +112,7 @@ fn minimal_configuration_takes_the_defaults() {
     assert!(config.projects.is_empty());
     assert_eq!(config.max_manifest_bytes, DEFAULT_MAX_MANIFEST_BYTES);
     assert_eq!(DEFAULT_MAX_MANIFEST_BYTES, 4 << 20);
+    assert_eq!(config.keystream_prefetch_bytes, 32 << 20);
     assert_eq!(config.policy.action("anything/at/all"), Action::Passthrough);
 
     let config = parse(
@@ -119,6 +121,7 @@ fn minimal_configuration_takes_the_defaults() {
     .unwrap();
     assert_eq!(config.policy.action("x/y"), Action::Encrypt);
     assert_eq!(config.max_manifest_bytes, DEFAULT_MAX_MANIFEST_BYTES);
+    assert_eq!(config.keystream_prefetch_bytes, 32 << 20);
 }
 
 #[test]
@@ -136,6 +139,19 @@ fn limit_bounds_are_inclusive() {
             assert_eq!(result.unwrap().max_manifest_bytes as u64, bytes);
         }
     }
+    for (bytes, ok) in [(0u64, true), (256 << 20, true), ((256 << 20) + 1, false)] {
+        let result = parse(
+            &json!({"registry": {"cluster": "r"}, "limits": {"keystream_prefetch_bytes": bytes}}),
+        );
+        assert_eq!(result.is_ok(), ok, "{bytes}: {result:?}");
+        if ok {
+            assert_eq!(result.unwrap().keystream_prefetch_bytes, bytes);
+        }
+    }
+    let result = parse(
+        &json!({"registry": {"cluster": "r"}, "limits": {"keystream_prefetch_bytes": "32M"}}),
+    );
+    assert!(result.is_err());
     for (ms, ok) in [
         (0u64, false),
         (1, true),

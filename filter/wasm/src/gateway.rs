@@ -20,6 +20,7 @@ use rand_core::OsRng;
 use crate::host::{self, SharedData};
 use crate::keys::{self, Resolution};
 use crate::metrics::Metrics;
+use crate::prefetch::{SharedWorker, Worker};
 
 /// What the stream is doing.
 enum Flow {
@@ -127,11 +128,30 @@ pub struct Gateway {
     flow: Flow,
     authority: String,
     authorization: Option<String>,
+    /// Keystream prefetch of this worker.
+    worker: SharedWorker,
+    /// This request's prefetch job, once its blob is known to be encrypted and a helper exists.
+    job: Option<u64>,
+    /// Whether a job was considered for this request already.
+    job_considered: bool,
+    /// The request's `Content-Length` (headers cannot be read in body callbacks).
+    content_length: Option<u64>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.end_job();
+    }
 }
 
 impl Gateway {
     /// A stream context of worker VM configuration `config`.
-    pub fn new(id: u32, config: Option<Rc<Config>>, metrics: Rc<Metrics>) -> Self {
+    pub fn new(
+        id: u32,
+        config: Option<Rc<Config>>,
+        metrics: Rc<Metrics>,
+        worker: SharedWorker,
+    ) -> Self {
         Gateway {
             id,
             lookup: None,
@@ -146,6 +166,19 @@ impl Gateway {
             flow: Flow::Pass,
             authority: String::new(),
             authorization: None,
+            worker,
+            job: None,
+            job_considered: false,
+            content_length: None,
+        }
+    }
+
+    fn end_job(&mut self) {
+        if let Some(job) = self.job.take() {
+            if let Ok(mut worker) = self.worker.try_borrow_mut() {
+                worker.prefetcher.end(job);
+                worker.report(&self.metrics);
+            }
         }
     }
 
@@ -530,7 +563,55 @@ impl Gateway {
             return Ok(Action::Continue);
         };
         let mut buf = host::body(BufferType::HttpRequestBody, body_size)?;
-        match stream.on_body(&mut buf, end_of_stream, &mut OsRng)? {
+        let worker = self.worker.clone();
+        let verdict = match worker.try_borrow_mut() {
+            Ok(mut worker) => {
+                let now = keys::now();
+                worker.collect();
+                let start = stream.offset().saturating_sub(stream.request_bytes());
+                let declared = self.content_length;
+                let considered = &mut self.job_considered;
+                let job = &mut self.job;
+                consider_job(considered, job, &mut worker, stream, (start, declared), now);
+                // Before the chunk: the helper computes ahead while this worker encrypts it.
+                if let (Some(job), Some(layer)) = (self.job, stream.encryptor()) {
+                    let after = stream.offset().saturating_add(buf.len() as u64);
+                    worker.ask(job, layer, after, now);
+                }
+                let verdict = match self.job {
+                    Some(job) => stream.on_body_with(
+                        &mut buf,
+                        end_of_stream,
+                        &mut OsRng,
+                        &mut worker.prefetcher.supply(job),
+                    )?,
+                    None => stream.on_body(&mut buf, end_of_stream, &mut OsRng)?,
+                };
+                // After the first chunk decided the treatment.
+                consider_job(
+                    &mut self.job_considered,
+                    &mut self.job,
+                    &mut worker,
+                    stream,
+                    (start, declared),
+                    now,
+                );
+                if let (Some(job), Some(layer)) = (self.job, stream.encryptor()) {
+                    worker.ask(job, layer, stream.offset(), now);
+                }
+                worker.report(&self.metrics);
+                verdict
+            }
+            Err(_) => stream.on_body(&mut buf, end_of_stream, &mut OsRng)?,
+        };
+        if end_of_stream {
+            if let Some(job) = self.job.take() {
+                if let Ok(mut worker) = worker.try_borrow_mut() {
+                    worker.prefetcher.end(job);
+                }
+            }
+        }
+        match verdict {
             BodyVerdict::Replaced => host::set_body(BufferType::HttpRequestBody, body_size, &buf)?,
             BodyVerdict::Unchanged => {}
         }
@@ -1139,6 +1220,22 @@ impl Gateway {
 
 /// Turns the request into a `PATCH` of the upload session at `path`. Distribution refuses a
 /// PATCH whose Content-Type is not octet-stream (curl and some clients send form types).
+/// Starts the request's prefetch job once its blob is known to be encrypted (one attempt).
+fn consider_job(
+    considered: &mut bool,
+    job: &mut Option<u64>,
+    worker: &mut Worker,
+    stream: &ChunkStream,
+    (start, declared): (u64, Option<u64>),
+    now: i64,
+) {
+    if *considered || stream.encryptor().is_none() {
+        return;
+    }
+    *considered = true;
+    *job = worker.start_job(start, declared, now);
+}
+
 fn patch_request(path: &str) -> Result<(), OciError> {
     host::set_header(MapType::HttpRequestHeaders, ":method", Some("PATCH"))?;
     host::set_header(MapType::HttpRequestHeaders, ":path", Some(path))?;
@@ -1303,6 +1400,8 @@ impl HttpContext for Gateway {
                 "the gateway has no valid configuration",
             ));
         };
+        self.content_length = host::header(MapType::HttpRequestHeaders, "content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
         match self.on_request_line(&config, end_of_stream) {
             Ok(action) => action,
             Err(e) if !end_of_stream && is_manifest_put() => {

@@ -15,6 +15,7 @@ mod gateway;
 mod host;
 mod keys;
 mod metrics;
+mod prefetch;
 
 use std::rc::Rc;
 
@@ -31,7 +32,7 @@ mod entry {
     use super::*;
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Info);
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: Rc::new(metrics::Metrics::default()), refresh: None }) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: Rc::new(metrics::Metrics::default()), refresh: None, worker: prefetch::SharedWorker::default() }) });
     }}
 }
 
@@ -41,6 +42,8 @@ struct Root {
     metrics: Rc<metrics::Metrics>,
     /// The timer's key-service refresh in progress, with its callout token.
     refresh: Option<(Lookup, u32)>,
+    /// Keystream prefetch: this worker's queues, jobs and segments.
+    worker: prefetch::SharedWorker,
 }
 
 impl Root {
@@ -86,6 +89,13 @@ impl Context for Root {
 }
 
 impl RootContext for Root {
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.on_queue_ready(queue_id);
+            worker.report(&self.metrics);
+        }
+    }
+
     fn on_configure(&mut self, size: usize) -> bool {
         let bytes =
             match proxy_wasm::hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
@@ -101,10 +111,20 @@ impl RootContext for Root {
         match Config::parse(&bytes) {
             Ok(config) => {
                 host::log(LogLevel::Info, "ocicrypt-filter: configuration loaded");
+                if let Ok(mut worker) = self.worker.try_borrow_mut() {
+                    worker
+                        .prefetcher
+                        .set_budget(config.keystream_prefetch_bytes);
+                }
                 self.config = Some(Rc::new(config));
                 self.metrics = Rc::new(metrics::Metrics::define());
-                if let Some(ks) = self.config.as_ref().and_then(|c| c.key_service.as_ref()) {
-                    let period = Duration::from_secs(ks.refresh_seconds);
+                // Ticks renew this worker's line in the keystream helper list, and drive the
+                // key-service refresh (leased: one refresh per period over all workers).
+                let refresh = self.config.as_ref().and_then(|c| c.key_service.as_ref());
+                let heartbeat = prefetch::HEARTBEAT_SECS.unsigned_abs();
+                let seconds = refresh.map_or(heartbeat, |ks| ks.refresh_seconds.min(heartbeat));
+                {
+                    let period = Duration::from_secs(seconds.max(1));
                     if proxy_wasm::hostcalls::set_tick_period(period).is_err() {
                         host::log(
                             LogLevel::Critical,
@@ -126,6 +146,10 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.enlist(keys::now());
+            worker.heartbeat(keys::now());
+        }
         let Some(ks) = self.config.as_ref().and_then(|c| c.key_service.clone()) else {
             return;
         };
@@ -144,10 +168,15 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Only worker threads create streams.
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.on_stream(keys::now());
+        }
         Some(Box::new(gateway::Gateway::new(
             context_id,
             self.config.clone(),
             self.metrics.clone(),
+            self.worker.clone(),
         )))
     }
 

@@ -20,6 +20,10 @@ pub struct Metrics {
     key_lookups: u32,
     key_failures: u32,
     tuf_versions: [u32; 4],
+    keystream_asked: u32,
+    keystream_used: u32,
+    keystream_refused: u32,
+    keystream_served: u32,
 }
 
 const REFUSAL_CODES: [Code; 9] = [
@@ -53,6 +57,10 @@ impl Metrics {
             layer_size: define(MetricType::Histogram, "ocicrypt.layer_bytes"),
             key_lookups: define(MetricType::Counter, "ocicrypt.keyservice.project_lookups"),
             key_failures: define(MetricType::Counter, "ocicrypt.keyservice.project_failures"),
+            keystream_asked: define(MetricType::Counter, "ocicrypt.keystream.asked_bytes"),
+            keystream_used: define(MetricType::Counter, "ocicrypt.keystream.used_bytes"),
+            keystream_refused: define(MetricType::Counter, "ocicrypt.keystream.refused_segments"),
+            keystream_served: define(MetricType::Counter, "ocicrypt.keystream.served_bytes"),
             tuf_versions: TUF_ROLES.map(|r| {
                 define(
                     MetricType::Gauge,
@@ -130,6 +138,21 @@ impl Metrics {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Keystream prefetch since the last report: bytes this worker asked helpers for, bytes it
+    /// encrypted with their keystream, segments it refused, bytes it computed for others.
+    pub fn keystream(&self, asked: u64, used: u64, refused: u64, served: u64) {
+        for (id, n) in [
+            (self.keystream_asked, asked),
+            (self.keystream_used, used),
+            (self.keystream_refused, refused),
+            (self.keystream_served, served),
+        ] {
+            if n > 0 {
+                Self::add(id, i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
     }

@@ -1,0 +1,318 @@
+//! Keystream prefetch across Envoy workers (the why and the bounds are in
+//! `ocicrypt_core::keystream`): each plugin VM registers two proxy-wasm shared queues, one for
+//! keystream requests it serves and one for the segments it asked for, and lists itself as a
+//! helper in shared data. Queue ids are process-wide, so a worker enqueues straight to another
+//! VM's queue, and Envoy runs that VM's `on_queue_ready` on the VM's own thread.
+//!
+//! Which VMs help: a VM enlists on its first timer tick or its first stream. Envoy runs the
+//! plugin in one VM per worker, plus two on its main thread: a base VM, which gets no ticks
+//! and no streams (so never enlists), and a thread-local one that ticks like a worker's. A
+//! module cannot tell that one from an idle worker, so the list marks VMs that have served a
+//! stream (workers for sure) and helpers are taken from those first; an instance with no
+//! stream yet (an idle worker, or the main thread's) helps only when no other VM has served
+//! one, e.g. a single push through an otherwise idle Envoy. A helper computes one 1 MiB segment
+//! (≈ 3 ms) per event, so the thread it runs on is never held for long.
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use ocicrypt_core::blockcipher::LayerEncryptor;
+use ocicrypt_core::keystream::{Prefetcher, Segment, SegmentRequest, Tally};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::LogLevel;
+use rand_core::{OsRng, RngCore};
+
+use crate::host;
+use crate::metrics::Metrics;
+
+/// Shared-data key of the helper list: one line `<request queue id> <unix seconds>` per worker.
+const HELPERS_KEY: &str = "ocicrypt/keystream/helpers";
+/// A helper not heard of for this long is skipped (its VM was replaced or stopped).
+const FRESH_SECS: i64 = 30;
+/// How often a helper renews its line.
+pub const HEARTBEAT_SECS: i64 = 2;
+/// Lines kept in the list (older ones drop out).
+const MAX_LISTED: usize = 64;
+
+/// One worker VM's side of the prefetching.
+#[derive(Default)]
+pub struct Worker {
+    queues: Option<Queues>,
+    /// Set once registration failed: the worker then stays local-only.
+    unavailable: bool,
+    /// The jobs of this worker's streams and their segments.
+    pub prefetcher: Prefetcher,
+    last_beat: i64,
+    /// This VM has served a stream (it runs on a worker thread).
+    streams: bool,
+    turn: usize,
+    reported: Tally,
+    served: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Queues {
+    requests: u32,
+    replies: u32,
+}
+
+/// The worker's state, shared by its root context and its stream contexts.
+pub type SharedWorker = Rc<RefCell<Worker>>;
+
+impl Worker {
+    /// This VM serves a stream: it is a worker; enlists it if not yet.
+    pub fn on_stream(&mut self, now: i64) {
+        if !self.streams {
+            self.streams = true;
+            self.last_beat = i64::MIN;
+        }
+        self.enlist(now);
+        self.heartbeat(now);
+    }
+
+    /// Registers this VM's queues and lists it as a helper, once.
+    pub fn enlist(&mut self, now: i64) {
+        if self.queues.is_some() || self.unavailable {
+            return;
+        }
+        let tag = format!("{:016x}", OsRng.next_u64());
+        let requests =
+            hostcalls::register_shared_queue(&format!("ocicrypt/keystream/{tag}/requests"));
+        let replies =
+            hostcalls::register_shared_queue(&format!("ocicrypt/keystream/{tag}/replies"));
+        match (requests, replies) {
+            (Ok(requests), Ok(replies)) => {
+                self.queues = Some(Queues { requests, replies });
+                self.heartbeat(now);
+            }
+            _ => {
+                self.unavailable = true;
+                host::log(
+                    LogLevel::Warn,
+                    "ocicrypt-filter: cannot register shared queues; this worker encrypts without keystream prefetch",
+                );
+            }
+        }
+    }
+
+    /// Renews this worker's line in the helper list (compare-and-swap, a few tries).
+    pub fn heartbeat(&mut self, now: i64) {
+        let Some(q) = self.queues else {
+            return;
+        };
+        if now.saturating_sub(self.last_beat) < HEARTBEAT_SECS {
+            return;
+        }
+        for _ in 0..4 {
+            let Ok((value, cas)) = hostcalls::get_shared_data(HELPERS_KEY) else {
+                return;
+            };
+            let mut lines: Vec<Helper> = parse_helpers(value.as_deref().unwrap_or_default())
+                .into_iter()
+                .filter(|h| h.queue != q.requests && h.fresh(now))
+                .collect();
+            lines.push(Helper {
+                queue: q.requests,
+                seen: now,
+                streams: self.streams,
+            });
+            let skip = lines.len().saturating_sub(MAX_LISTED);
+            let text: String = lines.iter().skip(skip).map(Helper::line).collect();
+            if hostcalls::set_shared_data(HELPERS_KEY, Some(text.as_bytes()), cas).is_ok() {
+                self.last_beat = now;
+                return;
+            }
+        }
+    }
+
+    /// Another VM's request queue, taking turns; `None` when this VM is alone.
+    fn helper(&mut self, now: i64) -> Option<u32> {
+        let mine = self.queues?.requests;
+        let value = hostcalls::get_shared_data(HELPERS_KEY).ok()?.0?;
+        self.turn = self.turn.wrapping_add(1);
+        pick(&parse_helpers(&value), mine, now, self.turn)
+    }
+
+    /// Starts a job for a request body from stream byte `start`, when another worker can help.
+    pub fn start_job(&mut self, start: u64, declared_len: Option<u64>, now: i64) -> Option<u64> {
+        self.queues?;
+        if !self.prefetcher.enabled() {
+            return None;
+        }
+        self.helper(now)?;
+        Some(self.prefetcher.start(start, declared_len))
+    }
+
+    /// Asks helpers for the keystream `job` will need once its stream is at `at`.
+    pub fn ask(&mut self, job: u64, layer: &LayerEncryptor, at: u64, now: i64) {
+        let Some(q) = self.queues else {
+            return;
+        };
+        for (offset, len) in self.prefetcher.plan(job, at) {
+            let Some(helper) = self.helper(now) else {
+                return;
+            };
+            let request = SegmentRequest::for_layer(layer, job, q.replies, offset, len);
+            // A request that cannot be queued is simply never answered: those bytes go local.
+            let _ = hostcalls::enqueue_shared_queue(helper, Some(&request.encode()));
+        }
+    }
+
+    /// Files every segment that arrived for this worker's jobs.
+    pub fn collect(&mut self) {
+        let Some(q) = self.queues else {
+            return;
+        };
+        while let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(q.replies) {
+            if let Some(segment) = Segment::decode(&bytes) {
+                self.prefetcher.deliver(segment);
+            }
+        }
+    }
+
+    /// A queue of this worker has items: serve one keystream request, or collect segments.
+    pub fn on_queue_ready(&mut self, queue_id: u32) {
+        let Some(q) = self.queues else {
+            return;
+        };
+        if queue_id == q.replies {
+            self.collect();
+        } else if queue_id == q.requests {
+            // One request per event (Envoy posts one per enqueue): this worker's own streams
+            // wait at most one segment's AES.
+            if let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(q.requests) {
+                if let Some(request) = SegmentRequest::decode(&bytes) {
+                    let answer = request.answer();
+                    if hostcalls::enqueue_shared_queue(request.reply_to, Some(&answer)).is_ok() {
+                        self.served = self.served.saturating_add(u64::from(request.len));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds what changed since the last report to the metrics.
+    pub fn report(&mut self, metrics: &Metrics) {
+        let now = self.prefetcher.tally();
+        metrics.keystream(
+            now.asked.saturating_sub(self.reported.asked),
+            now.used.saturating_sub(self.reported.used),
+            now.refused.saturating_sub(self.reported.refused),
+            self.served,
+        );
+        self.reported = now;
+        self.served = 0;
+    }
+}
+
+/// One line of the helper list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Helper {
+    queue: u32,
+    seen: i64,
+    streams: bool,
+}
+
+impl Helper {
+    fn fresh(&self, now: i64) -> bool {
+        now.saturating_sub(self.seen) <= FRESH_SECS
+    }
+
+    fn line(&self) -> String {
+        let flag = if self.streams { 's' } else { '-' };
+        format!("{} {} {flag}\n", self.queue, self.seen)
+    }
+}
+
+fn parse_helpers(bytes: &[u8]) -> Vec<Helper> {
+    std::str::from_utf8(bytes)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split(' ');
+            let queue = parts.next()?.parse().ok()?;
+            let seen = parts.next()?.parse().ok()?;
+            let streams = match parts.next()? {
+                "s" => true,
+                "-" => false,
+                _ => return None,
+            };
+            Some(Helper {
+                queue,
+                seen,
+                streams,
+            })
+        })
+        .collect()
+}
+
+/// The `turn`-th fresh helper other than `mine`, among those that served streams if any did.
+fn pick(helpers: &[Helper], mine: u32, now: i64, turn: usize) -> Option<u32> {
+    let others: Vec<&Helper> = helpers
+        .iter()
+        .filter(|h| h.queue != mine && h.fresh(now))
+        .collect();
+    let workers: Vec<u32> = others
+        .iter()
+        .filter(|h| h.streams)
+        .map(|h| h.queue)
+        .collect();
+    let pool = if workers.is_empty() {
+        others.iter().map(|h| h.queue).collect()
+    } else {
+        workers
+    };
+    pool.get(turn % pool.len().max(1)).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(queue: u32, seen: i64, streams: bool) -> Helper {
+        Helper {
+            queue,
+            seen,
+            streams,
+        }
+    }
+
+    #[test]
+    fn helper_lines_round_trip_and_skip_garbage() {
+        let text: String = [h(7, 100, true), h(9, 200, false)]
+            .iter()
+            .map(Helper::line)
+            .collect();
+        assert_eq!(text, "7 100 s\n9 200 -\n");
+        let mut with_garbage = text.into_bytes();
+        with_garbage.extend_from_slice(b"x 5 s\n10\n11 5 y\n\n");
+        assert_eq!(
+            parse_helpers(&with_garbage),
+            vec![h(7, 100, true), h(9, 200, false)]
+        );
+        assert!(parse_helpers(&[0xff, 0xfe]).is_empty());
+    }
+
+    #[test]
+    fn helpers_that_served_streams_come_first() {
+        let list = [
+            h(1, 100, true),
+            h(2, 100, false),
+            h(3, 100, true),
+            h(4, 50, true),
+        ];
+        // Never itself, never a stale line (4), only workers while there are any (1, 3).
+        let picked: Vec<Option<u32>> = (0..4).map(|t| pick(&list, 3, 100, t)).collect();
+        assert_eq!(picked, vec![Some(1); 4]);
+        let picked: Vec<Option<u32>> = (0..2).map(|t| pick(&list, 9, 100, t)).collect();
+        assert_eq!(picked, vec![Some(1), Some(3)]);
+        // No other worker: any fresh VM.
+        assert_eq!(pick(&list, 1, 100 + FRESH_SECS, 0), Some(3));
+        assert_eq!(
+            pick(&[h(2, 100, false), h(5, 100, true)], 5, 100, 0),
+            Some(2)
+        );
+        // Alone.
+        assert_eq!(pick(&[h(5, 100, true)], 5, 100, 0), None);
+        assert_eq!(pick(&[], 5, 100, 0), None);
+    }
+}

@@ -1,0 +1,72 @@
+"""Keystream prefetch across Envoy workers (README, Performance): with --concurrency 2, the
+AES-CTR keystream of a big layer is computed ahead by the other plugin VM and used by the
+stream's worker. What lands in the registry must be exactly what the local path writes:
+ciphertext that skopeo decrypts to the byte-identical layer, with no plaintext stored."""
+import time
+
+import pytest
+import requests
+
+import helpers
+
+pytestmark = [pytest.mark.filter]
+
+
+def scrape(stack) -> dict:
+    return helpers.envoy_stats(stack.opts.admin_addr, "ocicrypt_keystream_")
+
+
+def wait_for_helpers(stack):
+    """A plugin VM lists itself as a helper on its first timer tick (5 s) or first stream: wait
+    until this Envoy has been up longer than a tick."""
+    for _ in range(40):
+        info = requests.get(f"http://{stack.opts.admin_addr}/server_info", timeout=10).json()
+        if int(info["uptime_current_epoch"].rstrip("s")) >= 7:
+            return
+        time.sleep(0.5)
+    raise AssertionError("Envoy uptime did not pass 7 s")
+
+
+def test_big_layer_uses_keystream_from_another_worker(stack, tmp_path):
+    assert stack.opts.concurrency >= 2
+    wait_for_helpers(stack)
+    image = helpers.build_image(tmp_path / "layout", "v1", 40 * helpers.MIB,
+                                marker=helpers.new_marker())
+    repo = "demo/prefetch"
+    before = scrape(stack)
+
+    # skopeo streams the layer in a PATCH of unknown length.
+    helpers.skopeo_push(image, f"{stack.addr}/{repo}:v1", extra=["--preserve-digests"])
+    mid = scrape(stack)
+    used = mid["ocicrypt_keystream_used_bytes"] - before.get("ocicrypt_keystream_used_bytes", 0)
+    asked = mid["ocicrypt_keystream_asked_bytes"] - before.get("ocicrypt_keystream_asked_bytes", 0)
+    assert used > 8 * helpers.MIB, (before, mid)
+    assert asked >= used
+    assert mid["ocicrypt_keystream_served_bytes"] > before.get("ocicrypt_keystream_served_bytes", 0)
+
+    helpers.check_stored_encrypted_and_decrypts(stack, repo, image, tmp_path / "out",
+                                                stack.keys["rsa"]["private"])
+
+    # A monolithic PUT declares its length: segments are asked up to the end, not beyond.
+    repo2 = "demo/prefetch-put"
+    base = f"http://{stack.addr}"
+    for blob in [image.config, *image.layers]:
+        r = requests.post(f"{base}/v2/{repo2}/blobs/uploads/", timeout=30)
+        assert r.status_code == 202, r.text
+        loc = helpers.location_path(r.headers["Location"])
+        sep = "&" if "?" in loc else "?"
+        r = requests.put(f"{base}{loc}{sep}digest={blob.digest}", data=blob.path.read_bytes(),
+                         headers={"Content-Type": "application/octet-stream"}, timeout=300)
+        assert r.status_code == 201, r.text
+    after = scrape(stack)
+    used2 = after["ocicrypt_keystream_used_bytes"] - mid["ocicrypt_keystream_used_bytes"]
+    asked2 = after["ocicrypt_keystream_asked_bytes"] - mid["ocicrypt_keystream_asked_bytes"]
+    assert used2 > 8 * helpers.MIB, (mid, after)
+    assert asked2 <= image.layers[0].size
+    assert after["ocicrypt_keystream_refused_segments"] == \
+        before.get("ocicrypt_keystream_refused_segments", 0)
+
+    r = stack.via_gateway().put_manifest(repo2, "v1", image.manifest_bytes)
+    assert r.status_code == 201, r.text
+    helpers.check_stored_encrypted_and_decrypts(stack, repo2, image, tmp_path / "out2",
+                                                stack.keys["ec"]["private"])

@@ -473,17 +473,24 @@ pub fn keystream(
     len: usize,
 ) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(vec![0u8; len]);
-    if crate::simd::HARDWARE {
-        Aes256x8::new(symkey).apply_keystream(nonce, offset, &mut out);
-    } else {
-        let mut ctr = ctr_from(&aes::Aes256::new(symkey.into()), nonce);
-        if ctr.try_seek(offset).is_err() || ctr.try_apply_keystream(&mut out).is_err() {
-            // Unreachable (a 128-bit counter outlasts any u64 offset); an empty answer is then
-            // refused by the receiver's length check instead of a wrong keystream.
-            out.clear();
-        }
+    if !xor_keystream(symkey, nonce, offset, &mut out) {
+        out.clear();
     }
     out
+}
+
+/// XORs `data` with the keystream of (`symkey`, `nonce`) from byte `offset` on: on zeros, it
+/// writes the keystream in place (what a helper answers, with no copy). `false` (and `data`
+/// not to be used) only if the counter cannot be positioned, which a 128-bit counter starting
+/// at block 0 never hits for a u64 offset.
+pub fn xor_keystream(symkey: &[u8; 32], nonce: &[u8; 16], offset: u64, data: &mut [u8]) -> bool {
+    if crate::simd::HARDWARE {
+        Aes256x8::new(symkey).apply_keystream(nonce, offset, data);
+        true
+    } else {
+        let mut ctr = ctr_from(&aes::Aes256::new(symkey.into()), nonce);
+        ctr.try_seek(offset).is_ok() && ctr.try_apply_keystream(data).is_ok()
+    }
 }
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]

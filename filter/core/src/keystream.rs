@@ -36,6 +36,8 @@ pub const MIN_STREAM_BYTES: u64 = 1 << 20;
 const REQUEST_TAG: u8 = b'K';
 const SEGMENT_TAG: u8 = b'S';
 const REQUEST_LEN: usize = 1 + 8 + 4 + 32 + 16 + 8 + 4;
+/// Tag, job, offset: the keystream follows.
+const SEGMENT_HEADER: usize = 1 + 8 + 8;
 
 /// Ask a helper for `len` keystream bytes from `offset` of a stream, answered to the shared
 /// queue `reply_to`. Holds the layer key: it travels only inside the Envoy process (the same
@@ -111,43 +113,73 @@ impl SegmentRequest {
         })
     }
 
-    /// What the helper computes: the asked keystream, as a segment in wire form.
+    /// What the helper computes: the asked keystream, as a segment in wire form (computed in
+    /// place after the header: no copy of a megabyte per segment).
     pub fn answer(&self) -> Zeroizing<Vec<u8>> {
-        let keystream =
-            blockcipher::keystream(&self.symkey, &self.nonce, self.offset, self.len as usize);
-        let mut out = Zeroizing::new(Vec::with_capacity(17 + keystream.len()));
+        let mut out = Zeroizing::new(Vec::with_capacity(SEGMENT_HEADER + self.len as usize));
         out.push(SEGMENT_TAG);
         out.extend_from_slice(&self.job.to_be_bytes());
         out.extend_from_slice(&self.offset.to_be_bytes());
-        out.extend_from_slice(&keystream);
+        out.resize(SEGMENT_HEADER + self.len as usize, 0);
+        let body = out.get_mut(SEGMENT_HEADER..).unwrap_or_default();
+        if !blockcipher::xor_keystream(&self.symkey, &self.nonce, self.offset, body) {
+            // An empty segment is refused on arrival: those bytes go local.
+            out.truncate(SEGMENT_HEADER);
+        }
         out
     }
 }
 
-/// A helper's answer: keystream bytes of one job from one offset.
+/// A helper's answer: keystream bytes of one job from one offset, kept in the message as it
+/// came off the queue.
 pub struct Segment {
     /// Job it answers.
     pub job: u64,
     /// First stream byte it covers.
     pub offset: u64,
-    /// The keystream.
-    pub keystream: Zeroizing<Vec<u8>>,
+    message: Zeroizing<Vec<u8>>,
 }
 
 impl Segment {
     /// Reads [`SegmentRequest::answer`]'s form; `None` for anything else.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let rest = bytes.strip_prefix(&[SEGMENT_TAG])?;
+    pub fn decode(message: Vec<u8>) -> Option<Self> {
+        let message = Zeroizing::new(message);
+        let rest = message.strip_prefix(&[SEGMENT_TAG])?;
         let (job, rest) = rest.split_first_chunk::<8>()?;
         let (offset, rest) = rest.split_first_chunk::<8>()?;
         if rest.is_empty() || rest.len() as u64 > SEGMENT_BYTES {
             return None;
         }
+        let (job, offset) = (u64::from_be_bytes(*job), u64::from_be_bytes(*offset));
         Some(Segment {
-            job: u64::from_be_bytes(*job),
-            offset: u64::from_be_bytes(*offset),
-            keystream: Zeroizing::new(rest.to_vec()),
+            job,
+            offset,
+            message,
         })
+    }
+
+    /// A segment of `keystream` (tests, and anything that already holds the bytes).
+    pub fn from_parts(job: u64, offset: u64, keystream: &[u8]) -> Self {
+        let mut message = Zeroizing::new(Vec::with_capacity(SEGMENT_HEADER + keystream.len()));
+        message.push(SEGMENT_TAG);
+        message.extend_from_slice(&job.to_be_bytes());
+        message.extend_from_slice(&offset.to_be_bytes());
+        message.extend_from_slice(keystream);
+        Segment {
+            job,
+            offset,
+            message,
+        }
+    }
+
+    /// The keystream bytes.
+    pub fn keystream(&self) -> &[u8] {
+        self.message.get(SEGMENT_HEADER..).unwrap_or_default()
+    }
+
+    /// The keystream bytes, writable (tests of the check).
+    pub fn keystream_mut(&mut self) -> &mut [u8] {
+        self.message.get_mut(SEGMENT_HEADER..).unwrap_or_default()
     }
 }
 
@@ -191,7 +223,7 @@ struct Job {
     /// One past the last byte asked for.
     asked: u64,
     /// Arrived segments by first byte.
-    segments: BTreeMap<u64, Zeroizing<Vec<u8>>>,
+    segments: BTreeMap<u64, Segment>,
 }
 
 impl Job {
@@ -204,7 +236,7 @@ impl Job {
         self.at = self.at.max(at);
         let at = self.at;
         self.segments
-            .retain(|&start, ks| start.saturating_add(ks.len() as u64) > at);
+            .retain(|&start, seg| start.saturating_add(seg.keystream().len() as u64) > at);
     }
 }
 
@@ -348,11 +380,11 @@ impl Prefetcher {
         };
         let end = segment
             .offset
-            .saturating_add(segment.keystream.len() as u64);
+            .saturating_add(segment.keystream().len() as u64);
         if end <= j.at || end > j.asked || segment.offset < j.start {
             return false;
         }
-        j.segments.insert(segment.offset, segment.keystream);
+        j.segments.insert(segment.offset, segment);
         true
     }
 
@@ -382,11 +414,15 @@ impl KeystreamSupply for JobSupply<'_> {
             .segments
             .range(..=at)
             .next_back()
-            .map(|(start, ks)| (*start, ks.len() as u64));
+            .map(|(start, seg)| (*start, seg.keystream().len() as u64));
         if let Some((start, len)) = holding {
             if at < start.saturating_add(len) {
                 let skip = (at - start) as usize;
-                if let Some(ks) = j.segments.get(&start).and_then(|ks| ks.get(skip..)) {
+                if let Some(ks) = j
+                    .segments
+                    .get(&start)
+                    .and_then(|seg| seg.keystream().get(skip..))
+                {
                     let n = ks.len().min(max);
                     return Supply::Given(ks.get(..n).unwrap_or_default());
                 }
@@ -430,16 +466,16 @@ mod tests {
             (back.job, back.reply_to, back.offset, back.len),
             (9, 3, 5 * M, 4096)
         );
-        let seg = Segment::decode(&back.answer()).unwrap();
+        let seg = Segment::decode(back.answer().to_vec()).unwrap();
         assert_eq!((seg.job, seg.offset), (9, 5 * M));
         assert_eq!(
-            *seg.keystream,
-            *blockcipher::keystream(&[7u8; 32], &[0xfe; 16], 5 * M, 4096)
+            seg.keystream(),
+            &blockcipher::keystream(&[7u8; 32], &[0xfe; 16], 5 * M, 4096)[..]
         );
         // Truncated, over-long, zero-length and foreign messages are refused.
         let wire = req.encode();
         assert!(SegmentRequest::decode(&wire[..wire.len() - 1]).is_none());
-        assert!(Segment::decode(&wire).is_none());
+        assert!(Segment::decode(wire.to_vec()).is_none());
         let mut big = SegmentRequest::for_layer(&layer(), 1, 1, 0, 1).encode();
         big.truncate(REQUEST_LEN - 4);
         big.extend_from_slice(&((M as u32) + 1).to_be_bytes());
@@ -447,7 +483,7 @@ mod tests {
         big.truncate(REQUEST_LEN - 4);
         big.extend_from_slice(&0u32.to_be_bytes());
         assert!(SegmentRequest::decode(&big).is_none());
-        assert!(Segment::decode(&[SEGMENT_TAG; 17]).is_none());
+        assert!(Segment::decode(vec![SEGMENT_TAG; 17]).is_none());
     }
 
     #[test]
@@ -493,11 +529,11 @@ mod tests {
         let mut p = Prefetcher::default();
         let job = p.start(0, Some(16 * M));
         p.plan(job, 0);
-        assert!(p.deliver(Segment {
+        assert!(p.deliver(Segment::from_parts(
             job,
-            offset: 0,
-            keystream: blockcipher::keystream(&[7u8; 32], &[0xfe; 16], 0, M as usize),
-        }));
+            0,
+            &blockcipher::keystream(&[7u8; 32], &[0xfe; 16], 0, M as usize),
+        )));
         p.plan(job, 4 * M);
         assert!(matches!(p.supply(job).next(0, 10), Supply::Given(k) if k.len() == 10));
         assert!(matches!(p.supply(job).next(M, 10), Supply::Local(10)));
@@ -538,17 +574,19 @@ mod tests {
         let job = p.start(0, Some(4 * M));
         assert_eq!(p.plan(job, 1000).first(), Some(&(1000, (M - 1000) as u32)));
         // A segment of an ended or unknown job, or outside what was asked, is dropped.
-        let seg = |job, offset, len| Segment {
-            job,
-            offset,
-            keystream: blockcipher::keystream(&[7u8; 32], &[0xfe; 16], offset, len),
+        let seg = |job, offset, len| {
+            Segment::from_parts(
+                job,
+                offset,
+                &blockcipher::keystream(&[7u8; 32], &[0xfe; 16], offset, len),
+            )
         };
         assert!(!p.deliver(seg(job + 1, M, 16)));
         assert!(!p.deliver(seg(job, 4 * M, 16)));
         assert!(p.deliver(seg(job, M, M as usize)));
         // A wrong keystream is refused by the check, and the bytes go local.
         let mut bogus = seg(job, 2 * M, M as usize);
-        bogus.keystream[0] ^= 1;
+        bogus.keystream_mut()[0] ^= 1;
         assert!(p.deliver(bogus));
 
         // Through the upload stream, in chunks that do not follow the segment grid.

@@ -24,6 +24,7 @@ pub struct Metrics {
     keystream_used: u32,
     keystream_refused: u32,
     keystream_served: u32,
+    keystream_declined: u32,
 }
 
 const REFUSAL_CODES: [Code; 9] = [
@@ -61,6 +62,7 @@ impl Metrics {
             keystream_used: define(MetricType::Counter, "ocicrypt.keystream.used_bytes"),
             keystream_refused: define(MetricType::Counter, "ocicrypt.keystream.refused_segments"),
             keystream_served: define(MetricType::Counter, "ocicrypt.keystream.served_bytes"),
+            keystream_declined: define(MetricType::Counter, "ocicrypt.keystream.declined_requests"),
             tuf_versions: TUF_ROLES.map(|r| {
                 define(
                     MetricType::Gauge,
@@ -143,13 +145,15 @@ impl Metrics {
     }
 
     /// Keystream prefetch since the last report: bytes this worker asked helpers for, bytes it
-    /// encrypted with their keystream, segments it refused, bytes it computed for others.
-    pub fn keystream(&self, asked: u64, used: u64, refused: u64, served: u64) {
+    /// encrypted with their keystream, segments it refused, bytes it computed for others,
+    /// requests it declined (busy with its own streams).
+    pub fn keystream(&self, asked: u64, used: u64, refused: u64, served: u64, declined: u64) {
         for (id, n) in [
             (self.keystream_asked, asked),
             (self.keystream_used, used),
             (self.keystream_refused, refused),
             (self.keystream_served, served),
+            (self.keystream_declined, declined),
         ] {
             if n > 0 {
                 Self::add(id, i64::try_from(n).unwrap_or(i64::MAX));

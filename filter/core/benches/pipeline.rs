@@ -15,6 +15,7 @@
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use ocicrypt_core::blockcipher::LayerEncryptor;
+use ocicrypt_core::keystream::{SegmentRequest, Wiped};
 use ocicrypt_core::sha256::Sha256State;
 use ocicrypt_core::simd::aes256x8::Aes256x8;
 use ocicrypt_core::simd::sha256x4::{Schedule, Sha256x4};
@@ -118,6 +119,31 @@ fn main() {
     b.case("layer encrypt, lanes path, 1 MiB chunks", MIB, || {
         enc.encrypt_in_place_lanes(black_box(&mut buf));
     });
+
+    // Keystream prefetch: what the stream's worker does with a helper's keystream, what the
+    // helper does to produce it, and what wiping a segment costs.
+    let given = ocicrypt_core::blockcipher::keystream(&key, &nonce, 0, MIB);
+    b.case("layer encrypt, given keystream, 1 MiB chunks", MIB, || {
+        // A fresh stream each time, so the keystream matches its position (key expansion is
+        // microseconds against a megabyte of hashing).
+        let mut enc = LayerEncryptor::new(key, nonce);
+        enc.encrypt_in_place_given(black_box(&mut buf), &given)
+            .unwrap();
+    });
+    let request = SegmentRequest::for_layer(&LayerEncryptor::new(key, nonce), 1, 1, 0, MIB as u32);
+    b.case("keystream segment, helper's answer (1 MiB)", MIB, || {
+        black_box(request.answer());
+    });
+    let mut scratch = vec![0u8; MIB];
+    b.case("wipe 1 MiB (fill + black_box, Wiped)", MIB, || {
+        drop(Wiped(std::mem::take(&mut scratch)));
+        scratch = vec![0u8; MIB];
+    });
+    b.case("wipe 1 MiB (zeroize crate)", MIB, || {
+        drop(zeroize::Zeroizing::new(std::mem::take(&mut scratch)));
+        scratch = vec![0u8; MIB];
+    });
+    black_box(&given);
 
     let saved = LayerEncryptor::new(key, nonce).to_bytes();
     b.case_ops("restore a saved encryptor (from_bytes)", || {

@@ -466,30 +466,26 @@ impl LayerEncryptor {
 /// `len` bytes of the AES-256-CTR keystream of (`symkey`, `nonce`) from byte `offset` of the
 /// stream on: what [`LayerEncryptor::encrypt_in_place_given`] takes, computed on another
 /// worker.
-pub fn keystream(
-    symkey: &[u8; 32],
-    nonce: &[u8; 16],
-    offset: u64,
-    len: usize,
-) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(vec![0u8; len]);
-    if !xor_keystream(symkey, nonce, offset, &mut out) {
+pub fn keystream(symkey: &[u8; 32], nonce: &[u8; 16], offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    if !write_keystream(symkey, nonce, offset, &mut out) {
         out.clear();
     }
     out
 }
 
-/// XORs `data` with the keystream of (`symkey`, `nonce`) from byte `offset` on: on zeros, it
-/// writes the keystream in place (what a helper answers, with no copy). `false` (and `data`
-/// not to be used) only if the counter cannot be positioned, which a 128-bit counter starting
-/// at block 0 never hits for a u64 offset.
-pub fn xor_keystream(symkey: &[u8; 32], nonce: &[u8; 16], offset: u64, data: &mut [u8]) -> bool {
+/// Writes into `out` the keystream of (`symkey`, `nonce`) from byte `offset` on (what a
+/// helper answers, computed in place). `false` (and `out` not to be used) only if the counter
+/// cannot be positioned, which a 128-bit counter starting at block 0 never hits for a u64
+/// offset.
+pub fn write_keystream(symkey: &[u8; 32], nonce: &[u8; 16], offset: u64, out: &mut [u8]) -> bool {
     if crate::simd::HARDWARE {
-        Aes256x8::new(symkey).apply_keystream(nonce, offset, data);
+        Aes256x8::new(symkey).write_keystream(nonce, offset, out);
         true
     } else {
+        out.fill(0);
         let mut ctr = ctr_from(&aes::Aes256::new(symkey.into()), nonce);
-        ctr.try_seek(offset).is_ok() && ctr.try_apply_keystream(data).is_ok()
+        ctr.try_seek(offset).is_ok() && ctr.try_apply_keystream(out).is_ok()
     }
 }
 

@@ -115,18 +115,37 @@ impl SegmentRequest {
 
     /// What the helper computes: the asked keystream, as a segment in wire form (computed in
     /// place after the header: no copy of a megabyte per segment).
-    pub fn answer(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(SEGMENT_HEADER + self.len as usize));
+    pub fn answer(&self) -> Wiped {
+        let mut out = Vec::with_capacity(SEGMENT_HEADER + self.len as usize);
         out.push(SEGMENT_TAG);
         out.extend_from_slice(&self.job.to_be_bytes());
         out.extend_from_slice(&self.offset.to_be_bytes());
         out.resize(SEGMENT_HEADER + self.len as usize, 0);
         let body = out.get_mut(SEGMENT_HEADER..).unwrap_or_default();
-        if !blockcipher::xor_keystream(&self.symkey, &self.nonce, self.offset, body) {
+        if !blockcipher::write_keystream(&self.symkey, &self.nonce, self.offset, body) {
             // An empty segment is refused on arrival: those bytes go local.
             out.truncate(SEGMENT_HEADER);
         }
-        out
+        Wiped(out)
+    }
+}
+
+/// Bytes wiped when dropped, with one vectorised fill rather than `zeroize`'s byte-by-byte
+/// volatile stores: keystream comes in megabytes, and those stores cost as much as a third of
+/// computing it. `black_box` keeps the fill from being optimised away before the free.
+pub struct Wiped(pub Vec<u8>);
+
+impl std::ops::Deref for Wiped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        self.0.fill(0);
+        std::hint::black_box(&mut self.0);
     }
 }
 
@@ -137,13 +156,13 @@ pub struct Segment {
     pub job: u64,
     /// First stream byte it covers.
     pub offset: u64,
-    message: Zeroizing<Vec<u8>>,
+    message: Wiped,
 }
 
 impl Segment {
     /// Reads [`SegmentRequest::answer`]'s form; `None` for anything else.
     pub fn decode(message: Vec<u8>) -> Option<Self> {
-        let message = Zeroizing::new(message);
+        let message = Wiped(message);
         let rest = message.strip_prefix(&[SEGMENT_TAG])?;
         let (job, rest) = rest.split_first_chunk::<8>()?;
         let (offset, rest) = rest.split_first_chunk::<8>()?;
@@ -160,7 +179,7 @@ impl Segment {
 
     /// A segment of `keystream` (tests, and anything that already holds the bytes).
     pub fn from_parts(job: u64, offset: u64, keystream: &[u8]) -> Self {
-        let mut message = Zeroizing::new(Vec::with_capacity(SEGMENT_HEADER + keystream.len()));
+        let mut message = Vec::with_capacity(SEGMENT_HEADER + keystream.len());
         message.push(SEGMENT_TAG);
         message.extend_from_slice(&job.to_be_bytes());
         message.extend_from_slice(&offset.to_be_bytes());
@@ -168,7 +187,7 @@ impl Segment {
         Segment {
             job,
             offset,
-            message,
+            message: Wiped(message),
         }
     }
 
@@ -179,7 +198,7 @@ impl Segment {
 
     /// The keystream bytes, writable (tests of the check).
     pub fn keystream_mut(&mut self) -> &mut [u8] {
-        self.message.get_mut(SEGMENT_HEADER..).unwrap_or_default()
+        self.message.0.get_mut(SEGMENT_HEADER..).unwrap_or_default()
     }
 }
 

@@ -181,6 +181,8 @@ impl Worker {
             // One request per event (Envoy posts one per enqueue): this worker's own streams
             // wait at most one segment's AES.
             if let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(q.requests) {
+                // A request carries the layer key.
+                let bytes = zeroize::Zeroizing::new(bytes);
                 // A VM encrypting streams of its own declines: when every worker is busy,
                 // helping each other only adds copies (measured: 2 uploads on 2 workers 6 %
                 // slower). The asker encrypts those bytes itself.

@@ -243,6 +243,9 @@ struct Job {
     asked: u64,
     /// Arrived segments by first byte.
     segments: BTreeMap<u64, Segment>,
+    /// Stream position of the first ask, and whether any segment arrived since.
+    first_ask: Option<u64>,
+    answered: bool,
 }
 
 impl Job {
@@ -319,6 +322,8 @@ impl Prefetcher {
                 end: declared_len.map(|n| start.saturating_add(n)),
                 asked: start,
                 segments: BTreeMap::new(),
+                first_ask: None,
+                answered: false,
             },
         );
         job
@@ -360,6 +365,14 @@ impl Prefetcher {
         };
         // `at` may be ahead of the stream (the end of the chunk about to be encrypted, whose
         // segments are still wanted): it moves the horizon, never the stream position.
+        // Helpers that answered nothing over a whole window are busy (they decline while
+        // encrypting streams of their own) or gone: stop asking for this request.
+        if !j.answered
+            && j.first_ask
+                .is_some_and(|f| at > f.saturating_add(WINDOW_BYTES))
+        {
+            return Vec::new();
+        }
         let limit = match j.end {
             Some(end) => end,
             None if at.saturating_sub(j.start) < MIN_STREAM_BYTES => return Vec::new(),
@@ -388,6 +401,9 @@ impl Prefetcher {
             from = to;
         }
         j.asked = from.max(j.asked);
+        if !out.is_empty() && j.first_ask.is_none() {
+            j.first_ask = Some(at);
+        }
         out
     }
 
@@ -404,6 +420,7 @@ impl Prefetcher {
             return false;
         }
         j.segments.insert(segment.offset, segment);
+        j.answered = true;
         true
     }
 
@@ -556,6 +573,24 @@ mod tests {
         p.plan(job, 4 * M);
         assert!(matches!(p.supply(job).next(0, 10), Supply::Given(k) if k.len() == 10));
         assert!(matches!(p.supply(job).next(M, 10), Supply::Local(10)));
+    }
+
+    #[test]
+    fn unanswered_jobs_stop_asking_after_a_window() {
+        let mut p = Prefetcher::default();
+        let job = p.start(0, Some(64 * M));
+        assert!(!p.plan(job, 0).is_empty());
+        // Nothing arrives; within the first window asking goes on, past it, it stops.
+        assert!(!p.plan(job, WINDOW_BYTES).is_empty());
+        assert!(p.plan(job, WINDOW_BYTES + 1).is_empty());
+        assert!(p.plan(job, 40 * M).is_empty());
+        // One answer is enough to go on.
+        let mut p = Prefetcher::default();
+        let job = p.start(0, Some(64 * M));
+        p.plan(job, 0);
+        let ks = blockcipher::keystream(&[7u8; 32], &[0xfe; 16], 0, M as usize);
+        assert!(p.deliver(Segment::from_parts(job, 0, &ks)));
+        assert!(!p.plan(job, 20 * M).is_empty());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use rand_core::OsRng;
 use crate::host::{self, SharedData};
 use crate::keys::{self, Resolution};
 use crate::metrics::Metrics;
-use crate::prefetch::{SharedWorker, Worker};
+use crate::prefetch::{RequestPrefetch, SharedWorker};
 
 /// What the stream is doing.
 enum Flow {
@@ -130,17 +130,15 @@ pub struct Gateway {
     authorization: Option<String>,
     /// Keystream prefetch of this worker.
     worker: SharedWorker,
-    /// This request's prefetch job, once its blob is known to be encrypted and a helper exists.
-    job: Option<u64>,
-    /// Whether a job was considered for this request already.
-    job_considered: bool,
+    /// This request's part in it.
+    prefetch: RequestPrefetch,
     /// The request's `Content-Length` (headers cannot be read in body callbacks).
     content_length: Option<u64>,
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.end_job();
+        self.prefetch.end(&self.worker, &self.metrics);
     }
 }
 
@@ -167,18 +165,8 @@ impl Gateway {
             authority: String::new(),
             authorization: None,
             worker,
-            job: None,
-            job_considered: false,
+            prefetch: RequestPrefetch::default(),
             content_length: None,
-        }
-    }
-
-    fn end_job(&mut self) {
-        if let Some(job) = self.job.take() {
-            if let Ok(mut worker) = self.worker.try_borrow_mut() {
-                worker.prefetcher.end(job);
-                worker.report(&self.metrics);
-            }
         }
     }
 
@@ -563,53 +551,15 @@ impl Gateway {
             return Ok(Action::Continue);
         };
         let mut buf = host::body(BufferType::HttpRequestBody, body_size)?;
-        let worker = self.worker.clone();
-        let verdict = match worker.try_borrow_mut() {
-            Ok(mut worker) => {
-                let now = keys::now();
-                worker.collect();
-                let start = stream.offset().saturating_sub(stream.request_bytes());
-                let declared = self.content_length;
-                let considered = &mut self.job_considered;
-                let job = &mut self.job;
-                consider_job(considered, job, &mut worker, stream, (start, declared), now);
-                // Before the chunk: the helper computes ahead while this worker encrypts it.
-                if let (Some(job), Some(layer)) = (self.job, stream.encryptor()) {
-                    let after = stream.offset().saturating_add(buf.len() as u64);
-                    worker.ask(job, layer, after, now);
-                }
-                let verdict = match self.job {
-                    Some(job) => stream.on_body_with(
-                        &mut buf,
-                        end_of_stream,
-                        &mut OsRng,
-                        &mut worker.prefetcher.supply(job),
-                    )?,
-                    None => stream.on_body(&mut buf, end_of_stream, &mut OsRng)?,
-                };
-                // After the first chunk decided the treatment.
-                consider_job(
-                    &mut self.job_considered,
-                    &mut self.job,
-                    &mut worker,
-                    stream,
-                    (start, declared),
-                    now,
-                );
-                if let (Some(job), Some(layer)) = (self.job, stream.encryptor()) {
-                    worker.ask(job, layer, stream.offset(), now);
-                }
-                worker.report(&self.metrics);
-                verdict
-            }
-            Err(_) => stream.on_body(&mut buf, end_of_stream, &mut OsRng)?,
-        };
+        let verdict = self.prefetch.encrypt(
+            &self.worker,
+            stream,
+            &mut buf,
+            end_of_stream,
+            self.content_length,
+        )?;
         if end_of_stream {
-            if let Some(job) = self.job.take() {
-                if let Ok(mut worker) = worker.try_borrow_mut() {
-                    worker.prefetcher.end(job);
-                }
-            }
+            self.prefetch.end(&self.worker, &self.metrics);
         }
         match verdict {
             BodyVerdict::Replaced => host::set_body(BufferType::HttpRequestBody, body_size, &buf)?,
@@ -1220,22 +1170,6 @@ impl Gateway {
 
 /// Turns the request into a `PATCH` of the upload session at `path`. Distribution refuses a
 /// PATCH whose Content-Type is not octet-stream (curl and some clients send form types).
-/// Starts the request's prefetch job once its blob is known to be encrypted (one attempt).
-fn consider_job(
-    considered: &mut bool,
-    job: &mut Option<u64>,
-    worker: &mut Worker,
-    stream: &ChunkStream,
-    (start, declared): (u64, Option<u64>),
-    now: i64,
-) {
-    if *considered || stream.encryptor().is_none() {
-        return;
-    }
-    *considered = true;
-    *job = worker.start_job(start, declared, now);
-}
-
 fn patch_request(path: &str) -> Result<(), OciError> {
     host::set_header(MapType::HttpRequestHeaders, ":method", Some("PATCH"))?;
     host::set_header(MapType::HttpRequestHeaders, ":path", Some(path))?;

@@ -16,12 +16,15 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use ocicrypt_core::blockcipher::LayerEncryptor;
+use ocicrypt_core::error::OciError;
 use ocicrypt_core::keystream::{Prefetcher, Segment, SegmentRequest, Tally};
+use ocicrypt_core::upload::{BodyVerdict, ChunkStream};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::LogLevel;
 use rand_core::{OsRng, RngCore};
 
 use crate::host;
+use crate::keys;
 use crate::metrics::Metrics;
 
 /// Shared-data key of the helper list: one line `<request queue id> <unix seconds>` per worker.
@@ -232,6 +235,82 @@ impl Helper {
     fn line(&self) -> String {
         let flag = if self.streams { 's' } else { '-' };
         format!("{} {} {flag}\n", self.queue, self.seen)
+    }
+}
+
+/// One request body's part in the prefetching: its job, once its blob is known to be
+/// encrypted and another VM can help.
+#[derive(Default)]
+pub struct RequestPrefetch {
+    job: Option<u64>,
+    /// A job was considered already (one attempt per request).
+    considered: bool,
+}
+
+impl RequestPrefetch {
+    /// Encrypts (or passes) the chunk in `buf` through `stream`, asking helpers for the
+    /// keystream of what follows and using what they sent; `declared_len` is the request's
+    /// `Content-Length` (read with the headers: body callbacks cannot read them).
+    pub fn encrypt(
+        &mut self,
+        worker: &SharedWorker,
+        stream: &mut ChunkStream,
+        buf: &mut [u8],
+        end_of_stream: bool,
+        declared_len: Option<u64>,
+    ) -> Result<BodyVerdict, OciError> {
+        let Ok(mut worker) = worker.try_borrow_mut() else {
+            return stream.on_body(buf, end_of_stream, &mut OsRng);
+        };
+        let now = keys::now();
+        worker.collect();
+        let start = stream.offset().saturating_sub(stream.request_bytes());
+        self.consider(&mut worker, stream, start, declared_len, now);
+        // Before the chunk: the helper computes what follows while this worker encrypts it.
+        if let (Some(job), Some(layer)) = (self.job, stream.encryptor()) {
+            let after = stream.offset().saturating_add(buf.len() as u64);
+            worker.ask(job, layer, after, now);
+        }
+        let verdict = match self.job {
+            Some(job) => stream.on_body_with(
+                buf,
+                end_of_stream,
+                &mut OsRng,
+                &mut worker.prefetcher.supply(job),
+            )?,
+            None => stream.on_body(buf, end_of_stream, &mut OsRng)?,
+        };
+        // The first chunk of a blob decides its treatment: a job can start after it.
+        self.consider(&mut worker, stream, start, declared_len, now);
+        if let (Some(job), Some(layer)) = (self.job, stream.encryptor()) {
+            worker.ask(job, layer, stream.offset(), now);
+        }
+        Ok(verdict)
+    }
+
+    fn consider(
+        &mut self,
+        worker: &mut Worker,
+        stream: &ChunkStream,
+        start: u64,
+        declared_len: Option<u64>,
+        now: i64,
+    ) {
+        if self.considered || stream.encryptor().is_none() {
+            return;
+        }
+        self.considered = true;
+        self.job = worker.start_job(start, declared_len, now);
+    }
+
+    /// Ends the job (what arrives for it later is dropped) and reports the metrics.
+    pub fn end(&mut self, worker: &SharedWorker, metrics: &Metrics) {
+        if let Ok(mut worker) = worker.try_borrow_mut() {
+            if let Some(job) = self.job.take() {
+                worker.prefetcher.end(job);
+            }
+            worker.report(metrics);
+        }
     }
 }
 

@@ -17,14 +17,14 @@ def scrape(stack) -> dict:
 
 
 def wait_for_helpers(stack):
-    """A plugin VM lists itself as a helper on its first timer tick (5 s) or first stream: wait
+    """A plugin VM lists itself as a helper on its first timer tick (2 s) or first stream: wait
     until this Envoy has been up longer than a tick."""
     for _ in range(40):
         info = requests.get(f"http://{stack.opts.admin_addr}/server_info", timeout=10).json()
-        if int(info["uptime_current_epoch"].rstrip("s")) >= 7:
+        if int(info["uptime_current_epoch"].rstrip("s")) >= 4:
             return
         time.sleep(0.5)
-    raise AssertionError("Envoy uptime did not pass 7 s")
+    raise AssertionError("Envoy uptime did not pass 4 s")
 
 
 def test_big_layer_uses_keystream_from_another_worker(stack, tmp_path):

@@ -27,11 +27,13 @@ use crate::host;
 use crate::keys;
 use crate::metrics::Metrics;
 
-/// Shared-data key of the helper list: one line `<request queue id> <unix seconds>` per worker.
+/// Shared-data key of the helper list: one line `<request queue id> <unix seconds> <s|->` per
+/// VM, `s` once the VM has served a stream.
 const HELPERS_KEY: &str = "ocicrypt/keystream/helpers";
 /// A helper not heard of for this long is skipped (its VM was replaced or stopped).
-const FRESH_SECS: i64 = 30;
-/// How often a helper renews its line.
+const FRESH_SECS: i64 = 20;
+/// How often a helper renews its line; also the plugin's timer period at most, so an idle
+/// worker lists itself within this long of starting.
 pub const HEARTBEAT_SECS: i64 = 2;
 /// Lines kept in the list (older ones drop out).
 const MAX_LISTED: usize = 64;

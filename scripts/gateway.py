@@ -134,6 +134,8 @@ class Options:
     extra_projects: Dict[str, Any] = field(default_factory=dict)
     policy_default: str = "passthrough"
     max_manifest_bytes: int = BUFFER_LIMIT
+    #: limits.keystream_prefetch_bytes (None: the filter's default, 32 MiB; 0: off).
+    keystream_prefetch_bytes: Optional[int] = None
     registry_timeout_ms: int = 60000
     wasm_path: Path = WASM_PATH
     #: Build the wasm when it is missing or older than the sources (False: use it as it is).
@@ -221,7 +223,9 @@ def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]],
             "rules": copy.deepcopy(opts.extra_rules) + copy.deepcopy(DEFAULT_RULES),
         },
         "projects": projects,
-        "limits": {"max_manifest_bytes": opts.max_manifest_bytes},
+        "limits": {"max_manifest_bytes": opts.max_manifest_bytes,
+                   **({} if opts.keystream_prefetch_bytes is None
+                      else {"keystream_prefetch_bytes": opts.keystream_prefetch_bytes})},
     }}
 
 
@@ -668,6 +672,7 @@ def _options_from_args(args: argparse.Namespace) -> Options:
         keys_source="inline" if args.inline_keys else "tuf",
         keyservice_addr=args.keyservice_addr,
         state_key=None if args.no_state_key else _state_key(Path(args.state)),
+        keystream_prefetch_bytes=args.keystream_prefetch_bytes,
     )
 
 
@@ -703,6 +708,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--htpasswd", metavar="USER:PASSWORD",
                    default=os.environ.get("REGISTRY_HTPASSWD") or None,
                    help="registry requires basic auth with these credentials")
+    p.add_argument("--keystream-prefetch-bytes", type=int, metavar="N", default=None,
+                   help="the filter's limits.keystream_prefetch_bytes (0 turns keystream "
+                        "prefetch across workers off; default: the filter's, 32 MiB)")
     p.add_argument("--log-level", default=os.environ.get("ENVOY_LOG_LEVEL", "info"))
     p.add_argument("--component-log-level", default=os.environ.get("ENVOY_COMPONENT_LOG_LEVEL", ""))
     mode = p.add_mutually_exclusive_group()

@@ -8,8 +8,19 @@ import pytest
 import requests
 
 import helpers
+from conftest import STARTED, _start_stack
 
 pytestmark = [pytest.mark.filter]
+
+
+@pytest.fixture(scope="module")
+def prefetch_off_stack(tmp_path_factory):
+    """A gateway with limits.keystream_prefetch_bytes 0."""
+    s = _start_stack(tmp_path_factory, "prefetch-off", 70, filter=True,
+                     keys_source="inline", keystream_prefetch_bytes=0)
+    yield s
+    STARTED.remove(s)
+    s.gw.stop()
 
 
 def scrape(stack) -> dict:
@@ -70,3 +81,16 @@ def test_big_layer_uses_keystream_from_another_worker(stack, tmp_path):
     assert r.status_code == 201, r.text
     helpers.check_stored_encrypted_and_decrypts(stack, repo2, image, tmp_path / "out2",
                                                 stack.keys["ec"]["private"])
+
+
+def test_prefetch_off_asks_nothing_and_still_encrypts(prefetch_off_stack, tmp_path):
+    stack = prefetch_off_stack
+    wait_for_helpers(stack)
+    image = helpers.build_image(tmp_path / "layout", "v1", 24 * helpers.MIB,
+                                marker=helpers.new_marker())
+    helpers.skopeo_push(image, f"{stack.addr}/demo/prefetch-off:v1", extra=["--preserve-digests"])
+    stats = scrape(stack)
+    assert stats.get("ocicrypt_keystream_asked_bytes", 0) == 0, stats
+    assert stats.get("ocicrypt_keystream_used_bytes", 0) == 0, stats
+    helpers.check_stored_encrypted_and_decrypts(stack, "demo/prefetch-off", image,
+                                                tmp_path / "out", stack.keys["rsa"]["private"])

@@ -487,6 +487,7 @@ impl KeystreamSupply for JobSupply<'_> {
 mod tests {
     use super::*;
     use crate::upload::{ChunkStream, Treatment, UploadRecord};
+    use rand::{Rng, SeedableRng};
 
     const M: u64 = SEGMENT_BYTES;
 
@@ -520,6 +521,40 @@ mod tests {
         big.extend_from_slice(&0u32.to_be_bytes());
         assert!(SegmentRequest::decode(&big).is_none());
         assert!(Segment::decode(vec![SEGMENT_TAG; 17]).is_none());
+    }
+
+    #[test]
+    fn decoders_take_any_bytes_without_panicking() {
+        // What comes off a shared queue is untrusted: anything decodes to None or to a value
+        // whose bounds hold.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let good = SegmentRequest::for_layer(&layer(), 3, 4, 5, 6).encode();
+        for round in 0..20_000 {
+            let len = rng.gen_range(0..(REQUEST_LEN + 40));
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            if round % 3 == 0 {
+                bytes = good.to_vec();
+                let i = rng.gen_range(0..bytes.len());
+                bytes[i] = rng.gen();
+                bytes.truncate(rng.gen_range(0..=bytes.len()));
+            }
+            if round % 5 == 0 {
+                if let Some(b) = bytes.first_mut() {
+                    *b = if round % 2 == 0 {
+                        REQUEST_TAG
+                    } else {
+                        SEGMENT_TAG
+                    };
+                }
+            }
+            if let Some(r) = SegmentRequest::decode(&bytes) {
+                assert!(r.len >= 1 && u64::from(r.len) <= SEGMENT_BYTES);
+            }
+            if let Some(seg) = Segment::decode(bytes) {
+                assert!(!seg.keystream().is_empty());
+                assert!(seg.keystream().len() as u64 <= SEGMENT_BYTES);
+            }
+        }
     }
 
     #[test]

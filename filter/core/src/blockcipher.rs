@@ -291,18 +291,25 @@ impl LayerEncryptor {
         if keystream.len() != chunk.len() {
             return Err(KeystreamMismatch);
         }
-        let probe_len = keystream.len().min(16);
-        let mut probe = Zeroizing::new([0u8; 16]);
-        let probe = probe.get_mut(..probe_len).unwrap_or_default();
-        if crate::simd::HARDWARE {
-            self.aes_x8()
-                .apply_keystream(&self.nonce, self.offset, probe);
-        } else {
-            self.apply_keystream(probe);
-        }
-        let expected = keystream.get(..probe_len).unwrap_or_default();
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(&*probe, expected)) {
-            return Err(KeystreamMismatch);
+        // The first and the last (up to) 16 bytes must be this stream's keystream at these
+        // offsets: a segment of another stream, offset or length never gets applied.
+        let n = keystream.len().min(16);
+        let last = keystream.len() - n;
+        for (at, expected) in [
+            (0, keystream.get(..n).unwrap_or_default()),
+            (last, keystream.get(last..).unwrap_or_default()),
+        ] {
+            let mut probe = Zeroizing::new([0u8; 16]);
+            let probe = probe.get_mut(..n).unwrap_or_default();
+            let offset = self.offset.wrapping_add(at as u64);
+            if crate::simd::HARDWARE {
+                self.aes_x8().apply_keystream(&self.nonce, offset, probe);
+            } else {
+                probe_keystream(&self.aes_crate(), &self.nonce, offset, probe);
+            }
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(&*probe, expected)) {
+                return Err(KeystreamMismatch);
+            }
         }
         if crate::simd::HARDWARE {
             self.encrypt_given_lanes(chunk, keystream);
@@ -515,6 +522,15 @@ fn encrypt_block(block: &mut [u8; BLOCK], keystream: [U32x4; 4]) -> ([U32x4; 4],
         *out = c.to_bytes();
     }
     (plain, cipher)
+}
+
+/// Writes into `out` (zeroed) the keystream from byte `offset` on, with the `aes` crate; on the
+/// impossible seek failure `out` stays zero, which no real keystream matches by chance.
+fn probe_keystream(aes: &aes::Aes256, nonce: &[u8; 16], offset: u64, out: &mut [u8]) {
+    let mut ctr = ctr_from(aes, nonce);
+    if ctr.try_seek(offset).is_ok() {
+        let _ = ctr.try_apply_keystream(out);
+    }
 }
 
 /// CTR mode over an already expanded key, at the start of the stream.

@@ -327,11 +327,19 @@ fn given_keystream_agrees_with_local_on_random_splits() {
                 0 => enc.encrypt_in_place(piece),
                 1 => {
                     let before = (piece.to_vec(), enc.to_bytes());
-                    let wrong = match rng.gen_range(0..4) {
+                    let wrong = match rng.gen_range(0..5) {
                         0 => keystream(&key, &nonce, at + 16, n),
                         1 => keystream(&key, &[nonce[0] ^ 1; 16], at, n),
                         2 => keystream(&[key[0] ^ 1; 32], &nonce, at, n),
-                        _ => keystream(&key, &nonce, at, n + 1),
+                        3 => keystream(&key, &nonce, at, n + 1),
+                        // Right at the start, wrong at the end (a segment cut or shifted).
+                        _ => {
+                            let mut k = keystream(&key, &nonce, at, n);
+                            if let Some(b) = k.last_mut() {
+                                *b ^= 0x80;
+                            }
+                            k
+                        }
                     };
                     assert!(enc.encrypt_in_place_given(piece, &wrong).is_err());
                     assert_eq!((piece.to_vec(), enc.to_bytes()), before, "seed {seed}");

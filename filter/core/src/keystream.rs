@@ -9,8 +9,8 @@
 //! The stream's worker never waits for a segment. Bytes whose segment has not arrived are
 //! encrypted locally, so what the gateway writes, and how it fails, is what the local path
 //! writes; a helper that is slow, gone or wrong only costs speed. A segment is checked before
-//! use ([`LayerEncryptor::encrypt_in_place_given`] compares its first block with one computed
-//! locally) and dropped on mismatch.
+//! use ([`LayerEncryptor::encrypt_in_place_given`] compares its first and last blocks with
+//! ones computed locally) and dropped on mismatch.
 //!
 //! Memory stays bounded: a job asks for at most [`WINDOW_BYTES`] ahead of its stream, a worker
 //! for at most its budget over all its jobs (`limits.keystream_prefetch_bytes`, default

@@ -23,6 +23,17 @@ def prefetch_off_stack(tmp_path_factory):
     s.gw.stop()
 
 
+@pytest.fixture(scope="module")
+def single_worker_stack(tmp_path_factory):
+    """A gateway with --concurrency 1: the only other plugin VM is the one on Envoy's main
+    thread, which must never become the helper."""
+    s = _start_stack(tmp_path_factory, "single-worker", 80, filter=True,
+                     keys_source="inline", concurrency=1)
+    yield s
+    STARTED.remove(s)
+    s.gw.stop()
+
+
 def scrape(stack) -> dict:
     return helpers.envoy_stats(stack.opts.admin_addr, "ocicrypt_keystream_")
 
@@ -94,3 +105,16 @@ def test_prefetch_off_asks_nothing_and_still_encrypts(prefetch_off_stack, tmp_pa
     assert stats.get("ocicrypt_keystream_used_bytes", 0) == 0, stats
     helpers.check_stored_encrypted_and_decrypts(stack, "demo/prefetch-off", image,
                                                 tmp_path / "out", stack.keys["rsa"]["private"])
+
+
+def test_a_single_worker_gets_no_help_from_the_main_thread(single_worker_stack, tmp_path):
+    stack = single_worker_stack
+    wait_for_helpers(stack)
+    image = helpers.build_image(tmp_path / "layout", "v1", 24 * helpers.MIB,
+                                marker=helpers.new_marker())
+    helpers.skopeo_push(image, f"{stack.addr}/demo/one-worker:v1", extra=["--preserve-digests"])
+    stats = scrape(stack)
+    assert stats.get("ocicrypt_keystream_asked_bytes", 0) == 0, stats
+    assert stats.get("ocicrypt_keystream_served_bytes", 0) == 0, stats
+    helpers.check_stored_encrypted_and_decrypts(stack, "demo/one-worker", image,
+                                                tmp_path / "out", stack.keys["ec"]["private"])

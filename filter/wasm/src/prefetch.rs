@@ -8,9 +8,10 @@
 //! plugin in one VM per worker, plus two on its main thread: a base VM, which gets no ticks
 //! and no streams (so never enlists), and a thread-local one that ticks like a worker's. A
 //! module cannot tell that one from an idle worker, so the list marks VMs that have served a
-//! stream (workers for sure) and helpers are taken from those first; an instance with no
-//! stream yet (an idle worker, or the main thread's) helps only when no other VM has served
-//! one, e.g. a single push through an otherwise idle Envoy. A helper computes one 1 MiB segment
+//! stream (workers for sure) and helpers are taken from those first; instances with no stream
+//! yet (idle workers, and the main thread's) help only when no other VM has served one and
+//! there are two or more of them, e.g. a single push through an otherwise idle Envoy with two
+//! workers; never the main thread's alone (`--concurrency 1`: no prefetch). A helper computes one 1 MiB segment
 //! (≈ 3 ms) per event, so the thread it runs on is never held for long.
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -339,6 +340,9 @@ fn parse_helpers(bytes: &[u8]) -> Vec<Helper> {
 }
 
 /// The `turn`-th fresh helper other than `mine`, among those that served streams if any did.
+/// VMs that served none are taken only when there are two or more of them: one of them may be
+/// Envoy's main thread, which must never be the only helper (with `--concurrency 1` it would
+/// be, and would then run the AES of every push).
 fn pick(helpers: &[Helper], mine: u32, now: i64, turn: usize) -> Option<u32> {
     let others: Vec<&Helper> = helpers
         .iter()
@@ -349,10 +353,12 @@ fn pick(helpers: &[Helper], mine: u32, now: i64, turn: usize) -> Option<u32> {
         .filter(|h| h.streams)
         .map(|h| h.queue)
         .collect();
-    let pool = if workers.is_empty() {
+    let pool = if !workers.is_empty() {
+        workers
+    } else if others.len() >= 2 {
         others.iter().map(|h| h.queue).collect()
     } else {
-        workers
+        Vec::new()
     };
     pool.get(turn % pool.len().max(1)).copied()
 }
@@ -398,12 +404,13 @@ mod tests {
         assert_eq!(picked, vec![Some(1); 4]);
         let picked: Vec<Option<u32>> = (0..2).map(|t| pick(&list, 9, 100, t)).collect();
         assert_eq!(picked, vec![Some(1), Some(3)]);
-        // No other worker: any fresh VM.
         assert_eq!(pick(&list, 1, 100 + FRESH_SECS, 0), Some(3));
-        assert_eq!(
-            pick(&[h(2, 100, false), h(5, 100, true)], 5, 100, 0),
-            Some(2)
-        );
+        // No other worker: any fresh VM, if there are two or more (one may be the main thread).
+        let idle = [h(2, 100, false), h(6, 100, false), h(5, 100, true)];
+        let picked: Vec<Option<u32>> = (0..2).map(|t| pick(&idle, 5, 100, t)).collect();
+        assert_eq!(picked, vec![Some(2), Some(6)]);
+        // --concurrency 1: the worker and the main thread's VM; no prefetch.
+        assert_eq!(pick(&[h(2, 100, false), h(5, 100, true)], 5, 100, 0), None);
         // Alone.
         assert_eq!(pick(&[h(5, 100, true)], 5, 100, 0), None);
         assert_eq!(pick(&[], 5, 100, 0), None);

@@ -94,27 +94,24 @@ def test_big_layer_uses_keystream_from_another_worker(stack, tmp_path):
                                                 stack.keys["ec"]["private"])
 
 
-def test_prefetch_off_asks_nothing_and_still_encrypts(prefetch_off_stack, tmp_path):
-    stack = prefetch_off_stack
+def push_without_prefetch(stack, repo: str, key, tmp_path):
+    """A 24 MiB layer pushed by skopeo: no keystream asked, served or used, and still stored
+    encrypted and decrypting byte-identical."""
     wait_for_helpers(stack)
     image = helpers.build_image(tmp_path / "layout", "v1", 24 * helpers.MIB,
                                 marker=helpers.new_marker())
-    helpers.skopeo_push(image, f"{stack.addr}/demo/prefetch-off:v1", extra=["--preserve-digests"])
+    helpers.skopeo_push(image, f"{stack.addr}/{repo}:v1", extra=["--preserve-digests"])
     stats = scrape(stack)
-    assert stats.get("ocicrypt_keystream_asked_bytes", 0) == 0, stats
-    assert stats.get("ocicrypt_keystream_used_bytes", 0) == 0, stats
-    helpers.check_stored_encrypted_and_decrypts(stack, "demo/prefetch-off", image,
-                                                tmp_path / "out", stack.keys["rsa"]["private"])
+    for name in ("asked_bytes", "served_bytes", "used_bytes"):
+        assert stats.get(f"ocicrypt_keystream_{name}", 0) == 0, stats
+    helpers.check_stored_encrypted_and_decrypts(stack, repo, image, tmp_path / "out", key)
+
+
+def test_prefetch_off_asks_nothing_and_still_encrypts(prefetch_off_stack, tmp_path):
+    push_without_prefetch(prefetch_off_stack, "demo/prefetch-off",
+                          prefetch_off_stack.keys["rsa"]["private"], tmp_path)
 
 
 def test_a_single_worker_gets_no_help_from_the_main_thread(single_worker_stack, tmp_path):
-    stack = single_worker_stack
-    wait_for_helpers(stack)
-    image = helpers.build_image(tmp_path / "layout", "v1", 24 * helpers.MIB,
-                                marker=helpers.new_marker())
-    helpers.skopeo_push(image, f"{stack.addr}/demo/one-worker:v1", extra=["--preserve-digests"])
-    stats = scrape(stack)
-    assert stats.get("ocicrypt_keystream_asked_bytes", 0) == 0, stats
-    assert stats.get("ocicrypt_keystream_served_bytes", 0) == 0, stats
-    helpers.check_stored_encrypted_and_decrypts(stack, "demo/one-worker", image,
-                                                tmp_path / "out", stack.keys["ec"]["private"])
+    push_without_prefetch(single_worker_stack, "demo/one-worker",
+                          single_worker_stack.keys["ec"]["private"], tmp_path)

@@ -180,7 +180,7 @@ impl LayerEncryptor {
     /// where AES and SHA-256 have instructions (`aes` and `sha2` detect AES-NI and SHA-NI).
     pub fn encrypt_in_place_scalar(&mut self, chunk: &mut [u8]) {
         self.plain.update(chunk);
-        self.apply_keystream(chunk);
+        self.apply_keystream_at(self.offset, chunk);
         self.encrypted.update(chunk);
         self.mac.update(chunk);
         self.offset = self.offset.wrapping_add(chunk.len() as u64);
@@ -305,7 +305,7 @@ impl LayerEncryptor {
             if crate::simd::HARDWARE {
                 self.aes_x8().apply_keystream(&self.nonce, offset, probe);
             } else {
-                probe_keystream(&self.aes_crate(), &self.nonce, offset, probe);
+                self.apply_keystream_at(offset, probe);
             }
             if !bool::from(subtle::ConstantTimeEq::ct_eq(&*probe, expected)) {
                 return Err(KeystreamMismatch);
@@ -372,12 +372,13 @@ impl LayerEncryptor {
         return Cow::Borrowed(&self.keys);
     }
 
-    /// XORs `data` with the keystream from byte `self.offset` on (does not move `offset`).
-    fn apply_keystream(&self, data: &mut [u8]) {
-        let mut ctr = ctr_from(&self.aes_crate(), &self.nonce);
-        if ctr.try_seek(self.offset).is_err() || ctr.try_apply_keystream(data).is_err() {
+    /// XORs `data` with the keystream from stream byte `offset` on, with the `aes` crate (does
+    /// not move `self.offset`).
+    fn apply_keystream_at(&self, offset: u64, data: &mut [u8]) {
+        if !ctr_xor_at(&self.aes_crate(), &self.nonce, offset, data) {
             // Unreachable: a 128-bit counter that starts at block 0 outlasts any u64 offset.
-            // Should it ever happen, plaintext must still not leave the gateway.
+            // Should it ever happen, plaintext must still not leave the gateway (and a zeroed
+            // keystream probe matches no real keystream).
             data.zeroize();
         }
     }
@@ -491,8 +492,7 @@ pub fn write_keystream(symkey: &[u8; 32], nonce: &[u8; 16], offset: u64, out: &m
         true
     } else {
         out.fill(0);
-        let mut ctr = ctr_from(&aes::Aes256::new(symkey.into()), nonce);
-        ctr.try_seek(offset).is_ok() && ctr.try_apply_keystream(out).is_ok()
+        ctr_xor_at(&aes::Aes256::new(symkey.into()), nonce, offset, out)
     }
 }
 
@@ -524,18 +524,11 @@ fn encrypt_block(block: &mut [u8; BLOCK], keystream: [U32x4; 4]) -> ([U32x4; 4],
     (plain, cipher)
 }
 
-/// Writes into `out` (zeroed) the keystream from byte `offset` on, with the `aes` crate; on the
-/// impossible seek failure `out` stays zero, which no real keystream matches by chance.
-fn probe_keystream(aes: &aes::Aes256, nonce: &[u8; 16], offset: u64, out: &mut [u8]) {
-    let mut ctr = ctr_from(aes, nonce);
-    if ctr.try_seek(offset).is_ok() {
-        let _ = ctr.try_apply_keystream(out);
-    }
-}
-
-/// CTR mode over an already expanded key, at the start of the stream.
-fn ctr_from(aes: &aes::Aes256, nonce: &[u8; 16]) -> Aes256Ctr {
-    Aes256Ctr::from_core(ctr::CtrCore::inner_iv_init(aes.clone(), nonce.into()))
+/// XORs `data` with the CTR keystream of an already expanded key from stream byte `offset`
+/// on; `false` (nothing applied) if the counter cannot be positioned there.
+fn ctr_xor_at(aes: &aes::Aes256, nonce: &[u8; 16], offset: u64, data: &mut [u8]) -> bool {
+    let mut ctr = Aes256Ctr::from_core(ctr::CtrCore::inner_iv_init(aes.clone(), nonce.into()));
+    ctr.try_seek(offset).is_ok() && ctr.try_apply_keystream(data).is_ok()
 }
 
 fn take<const N: usize>(bytes: &[u8]) -> Result<([u8; N], &[u8]), CipherError> {

@@ -116,10 +116,7 @@ impl SegmentRequest {
     /// What the helper computes: the asked keystream, as a segment in wire form (computed in
     /// place after the header: no copy of a megabyte per segment).
     pub fn answer(&self) -> Wiped {
-        let mut out = Vec::with_capacity(SEGMENT_HEADER + self.len as usize);
-        out.push(SEGMENT_TAG);
-        out.extend_from_slice(&self.job.to_be_bytes());
-        out.extend_from_slice(&self.offset.to_be_bytes());
+        let mut out = segment_header(self.job, self.offset, self.len as usize);
         out.resize(SEGMENT_HEADER + self.len as usize, 0);
         let body = out.get_mut(SEGMENT_HEADER..).unwrap_or_default();
         if !blockcipher::write_keystream(&self.symkey, &self.nonce, self.offset, body) {
@@ -128,6 +125,15 @@ impl SegmentRequest {
         }
         Wiped(out)
     }
+}
+
+/// A segment's wire header (tag, job, offset), with room for `len` keystream bytes after it.
+fn segment_header(job: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SEGMENT_HEADER + len);
+    out.push(SEGMENT_TAG);
+    out.extend_from_slice(&job.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out
 }
 
 /// Bytes wiped when dropped, with one vectorised fill rather than `zeroize`'s byte-by-byte
@@ -177,12 +183,10 @@ impl Segment {
         })
     }
 
-    /// A segment of `keystream` (tests, and anything that already holds the bytes).
-    pub fn from_parts(job: u64, offset: u64, keystream: &[u8]) -> Self {
-        let mut message = Vec::with_capacity(SEGMENT_HEADER + keystream.len());
-        message.push(SEGMENT_TAG);
-        message.extend_from_slice(&job.to_be_bytes());
-        message.extend_from_slice(&offset.to_be_bytes());
+    /// A segment of `keystream`, as a helper would send it (tests).
+    #[cfg(test)]
+    fn from_parts(job: u64, offset: u64, keystream: &[u8]) -> Self {
+        let mut message = segment_header(job, offset, keystream.len());
         message.extend_from_slice(keystream);
         Segment {
             job,
@@ -197,7 +201,8 @@ impl Segment {
     }
 
     /// The keystream bytes, writable (tests of the check).
-    pub fn keystream_mut(&mut self) -> &mut [u8] {
+    #[cfg(test)]
+    fn keystream_mut(&mut self) -> &mut [u8] {
         self.message.0.get_mut(SEGMENT_HEADER..).unwrap_or_default()
     }
 }
@@ -350,21 +355,17 @@ impl Prefetcher {
     }
 
     /// The segments `job` should ask for now that the stream will be at `at` once the chunk in
-    /// hand is encrypted (segments for that chunk are kept: they may still come in time): whole [`SEGMENT_BYTES`] pieces on the grid of stream offsets, up to
+    /// hand is encrypted: whole [`SEGMENT_BYTES`] pieces on the grid of stream offsets, up to
     /// [`WINDOW_BYTES`] ahead of `at`, within the request's declared end and the worker's
-    /// budget. Returns `(offset, len)` pairs, recorded as asked.
+    /// budget. Returns `(offset, len)` pairs, recorded as asked. `at` may be ahead of the
+    /// stream (segments for the chunk in hand are kept: they may still come in time): it moves
+    /// the horizon, never the stream position.
     pub fn plan(&mut self, job: u64, at: u64) -> Vec<(u64, u32)> {
-        let others: u64 = self
-            .jobs
-            .iter()
-            .filter(|(id, _)| **id != job)
-            .map(|(_, j)| j.outstanding())
-            .sum();
+        let mine = self.jobs.get(&job).map_or(0, Job::outstanding);
+        let others = self.outstanding().saturating_sub(mine);
         let Some(j) = self.jobs.get_mut(&job) else {
             return Vec::new();
         };
-        // `at` may be ahead of the stream (the end of the chunk about to be encrypted, whose
-        // segments are still wanted): it moves the horizon, never the stream position.
         // Helpers that answered nothing over a whole window are busy (they decline while
         // encrypting streams of their own) or gone: stop asking for this request.
         if !j.answered
@@ -445,24 +446,18 @@ impl KeystreamSupply for JobSupply<'_> {
             return Supply::Local(max);
         };
         j.advance(at);
-        // The segment holding `at`, if any: the last one starting at or before it.
-        let holding = j
+        // The segment holding `at`, if any: the last one starting at or before it, with bytes
+        // left from `at` on.
+        let held = j
             .segments
             .range(..=at)
             .next_back()
-            .map(|(start, seg)| (*start, seg.keystream().len() as u64));
-        if let Some((start, len)) = holding {
-            if at < start.saturating_add(len) {
-                let skip = (at - start) as usize;
-                if let Some(ks) = j
-                    .segments
-                    .get(&start)
-                    .and_then(|seg| seg.keystream().get(skip..))
-                {
-                    let n = ks.len().min(max);
-                    return Supply::Given(ks.get(..n).unwrap_or_default());
-                }
-            }
+            .and_then(|(start, seg)| {
+                let skip = usize::try_from(at - start).ok()?;
+                seg.keystream().get(skip..).filter(|ks| !ks.is_empty())
+            });
+        if let Some(ks) = held {
+            return Supply::Given(ks.get(..ks.len().min(max)).unwrap_or_default());
         }
         let next_start = j.segments.range(at..).next().map(|(s, _)| *s);
         let n = next_start.map_or(max as u64, |s| (s - at).min(max as u64));

@@ -119,25 +119,38 @@ fn sp800_38a_f55_ctr_every_offset() {
     }
 }
 
+/// A random CTR case of round `round`: key, nonce (every third round within `wrap_span`
+/// blocks of 2^128, so the counter wraps mid-stream), start offset, and the ctr crate's
+/// keystream for up to `max_len` bytes from there.
+fn ctr_case(
+    rng: &mut impl Rng,
+    round: usize,
+    wrap_span: u8,
+    max_len: usize,
+) -> ([u8; 32], [u8; 16], u64, Vec<u8>) {
+    let key: [u8; 32] = rng.gen();
+    let mut nonce: [u8; 16] = rng.gen();
+    if round.is_multiple_of(3) {
+        nonce[..15].fill(0xff);
+        nonce[15] = 0xff - rng.gen_range(0..wrap_span);
+    }
+    let start = rng.gen_range(0..5000u64);
+    let mut keystream = vec![0u8; rng.gen_range(0..max_len)];
+    let mut reference = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &nonce.into());
+    reference.seek(start);
+    reference.apply_keystream(&mut keystream);
+    (key, nonce, start, keystream)
+}
+
 #[test]
 fn random_ctr_splits_and_wrap_match_ctr_crate() {
     let (seed, mut rng) = seeded_rng();
     for round in 0..60 {
-        let key: [u8; 32] = rng.gen();
-        let mut nonce: [u8; 16] = rng.gen();
-        if round % 3 == 0 {
-            // Within a few blocks of 2^128: the counter wraps mid-stream.
-            nonce[..15].fill(0xff);
-            nonce[15] = 0xff - rng.gen_range(0..20u8);
-        }
-        let start = rng.gen_range(0..5000u64);
-        let len = rng.gen_range(0..3000usize);
+        let (key, nonce, start, keystream) = ctr_case(&mut rng, round, 20, 3000);
+        let len = keystream.len();
         let mut data = vec![0u8; len];
         rng.fill_bytes(&mut data);
-        let mut want = data.clone();
-        let mut reference = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &nonce.into());
-        reference.seek(start);
-        reference.apply_keystream(&mut want);
+        let want: Vec<u8> = data.iter().zip(&keystream).map(|(d, k)| d ^ k).collect();
 
         let aes = Aes256x8::new(&key);
         let mut pos = 0;
@@ -160,18 +173,8 @@ fn random_ctr_splits_and_wrap_match_ctr_crate() {
 fn written_keystream_matches_ctr_crate() {
     let (seed, mut rng) = seeded_rng();
     for round in 0..60 {
-        let key: [u8; 32] = rng.gen();
-        let mut nonce: [u8; 16] = rng.gen();
-        if round % 3 == 0 {
-            nonce[..15].fill(0xff);
-            nonce[15] = 0xff - rng.gen_range(0..40u8);
-        }
-        let start = rng.gen_range(0..5000u64);
-        let len = rng.gen_range(0..4000usize);
-        let mut want = vec![0u8; len];
-        let mut reference = ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &nonce.into());
-        reference.seek(start);
-        reference.apply_keystream(&mut want);
+        let (key, nonce, start, want) = ctr_case(&mut rng, round, 40, 4000);
+        let len = want.len();
         let mut out = vec![0u8; len];
         rng.fill_bytes(&mut out);
         Aes256x8::new(&key).write_keystream(&nonce, start, &mut out);

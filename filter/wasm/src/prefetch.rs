@@ -131,12 +131,19 @@ impl Worker {
         }
     }
 
-    /// Another VM's request queue, taking turns; `None` when this VM is alone.
-    fn helper(&mut self, now: i64) -> Option<u32> {
+    /// The helper list as it stands in shared data.
+    fn helpers() -> Vec<Helper> {
+        match hostcalls::get_shared_data(HELPERS_KEY) {
+            Ok((Some(value), _)) => parse_helpers(&value),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Another VM's request queue from `helpers`, taking turns; `None` when this VM is alone.
+    fn helper(&mut self, helpers: &[Helper], now: i64) -> Option<u32> {
         let mine = self.queues?.requests;
-        let value = hostcalls::get_shared_data(HELPERS_KEY).ok()?.0?;
         self.turn = self.turn.wrapping_add(1);
-        pick(&parse_helpers(&value), mine, now, self.turn)
+        pick(helpers, mine, now, self.turn)
     }
 
     /// Starts a job for a request body from stream byte `start`, when another worker can help.
@@ -145,7 +152,7 @@ impl Worker {
         if !self.prefetcher.enabled() {
             return None;
         }
-        self.helper(now)?;
+        self.helper(&Self::helpers(), now)?;
         Some(self.prefetcher.start(start, declared_len))
     }
 
@@ -154,8 +161,14 @@ impl Worker {
         let Some(q) = self.queues else {
             return;
         };
-        for (offset, len) in self.prefetcher.plan(job, at) {
-            let Some(helper) = self.helper(now) else {
+        let wanted = self.prefetcher.plan(job, at);
+        if wanted.is_empty() {
+            return;
+        }
+        // One read of the list per ask, however many segments it sends.
+        let helpers = Self::helpers();
+        for (offset, len) in wanted {
+            let Some(helper) = self.helper(&helpers, now) else {
                 return;
             };
             let request = SegmentRequest::for_layer(layer, job, q.replies, offset, len);

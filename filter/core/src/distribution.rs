@@ -161,34 +161,124 @@ pub fn is_repository_name(name: &str) -> bool {
         })
 }
 
-/// Percent-decodes a query component (`+` is a space only in forms; registries never use it).
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok());
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Value of the first `name=` parameter, percent-decoded.
+/// Value of the first `name=` parameter, with key and value decoded as Go's `url.ParseQuery`
+/// decodes them (pairs Go would drop — a bad escape, a `;` — are skipped, as Go skips them).
+/// The gateway acts on a query only after [`crate::form::Query::strict`] accepted it.
 pub fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
+        if kv.contains(';') {
+            return None;
+        }
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then(|| percent_decode(v))
+        let k = crate::form::unescape(k)?;
+        if k != name.as_bytes() {
+            return None;
+        }
+        String::from_utf8(crate::form::unescape(v)?).ok()
     })
+}
+
+/// What distribution's `_state` parameter says of an upload (base64url of an HMAC-SHA256 and
+/// the JSON of its `blobUploadState`). The HMAC is the registry's to check: a registry that
+/// accepts the request has checked it, so the offset read here is the one it will write at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistryUploadState {
+    /// Repository the session was opened in (`Name`).
+    pub name: String,
+    /// Session id (`UUID`).
+    pub uuid: String,
+    /// Bytes the registry holds for the session (`Offset`): where the next byte goes.
+    pub offset: u64,
+}
+
+/// Reads distribution's `_state` token; `None` when it is not one.
+pub fn registry_upload_state(token: &str) -> Option<RegistryUploadState> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct State {
+        name: String,
+        #[serde(rename = "UUID")]
+        uuid: String,
+        offset: i64,
+    }
+    // Go's base64.URLEncoding pads; accept both forms, the bytes are what matter.
+    let bytes = base64::engine::general_purpose::URL_SAFE
+        .decode(token)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token))
+        .ok()?;
+    let json = bytes.get(32..)?;
+    let state: State = serde_json::from_slice(json).ok()?;
+    Some(RegistryUploadState {
+        name: state.name,
+        uuid: state.uuid,
+        offset: u64::try_from(state.offset).ok()?,
+    })
+}
+
+/// The registry's `Range` answer to an upload request (`0-<last byte>`, `0-0` when empty) as
+/// the number of bytes it holds, given that `0-0` is ambiguous between 0 and 1 byte: `None`
+/// when the value is not of that form.
+pub fn range_end(value: &str) -> Option<u64> {
+    let (start, end) = value.trim().split_once('-')?;
+    if start != "0" {
+        return None;
+    }
+    end.parse().ok()
+}
+
+/// Whether `held` bytes agree with a registry `Range` of `0-<end>` (distribution writes `0-0`
+/// for an empty session).
+pub fn range_matches(range: &str, held: u64) -> bool {
+    match range_end(range) {
+        Some(0) => held <= 1,
+        Some(end) => end.checked_add(1) == Some(held),
+        None => false,
+    }
+}
+
+/// Where a `Location` the registry answered points, for a request in `repository` received
+/// with `authority`: it must stay on the gateway (a relative URL, or this authority) and in the
+/// same repository (an upload session, a blob or a manifest of it). The registry is not trusted
+/// with plaintext: a session it opened elsewhere would take the next chunk there.
+pub fn location_stays(location: &str, authority: &str, repository: &str) -> bool {
+    let path = if location.starts_with('/') {
+        if location.starts_with("//") {
+            return false;
+        }
+        location
+    } else {
+        let Some((scheme, rest)) = location.split_once("://") else {
+            return false;
+        };
+        if !matches!(scheme, "http" | "https") {
+            return false;
+        }
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if !host.eq_ignore_ascii_case(authority) || path.is_empty() {
+            return false;
+        }
+        path
+    };
+    let path_only = path.split_once('?').map_or(path, |(p, _)| p);
+    if path_only.contains('%') || path_only.contains('\\') || path_only.contains(';') {
+        return false;
+    }
+    let Some(tail) = path_only
+        .strip_prefix("/v2/")
+        .and_then(|p| p.strip_prefix(repository))
+        .and_then(|p| p.strip_prefix('/'))
+    else {
+        return false;
+    };
+    let one_segment = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
+    if let Some(id) = tail.strip_prefix("blobs/uploads/") {
+        return one_segment(id);
+    }
+    if let Some(d) = tail.strip_prefix("blobs/") {
+        return one_segment(d) && d != "uploads";
+    }
+    tail.strip_prefix("manifests/").is_some_and(one_segment)
 }
 
 /// Rewrites the query of `path`: drops the parameters named in `drop` and appends `add`.
@@ -346,5 +436,91 @@ mod tests {
         );
         assert_eq!(content_range_start("100-199"), Some(100));
         assert_eq!(content_range_start("bytes 0-15"), Some(0));
+    }
+
+    #[test]
+    fn query_params_decode_like_go() {
+        assert_eq!(
+            query_param("mo%75nt=sha256%3Aab", "mount").as_deref(),
+            Some("sha256:ab")
+        );
+        assert_eq!(
+            query_param("a=1&digest=x+y", "digest").as_deref(),
+            Some("x y")
+        );
+        assert_eq!(query_param("mount=a;from=b", "mount"), None);
+        assert_eq!(
+            query_param("mount=%zz&mount=b", "mount").as_deref(),
+            Some("b")
+        );
+    }
+
+    fn state_token(name: &str, uuid: &str, offset: i64) -> String {
+        use base64::Engine as _;
+        let mut bytes = vec![7u8; 32];
+        bytes.extend_from_slice(
+            format!(
+                r#"{{"Name":"{name}","UUID":"{uuid}","Offset":{offset},"StartedAt":"2026-12-07T00:00:00Z"}}"#
+            )
+            .as_bytes(),
+        );
+        base64::engine::general_purpose::URL_SAFE.encode(bytes)
+    }
+
+    #[test]
+    fn registry_state_is_read() {
+        let t = state_token("demo/app", "u-1", 4096);
+        assert_eq!(
+            registry_upload_state(&t),
+            Some(RegistryUploadState {
+                name: "demo/app".into(),
+                uuid: "u-1".into(),
+                offset: 4096
+            })
+        );
+        assert_eq!(registry_upload_state(&state_token("a", "b", -1)), None);
+        assert_eq!(registry_upload_state("bm90IGEgc3RhdGU="), None);
+        assert_eq!(registry_upload_state("!!"), None);
+    }
+
+    #[test]
+    fn ranges() {
+        assert!(range_matches("0-0", 0));
+        assert!(range_matches("0-0", 1));
+        assert!(range_matches("0-1023", 1024));
+        assert!(!range_matches("0-1023", 2048));
+        assert!(!range_matches("5-1023", 1019));
+        assert!(!range_matches("junk", 0));
+        assert!(!range_matches("0-18446744073709551615", 0));
+    }
+
+    #[test]
+    fn locations_must_stay_in_the_repository() {
+        let ok = [
+            "/v2/demo/app/blobs/uploads/u-1?_state=s",
+            "http://gw:5000/v2/demo/app/blobs/uploads/u-1?_state=s",
+            "https://GW:5000/v2/demo/app/blobs/sha256:ab",
+            "/v2/demo/app/manifests/sha256:ab",
+        ];
+        for l in ok {
+            assert!(location_stays(l, "gw:5000", "demo/app"), "{l}");
+        }
+        let bad = [
+            "/v2/plain/app/blobs/uploads/u-1?_state=s",
+            "/v2/demo/app2/blobs/uploads/u-1",
+            "/v2/demo/app/x/blobs/uploads/u-1",
+            "/v2/demo/app/blobs/uploads/u-1/../../../plain/x",
+            "/v2/demo/app/blobs/uploads/",
+            "http://elsewhere:5000/v2/demo/app/blobs/uploads/u-1",
+            "//elsewhere/v2/demo/app/blobs/uploads/u-1",
+            "ftp://gw:5000/v2/demo/app/blobs/uploads/u-1",
+            "http://gw:5000",
+            "/v2/demo%2Fapp/blobs/uploads/u",
+            "/v2/demo/app/tags/list",
+            "v2/demo/app/blobs/uploads/u",
+        ];
+        for l in bad {
+            assert!(!location_stays(l, "gw:5000", "demo/app"), "{l}");
+        }
     }
 }

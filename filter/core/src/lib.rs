@@ -18,6 +18,7 @@ pub mod config;
 pub mod digest;
 pub mod distribution;
 pub mod error;
+pub mod form;
 pub mod index;
 pub mod keyservice;
 pub mod keystream;

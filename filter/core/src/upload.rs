@@ -339,6 +339,41 @@ pub struct ChunkStream {
     record: UploadRecord,
     /// Offset of the first byte of this request, to check `Content-Range` and to roll back.
     start_offset: u64,
+    /// The repository's policy lets blobs that look like ciphertext pass (images the pipeline
+    /// encrypted). Off by default: then every blob but JSON is encrypted.
+    accept_encrypted: bool,
+}
+
+/// Checks the gateway's record of an upload against the registry's own reading of the request
+/// (the offset in its `_state`, see [`crate::distribution::registry_upload_state`]).
+///
+/// CTR keystream depends only on the layer key and the offset: a record applied at another
+/// offset than the one the registry writes at puts two ciphertexts under one keystream in the
+/// upload's data (an older sealed state replayed with a newer `_state`), and a session that has
+/// bytes but no record would start a second keystream, or pass plaintext, mid-blob.
+pub fn bind_to_registry(
+    record: &UploadRecord,
+    had_state: bool,
+    registry_offset: u64,
+) -> Result<(), OciError> {
+    if !had_state && registry_offset > 0 {
+        return Err(OciError::new(
+            Code::BlobUploadInvalid,
+            format!(
+                "the registry holds {registry_offset} bytes of this upload but the request carries no gateway state for them (the Location's {STATE_PARAM} parameter, or this gateway's record); restart the upload"
+            ),
+        ));
+    }
+    if record.offset != registry_offset {
+        return Err(OciError::new(
+            Code::BlobUploadInvalid,
+            format!(
+                "the gateway's state of this upload is at byte {} but the registry's is at byte {registry_offset} (an older or another request's Location); restart the upload",
+                record.offset
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl ChunkStream {
@@ -356,7 +391,15 @@ impl ChunkStream {
         Ok(ChunkStream {
             record,
             start_offset,
+            accept_encrypted: false,
         })
+    }
+
+    /// Lets a blob whose first bytes look like ciphertext pass as it is (the repository's
+    /// policy opts in to images the pipeline encrypted); every later chunk must look so too.
+    pub fn accepting_encrypted(mut self, yes: bool) -> Self {
+        self.accept_encrypted = yes;
+        self
     }
 
     /// Processes the chunk the adapter holds. The treatment is decided on the first chunk,
@@ -390,7 +433,7 @@ impl ChunkStream {
                 Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
             } else if is_json_like(window) {
                 Treatment::Json
-            } else if looks_encrypted(window) {
+            } else if self.accept_encrypted && looks_encrypted(window) {
                 Treatment::Passthrough
             } else {
                 Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
@@ -444,6 +487,18 @@ impl ChunkStream {
                 Code::BlobUploadInvalid,
                 "the blob began like JSON but holds binary data; nothing was stored, push it again",
             )),
+            // A blob passed as ciphertext must stay ciphertext: a random-looking first chunk
+            // must not carry a plaintext one after it.
+            Treatment::Passthrough
+                if !self.accept_encrypted
+                    || (buffer.len() >= 32
+                        && !looks_encrypted(buffer.get(..SNIFF_WINDOW).unwrap_or(buffer))) =>
+            {
+                Err(OciError::new(
+                    Code::BlobUploadInvalid,
+                    "the blob began like ciphertext but goes on like plaintext (or the repository no longer accepts pipeline-encrypted blobs); nothing more was stored, push it again",
+                ))
+            }
             _ => {
                 self.record.offset += buffer.len() as u64;
                 Ok(BodyVerdict::Unchanged)
@@ -787,5 +842,88 @@ mod tests {
         assert!(matches!(back.treatment, Treatment::Passthrough));
         assert!(UploadRecord::from_bytes(&[9, 9, 9]).is_none());
         assert!(UploadRecord::from_bytes(&[]).is_none());
+    }
+
+    fn random_bytes(n: usize) -> Vec<u8> {
+        use rand_core::RngCore as _;
+        let mut v = vec![0u8; n];
+        rand_core::OsRng.fill_bytes(&mut v);
+        v
+    }
+
+    fn gzip_like(n: usize) -> Vec<u8> {
+        let mut v = b"\x1f\x8b\x08\x00".to_vec();
+        v.extend((0..n).map(|i| (i % 7) as u8));
+        v
+    }
+
+    #[test]
+    fn random_looking_blobs_are_encrypted_unless_the_policy_opts_in() {
+        let blob = random_bytes(4096);
+        let mut buf = blob.clone();
+        let mut stream = ChunkStream::new(UploadRecord::new("demo/a"), None).unwrap();
+        assert_eq!(
+            stream
+                .on_body(&mut buf, true, &mut rand_core::OsRng)
+                .unwrap(),
+            BodyVerdict::Replaced
+        );
+        assert_ne!(buf, blob);
+
+        let mut buf = blob.clone();
+        let mut stream = ChunkStream::new(UploadRecord::new("demo/a"), None)
+            .unwrap()
+            .accepting_encrypted(true);
+        assert_eq!(
+            stream
+                .on_body(&mut buf, true, &mut rand_core::OsRng)
+                .unwrap(),
+            BodyVerdict::Unchanged
+        );
+        assert_eq!(buf, blob);
+    }
+
+    #[test]
+    fn a_blob_passed_as_ciphertext_cannot_go_on_as_plaintext() {
+        // Finding: 40 random bytes, then a gzip in the next request, was stored verbatim.
+        let mut first = random_bytes(40);
+        let mut stream = ChunkStream::new(UploadRecord::new("demo/a"), None)
+            .unwrap()
+            .accepting_encrypted(true);
+        stream
+            .on_body(&mut first, false, &mut rand_core::OsRng)
+            .unwrap();
+        let record = stream.into_record();
+        assert!(matches!(record.treatment, Treatment::Passthrough));
+        let bytes = record.to_bytes();
+
+        let mut next = gzip_like(4096);
+        let mut stream = ChunkStream::new(UploadRecord::from_bytes(&bytes).unwrap(), Some(40))
+            .unwrap()
+            .accepting_encrypted(true);
+        assert!(stream
+            .on_body(&mut next, true, &mut rand_core::OsRng)
+            .is_err());
+
+        // And a repository that stopped accepting pipeline ciphertext refuses the rest.
+        let mut more = random_bytes(4096);
+        let mut stream =
+            ChunkStream::new(UploadRecord::from_bytes(&bytes).unwrap(), Some(40)).unwrap();
+        assert!(stream
+            .on_body(&mut more, true, &mut rand_core::OsRng)
+            .is_err());
+    }
+
+    #[test]
+    fn gateway_state_is_bound_to_the_registry_offset() {
+        let mut record = UploadRecord::new("demo/a");
+        assert!(bind_to_registry(&record, false, 0).is_ok());
+        // bytes at the registry, no state for them: a stripped or lost sealed state
+        assert!(bind_to_registry(&record, false, 10).is_err());
+        record.offset = 100;
+        assert!(bind_to_registry(&record, true, 100).is_ok());
+        // an older sealed state with a newer _state: the keystream at 100.. would be reused
+        assert!(bind_to_registry(&record, true, 200).is_err());
+        assert!(bind_to_registry(&record, true, 50).is_err());
     }
 }

@@ -6,6 +6,8 @@ Stacks (session-scoped, each on its own loopback ports and temporary state direc
 - ``auth_stack``       the same with the registry behind htpasswd basic auth
 - ``plain_stack``      Envoy WITHOUT the filter + registry: harness checks (clients, oracle)
 - ``plain_auth_stack`` the same with basic auth
+- ``ledger_stack``     the filter stack with ``replicas.state_key`` (ledger kept in the registry)
+- ``lying_stack``      the filter stack in front of a lying registry (tests/lying_registry.py)
 
 Tests that need the filter are marked ``filter``; harness checks are marked ``harness``.
 When the filter cannot be built or loaded, the ``stack`` fixtures fail (error) with the reason:
@@ -41,6 +43,9 @@ from helpers import MIB, AccessLog, Image, Registry  # noqa: E402
 #: one machine do not collide.
 PORT_BASE = int(os.environ["E2E_PORT_BASE"]) if os.environ.get("E2E_PORT_BASE") else None
 BIG_LAYER_BYTES = int(os.environ.get("E2E_BIG_LAYER_MIB", "64")) * MIB
+#: E2E_WASM_PATH=<file>: the filter stacks load this plugin as it is (nothing is built), e.g. a
+#: copy of an earlier build, to check which tests fail on it.
+WASM_OVERRIDE = Path(os.environ["E2E_WASM_PATH"]) if os.environ.get("E2E_WASM_PATH") else None
 AUTH = ("e2e-user", "e2e-s3cret-pass")
 
 #: Extra configuration of the filter stacks: project `nokeys` is covered by an encrypt rule but
@@ -165,6 +170,8 @@ def _start_stack(tmp_path_factory, name: str, port_offset: int, *, filter: bool,
         ports = [PORT_BASE + port_offset + i for i in range(4)]
     else:
         ports = helpers.free_ports(4)
+    if WASM_OVERRIDE is not None:
+        extra.setdefault("wasm_path", WASM_OVERRIDE)
     opts = gateway.Options(
         state_dir=state,
         gateway_addr=f"127.0.0.1:{ports[0]}",
@@ -488,3 +495,104 @@ def plain_app(stack, plain_image) -> Image:
     """plain_image pushed by skopeo (--preserve-digests) to plain/app through the filter."""
     helpers.skopeo_push(plain_image, f"{stack.addr}/plain/app:v1", extra=["--preserve-digests"])
     return plain_image
+
+
+# ---------------------------------------------------------------------------------------------
+# stacks for the bypass tests (tests/e2e/test_bypasses.py)
+
+
+@pytest.fixture(scope="session")
+def ledger_stack(tmp_path_factory):
+    """Envoy + filter + registry with `replicas.state_key`: the ledger is also kept in the
+    registry (tags `ocicrypt.sha256-<hex>`). Tests may restart its gateway (`gw.stop()`,
+    `gw.start()`; storage is kept)."""
+    import base64
+
+    s = _start_stack(tmp_path_factory, "ledger", 50, filter=True, keys_source="inline",
+                     state_key=base64.b64encode(os.urandom(32)).decode())
+    yield s
+    if s in STARTED:
+        STARTED.remove(s)
+    s.gw.stop()
+
+
+@dataclass
+class ProxiedStack(Stack):
+    """A filter stack whose Envoy reaches the real registry through a proxy (`proxy`, e.g. a
+    lying registry): `registry_addr`, `storage` and `direct()` are the real registry's."""
+
+    backend: Optional[gateway.Gateway] = None
+    proxy: object = None
+
+    @property
+    def registry_addr(self) -> str:
+        return self.backend.opts.registry_addr
+
+    @property
+    def storage(self) -> Path:
+        return self.backend.opts.registry_dir
+
+    def direct(self) -> Registry:
+        return Registry(self.backend.registry_url, self.creds)
+
+    @property
+    def registry_log(self) -> Path:
+        return self.backend.opts.state_dir / "registry.log"
+
+
+def start_registry_only(state: Path, addr: str, log=None) -> gateway.Gateway:
+    """A real registry (docker-registry) alone, on `addr`, storage under `state`/registry. Stop
+    it with `.stop()`."""
+    _write_owner(state)
+    ports = helpers.free_ports(2)
+    backend = gateway.Gateway(gateway.Options(
+        state_dir=state, registry_addr=addr, gateway_addr=f"127.0.0.1:{ports[0]}",
+        admin_addr=f"127.0.0.1:{ports[1]}", filter=False),
+        log=log or (lambda m: print(m, file=sys.stderr)))
+    backend.prepare()
+    reg_log = state / "registry.log"
+    proc = backend._spawn("registry", [gateway.REGISTRY_BIN, "serve", str(state / "registry.yml")],
+                          reg_log)
+    try:
+        backend._wait("registry", proc, f"{backend.registry_url}/v2/", lambda st: st == 200,
+                      reg_log)
+    except BaseException:
+        backend.stop()
+        raise
+    return backend
+
+
+@pytest.fixture(scope="session")
+def lying_stack(tmp_path_factory):
+    """Envoy + filter in front of a lying registry (tests/lying_registry.py, honest until told
+    otherwise) in front of the real registry. `stack.proxy` is the LyingRegistry."""
+    from lying_registry import LyingRegistry
+
+    ports = helpers.free_ports(7) if PORT_BASE is None else \
+        [PORT_BASE + 60 + i for i in range(7)]
+    backend = start_registry_only(tmp_path_factory.mktemp("lying-backend"),
+                                  f"127.0.0.1:{ports[0]}")
+    proxy = LyingRegistry(upstream=f"127.0.0.1:{ports[0]}", listen=f"127.0.0.1:{ports[1]}",
+                          elsewhere=f"127.0.0.1:{ports[2]}").start()
+    state = tmp_path_factory.mktemp("stack-lying")
+    _write_owner(state)
+    extra = {"wasm_path": WASM_OVERRIDE} if WASM_OVERRIDE is not None else {}
+    gw = gateway.Gateway(gateway.Options(
+        state_dir=state, gateway_addr=f"127.0.0.1:{ports[3]}",
+        registry_addr=f"127.0.0.1:{ports[1]}", admin_addr=f"127.0.0.1:{ports[4]}",
+        keyservice_addr=f"127.0.0.1:{ports[5]}", filter=True, start_registry=False,
+        keys_source="inline", envoy_component_log_level="wasm:debug", **extra),
+        log=lambda m: print(m, file=sys.stderr))
+    try:
+        gw.start()
+    except gateway.GatewayError as err:
+        proxy.stop()
+        backend.stop()
+        pytest.fail(f"stack 'lying' did not start: {err}", pytrace=False)
+    s = ProxiedStack("lying", gw, None, gw.keys, backend=backend, proxy=proxy)
+    STARTED.append(s)
+    yield s
+    STARTED.remove(s)
+    gw.stop()
+    proxy.stop()
+    backend.stop()

@@ -546,3 +546,154 @@ def assert_encrypted_manifest(manifest: dict, image: Image, exact: bool = True) 
     if exact:
         assert [l["size"] for l in manifest["layers"]] == [l.size for l in image.layers], \
             "AES-CTR keeps the length: sizes must not change"
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP/2 cleartext (prior knowledge) and other raw requests
+
+
+@dataclass
+class Answer:
+    """An HTTP answer, whatever client got it: status, headers (names lower-cased), body."""
+
+    status: int
+    headers: Dict[str, str]
+    body: bytes
+    trailers: Dict[str, str] = field(default_factory=dict)
+    reset: bool = False
+
+    @classmethod
+    def of(cls, resp: requests.Response) -> "Answer":
+        return cls(resp.status_code, {k.lower(): v for k, v in resp.headers.items()},
+                   resp.content)
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class H2Client:
+    """One HTTP/2 cleartext connection with prior knowledge (Envoy's listener has codec AUTO),
+    made with the `h2` package: requests one after another, bodies sent within the flow-control
+    windows, optional request trailers.
+
+        with H2Client("127.0.0.1:5000") as c:
+            a = c.request("PUT", "/v2/demo/x/manifests/v1", body, {"content-type": MT_MANIFEST},
+                          trailers={"x-end": "1"})
+    """
+
+    def __init__(self, addr: str, timeout: float = 60):
+        import socket
+
+        import h2.config
+        import h2.connection
+
+        host, port = addr.rsplit(":", 1)
+        self.addr = addr
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self._flush()
+        self.streams: Dict[int, Answer] = {}
+        self.ended: Dict[int, bool] = {}
+        self.closed = False
+
+    def __enter__(self) -> "H2Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.conn.close_connection()
+            self._flush()
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+        self.sock.close()
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def _pump(self) -> None:
+        """Reads what the server sent and handles its events."""
+        import h2.events
+
+        data = self.sock.recv(256 * 1024)
+        if not data:
+            self.closed = True
+            for sid in self.streams:
+                self.ended[sid] = True
+            return
+        for ev in self.conn.receive_data(data):
+            sid = getattr(ev, "stream_id", None)
+            ans = self.streams.get(sid) if sid is not None else None
+            if isinstance(ev, h2.events.ResponseReceived) and ans is not None:
+                hdrs = dict(ev.headers)
+                ans.status = int(hdrs.pop(":status"))
+                ans.headers = {k.lower(): v for k, v in hdrs.items()}
+            elif isinstance(ev, h2.events.DataReceived):
+                if ans is not None:
+                    ans.body += ev.data
+                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.TrailersReceived) and ans is not None:
+                ans.trailers = {k.lower(): v for k, v in ev.headers}
+            elif isinstance(ev, h2.events.StreamEnded) and ans is not None:
+                self.ended[sid] = True
+            elif isinstance(ev, h2.events.StreamReset) and ans is not None:
+                ans.reset = True
+                self.ended[sid] = True
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self.closed = True
+                for s in self.streams:
+                    self.ended[s] = True
+        self._flush()
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: Optional[Dict[str, str]] = None,
+                trailers: Optional[Dict[str, str]] = None) -> Answer:
+        """One request; `trailers` are sent as a HEADERS frame ending the stream after the
+        body. Returns the answer (status 0 if the stream was reset before one)."""
+        import h2.exceptions
+
+        sid = self.conn.get_next_available_stream_id()
+        ans = self.streams[sid] = Answer(0, {}, b"")
+        self.ended[sid] = False
+        hdrs = [(":method", method), (":scheme", "http"), (":authority", self.addr),
+                (":path", path)]
+        hdrs += [(k.lower(), v) for k, v in (headers or {}).items()]
+        self.conn.send_headers(sid, hdrs, end_stream=not body and not trailers)
+        self._flush()
+        view = memoryview(body)
+        off = 0
+        try:
+            while off < len(body) and not self.ended[sid]:
+                room = min(self.conn.local_flow_control_window(sid),
+                           self.conn.max_outbound_frame_size, len(body) - off)
+                if room <= 0:
+                    self._pump()
+                    continue
+                last = off + room == len(body) and not trailers
+                self.conn.send_data(sid, bytes(view[off:off + room]), end_stream=last)
+                self._flush()
+                off += room
+            if trailers and not self.ended[sid]:
+                self.conn.send_headers(sid, [(k.lower(), v) for k, v in trailers.items()],
+                                       end_stream=True)
+                self._flush()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, OSError):
+            pass  # the server answered (or reset the stream) before the whole body was sent
+        while not self.ended[sid] and not self.closed:
+            self._pump()
+        return ans
+
+
+def tags(reg: "Registry", repo: str) -> List[str]:
+    """The repository's tags as the registry lists them (none when it has none)."""
+    r = reg.request("GET", f"/v2/{repo}/tags/list")
+    if r.status_code == 404:
+        return []
+    assert r.status_code == 200, f"tags/list {repo}: {r.status_code} {r.text[:300]}"
+    return r.json().get("tags") or []

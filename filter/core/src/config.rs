@@ -12,10 +12,12 @@
 //! {
 //!   "registry": { "cluster": "registry", "timeout_ms": 60000 },
 //!   "policy": { "default": "passthrough",
-//!               "rules": [ { "repositories": "demo/**", "action": "encrypt" } ] },
+//!               "rules": [ { "repositories": "demo/**", "action": "encrypt" },
+//!                          { "repositories": "ci/**", "action": "encrypt", "accept_encrypted": true } ] },
 //!   "projects": { "demo": { "recipients": [ { "pem": "-----BEGIN PUBLIC KEY-----\n…" },
 //!                                           { "jwk": { "kty": "EC", "crv": "P-256", "x": "…", "y": "…" } } ] } },
-//!   "limits": { "max_manifest_bytes": 4194304, "keystream_prefetch_bytes": 33554432 }
+//!   "limits": { "max_manifest_bytes": 4194304, "keystream_prefetch_bytes": 33554432,
+//!               "max_ledger_lookups": 128 }
 //! }
 //! ```
 //!
@@ -42,6 +44,11 @@ pub const MAX_MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// Largest accepted `limits.keystream_prefetch_bytes` (256 MiB; 0 turns prefetch off).
 pub const MAX_KEYSTREAM_PREFETCH_BYTES: u64 = 256 << 20;
+
+/// Default `limits.max_ledger_lookups`: [`crate::ledger::DEFAULT_MAX_LEDGER_LOOKUPS`].
+pub const DEFAULT_MAX_LEDGER_LOOKUPS: usize = crate::ledger::DEFAULT_MAX_LEDGER_LOOKUPS;
+/// Largest accepted `limits.max_ledger_lookups`.
+pub const MAX_MAX_LEDGER_LOOKUPS: u64 = 1024;
 
 /// Where the filter finishes uploads and reads what it needs from the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +95,9 @@ pub struct Config {
     /// Keystream a worker may have asked other workers for and not yet used (0: off); see
     /// [`crate::keystream`].
     pub keystream_prefetch_bytes: u64,
+    /// Most ledger records one manifest PUT may make the gateway read from the registry
+    /// ([`crate::ledger::referenced_digests_bounded`]).
+    pub max_ledger_lookups: usize,
     /// Where recipients come from for projects without inline recipients.
     pub key_service: Option<KeyServiceConfig>,
     /// Key the gateway replicas share to seal upload state into the `Location` clients echo,
@@ -159,6 +169,15 @@ pub enum ConfigError {
         path: String,
         /// What to put there.
         hint: &'static str,
+    },
+    /// `accept_encrypted: true` on a rule whose action is not `encrypt`.
+    #[error(
+        "{path}: accept_encrypted only applies to \"encrypt\" rules (a passthrough repository \
+         stores whatever is pushed): remove it, or make the rule's action \"encrypt\""
+    )]
+    AcceptEncryptedOnPassthrough {
+        /// The field.
+        path: String,
     },
     /// An action other than `encrypt` or `passthrough`.
     #[error("{path}: unknown action {found:?}: use \"encrypt\" or \"passthrough\"")]
@@ -232,6 +251,7 @@ impl ConfigError {
             | ConfigError::Range { path, .. }
             | ConfigError::Empty { path, .. }
             | ConfigError::Action { path, .. }
+            | ConfigError::AcceptEncryptedOnPassthrough { path }
             | ConfigError::Pattern { path, .. }
             | ConfigError::ProjectName { path, .. }
             | ConfigError::NoRecipients { path }
@@ -311,6 +331,8 @@ mod raw {
     pub(super) struct Rule {
         pub(super) repositories: Value,
         pub(super) action: Value,
+        #[serde(default)]
+        pub(super) accept_encrypted: Option<Value>,
     }
 
     #[derive(serde::Deserialize)]
@@ -335,6 +357,8 @@ mod raw {
         pub(super) max_manifest_bytes: Option<Value>,
         #[serde(default)]
         pub(super) keystream_prefetch_bytes: Option<Value>,
+        #[serde(default)]
+        pub(super) max_ledger_lookups: Option<Value>,
     }
 }
 
@@ -409,6 +433,17 @@ fn integer(value: &Value, path: &str, min: u64, max: u64) -> Result<u64, ConfigE
     Ok(n)
 }
 
+fn boolean(value: Value, path: &str) -> Result<bool, ConfigError> {
+    match value {
+        Value::Bool(b) => Ok(b),
+        other => Err(ConfigError::Type {
+            path: path.to_string(),
+            expected: "true or false",
+            found: kind(&other),
+        }),
+    }
+}
+
 fn action(value: Value, path: &str) -> Result<Action, ConfigError> {
     match string(value, path)?.as_str() {
         "encrypt" => Ok(Action::Encrypt),
@@ -448,9 +483,9 @@ impl Config {
             Some(value) => compile_projects(value)?,
             None => BTreeMap::new(),
         };
-        let (max_manifest_bytes, keystream_prefetch_bytes) = match top.limits {
+        let limits = match top.limits {
             Some(value) => compile_limits(value)?,
-            None => (DEFAULT_MAX_MANIFEST_BYTES, crate::keystream::BUDGET_BYTES),
+            None => Limits::default(),
         };
         let key_service = match top.key_service {
             Some(value) => Some(compile_key_service(value)?),
@@ -464,11 +499,19 @@ impl Config {
             registry,
             policy,
             projects,
-            max_manifest_bytes,
-            keystream_prefetch_bytes,
+            max_manifest_bytes: limits.max_manifest_bytes,
+            keystream_prefetch_bytes: limits.keystream_prefetch_bytes,
+            max_ledger_lookups: limits.max_ledger_lookups,
             key_service,
             state_key,
         })
+    }
+
+    /// The manifest rewrite's options for a repository (its policy rule's `accept_encrypted`).
+    pub fn rewrite_options(&self, repository: &str) -> crate::manifest::RewriteOptions {
+        crate::manifest::RewriteOptions {
+            accept_encrypted: self.policy.accepts_encrypted(repository),
+        }
     }
 
     /// The recipients configured for a Harbor project (never an empty slice), or `None` when
@@ -514,9 +557,19 @@ fn compile_policy(value: Value) -> Result<Policy, ConfigError> {
                 path: repositories_path,
                 source,
             })?;
+            let action = action(rule.action, &format!("{path}.action"))?;
+            let accept_path = format!("{path}.accept_encrypted");
+            let accept_encrypted = match rule.accept_encrypted {
+                Some(value) => boolean(value, &accept_path)?,
+                None => false,
+            };
+            if accept_encrypted && action != Action::Encrypt {
+                return Err(ConfigError::AcceptEncryptedOnPassthrough { path: accept_path });
+            }
             rules.push(Rule {
                 pattern,
-                action: action(rule.action, &format!("{path}.action"))?,
+                action,
+                accept_encrypted,
             });
         }
     }
@@ -689,8 +742,38 @@ pub(crate) fn compile_recipients(value: Value, path: &str) -> Result<Vec<Recipie
     Ok(recipients)
 }
 
-fn compile_limits(value: Value) -> Result<(usize, u64), ConfigError> {
+/// The `limits` section, compiled.
+struct Limits {
+    max_manifest_bytes: usize,
+    keystream_prefetch_bytes: u64,
+    max_ledger_lookups: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+            keystream_prefetch_bytes: crate::keystream::BUDGET_BYTES,
+            max_ledger_lookups: DEFAULT_MAX_LEDGER_LOOKUPS,
+        }
+    }
+}
+
+fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
     let limits: raw::Limits = object(value, "limits")?;
+    let lookups_path = "limits.max_ledger_lookups";
+    let max_ledger_lookups = match limits.max_ledger_lookups {
+        Some(value) => {
+            let n = integer(&value, lookups_path, 1, MAX_MAX_LEDGER_LOOKUPS)?;
+            usize::try_from(n).map_err(|_| ConfigError::Range {
+                path: lookups_path.to_string(),
+                value: n,
+                min: 1,
+                max: MAX_MAX_LEDGER_LOOKUPS,
+            })?
+        }
+        None => DEFAULT_MAX_LEDGER_LOOKUPS,
+    };
     let prefetch = match limits.keystream_prefetch_bytes {
         Some(value) => integer(
             &value,
@@ -701,7 +784,11 @@ fn compile_limits(value: Value) -> Result<(usize, u64), ConfigError> {
         None => crate::keystream::BUDGET_BYTES,
     };
     let Some(value) = limits.max_manifest_bytes else {
-        return Ok((DEFAULT_MAX_MANIFEST_BYTES, prefetch));
+        return Ok(Limits {
+            max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+            keystream_prefetch_bytes: prefetch,
+            max_ledger_lookups,
+        });
     };
     let path = "limits.max_manifest_bytes";
     let n = integer(&value, path, MIN_MAX_MANIFEST_BYTES, MAX_MAX_MANIFEST_BYTES)?;
@@ -711,5 +798,9 @@ fn compile_limits(value: Value) -> Result<(usize, u64), ConfigError> {
         min: MIN_MAX_MANIFEST_BYTES,
         max: MAX_MAX_MANIFEST_BYTES,
     })?;
-    Ok((manifest, prefetch))
+    Ok(Limits {
+        max_manifest_bytes: manifest,
+        keystream_prefetch_bytes: prefetch,
+        max_ledger_lookups,
+    })
 }

@@ -10,10 +10,51 @@
 //! adapter stores it under a reserved tag ([`ledger_tag`]) instead. Reserved tags start with
 //! [`RESERVED_TAG_PREFIX`] and belong to the gateway: clients must not write or delete them
 //! ([`is_reserved_tag`]).
+//!
+//! # The ledger in the registry, and who can write it
+//!
+//! With replicas (`replicas.state_key`), the ledger is also kept in the registry, under the same
+//! reserved tag `ocicrypt.sha256-<hex of D>` for digest `D`, and read back by any replica that
+//! does not know `D`. Two kinds of manifest sit under such a tag:
+//!
+//! - **Blob records**, written by the gateway itself straight to the registry after it
+//!   committed an encrypted blob ([`ledger_manifest_authenticated`]): `artifactType`
+//!   [`LEDGER_ARTIFACT_TYPE`], one layer (the ciphertext, with the `enc.*` annotations and the
+//!   recipients fingerprint), and an annotation [`ANNOTATION_MAC`]: HMAC-SHA256 under the
+//!   *ledger key* over a canonical encoding of the repository, the plaintext digest and every
+//!   field of the entry. The ledger key is HMAC-SHA256(state key, `"ocicrypt-filter ledger
+//!   v1"`): only holders of the replicas' state key can make one, and the key that seals upload
+//!   state is never used as is for anything else. A record is read back
+//!   ([`read_stored`]) only if it is byte for byte what the gateway would write for that
+//!   repository and digest with that key (compared in constant time): a record without the
+//!   MAC, with any field changed, copied from another repository or to another digest's tag,
+//!   or made without the key is refused ([`StoredEntryError::Unauthenticated`]), and the caller
+//!   should stop looking up.
+//! - **Manifests clients pushed by digest** (index children, referrers), stored by the gateway
+//!   under the tag of the digest they were pushed as, after checking the body hashes to it and
+//!   rewriting it. Read back, such a manifest gives a *manifest* entry for itself (its digest,
+//!   size and media type): what it vouches for is only that the manifest exists in the
+//!   repository, and everything in it was checked when it was pushed. A manifest entry never
+//!   counts for a layer or a config (see [`crate::manifest::rewrite_with`]), so a client's
+//!   manifest can never be read back as a blob record: anything that looks like a blob record
+//!   (its `artifactType` or config media type is [`LEDGER_ARTIFACT_TYPE`], in any letter case)
+//!   is either an authentic record or nothing, and the manifest rewrite refuses client
+//!   manifests that look like one.
+//!
+//! [`ledger_manifest`] and [`entry_from_stored`] are the unauthenticated forms this replaced;
+//! they stay for callers not yet switched over.
+//!
+//! Reading the ledger back costs one registry request per unknown digest, so a manifest may
+//! make at most [`DEFAULT_MAX_LEDGER_LOOKUPS`] (configurable) such lookups
+//! ([`referenced_digests_bounded`]).
 use std::collections::BTreeMap;
 
+use hmac::Mac as _;
+use subtle::ConstantTimeEq as _;
+use zeroize::Zeroizing;
+
 use crate::digest::Digest;
-use crate::manifest::Rewritten;
+use crate::manifest::{ManifestError, Rewritten};
 
 /// Prefix of every tag the gateway reserves for itself.
 pub const RESERVED_TAG_PREFIX: &str = "ocicrypt.";
@@ -142,8 +183,18 @@ pub const EMPTY_CONFIG: &[u8] = b"{}";
 const ANNOTATION_PLAINTEXT: &str = "org.ocicrypt-filter.plaintext";
 const ANNOTATION_RECIPIENTS: &str = "org.ocicrypt-filter.recipients";
 
-/// The ledger manifest recording that `plaintext` was stored as `entry` (a blob entry).
+/// The ledger manifest recording that `plaintext` was stored as `entry` (a blob entry),
+/// without a MAC: anyone can forge one. Use [`ledger_manifest_authenticated`].
 pub fn ledger_manifest(plaintext: &Digest, entry: &LedgerEntry) -> Vec<u8> {
+    serde_json::to_vec(&ledger_document(plaintext, entry, None)).unwrap_or_default()
+}
+
+/// The JSON document of a ledger manifest, with the MAC annotation when one is given.
+fn ledger_document(
+    plaintext: &Digest,
+    entry: &LedgerEntry,
+    mac: Option<&[u8; 32]>,
+) -> serde_json::Value {
     let mut layer_annotations = serde_json::Map::new();
     for (k, v) in &entry.annotations {
         layer_annotations.insert(k.clone(), serde_json::Value::String(v.clone()));
@@ -171,12 +222,234 @@ pub fn ledger_manifest(plaintext: &Digest, entry: &LedgerEntry) -> Vec<u8> {
         }],
         "annotations": { ANNOTATION_PLAINTEXT: plaintext.to_string() },
     });
-    serde_json::to_vec(&doc).unwrap_or_default()
+    let mut doc = doc;
+    if let (Some(mac), Some(annotations)) = (
+        mac,
+        doc.get_mut("annotations")
+            .and_then(serde_json::Value::as_object_mut),
+    ) {
+        annotations.insert(
+            ANNOTATION_MAC.to_string(),
+            serde_json::Value::String(hex::encode(mac)),
+        );
+    }
+    doc
+}
+
+/// Annotation of a ledger manifest holding its MAC: 64 lowercase hex digits of HMAC-SHA256
+/// under the ledger key (see the module documentation).
+pub const ANNOTATION_MAC: &str = "org.ocicrypt-filter.mac";
+/// What the ledger key is derived with from the replicas' state key (domain separation: the
+/// state key itself seals upload state and is used for nothing else).
+const LEDGER_KEY_LABEL: &[u8] = b"ocicrypt-filter ledger v1";
+/// First bytes of every MAC input, naming the encoding's version.
+const ENTRY_MAC_DOMAIN: &[u8] = b"ocicrypt-filter ledger entry v1";
+
+/// How many unknown digests one manifest may make the gateway look up in the registry's
+/// ledger: real images have at most 127 layers, plus a config and a subject.
+pub const DEFAULT_MAX_LEDGER_LOOKUPS: usize = 128;
+
+/// HMAC-SHA256 of the parts, each prefixed with its length (so no two sequences of parts
+/// encode alike). `None` only if the HMAC cannot be keyed, which it always can.
+fn hmac_parts(key: &[u8], parts: &[&[u8]]) -> Option<[u8; 32]> {
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key).ok()?;
+    for part in parts {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    Some(mac.finalize().into_bytes().into())
+}
+
+/// The ledger key: HMAC-SHA256(state key, [`LEDGER_KEY_LABEL`]).
+fn ledger_key(state_key: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(state_key).ok()?;
+    mac.update(LEDGER_KEY_LABEL);
+    Some(Zeroizing::new(mac.finalize().into_bytes().into()))
+}
+
+/// The MAC of a blob record: HMAC-SHA256 under the ledger key over the canonical encoding of
+/// (domain, repository, plaintext digest, ciphertext digest, size, the annotations in key
+/// order, media type, recipients fingerprint); every variable-length part is length-prefixed
+/// and each optional field is marked present or absent.
+fn entry_mac(
+    state_key: &[u8; 32],
+    repository: &str,
+    plaintext: &Digest,
+    entry: &LedgerEntry,
+) -> Option<[u8; 32]> {
+    let key = ledger_key(state_key)?;
+    let count = (entry.annotations.len() as u64).to_be_bytes();
+    let size = entry.size.to_be_bytes();
+    let optional = |v: &Option<String>| -> (&'static [u8], Vec<u8>) {
+        match v {
+            Some(s) => (b"\x01", s.as_bytes().to_vec()),
+            None => (b"\x00", Vec::new()),
+        }
+    };
+    let (media_type_flag, media_type) = optional(&entry.media_type);
+    let (recipients_flag, recipients) = optional(&entry.recipients);
+    let mut parts: Vec<&[u8]> = vec![
+        ENTRY_MAC_DOMAIN,
+        repository.as_bytes(),
+        &plaintext.0,
+        &entry.encrypted_digest.0,
+        &size,
+        &count,
+    ];
+    for (k, v) in &entry.annotations {
+        parts.push(k.as_bytes());
+        parts.push(v.as_bytes());
+    }
+    parts.extend([
+        media_type_flag,
+        media_type.as_slice(),
+        recipients_flag,
+        recipients.as_slice(),
+    ]);
+    hmac_parts(key.as_slice(), &parts)
+}
+
+/// The ledger manifest recording that `plaintext` was stored as `entry` in `repository`,
+/// authenticated with a MAC under the ledger key derived from the replicas' `state_key` (see
+/// the module documentation). For blob entries only: a manifest entry's media type is not
+/// written, so its record would not read back.
+pub fn ledger_manifest_authenticated(
+    state_key: &[u8; 32],
+    repository: &str,
+    plaintext: &Digest,
+    entry: &LedgerEntry,
+) -> Vec<u8> {
+    let Some(mac) = entry_mac(state_key, repository, plaintext, entry) else {
+        return Vec::new();
+    };
+    serde_json::to_vec(&ledger_document(plaintext, entry, Some(&mac))).unwrap_or_default()
+}
+
+/// Why a manifest read from under a ledger tag gives no ledger entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoredEntryError {
+    /// The body is not a JSON object.
+    #[error("the stored manifest is not a JSON object")]
+    NotJson,
+    /// It looks like a ledger record but is not one the gateway wrote for this repository and
+    /// digest with this key: forged, altered, moved, or written without a MAC. Stop reading the
+    /// ledger for this request.
+    #[error("the stored ledger record is not authentic")]
+    Unauthenticated,
+}
+
+/// True when a manifest looks like one of the gateway's ledger records: its `artifactType` or
+/// config media type is [`LEDGER_ARTIFACT_TYPE`], without regard to ASCII case or surrounding
+/// blanks. Such manifests are only ever authentic ledger records or nothing
+/// ([`read_stored`]); clients cannot push them ([`crate::manifest::rewrite_with`]) nor delete
+/// them.
+pub fn is_ledger_record(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .is_some_and(|doc| looks_like_ledger(&doc))
+}
+
+fn looks_like_ledger(doc: &serde_json::Value) -> bool {
+    let is_ledger = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_str)
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case(LEDGER_ARTIFACT_TYPE))
+    };
+    is_ledger(doc.get("artifactType"))
+        || is_ledger(doc.get("config").and_then(|c| c.get("mediaType")))
+}
+
+/// The ledger entry the manifest stored under [`ledger_tag`]`(plaintext)` in `repository`
+/// stands for:
+/// - a ledger record (see [`is_ledger_record`]) gives its blob entry only if it is byte for
+///   byte what [`ledger_manifest_authenticated`] writes for this key, repository and digest
+///   (compared in constant time); otherwise [`StoredEntryError::Unauthenticated`];
+/// - any other manifest (an index child or referrer the gateway rewrote and stored under the
+///   tag) gives a manifest entry for itself, never a blob entry.
+pub fn read_stored(
+    state_key: &[u8; 32],
+    repository: &str,
+    plaintext: &Digest,
+    body: &[u8],
+) -> Result<LedgerEntry, StoredEntryError> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| StoredEntryError::NotJson)?;
+    if !doc.is_object() {
+        return Err(StoredEntryError::NotJson);
+    }
+    if !looks_like_ledger(&doc) {
+        return Ok(manifest_entry_of(&doc, body));
+    }
+    let entry = blob_entry_of(&doc).ok_or(StoredEntryError::Unauthenticated)?;
+    let expected = ledger_manifest_authenticated(state_key, repository, plaintext, &entry);
+    if expected.is_empty() || !bool::from(expected.as_slice().ct_eq(body)) {
+        return Err(StoredEntryError::Unauthenticated);
+    }
+    Ok(entry)
+}
+
+/// [`read_stored`] without the reason: the entry, or `None` for anything the gateway did not
+/// write for exactly this repository and digest (and for unreadable bodies).
+pub fn entry_from_stored_authenticated(
+    state_key: &[u8; 32],
+    repository: &str,
+    plaintext: &Digest,
+    body: &[u8],
+) -> Option<LedgerEntry> {
+    read_stored(state_key, repository, plaintext, body).ok()
+}
+
+/// The blob entry a ledger record's fields describe (not yet authenticated).
+fn blob_entry_of(doc: &serde_json::Value) -> Option<LedgerEntry> {
+    let layers = doc.get("layers")?.as_array()?;
+    let [layer] = layers.as_slice() else {
+        return None;
+    };
+    let mut annotations = BTreeMap::new();
+    let mut recipients = None;
+    for (k, v) in layer
+        .get("annotations")
+        .and_then(|a| a.as_object())
+        .into_iter()
+        .flatten()
+    {
+        let v = v.as_str()?.to_string();
+        if k == ANNOTATION_RECIPIENTS {
+            recipients = Some(v);
+        } else {
+            annotations.insert(k.clone(), v);
+        }
+    }
+    Some(LedgerEntry {
+        encrypted_digest: Digest::parse(layer.get("digest")?.as_str()?).ok()?,
+        size: layer.get("size")?.as_u64()?,
+        annotations,
+        media_type: None,
+        recipients,
+    })
+}
+
+/// The manifest entry for a stored manifest that is not a ledger record: itself.
+fn manifest_entry_of(doc: &serde_json::Value, body: &[u8]) -> LedgerEntry {
+    let media_type = doc
+        .get("mediaType")
+        .and_then(|v| v.as_str())
+        .unwrap_or(crate::spec::MEDIA_TYPE_OCI_MANIFEST)
+        .to_string();
+    LedgerEntry {
+        encrypted_digest: Digest::of(body),
+        size: u64::try_from(body.len()).unwrap_or(u64::MAX),
+        annotations: BTreeMap::new(),
+        media_type: Some(media_type),
+        recipients: None,
+    }
 }
 
 /// The ledger entry a manifest stored under a ledger tag stands for: a ledger manifest gives
 /// its blob entry; any other manifest (an index child or referrer the gateway rewrote and
 /// stored under the tag) gives a manifest entry for itself. `None` when unreadable.
+///
+/// Unauthenticated: a client that gets a ledger-looking manifest stored under a ledger tag
+/// makes it a blob entry. Use [`entry_from_stored_authenticated`] (or [`read_stored`]).
 pub fn entry_from_stored(body: &[u8]) -> Option<LedgerEntry> {
     let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
     if doc.get("artifactType").and_then(|v| v.as_str()) == Some(LEDGER_ARTIFACT_TYPE) {
@@ -218,8 +491,30 @@ pub fn entry_from_stored(body: &[u8]) -> Option<LedgerEntry> {
     })
 }
 
+/// The digests a manifest or index names that `known` does not know, in order of first
+/// mention: the ledger lookups the rewrite needs. More than `max` of them is refused
+/// ([`ManifestError::TooManyLedgerLookups`]) before any lookup is made, so one request makes a
+/// bounded number of registry requests ([`DEFAULT_MAX_LEDGER_LOOKUPS`] unless configured).
+pub fn referenced_digests_bounded(
+    body: &[u8],
+    known: &dyn Fn(&Digest) -> bool,
+    max: usize,
+) -> Result<Vec<Digest>, ManifestError> {
+    let unknown: Vec<Digest> = referenced_digests(body)
+        .into_iter()
+        .filter(|d| !known(d))
+        .collect();
+    if unknown.len() > max {
+        return Err(ManifestError::TooManyLedgerLookups {
+            count: unknown.len(),
+            max,
+        });
+    }
+    Ok(unknown)
+}
+
 /// Digests a manifest or index names (config, layers, children, subject): what a manifest
-/// rewrite may need ledger entries for.
+/// rewrite may need ledger entries for. Unbounded: see [`referenced_digests_bounded`].
 pub fn referenced_digests(body: &[u8]) -> Vec<Digest> {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
         return Vec::new();

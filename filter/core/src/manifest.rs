@@ -8,6 +8,14 @@
 //! media types), and refuses anything that would leave plaintext behind or store a layer no
 //! runtime can decrypt.
 //!
+//! Layers are judged by an allowlist of media types, spelled exactly ([`spec::layer_rule`]):
+//! image layers the gateway encrypted, layers encrypted before the push (only where the
+//! repository's policy opts in, [`RewriteOptions::accept_encrypted`], and only with
+//! well-formed ocicrypt annotations), and JSON data. Anything else — a case or whitespace
+//! variant of a layer type, `application/octet-stream`, a non-distributable or foreign layer,
+//! an unknown `+encrypted` type — is refused, because a runtime might unpack what the gateway
+//! let through unencrypted.
+//!
 //! Rewriting changes a manifest's digest, so manifests are ledgered too (see
 //! [`crate::ledger`]): an index (or Docker manifest list, stored as an OCI index) has its
 //! children pointed at the manifests the registry stores, and a `subject` naming a rewritten
@@ -21,7 +29,7 @@ use serde_json::{Map, Value};
 use crate::digest::Digest;
 use crate::error::{Code, OciError};
 use crate::index;
-use crate::ledger::LedgerEntry;
+use crate::ledger::{self, LedgerEntry};
 use crate::spec;
 
 /// Docker image manifest v2 schema 1 (unsigned).
@@ -29,8 +37,6 @@ const MEDIA_TYPE_DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.man
 /// Docker image manifest v2 schema 1 (signed).
 const MEDIA_TYPE_DOCKER_SCHEMA1_SIGNED: &str =
     "application/vnd.docker.distribution.manifest.v1+prettyjws";
-/// Prefix of the OCI non-distributable layer types.
-const NONDISTRIBUTABLE_PREFIX: &str = "application/vnd.oci.image.layer.nondistributable.";
 
 /// Top-level manifest fields whose spelling is checked (the registry's Go JSON decoder matches
 /// field names case-insensitively, so `Layers` next to `layers` would be read differently).
@@ -264,6 +270,109 @@ pub enum ManifestError {
         /// Size of the uploaded blob.
         uploaded: u64,
     },
+    /// A layer media type outside the encrypted repositories' allowlist
+    /// ([`spec::layer_rule`]): a case or whitespace variant of a layer type,
+    /// `application/octet-stream`, an artifact type, anything a runtime might unpack unseen.
+    #[error(
+        "layers[{layer}] {digest} has media type {media_type:?}, which an encrypted repository \
+         does not accept: a layer must be an image layer of an exact OCI or Docker type \
+         (application/vnd.oci.image.layer.v1.tar, +gzip or +zstd, or \
+         application/vnd.docker.image.rootfs.diff.tar.gzip), or JSON data (application/json or \
+         a type ending in +json); fix the media type, or push this artifact to an unencrypted \
+         repository"
+    )]
+    LayerTypeNotAllowed {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// The digest as written.
+        digest: String,
+        /// The layer's media type as pushed.
+        media_type: String,
+    },
+    /// A non-distributable (OCI) or foreign (Docker) layer.
+    #[error(
+        "layers[{layer}] {digest} is a non-distributable layer ({media_type:?}): its bytes are \
+         fetched from elsewhere, never pushed through the gateway, so they cannot be encrypted \
+         and an encrypted repository does not accept them; push the image with this layer as an \
+         ordinary distributable layer (e.g. application/vnd.oci.image.layer.v1.tar+gzip, with \
+         its bytes uploaded)"
+    )]
+    NonDistributable {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// The digest as written.
+        digest: String,
+        /// The layer's media type as pushed.
+        media_type: String,
+    },
+    /// A layer encrypted before the push, in a repository that does not opt in to that.
+    #[error(
+        "layers[{layer}] {digest} is already encrypted ({media_type:?}), but this repository \
+         only stores layers the gateway encrypted itself: push the plaintext image and let the \
+         gateway encrypt it, or have the repository's policy rule set accept_encrypted"
+    )]
+    EncryptedNotAccepted {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// The digest as written.
+        digest: String,
+        /// The layer's media type as pushed.
+        media_type: String,
+    },
+    /// A layer encrypted before the push whose ocicrypt annotations are not well formed.
+    #[error(
+        "layers[{layer}] {digest} is already encrypted ({media_type:?}) but its encryption \
+         annotations are not well formed: {reason}; encrypt the image with an ocicrypt tool \
+         (skopeo copy --encryption-key, ctr-enc, nerdctl image encrypt) and push it again"
+    )]
+    EncryptionAnnotations {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// The digest as written.
+        digest: String,
+        /// The layer's media type as pushed.
+        media_type: String,
+        /// What is wrong with the annotations.
+        reason: String,
+    },
+    /// An encrypted descriptor naming a ciphertext the gateway stored, but not as it wrote it.
+    #[error(
+        "layers[{layer}] {digest} names a blob the gateway encrypted, but {reason}, so it is not \
+         the descriptor the gateway stored: push the image again from its plaintext, or copy the \
+         stored manifest unchanged"
+    )]
+    NotAsStored {
+        /// Index of the layer in `layers`.
+        layer: usize,
+        /// The ciphertext digest the manifest names.
+        digest: Digest,
+        /// What differs.
+        reason: String,
+    },
+    /// A client manifest that looks like one of the gateway's ledger records.
+    #[error(
+        "manifest {field} is {media_type:?}, the media type of the gateway's own ledger records, \
+         which clients cannot push: use another artifact type"
+    )]
+    LedgerLookalike {
+        /// `artifactType` or `config.mediaType`.
+        field: String,
+        /// The value found.
+        media_type: String,
+    },
+    /// A manifest naming more unknown digests than the gateway looks up in the registry.
+    #[error(
+        "the manifest names {count} digests the gateway has no ledger entry for, more than the \
+         {max} it looks up per manifest (limits.max_ledger_lookups): real images have at most \
+         127 layers; push the layers and child manifests through the gateway first, or split \
+         the manifest"
+    )]
+    TooManyLedgerLookups {
+        /// How many distinct unknown digests the manifest names.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Serializing the rewritten manifest failed (a bug: JSON values always serialize).
     #[error("the rewritten manifest could not be serialized ({reason}); nothing was stored")]
     Serialize {
@@ -383,7 +492,8 @@ fn classify(content_type: &str) -> Result<Kind, ManifestError> {
     }
 }
 
-/// The OCI layer type of a Docker layer type (foreign layers become non-distributable).
+/// The OCI layer type of a Docker layer type. (Foreign layers have none here: they are
+/// refused as non-distributable.)
 fn docker_layer_to_oci(media_type: &str) -> Option<&'static str> {
     Some(match media_type {
         "application/vnd.docker.image.rootfs.diff.tar" => "application/vnd.oci.image.layer.v1.tar",
@@ -392,12 +502,6 @@ fn docker_layer_to_oci(media_type: &str) -> Option<&'static str> {
         }
         "application/vnd.docker.image.rootfs.diff.tar.zstd" => {
             "application/vnd.oci.image.layer.v1.tar+zstd"
-        }
-        "application/vnd.docker.image.rootfs.foreign.diff.tar" => {
-            "application/vnd.oci.image.layer.nondistributable.v1.tar"
-        }
-        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
-            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
         }
         _ => return None,
     })
@@ -557,13 +661,29 @@ fn encrypt_descriptor(
     Ok(())
 }
 
-/// True for non-distributable layers that name where to fetch them (`urls` non-empty).
-fn is_external(media_type: &str, object: &Map<String, Value>) -> bool {
-    media_type.starts_with(NONDISTRIBUTABLE_PREFIX)
-        && object
-            .get("urls")
-            .and_then(Value::as_array)
-            .is_some_and(|urls| !urls.is_empty())
+/// What the caller knows about the repository a manifest is pushed to, beyond its ledger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RewriteOptions {
+    /// The repository's policy opts in to images encrypted before the push (by the pipeline):
+    /// layers of an encrypted type the ledger does not know are then accepted, as they are,
+    /// when their ocicrypt annotations are well formed. Off by default: every layer must be
+    /// one the gateway encrypted.
+    pub accept_encrypted: bool,
+}
+
+/// Rewrites a manifest PUT body for an encrypted repository with the default
+/// [`RewriteOptions`] (no layer encrypted before the push is accepted); see [`rewrite_with`].
+pub fn rewrite(
+    body: &[u8],
+    request_content_type: &str,
+    lookup: &dyn Fn(&Digest) -> Option<LedgerEntry>,
+) -> Result<Rewritten, ManifestError> {
+    rewrite_with(
+        body,
+        request_content_type,
+        lookup,
+        &RewriteOptions::default(),
+    )
 }
 
 /// Rewrites a manifest PUT body for an encrypted repository.
@@ -571,32 +691,44 @@ fn is_external(media_type: &str, object: &Map<String, Value>) -> bool {
 /// `lookup` answers the ledger of the target repository: for a plaintext blob digest, the
 /// encrypted blob the gateway produced; for the digest a manifest was pushed under, the
 /// manifest the registry stores ([`LedgerEntry::media_type`] set). Blob entries only count for
-/// layers and config, manifest entries only for index children and `subject`.
+/// layers and config, manifest entries only for index children and `subject`. A lookup may
+/// also answer for a ciphertext digest with its own blob entry (an entry whose
+/// `encrypted_digest` is the digest asked about): that lets a re-push of a manifest the gateway
+/// stored pass unchanged.
 ///
-/// Image manifests (OCI, Docker v2s2 → OCI), per layer descriptor (after Docker layer types
-/// were mapped to OCI types):
-/// - known to the ledger, image-layer type → encrypted descriptor;
-/// - known to the ledger, other type → refused (no decryptor: Helm charts and other
-///   non-image artifacts belong in an unencrypted repository);
-/// - image-layer type not known → refused (not uploaded through the gateway), except
-///   non-distributable layers with `urls`, which stay as they are;
-/// - `+encrypted` of a known type → unchanged (refused if the gateway encrypted its blob again);
-///   `+encrypted` of an unknown type → refused;
-/// - any other type not known (SBOMs, attestations, signatures, JSON) → unchanged.
+/// Image manifests (OCI, Docker v2s2 → OCI): each layer descriptor follows the rule of its
+/// media type ([`spec::layer_rule`]; Docker layer types are first mapped to OCI types, and
+/// messages name the type as pushed):
+/// - allowlisted plaintext layer type: the blob must be one the gateway encrypted (same size);
+///   the descriptor becomes its encrypted form. Else refused (not uploaded through the
+///   gateway, or not a sha256 digest);
+/// - allowlisted `+encrypted` type: if the ledger knows the digest as a plaintext the gateway
+///   encrypted, refused (encrypted twice); if it knows it as the gateway's own ciphertext, kept
+///   when size and `enc.*` annotations are exactly what the gateway wrote; otherwise (encrypted
+///   by the pipeline) kept only with [`RewriteOptions::accept_encrypted`] and well-formed
+///   ocicrypt annotations ([`spec::check_encryption_annotations`]);
+/// - JSON data (`application/json`, `…+json`): kept, unless the gateway encrypted the blob
+///   (no decryptor for that type: refused);
+/// - non-distributable or foreign layer: refused (the gateway never sees its bytes);
+/// - anything else: refused, or, when the ledger knows the blob, refused as an encrypted blob
+///   no decryptor reads (Helm charts and other artifacts belong in unencrypted repositories).
 ///
-/// A config the ledger knows is refused.
+/// A config the ledger knows is refused; so is a manifest whose `artifactType` or config media
+/// type is the ledger's ([`crate::ledger::LEDGER_ARTIFACT_TYPE`]).
 ///
 /// Indexes (OCI, Docker manifest list → OCI index): every child of `manifests` must be a
 /// manifest the ledger knows, and is pointed at the stored one (digest, size, media type;
 /// `platform`, annotations and other fields kept); a child the ledger does not know is
-/// refused. Nested indexes are children like any other.
+/// refused. Nested indexes are children like any other. (Children's layers were checked when
+/// each child was pushed.)
 ///
 /// In both, a `subject` the ledger knows is pointed at the stored manifest; one it does not
 /// know is left as it is. Schema 1 and other types are refused.
-pub fn rewrite(
+pub fn rewrite_with(
     body: &[u8],
     request_content_type: &str,
     lookup: &dyn Fn(&Digest) -> Option<LedgerEntry>,
+    options: &RewriteOptions,
 ) -> Result<Rewritten, ManifestError> {
     let kind = classify(request_content_type)?;
     let mut document: Value =
@@ -637,6 +769,7 @@ pub fn rewrite(
         }
         Some(_) => return Err(malformed("mediaType".to_string(), "is not a string")),
     }
+    refuse_ledger_lookalike(manifest)?;
     let mut changed = false;
     if kind.is_docker() {
         set_media_type(manifest, kind.stored_media_type());
@@ -648,7 +781,7 @@ pub fn rewrite(
     if kind.is_index() {
         rewritten_references += index::rewrite_children(manifest, lookup)?;
     } else {
-        encrypted_layers = rewrite_image(manifest, kind, lookup)?;
+        encrypted_layers = rewrite_image(manifest, kind, lookup, options)?;
     }
     if index::rewrite_subject(manifest, lookup)? {
         rewritten_references += 1;
@@ -675,12 +808,38 @@ pub fn rewrite(
     })
 }
 
-/// The config and layers half of [`rewrite`] for image manifests; returns how many layers were
-/// encrypted.
+/// Refuses a manifest or index that carries the ledger records' type as its `artifactType` or
+/// config media type (compared without regard to ASCII case): only the gateway writes those,
+/// and straight to the registry, never through a client's manifest PUT.
+fn refuse_ledger_lookalike(manifest: &Map<String, Value>) -> Result<(), ManifestError> {
+    let is_ledger = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .filter(|t| t.trim().eq_ignore_ascii_case(ledger::LEDGER_ARTIFACT_TYPE))
+            .map(str::to_string)
+    };
+    if let Some(media_type) = is_ledger(manifest.get("artifactType")) {
+        return Err(ManifestError::LedgerLookalike {
+            field: "artifactType".to_string(),
+            media_type,
+        });
+    }
+    let config_type = manifest.get("config").and_then(|c| c.get("mediaType"));
+    if let Some(media_type) = is_ledger(config_type) {
+        return Err(ManifestError::LedgerLookalike {
+            field: "config.mediaType".to_string(),
+            media_type,
+        });
+    }
+    Ok(())
+}
+
+/// The config and layers half of [`rewrite_with`] for image manifests; returns how many layers
+/// were encrypted.
 fn rewrite_image(
     manifest: &mut Map<String, Value>,
     kind: Kind,
     lookup: &dyn Fn(&Digest) -> Option<LedgerEntry>,
+    options: &RewriteOptions,
 ) -> Result<usize, ManifestError> {
     let blob = |d: &Digest| lookup(d).filter(|entry| !entry.is_manifest());
 
@@ -732,32 +891,28 @@ fn rewrite_image(
         let mut media_type = pushed_type.as_str();
         if kind == Kind::Docker {
             if let Some(oci) = docker_layer_to_oci(media_type) {
-                object.insert("mediaType".to_string(), Value::String(oci.to_string()));
                 media_type = oci;
             }
         }
         let digest = Digest::parse(&descriptor.digest).ok();
         let entry = digest.as_ref().and_then(blob);
 
-        if media_type.ends_with(spec::ENCRYPTED_SUFFIX) {
-            if !spec::is_known_encrypted(media_type) {
-                return Err(ManifestError::UnknownEncryptedType {
-                    layer: index,
-                    digest: descriptor.digest,
-                    media_type: pushed_type,
-                });
-            }
-            if let (Some(digest), Some(_)) = (digest, entry) {
-                return Err(ManifestError::ReEncrypted {
-                    layer: index,
-                    digest,
-                    media_type: pushed_type,
-                });
-            }
-            continue;
-        }
-        match (spec::encrypted_media_type(media_type), entry, digest) {
-            (Some(encrypted_type), Some(entry), Some(digest)) => {
+        match spec::layer_rule(media_type) {
+            spec::LayerRule::Plain { encrypted } => {
+                let (Some(entry), Some(digest)) = (entry, digest) else {
+                    return Err(match digest {
+                        Some(digest) => ManifestError::NotUploadedThroughGateway {
+                            layer: index,
+                            digest,
+                            media_type: pushed_type,
+                        },
+                        None => ManifestError::UnsupportedDigest {
+                            layer: index,
+                            digest: descriptor.digest,
+                            media_type: pushed_type,
+                        },
+                    });
+                };
                 if descriptor.size != entry.size {
                     return Err(ManifestError::SizeMismatch {
                         layer: index,
@@ -766,34 +921,146 @@ fn rewrite_image(
                         uploaded: entry.size,
                     });
                 }
-                encrypt_descriptor(object, encrypted_type, &entry, &path)?;
+                encrypt_descriptor(object, encrypted, &entry, &path)?;
                 encrypted_layers += 1;
             }
-            (None, Some(_), Some(digest)) => {
-                return Err(ManifestError::EncryptedWithoutDecryptor {
-                    layer: index,
-                    digest,
-                    media_type: pushed_type,
-                });
+            spec::LayerRule::Encrypted => match (digest, entry) {
+                (Some(digest), Some(entry)) if entry.encrypted_digest == digest => {
+                    check_as_stored(object, index, digest, descriptor.size, &entry, &path)?;
+                }
+                (Some(digest), Some(_)) => {
+                    return Err(ManifestError::ReEncrypted {
+                        layer: index,
+                        digest,
+                        media_type: pushed_type,
+                    });
+                }
+                _ if !options.accept_encrypted => {
+                    return Err(ManifestError::EncryptedNotAccepted {
+                        layer: index,
+                        digest: descriptor.digest,
+                        media_type: pushed_type,
+                    });
+                }
+                _ => {
+                    let annotations = match object.get("annotations") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::Object(annotations)) => Some(annotations),
+                        Some(_) => {
+                            return Err(malformed(
+                                format!("{path}.annotations"),
+                                "is not a JSON object",
+                            ))
+                        }
+                    };
+                    spec::check_encryption_annotations(annotations).map_err(|e| {
+                        ManifestError::EncryptionAnnotations {
+                            layer: index,
+                            digest: descriptor.digest.clone(),
+                            media_type: pushed_type.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                }
+            },
+            spec::LayerRule::Data => {
+                if let (Some(digest), Some(_)) = (digest, entry) {
+                    return Err(ManifestError::EncryptedWithoutDecryptor {
+                        layer: index,
+                        digest,
+                        media_type: pushed_type,
+                    });
+                }
             }
-            (Some(_), None, _) if is_external(media_type, object) => {}
-            (Some(_), None, Some(digest)) => {
-                return Err(ManifestError::NotUploadedThroughGateway {
-                    layer: index,
-                    digest,
-                    media_type: pushed_type,
-                });
-            }
-            (Some(_), _, None) => {
-                return Err(ManifestError::UnsupportedDigest {
+            spec::LayerRule::NonDistributable => {
+                return Err(ManifestError::NonDistributable {
                     layer: index,
                     digest: descriptor.digest,
                     media_type: pushed_type,
                 });
             }
-            // Not an image layer and not encrypted by the gateway: leave it.
-            (None, None, _) | (None, Some(_), None) => {}
+            spec::LayerRule::Refused => {
+                return Err(match (digest, entry) {
+                    (Some(digest), Some(_)) => ManifestError::EncryptedWithoutDecryptor {
+                        layer: index,
+                        digest,
+                        media_type: pushed_type,
+                    },
+                    _ if media_type.ends_with(spec::ENCRYPTED_SUFFIX) => {
+                        ManifestError::UnknownEncryptedType {
+                            layer: index,
+                            digest: descriptor.digest,
+                            media_type: pushed_type,
+                        }
+                    }
+                    _ => ManifestError::LayerTypeNotAllowed {
+                        layer: index,
+                        digest: descriptor.digest,
+                        media_type: pushed_type,
+                    },
+                });
+            }
         }
     }
     Ok(encrypted_layers)
+}
+
+/// Checks that an encrypted descriptor naming the gateway's own ciphertext `digest` is the one
+/// the gateway wrote for it: the entry's size, exactly the entry's `enc.*` annotations (other
+/// annotations are the client's and stay), and neither `urls` nor `data`, which the gateway
+/// drops.
+fn check_as_stored(
+    object: &Map<String, Value>,
+    layer: usize,
+    digest: Digest,
+    size: u64,
+    entry: &LedgerEntry,
+    path: &str,
+) -> Result<(), ManifestError> {
+    let differs = |reason: String| ManifestError::NotAsStored {
+        layer,
+        digest,
+        reason,
+    };
+    if size != entry.size {
+        return Err(differs(format!(
+            "it declares size {size} where the gateway stored {}",
+            entry.size
+        )));
+    }
+    let mut enc = std::collections::BTreeMap::new();
+    match object.get("annotations") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(annotations)) => {
+            for (key, value) in annotations {
+                if key.starts_with(spec::ANNOTATION_ENC_PREFIX) {
+                    enc.insert(key.clone(), value.as_str().map(str::to_string));
+                }
+            }
+        }
+        Some(_) => {
+            return Err(malformed(
+                format!("{path}.annotations"),
+                "is not a JSON object",
+            ))
+        }
+    }
+    let stored: std::collections::BTreeMap<String, Option<String>> = entry
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), Some(v.clone())))
+        .collect();
+    if enc != stored {
+        return Err(differs(
+            "its org.opencontainers.image.enc.* annotations differ from the ones the gateway wrote"
+                .to_string(),
+        ));
+    }
+    if let Some(field) = ["urls", "data"]
+        .into_iter()
+        .find(|f| object.contains_key(*f))
+    {
+        return Err(differs(format!("it carries {field}")));
+    }
+    Ok(())
 }

@@ -1,5 +1,7 @@
 //! Which repositories are encrypted: glob rules over repository names `<project>/<repo...>`,
-//! first match wins, a default for the rest.
+//! first match wins, a default for the rest. An `encrypt` rule may also accept images encrypted
+//! before the push ([`Rule::accept_encrypted`], [`Policy::accepts_encrypted`]); nothing else
+//! does.
 //!
 //! Pattern syntax, segment by segment (segments are separated by `/`):
 //! - `**` as a whole segment matches any number of segments, including none, so `demo/**`
@@ -213,6 +215,21 @@ pub struct Rule {
     pub pattern: Pattern,
     /// What to do with them.
     pub action: Action,
+    /// For an [`Action::Encrypt`] rule: images whose layers were encrypted before the push (by
+    /// the pipeline, with well-formed ocicrypt annotations) are accepted as they are. Off by
+    /// default: every layer must be one the gateway encrypted.
+    pub accept_encrypted: bool,
+}
+
+impl Rule {
+    /// A rule that does not accept images encrypted before the push.
+    pub fn new(pattern: Pattern, action: Action) -> Self {
+        Rule {
+            pattern,
+            action,
+            accept_encrypted: false,
+        }
+    }
 }
 
 /// Ordered rules plus a default: the first rule whose pattern matches decides.
@@ -236,6 +253,16 @@ impl Policy {
             .iter()
             .find(|rule| rule.pattern.matches(repository))
             .map_or(self.default, |rule| rule.action)
+    }
+
+    /// Whether an encrypted repository accepts images encrypted before the push: the first
+    /// matching rule decides (like [`Policy::action`]), and only an `encrypt` rule with
+    /// `accept_encrypted` says yes; the default never does.
+    pub fn accepts_encrypted(&self, repository: &str) -> bool {
+        self.rules
+            .iter()
+            .find(|rule| rule.pattern.matches(repository))
+            .is_some_and(|rule| rule.action == Action::Encrypt && rule.accept_encrypted)
     }
 }
 
@@ -386,18 +413,9 @@ mod tests {
     fn policy_first_match_wins_else_default() {
         let policy = Policy::new(
             vec![
-                Rule {
-                    pattern: pattern("demo/public-*"),
-                    action: Action::Passthrough,
-                },
-                Rule {
-                    pattern: pattern("demo/**"),
-                    action: Action::Encrypt,
-                },
-                Rule {
-                    pattern: pattern("demo/other"),
-                    action: Action::Passthrough,
-                },
+                Rule::new(pattern("demo/public-*"), Action::Passthrough),
+                Rule::new(pattern("demo/**"), Action::Encrypt),
+                Rule::new(pattern("demo/other"), Action::Passthrough),
             ],
             Action::Passthrough,
         );
@@ -412,10 +430,7 @@ mod tests {
             assert_eq!(policy.action(repo), want, "{repo}");
         }
         let strict = Policy::new(
-            vec![Rule {
-                pattern: pattern("open/**"),
-                action: Action::Passthrough,
-            }],
+            vec![Rule::new(pattern("open/**"), Action::Passthrough)],
             Action::Encrypt,
         );
         assert_eq!(strict.action("open/x"), Action::Passthrough);
@@ -424,6 +439,44 @@ mod tests {
             Policy::new(vec![], Action::Encrypt).action("a/b"),
             Action::Encrypt
         );
+    }
+
+    #[test]
+    fn accept_encrypted_first_match_decides() {
+        let opt_in = |p: &str| Rule {
+            accept_encrypted: true,
+            ..Rule::new(pattern(p), Action::Encrypt)
+        };
+        let policy = Policy::new(
+            vec![
+                Rule::new(pattern("demo/strict-*"), Action::Encrypt),
+                opt_in("demo/**"),
+                Rule::new(pattern("plain/**"), Action::Passthrough),
+                // Never reached for demo/…: the first match decides.
+                Rule::new(pattern("demo/app"), Action::Encrypt),
+            ],
+            Action::Encrypt,
+        );
+        for (repo, want) in [
+            ("demo/app", true),
+            ("demo/x/y", true),
+            ("demo/strict-app", false),
+            ("plain/app", false),
+            // The default action has no opt-in.
+            ("other/app", false),
+        ] {
+            assert_eq!(policy.accepts_encrypted(repo), want, "{repo}");
+        }
+        // A passthrough rule never accepts (its repositories are not encrypted at all).
+        let odd = Policy::new(
+            vec![Rule {
+                accept_encrypted: true,
+                ..Rule::new(pattern("x/**"), Action::Passthrough)
+            }],
+            Action::Passthrough,
+        );
+        assert!(!odd.accepts_encrypted("x/y"));
+        assert!(!Policy::new(vec![], Action::Encrypt).accepts_encrypted("a/b"));
     }
 
     #[test]

@@ -691,3 +691,121 @@ fn error_for_rsa_key_reads_well() {
         "{message}"
     );
 }
+
+#[test]
+fn accept_encrypted_is_a_strict_per_rule_opt_in() {
+    // Default: no rule accepts images encrypted before the push.
+    let config = parse(&good()).unwrap();
+    for repo in ["demo/app", "secret/x", "demo/public-docs", "other/x"] {
+        assert!(!config.policy.accepts_encrypted(repo), "{repo}");
+        assert!(!config.rewrite_options(repo).accept_encrypted, "{repo}");
+    }
+    assert!(config.policy.rules.iter().all(|r| !r.accept_encrypted));
+
+    let config = parse(&edit("/policy/rules/2/accept_encrypted", Some(json!(true)))).unwrap();
+    assert!(config.policy.rules[2].accept_encrypted);
+    assert!(config.policy.accepts_encrypted("secret/x"));
+    assert!(config.rewrite_options("secret/x").accept_encrypted);
+    assert!(!config.policy.accepts_encrypted("demo/app"));
+    // Explicit false, on any rule, is the default.
+    let config = parse(&edit(
+        "/policy/rules/0/accept_encrypted",
+        Some(json!(false)),
+    ))
+    .unwrap();
+    assert!(!config.policy.accepts_encrypted("demo/public-docs"));
+    // null reads as absent, like every optional field.
+    let config = parse(&edit("/policy/rules/1/accept_encrypted", Some(Value::Null))).unwrap();
+    assert!(!config.policy.accepts_encrypted("demo/app"));
+
+    let cases: Vec<(&str, Value, &str, Check, &[&str])> = vec![
+        (
+            "accept_encrypted not a boolean",
+            edit("/policy/rules/1/accept_encrypted", Some(json!("yes"))),
+            "policy.rules[1].accept_encrypted",
+            |e| {
+                matches!(
+                    e,
+                    ConfigError::Type {
+                        expected: "true or false",
+                        found: "a string",
+                        ..
+                    }
+                )
+            },
+            &["expected true or false"],
+        ),
+        (
+            "accept_encrypted on a passthrough rule",
+            edit("/policy/rules/0/accept_encrypted", Some(json!(true))),
+            "policy.rules[0].accept_encrypted",
+            |e| matches!(e, ConfigError::AcceptEncryptedOnPassthrough { .. }),
+            &["only applies to \"encrypt\" rules"],
+        ),
+        (
+            "accept_encrypted misspelt",
+            edit("/policy/rules/1/accept_encrypt", Some(json!(true))),
+            "policy.rules[1]",
+            |e| matches!(e, ConfigError::Shape { .. }),
+            &["unknown field `accept_encrypt`", "accept_encrypted"],
+        ),
+        (
+            "accept_encrypted as a policy-wide field",
+            edit("/policy/accept_encrypted", Some(json!(true))),
+            "policy",
+            |e| matches!(e, ConfigError::Shape { .. }),
+            &["unknown field `accept_encrypted`"],
+        ),
+    ];
+    for (name, config, path, check, says) in cases {
+        let err = match parse(&config) {
+            Ok(_) => panic!("{name}: accepted"),
+            Err(e) => e,
+        };
+        assert!(check(&err), "{name}: wrong error {err:?}");
+        assert_eq!(err.path(), path, "{name}");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("{path}: ")),
+            "{name}: {message}"
+        );
+        for fragment in says {
+            assert!(
+                message.contains(fragment),
+                "{name}: {message:?} lacks {fragment:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn max_ledger_lookups_limit() {
+    use ocicrypt_core::config::DEFAULT_MAX_LEDGER_LOOKUPS;
+    assert_eq!(DEFAULT_MAX_LEDGER_LOOKUPS, 128);
+    assert_eq!(parse(&good()).unwrap().max_ledger_lookups, 128);
+    let minimal = parse(&json!({"registry": {"cluster": "r"}})).unwrap();
+    assert_eq!(minimal.max_ledger_lookups, 128);
+    for (n, ok) in [
+        (0u64, false),
+        (1, true),
+        (128, true),
+        (1024, true),
+        (1025, false),
+    ] {
+        let result = parse(&edit("/limits/max_ledger_lookups", Some(json!(n))));
+        assert_eq!(result.is_ok(), ok, "{n}: {result:?}");
+        match result {
+            Ok(config) => assert_eq!(config.max_ledger_lookups as u64, n),
+            Err(e) => {
+                assert_eq!(e.path(), "limits.max_ledger_lookups");
+                assert!(e.to_string().contains("from 1 to 1024"), "{e}");
+            }
+        }
+    }
+    let err = parse(&edit("/limits/max_ledger_lookups", Some(json!("128")))).unwrap_err();
+    assert!(matches!(err, ConfigError::Type { .. }), "{err:?}");
+    // The other limits are unaffected.
+    let config = parse(&edit("/limits/max_ledger_lookups", Some(json!(64)))).unwrap();
+    assert_eq!(config.max_manifest_bytes, 1 << 20);
+    assert_eq!(config.keystream_prefetch_bytes, 8 << 20);
+}

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::manifest::{rewrite, ManifestError, Rewritten};
+use ocicrypt_core::manifest::{rewrite, ManifestError, RewriteOptions, Rewritten};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -40,6 +40,18 @@ pub fn rewrite_with(
 ) -> Result<Rewritten, ManifestError> {
     let lookup = move |d: &Digest| ledger.get(d).cloned();
     rewrite(body, content_type, &lookup)
+}
+
+/// [`rewrite_with`] with explicit options (for repositories that accept images encrypted
+/// before the push).
+pub fn rewrite_opts(
+    body: &[u8],
+    content_type: &str,
+    ledger: BTreeMap<Digest, LedgerEntry>,
+    options: &RewriteOptions,
+) -> Result<Rewritten, ManifestError> {
+    let lookup = move |d: &Digest| ledger.get(d).cloned();
+    ocicrypt_core::manifest::rewrite_with(body, content_type, &lookup, options)
 }
 
 /// What a refusal table case expects of the error.

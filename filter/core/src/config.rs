@@ -287,7 +287,8 @@ mod raw {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Replicas {
-        pub(super) state_key: Value,
+        pub(super) state_key: Option<Value>,
+        pub(super) state_key_env: Option<Value>,
     }
 
     #[derive(serde::Deserialize)]
@@ -470,6 +471,16 @@ fn is_project_name(name: &str) -> bool {
 impl Config {
     /// Parses and validates the plugin configuration.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Self::parse_with_env(bytes, &|_| None)
+    }
+
+    /// [`Config::parse`] where `env` answers the VM's environment variables (secrets such as
+    /// `replicas.state_key_env` are taken from there, so that they never sit in the plugin
+    /// configuration Envoy's `/config_dump` and Istio's `WasmPlugin` show).
+    pub fn parse_with_env(
+        bytes: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let document: Value = serde_json::from_slice(bytes).map_err(|e| ConfigError::Json {
             reason: e.to_string(),
         })?;
@@ -492,7 +503,7 @@ impl Config {
             None => None,
         };
         let state_key = match top.replicas {
-            Some(value) => Some(compile_replicas(value)?),
+            Some(value) => Some(compile_replicas(value, env)?),
             None => None,
         };
         Ok(Config {
@@ -597,11 +608,43 @@ fn compile_projects(value: Value) -> Result<BTreeMap<String, Vec<Recipient>>, Co
     Ok(projects)
 }
 
-fn compile_replicas(value: Value) -> Result<StateKey, ConfigError> {
+fn compile_replicas(
+    value: Value,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<StateKey, ConfigError> {
     use base64::Engine as _;
     let replicas: raw::Replicas = object(value, "replicas")?;
-    let path = "replicas.state_key";
-    let text = zeroize::Zeroizing::new(string(replicas.state_key, path)?);
+    let (path, text) = match (
+        replicas.state_key.filter(|v| !v.is_null()),
+        replicas.state_key_env.filter(|v| !v.is_null()),
+    ) {
+        (Some(inline), None) => (
+            "replicas.state_key",
+            zeroize::Zeroizing::new(string(inline, "replicas.state_key")?),
+        ),
+        (None, Some(name)) => {
+            let path = "replicas.state_key_env";
+            let name = string(name, path)?;
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            let value = valid.then(|| env(&name)).flatten();
+            let Some(value) = value else {
+                return Err(ConfigError::Empty {
+                    path: path.to_string(),
+                    hint: "name an environment variable (A-Z, 0-9, _) that the VM is given and that holds the key: Envoy vm_config.environment_variables.host_env_keys, Istio WasmPlugin vmConfig.env",
+                });
+            };
+            (path, zeroize::Zeroizing::new(value))
+        }
+        _ => {
+            return Err(ConfigError::Empty {
+                path: "replicas".to_string(),
+                hint: "give exactly one of state_key_env (the environment variable holding the key: recommended) and state_key (the key inline)",
+            })
+        }
+    };
     let bytes = zeroize::Zeroizing::new(
         base64::engine::general_purpose::STANDARD
             .decode(text.trim())

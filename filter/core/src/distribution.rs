@@ -116,11 +116,11 @@ pub fn route(method: &str, path: &str) -> Route {
     Route::Other
 }
 
-/// True for a write (`POST`, `PUT`, `PATCH`) under `/v2/` whose path is not in canonical form:
+/// True for a write (`POST`, `PUT`, `PATCH`, `DELETE`) under `/v2/` whose path is not in canonical form:
 /// percent-escapes, empty or dot segments, backslashes. Another parser (the registry's) could
 /// read a repository name out of it that [`route`] did not, so the gateway refuses it.
 pub fn is_ambiguous_write(method: &str, path: &str) -> bool {
-    if !matches!(method, "POST" | "PUT" | "PATCH") {
+    if !matches!(method, "POST" | "PUT" | "PATCH" | "DELETE") {
         return false;
     }
     let path_only = path.split_once('?').map_or(path, |(p, _)| p);

@@ -22,6 +22,9 @@ pub enum Code {
     Unavailable,
     /// 500: a bug or host failure; nothing was forwarded in plaintext.
     Unknown,
+    /// 502: the registry answered something the gateway must not follow (a `Location` out of
+    /// the repository or off the gateway, a redirect, a `Range` that is not what was sent).
+    BadGateway,
 }
 
 impl Code {
@@ -36,7 +39,7 @@ impl Code {
             Code::Denied => "DENIED",
             Code::Unsupported => "UNSUPPORTED",
             Code::Unavailable => "UNAVAILABLE",
-            Code::Unknown => "UNKNOWN",
+            Code::Unknown | Code::BadGateway => "UNKNOWN",
         }
     }
 
@@ -50,6 +53,7 @@ impl Code {
             Code::Unsupported => 405,
             Code::Unavailable => 503,
             Code::Unknown => 500,
+            Code::BadGateway => 502,
         }
     }
 }

@@ -21,7 +21,8 @@ pub fn recipients_target(project: &str) -> String {
 
 /// Shared-data key of a project's record.
 pub fn record_key(project: &str) -> String {
-    format!("ocicrypt/keys/{project}")
+    // Under a folder of its own: no project name can collide with the list of projects.
+    format!("ocicrypt/keys/project/{project}")
 }
 
 /// Shared-data key of the newest trusted TUF metadata (exact bytes).

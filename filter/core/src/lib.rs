@@ -27,6 +27,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod policy;
 pub mod recipients;
+pub mod session;
 pub mod sha256;
 pub mod simd;
 pub mod spec;

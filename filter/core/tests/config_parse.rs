@@ -809,3 +809,63 @@ fn max_ledger_lookups_limit() {
     assert_eq!(config.max_manifest_bytes, 1 << 20);
     assert_eq!(config.keystream_prefetch_bytes, 8 << 20);
 }
+
+fn with_replicas(replicas: Value) -> Vec<u8> {
+    let mut cfg = good();
+    cfg["replicas"] = replicas;
+    serde_json::to_vec(&cfg).unwrap()
+}
+
+const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+#[test]
+fn state_key_comes_inline_or_from_the_environment() {
+    let inline = Config::parse(&with_replicas(json!({"state_key": KEY_B64}))).unwrap();
+    let key = inline.state_key.unwrap();
+    assert_eq!(key.0[31], 31);
+
+    let env = |name: &str| (name == "OCICRYPT_STATE_KEY").then(|| KEY_B64.to_string());
+    let from_env = Config::parse_with_env(
+        &with_replicas(json!({"state_key_env": "OCICRYPT_STATE_KEY"})),
+        &env,
+    )
+    .unwrap();
+    assert_eq!(*from_env.state_key.unwrap().0, *key.0);
+}
+
+#[test]
+fn state_key_refusals_name_the_field() {
+    let env = |name: &str| match name {
+        "OCICRYPT_STATE_KEY" => Some(KEY_B64.to_string()),
+        "SHORT" => Some("c2hvcnQ=".to_string()),
+        _ => None,
+    };
+    let cases = [
+        (json!({"state_key_env": "UNSET"}), "replicas.state_key_env"),
+        (
+            json!({"state_key_env": "bad name"}),
+            "replicas.state_key_env",
+        ),
+        (json!({"state_key_env": "SHORT"}), "replicas.state_key_env"),
+        (json!({"state_key_env": 5}), "replicas.state_key_env"),
+        (
+            json!({"state_key": KEY_B64, "state_key_env": "OCICRYPT_STATE_KEY"}),
+            "replicas",
+        ),
+        (json!({}), "replicas"),
+        (json!({"state_key": "c2hvcnQ="}), "replicas.state_key"),
+        (json!({"state_key": KEY_B64, "extra": 1}), "replicas"),
+    ];
+    for (replicas, path) in cases {
+        let err = match Config::parse_with_env(&with_replicas(replicas.clone()), &env) {
+            Err(e) => e,
+            Ok(_) => panic!("accepted {replicas}"),
+        };
+        assert!(
+            err.path().starts_with(path),
+            "{replicas}: {err} ({})",
+            err.path()
+        );
+        assert!(!err.to_string().contains(KEY_B64), "{err}");
+    }
+}

@@ -1,18 +1,15 @@
 //! Recipient keys in the adapter: verified records in Envoy shared data, and the callouts that
 //! run a key-service [`Lookup`]. Both the root context's timer and a stream that finds no usable
 //! record drive lookups; whoever finishes one publishes its result to every worker.
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
+use crate::host::{self, SharedData};
 use ocicrypt_core::config::{Config, KeyServiceConfig};
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::keyservice::{self, KeyRecord, Lookup, Next, Request, TrustedMetadata};
 use ocicrypt_core::recipients::Recipient;
 use ocicrypt_core::tuf::MetadataCache;
 use ocicrypt_core::upload::Store;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType};
-
-use crate::host::SharedData;
 
 /// Shared-data key listing the projects whose keys the timer keeps fresh.
 const PROJECTS_KEY: &str = "ocicrypt/keys/projects";
@@ -24,10 +21,7 @@ const RETRY_AFTER_FAILURE_SECS: i64 = 5;
 
 /// Unix seconds from the host clock.
 pub fn now() -> i64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    host::now_since_epoch().map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// What a stream can do about a project's recipients right now.
@@ -109,14 +103,12 @@ pub fn dispatch(ks: &KeyServiceConfig, req: &Request) -> Result<u32, ()> {
         (":path", req.path.as_str()),
         (":authority", ks.authority.as_str()),
     ];
-    hostcalls::dispatch_http_call(
+    host::dispatch(
         &ks.cluster,
         headers,
         None,
-        vec![],
         Duration::from_millis(ks.timeout_ms),
     )
-    .map_err(|_| ())
 }
 
 /// Where a lookup stands after being driven.
@@ -141,20 +133,15 @@ pub fn drive(ks: &KeyServiceConfig, mut lookup: Lookup, mut next: Next) -> Drive
     }
 }
 
-/// Status and body of the callout answer being delivered.
+/// Status and body of the callout answer being delivered. A callout that failed after its
+/// headers (a body cut short, a timeout, an answer over Envoy's limit) has no answer to read:
+/// status 0, which the lookup counts as unanswered (fails closed), never a panic.
 pub fn response(body_size: usize) -> (u16, Vec<u8>) {
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = if body_size == 0 {
+    let status = host::call_status().unwrap_or(0);
+    let body = if status == 0 {
         Vec::new()
     } else {
-        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default()
+        host::call_body(body_size).unwrap_or_default()
     };
     (status, body)
 }
@@ -178,7 +165,7 @@ pub fn publish(records: &[(String, KeyRecord)], metadata: Option<TrustedMetadata
 /// Adds a project to the set the timer refreshes.
 fn remember(project: &str) {
     for _ in 0..4 {
-        let Ok((value, cas)) = hostcalls::get_shared_data(PROJECTS_KEY) else {
+        let Some((value, cas)) = SharedData.get_cas(PROJECTS_KEY) else {
             return;
         };
         let mut projects: Vec<String> = value
@@ -190,7 +177,7 @@ fn remember(project: &str) {
         projects.push(project.to_string());
         let bytes = serde_json::to_vec(&projects).unwrap_or_default();
         // Compare-and-set: two workers adding projects at once must not lose one.
-        if hostcalls::set_shared_data(PROJECTS_KEY, Some(&bytes), cas).is_ok() {
+        if SharedData.set_cas(PROJECTS_KEY, &bytes, cas) {
             return;
         }
     }
@@ -206,7 +193,7 @@ pub fn projects() -> Vec<String> {
 
 /// Takes the refresh lease for `secs` when no other worker holds it.
 pub fn take_lease(now: i64, secs: i64) -> bool {
-    let Ok((value, cas)) = hostcalls::get_shared_data(LEASE_KEY) else {
+    let Some((value, cas)) = SharedData.get_cas(LEASE_KEY) else {
         return false;
     };
     let until = value
@@ -220,5 +207,5 @@ pub fn take_lease(now: i64, secs: i64) -> bool {
         return false;
     }
     let next = (now + secs).to_string();
-    hostcalls::set_shared_data(LEASE_KEY, Some(next.as_bytes()), cas).is_ok()
+    SharedData.set_cas(LEASE_KEY, next.as_bytes(), cas)
 }

@@ -1,6 +1,8 @@
 //! proxy-wasm adapter: Envoy's callbacks go to `ocicrypt_core`, whose answers become host
-//! calls. Only `proxy_wasm::hostcalls::*` are used: they return `Result`, where the SDK's trait
-//! helpers panic on a host error and trap the VM.
+//! calls. Host calls go through `host` on our own bindings (`abi`), which return `Result` for
+//! every host status and never decode bytes as UTF-8 behind the caller's back: the SDK's
+//! `hostcalls` panic on an unexpected status or a header value that is not UTF-8, and a panic
+//! traps the VM (see "Host calls audited" in docs/operators-guide.md).
 #![cfg_attr(
     test,
     allow(
@@ -11,6 +13,7 @@
     )
 )]
 
+mod abi;
 mod gateway;
 mod host;
 mod keys;
@@ -24,7 +27,7 @@ use std::time::Duration;
 use ocicrypt_core::config::{Config, KeyServiceConfig};
 use ocicrypt_core::keyservice::{Lookup, Next};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, LogLevel};
+use proxy_wasm::types::{ContextType, LogLevel};
 
 // The macro defines the module's `_start`; it cannot carry a doc comment.
 #[allow(missing_docs)]
@@ -97,17 +100,13 @@ impl RootContext for Root {
     }
 
     fn on_configure(&mut self, size: usize) -> bool {
-        let bytes =
-            match proxy_wasm::hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
-                Ok(Some(b)) => b,
-                _ => {
-                    host::log(
-                        LogLevel::Critical,
-                        "ocicrypt-filter: no plugin configuration; refusing to start",
-                    );
-                    return false;
-                }
-            };
+        let Some(bytes) = host::plugin_configuration(size) else {
+            host::log(
+                LogLevel::Critical,
+                "ocicrypt-filter: no plugin configuration; refusing to start",
+            );
+            return false;
+        };
         match Config::parse(&bytes) {
             Ok(config) => {
                 host::log(LogLevel::Info, "ocicrypt-filter: configuration loaded");
@@ -125,7 +124,7 @@ impl RootContext for Root {
                 let seconds = refresh.map_or(heartbeat, |ks| ks.refresh_seconds.min(heartbeat));
                 {
                     let period = Duration::from_secs(seconds.max(1));
-                    if proxy_wasm::hostcalls::set_tick_period(period).is_err() {
+                    if !host::set_tick_period(period) {
                         host::log(
                             LogLevel::Critical,
                             "ocicrypt-filter: cannot set the key-service refresh timer",

@@ -3,8 +3,9 @@
 //! (`wasmcustom_ocicrypt_…` on `/stats/prometheus`).
 use ocicrypt_core::error::Code;
 use ocicrypt_core::keyservice::{KeyRecord, TrustedMetadata};
-use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+
+use crate::host;
 
 /// Ids of the defined metrics (0 when a definition failed: updates then fail quietly).
 #[derive(Default)]
@@ -42,7 +43,7 @@ const REFUSAL_CODES: [Code; 9] = [
 const TUF_ROLES: [&str; 4] = ["root", "timestamp", "snapshot", "targets"];
 
 fn define(kind: MetricType, name: &str) -> u32 {
-    hostcalls::define_metric(kind, name).unwrap_or(0)
+    host::define_metric(kind, name)
 }
 
 impl Metrics {
@@ -85,9 +86,7 @@ impl Metrics {
     }
 
     fn add(id: u32, n: i64) {
-        if id != 0 {
-            let _ = hostcalls::increment_metric(id, n);
-        }
+        host::increment_metric(id, n);
     }
 
     /// A blob was committed encrypted.
@@ -97,9 +96,7 @@ impl Metrics {
             self.bytes_encrypted,
             i64::try_from(size).unwrap_or(i64::MAX),
         );
-        if self.layer_size != 0 {
-            let _ = hostcalls::record_metric(self.layer_size, size);
-        }
+        host::record_metric(self.layer_size, size);
     }
 
     /// A JSON blob was committed as pushed.
@@ -134,9 +131,7 @@ impl Metrics {
                 for (role, version) in &record.versions {
                     if let Some(i) = TUF_ROLES.iter().position(|r| r == role) {
                         if let Some(&id) = self.tuf_versions.get(i) {
-                            if id != 0 {
-                                let _ = hostcalls::record_metric(id, *version);
-                            }
+                            host::record_metric(id, *version);
                         }
                     }
                 }

@@ -19,12 +19,11 @@ use std::rc::Rc;
 use ocicrypt_core::blockcipher::LayerEncryptor;
 use ocicrypt_core::error::OciError;
 use ocicrypt_core::keystream::{Prefetcher, Segment, SegmentRequest, Tally};
-use ocicrypt_core::upload::{BodyVerdict, ChunkStream};
-use proxy_wasm::hostcalls;
+use ocicrypt_core::upload::{BodyVerdict, ChunkStream, Store};
 use proxy_wasm::types::LogLevel;
 use rand_core::{OsRng, RngCore};
 
-use crate::host;
+use crate::host::{self, SharedData};
 use crate::keys;
 use crate::metrics::Metrics;
 
@@ -82,12 +81,10 @@ impl Worker {
             return;
         }
         let tag = format!("{:016x}", OsRng.next_u64());
-        let requests =
-            hostcalls::register_shared_queue(&format!("ocicrypt/keystream/{tag}/requests"));
-        let replies =
-            hostcalls::register_shared_queue(&format!("ocicrypt/keystream/{tag}/replies"));
+        let requests = host::register_queue(&format!("ocicrypt/keystream/{tag}/requests"));
+        let replies = host::register_queue(&format!("ocicrypt/keystream/{tag}/replies"));
         match (requests, replies) {
-            (Ok(requests), Ok(replies)) => {
+            (Some(requests), Some(replies)) => {
                 self.queues = Some(Queues { requests, replies });
                 self.heartbeat(now);
             }
@@ -110,7 +107,7 @@ impl Worker {
             return;
         }
         for _ in 0..4 {
-            let Ok((value, cas)) = hostcalls::get_shared_data(HELPERS_KEY) else {
+            let Some((value, cas)) = SharedData.get_cas(HELPERS_KEY) else {
                 return;
             };
             let mut lines: Vec<Helper> = parse_helpers(value.as_deref().unwrap_or_default())
@@ -124,7 +121,7 @@ impl Worker {
             });
             let skip = lines.len().saturating_sub(MAX_LISTED);
             let text: String = lines.iter().skip(skip).map(Helper::line).collect();
-            if hostcalls::set_shared_data(HELPERS_KEY, Some(text.as_bytes()), cas).is_ok() {
+            if SharedData.set_cas(HELPERS_KEY, text.as_bytes(), cas) {
                 self.last_beat = now;
                 return;
             }
@@ -133,9 +130,9 @@ impl Worker {
 
     /// The helper list as it stands in shared data.
     fn helpers() -> Vec<Helper> {
-        match hostcalls::get_shared_data(HELPERS_KEY) {
-            Ok((Some(value), _)) => parse_helpers(&value),
-            _ => Vec::new(),
+        match SharedData.get(HELPERS_KEY) {
+            Some(value) => parse_helpers(&value),
+            None => Vec::new(),
         }
     }
 
@@ -173,7 +170,7 @@ impl Worker {
             };
             let request = SegmentRequest::for_layer(layer, job, q.replies, offset, len);
             // A request that cannot be queued is simply never answered: those bytes go local.
-            let _ = hostcalls::enqueue_shared_queue(helper, Some(&request.encode()));
+            let _ = host::enqueue(helper, &request.encode());
         }
     }
 
@@ -182,7 +179,7 @@ impl Worker {
         let Some(q) = self.queues else {
             return;
         };
-        while let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(q.replies) {
+        while let Some(bytes) = host::dequeue(q.replies) {
             if let Some(segment) = Segment::decode(bytes) {
                 self.prefetcher.deliver(segment);
             }
@@ -199,7 +196,7 @@ impl Worker {
         } else if queue_id == q.requests {
             // One request per event (Envoy posts one per enqueue): this worker's own streams
             // wait at most one segment's AES.
-            if let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(q.requests) {
+            if let Some(bytes) = host::dequeue(q.requests) {
                 // A request carries the layer key.
                 let bytes = zeroize::Zeroizing::new(bytes);
                 // A VM encrypting streams of its own declines: when every worker is busy,
@@ -211,7 +208,7 @@ impl Worker {
                 }
                 if let Some(request) = SegmentRequest::decode(&bytes) {
                     let answer = request.answer();
-                    if hostcalls::enqueue_shared_queue(request.reply_to, Some(&answer)).is_ok() {
+                    if host::enqueue(request.reply_to, &answer) {
                         self.served = self.served.saturating_add(u64::from(request.len));
                     }
                 }

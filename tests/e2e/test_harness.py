@@ -43,8 +43,9 @@ def test_gateway_answers_through_envoy(plain_stack):
 
 
 def test_rendered_config_with_filter(tmp_path):
-    """Rendering (no processes): the wasm filter sits before the router, fail-closed, with the
-    plugin configuration JSON naming both demo recipients; keys are PKCS#8 / PKIX PEM."""
+    """Rendering (no processes): the wasm filter sits before the router, fail-closed (a VM that
+    traps is reloaded: FAIL_RELOAD), with the plugin configuration JSON naming both demo
+    recipients; keys are PKCS#8 / PKIX PEM."""
     import yaml
 
     opts = gateway.Options(state_dir=tmp_path / "state", wasm_path=tmp_path / "none.wasm",
@@ -57,7 +58,10 @@ def test_rendered_config_with_filter(tmp_path):
     assert names == ["envoy.filters.http.set_filter_state", "envoy.filters.http.wasm",
                      "envoy.filters.http.router"]
     wasm = hcm["http_filters"][1]["typed_config"]["config"]
-    assert wasm["fail_open"] is False and wasm["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
+    # Fail closed and reload a VM that trapped (the deprecated fail_open must not be set too:
+    # Envoy refuses both).
+    assert wasm["failure_policy"] == "FAIL_RELOAD" and "fail_open" not in wasm
+    assert wasm["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
     plugin = json.loads(wasm["configuration"]["value"])
     assert plugin["policy"]["rules"][0] == {"repositories": "x/**", "action": "encrypt"}
     pems = [r["pem"] for r in plugin["projects"]["demo"]["recipients"]]

@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import requests
 
@@ -453,21 +453,27 @@ class AccessLog:
         return "\n".join(rows)
 
 
-def raw_request(addr: str, method: str, path: str, body: bytes, headers: Dict[str, str],
+def raw_request(addr: str, method: str, path: Union[str, bytes], body: bytes,
+                headers: Dict[str, Union[str, bytes]],
                 timeout: float = 60) -> Tuple[int, Dict[str, str], bytes]:
     """One HTTP/1.1 request on a raw socket, the body sent from a thread while the response is
     read, so an early answer (e.g. 413 before the whole body was taken) is seen even when the
-    server stops reading. Returns (status, headers lower-cased, body)."""
+    server stops reading. Header values (and the path) may be bytes, sent exactly as given:
+    bytes that are not UTF-8 (obs-text, 0xFF), which `requests` refuses to send. Returns
+    (status, headers lower-cased, body)."""
     import http.client
     import socket
     import threading
 
+    def raw(v: Union[str, bytes]) -> bytes:
+        return v if isinstance(v, bytes) else v.encode()
+
     host, port = addr.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=timeout)
-    head = [f"{method} {path} HTTP/1.1", f"Host: {addr}", f"Content-Length: {len(body)}",
-            "Connection: close"]
-    head += [f"{k}: {v}" for k, v in headers.items()]
-    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    head = [method.encode() + b" " + raw(path) + b" HTTP/1.1", f"Host: {addr}".encode(),
+            f"Content-Length: {len(body)}".encode(), b"Connection: close"]
+    head += [raw(k) + b": " + raw(v) for k, v in headers.items()]
+    sock.sendall(b"\r\n".join(head) + b"\r\n\r\n")
 
     def send_body():
         try:

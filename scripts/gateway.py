@@ -115,6 +115,10 @@ def ensure_keys(state_dir: Path, project: str = "demo") -> Dict[str, Dict[str, P
 # configuration
 
 
+#: Environment variable that hands Envoy's wasm VM the replicas' state key.
+STATE_KEY_ENV = "OCICRYPT_STATE_KEY"
+
+
 @dataclass
 class Options:
     """What to start and where. Defaults are those of ``scripts/run``."""
@@ -215,7 +219,9 @@ def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]],
             "timeout_ms": 5000,
         }
     if opts.state_key:
-        extra["replicas"] = {"state_key": opts.state_key}
+        # The key reaches the VM through its environment (Envoy's own, passed on by name), so
+        # it is never in the plugin configuration that /config_dump shows.
+        extra["replicas"] = {"state_key_env": STATE_KEY_ENV}
     return {**extra, **{
         "registry": {"cluster": "registry", "timeout_ms": opts.registry_timeout_ms},
         "policy": {
@@ -286,6 +292,8 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
         plugin = wasm_filter["typed_config"]["config"]
         plugin["vm_config"]["code"]["local"]["filename"] = str(opts.wasm_path)
         plugin["configuration"]["value"] = json.dumps(plugin_cfg, indent=2)
+        if opts.state_key:
+            plugin["vm_config"]["environment_variables"] = {"host_env_keys": [STATE_KEY_ENV]}
         if opts.max_manifest_bytes > BUFFER_LIMIT:
             raise GatewayError(
                 "max_manifest_bytes exceeds Envoy's per_connection_buffer_limit_bytes "
@@ -514,11 +522,13 @@ class Gateway:
             header + yaml.safe_dump(envoy_config(o, self.plugin_cfg), sort_keys=False, width=4096)
         )
 
-    def _spawn(self, name: str, argv: List[str], logfile: Path) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: List[str], logfile: Path,
+               env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=self.opts.state_dir, start_new_session=True,
+                env={**os.environ, **env} if env else None,
             )
         self.procs.append((name, proc))
         self._write_pids()
@@ -583,7 +593,8 @@ class Gateway:
                     "--disable-hot-restart", "--log-level", o.envoy_log_level]
             if o.envoy_component_log_level:
                 argv += ["--component-log-level", o.envoy_component_log_level]
-            env = self._spawn("envoy", argv, envoy_log)
+            secrets = {STATE_KEY_ENV: o.state_key} if o.state_key else None
+            env = self._spawn("envoy", argv, envoy_log, env=secrets)
             # Answered through Envoy by the registry (200/401), not a local 5xx of Envoy's.
             self._wait("envoy", env, f"{self.gateway_url}/v2/", lambda s: s in (200, 401),
                        envoy_log)

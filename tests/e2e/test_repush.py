@@ -123,9 +123,7 @@ def test_metrics_after_a_push(stack, tmp_path):
     assert after.get("ocicrypt_uploads_in_flight", 0) == before.get("ocicrypt_uploads_in_flight", 0)
 
 
-def test_image_encrypted_by_the_pipeline_passes_unchanged(stack, tmp_path):
-    """skopeo encrypts in the pipeline (its own recipient); through the gateway the layers are
-    recognised as ciphertext, pass as they are, and the image decrypts with the pipeline's key."""
+def _pipeline_key(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     priv, pub = tmp_path / "pipeline.pem", tmp_path / "pipeline.pub.pem"
     priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
@@ -133,13 +131,46 @@ def test_image_encrypted_by_the_pipeline_passes_unchanged(stack, tmp_path):
                                        serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+def test_image_encrypted_by_the_pipeline_passes_unchanged(stack, tmp_path):
+    """skopeo encrypts in the pipeline (its own recipient); in a repository whose policy rule
+    opts in (`accept_encrypted`, demo/pipeline/** in the test stack) the layers are recognised as
+    ciphertext, pass as they are, and the image decrypts with the pipeline's key."""
+    priv, pub = _pipeline_key(tmp_path)
     image = helpers.build_image(tmp_path / "layout", "v1", 2 * helpers.MIB,
                                 marker=helpers.new_marker())
-    helpers.skopeo_push(image, f"{stack.addr}/demo/pre:v1",
+    helpers.skopeo_push(image, f"{stack.addr}/demo/pipeline/pre:v1",
                         extra=["--encryption-key", f"jwe:{pub}"])
-    manifest = stack.direct().get_manifest("demo/pre", "v1").json()
+    manifest = stack.direct().get_manifest("demo/pipeline/pre", "v1").json()
     assert all(l["mediaType"].endswith("+encrypted") for l in manifest["layers"]), manifest
     out = tmp_path / "out"
-    helpers.skopeo_pull(f"{stack.registry_addr}/demo/pre:v1", out, "v1", keys=[priv])
+    helpers.skopeo_pull(f"{stack.registry_addr}/demo/pipeline/pre:v1", out, "v1", keys=[priv])
     helpers.assert_decrypted_matches(out, "v1", image, exact=False)
     assert not helpers.scan_for(stack.storage, [image.marker.encode()])
+
+
+def test_image_encrypted_by_the_pipeline_is_encrypted_again_without_opt_in(stack, tmp_path):
+    """Without the opt-in every non-JSON blob is encrypted by the gateway, whatever it looks
+    like (a random-looking first chunk once let a plaintext blob through): the OCI manifest that
+    declares the layers `+encrypted` itself is refused; skopeo then falls back to a Docker
+    manifest, which the gateway stores with its own encryption over the pipeline's. Nothing
+    passed as the pipeline pushed it: the pipeline's key alone cannot open what is stored."""
+    priv, pub = _pipeline_key(tmp_path)
+    image = helpers.build_image(tmp_path / "layout", "v1", 1 * helpers.MIB,
+                                marker=helpers.new_marker())
+    log = helpers.AccessLog(stack.opts.access_log)
+    log.mark()
+    helpers.skopeo_push(image, f"{stack.addr}/demo/pre-no:v1",
+                        extra=["--encryption-key", f"jwe:{pub}"], check=False)
+    refused = [e for e in log.entries()
+               if e["method"] == "PUT" and str(e["status"]) == "400"
+               and "/manifests/" in (e.get("upstream_path") or e.get("path") or "")]
+    assert refused, helpers.AccessLog.summary(log.entries())
+    assert not helpers.scan_for(stack.storage, [image.marker.encode()])
+    stored = stack.direct().get_manifest("demo/pre-no", "v1")
+    if stored.status_code == 200:
+        res = helpers.skopeo_pull(f"{stack.registry_addr}/demo/pre-no:v1", tmp_path / "out",
+                                  "v1", keys=[priv], check=False)
+        assert res.returncode != 0, "the pipeline's ciphertext was stored as it was pushed"

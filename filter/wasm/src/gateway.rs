@@ -6,13 +6,14 @@ use ocicrypt_core::config::{Config, KeyServiceConfig};
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::distribution::{self, Route, UploadMethod};
 use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::form::{self, Query};
 use ocicrypt_core::keyservice::{Lookup, Next};
 use ocicrypt_core::ledger::{self, LedgerEntry};
 use ocicrypt_core::manifest;
 use ocicrypt_core::policy::{project_of, Action as PolicyAction};
 use ocicrypt_core::recipients::{fingerprint, Recipient};
+use ocicrypt_core::session;
 use ocicrypt_core::upload::{self, BodyVerdict, ChunkStream, Completion, Store, UploadRecord};
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use rand_core::OsRng;
@@ -56,6 +57,9 @@ enum Flow {
     },
     /// A `HEAD` paused while the registry's ledger is read.
     HeadLookup { repository: String },
+    /// A manifest `DELETE` by digest paused while the manifest is read: ledger manifests are
+    /// the gateway's, and clients cannot delete them.
+    DeleteCheck { repository: String, token: u32 },
     /// A `HEAD` or mount answered from the ledger: the registry is asked about the ciphertext.
     Known {
         repository: String,
@@ -75,6 +79,9 @@ enum Flow {
         client_digest: Option<Digest>,
         /// What was stored, recorded in the ledger once the registry took it.
         entry: Option<LedgerEntry>,
+        /// Fingerprint of the project's current recipients: a layer the ledger holds for other
+        /// recipients (before a rotation) must be pushed again.
+        recipients: String,
     },
 }
 
@@ -134,11 +141,22 @@ pub struct Gateway {
     prefetch: RequestPrefetch,
     /// The request's `Content-Length` (headers cannot be read in body callbacks).
     content_length: Option<u64>,
+    /// The repository of a request the gateway acts on (an encrypted repository): every answer
+    /// the registry gives it is checked before the client sees it.
+    encrypted: Option<String>,
+    /// The path the request went upstream with (a session to delete when the registry's answer
+    /// cannot be followed).
+    upstream_path: String,
+    /// The upload session this stream holds the claim of (released when the stream ends).
+    claimed: Option<String>,
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.prefetch.end(&self.worker, &self.metrics);
+        if let Some(id) = self.claimed.take() {
+            release_session(&id);
+        }
     }
 }
 
@@ -167,6 +185,9 @@ impl Gateway {
             worker,
             prefetch: RequestPrefetch::default(),
             content_length: None,
+            encrypted: None,
+            upstream_path: String::new(),
+            claimed: None,
         }
     }
 
@@ -244,8 +265,7 @@ impl Gateway {
             .clone()
             .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
         match self.on_request_line(&config, self.paused_eos)? {
-            Action::Continue => hostcalls::resume_http_request()
-                .map_err(|_| OciError::new(Code::Unknown, "could not resume the request")),
+            Action::Continue => host::resume_request(),
             _ => Ok(()),
         }
     }
@@ -256,8 +276,20 @@ impl Gateway {
         config: &Config,
         end_of_stream: bool,
     ) -> Result<Action, OciError> {
-        let method = host::header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
-        let path = host::header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        let method = host::header_bytes(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
+        let path = host::header_bytes(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        let read = method == b"GET" || method == b"HEAD";
+        let (Ok(method), Ok(path)) = (String::from_utf8(method), String::from_utf8(path)) else {
+            // Reads pass untouched; a write whose request line the gateway cannot read could
+            // land in an encrypted repository unseen.
+            if read {
+                return Ok(Action::Continue);
+            }
+            return Err(OciError::new(
+                Code::Denied,
+                "write request whose request line is not UTF-8; use the plain /v2/<name>/... form",
+            ));
+        };
         if matches!(method.as_str(), "PUT" | "DELETE") {
             if let Some(reference) = path
                 .split('?')
@@ -274,10 +306,11 @@ impl Gateway {
             }
         }
         let route = distribution::route(&method, &path);
-        // Drop distribution's `_state` (an opaque, signed blob) from log lines.
+        // Upload state stays out of log lines: distribution's `_state` and the gateway's sealed
+        // state (a Location read from a log must not continue anyone's upload).
         self.request = format!(
             "{method} {}",
-            distribution::rewrite_query(&path, &["_state"], &[])
+            distribution::rewrite_query(&path, &["_state", upload::STATE_PARAM], &[])
         );
         let repository = match &route {
             Route::UploadStart { repository, .. }
@@ -285,6 +318,21 @@ impl Gateway {
             | Route::BlobHead { repository, .. }
             | Route::ManifestPut { repository, .. } => repository.clone(),
             Route::Other => {
+                if let Some(repository) = manifest_delete(&method, &path)
+                    .filter(|r| config.policy.action(r) == PolicyAction::Encrypt)
+                {
+                    // A manifest deleted by digest may be one of the gateway's ledger manifests:
+                    // read it (with the client's credentials) before letting the delete go.
+                    self.encrypted = Some(repository.clone());
+                    self.authority = interpreted_header(":authority", Code::BlobUploadInvalid)?
+                        .unwrap_or_default();
+                    self.authorization =
+                        interpreted_header("authorization", Code::BlobUploadInvalid)?;
+                    let token = self.registry_call("GET", &path, None, None)?;
+                    self.paused_eos = end_of_stream;
+                    self.flow = Flow::DeleteCheck { repository, token };
+                    return Ok(Action::Pause);
+                }
                 if distribution::is_ambiguous_write(&method, &path) {
                     // The registry may decode `%2F` or collapse `//` into a repository name the
                     // route above did not see; such a write could land in an encrypted
@@ -300,26 +348,46 @@ impl Gateway {
         if config.policy.action(&repository) != PolicyAction::Encrypt {
             return Ok(Action::Continue);
         }
+        self.encrypted = Some(repository.clone());
+        self.upstream_path = path.clone();
         self.authority =
-            host::header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
-        self.authorization = host::header(MapType::HttpRequestHeaders, "authorization");
+            interpreted_header(":authority", Code::BlobUploadInvalid)?.unwrap_or_default();
+        self.authorization = interpreted_header("authorization", Code::BlobUploadInvalid)?;
+        // The parameters the registry acts on, read as it reads them (uploads only: manifests
+        // and HEADs carry none it reads).
+        let query = match &route {
+            Route::UploadStart { .. } | Route::Upload { .. } => {
+                if form_body_sent() {
+                    return Err(OciError::new(
+                        Code::BlobUploadInvalid,
+                        "upload requests with a form Content-Type are refused on encrypted repositories: the registry would read parameters from the body; send the blob as application/octet-stream",
+                    ));
+                }
+                let raw = path.split_once('?').map_or("", |(_, q)| q);
+                Query::strict(raw, INTERPRETED_PARAMS).map_err(|e| {
+                    OciError::new(
+                        Code::BlobUploadInvalid,
+                        format!("ambiguous upload request ({e}); send each parameter once, with its name unencoded"),
+                    )
+                })?
+            }
+            _ => Query::default(),
+        };
         let has_body = !end_of_stream
             && host::header(MapType::HttpRequestHeaders, "content-length")
                 .is_none_or(|v| v.trim() != "0");
 
         match route {
-            Route::UploadStart { digest, mount, .. } => {
+            Route::UploadStart { .. } => {
+                let digest = query.get("digest").map(str::to_string);
+                let mount = query.get("mount").map(str::to_string);
                 // Fail before any byte is sent when the project cannot be encrypted to.
                 let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
                     return Ok(Action::Pause);
                 };
-                if let (Some(mount), Some(from)) = (
-                    &mount,
-                    path.split_once('?')
-                        .and_then(|(_, q)| distribution::query_param(q, "from")),
-                ) {
+                if let (Some(mount), Some(from)) = (&mount, query.get("from")) {
                     if let Some(action) =
-                        self.mount_encrypted(&repository, mount, &from, &path, &recipients)?
+                        self.mount_encrypted(&repository, mount, from, &path, &recipients)?
                     {
                         return Ok(action);
                     }
@@ -355,10 +423,12 @@ impl Gateway {
                 id,
                 ..
             } => {
-                let (record, had_state) = load_record(config, &id, &repository, &path)?;
-                let start = host::header(MapType::HttpRequestHeaders, "content-range")
+                let (record, had_state) = load_record(config, &id, &repository, &path, &query)?;
+                self.claim_session(&id)?;
+                let start = interpreted_header("content-range", Code::BlobUploadInvalid)?
                     .and_then(|v| distribution::content_range_start(&v));
-                let stream = ChunkStream::new(record, start)?;
+                let stream = ChunkStream::new(record, start)?
+                    .accepting_encrypted(config.policy.accepts_encrypted(&repository));
                 self.flow = Flow::Chunk(Box::new(ChunkFlow {
                     repository,
                     had_state,
@@ -371,21 +441,22 @@ impl Gateway {
             Route::Upload {
                 method: UploadMethod::Put,
                 id,
-                digest,
                 ..
             } => {
-                let client_digest = parse_client_digest(digest.as_deref().unwrap_or(""))?;
+                let client_digest = parse_client_digest(query.get("digest").unwrap_or(""))?;
                 let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
                     return Ok(Action::Pause);
                 };
-                let (record, had_state) = load_record(config, &id, &repository, &path)?;
+                let (record, had_state) = load_record(config, &id, &repository, &path, &query)?;
+                self.claim_session(&id)?;
                 if has_body {
                     // The digest in the request line must become the ciphertext's, which is
                     // known only after the body; the request line cannot change once the body
                     // is seen. Send the body as a PATCH, and finish by callout on the 202.
-                    let start = host::header(MapType::HttpRequestHeaders, "content-range")
+                    let start = interpreted_header("content-range", Code::BlobUploadInvalid)?
                         .and_then(|v| distribution::content_range_start(&v));
-                    let stream = ChunkStream::new(record, start)?;
+                    let stream = ChunkStream::new(record, start)?
+                        .accepting_encrypted(config.policy.accepts_encrypted(&repository));
                     let new_path =
                         distribution::rewrite_query(&path, &["digest", upload::STATE_PARAM], &[]);
                     patch_request(&new_path)?;
@@ -473,6 +544,10 @@ impl Gateway {
                 Ok(Action::Continue)
             }
             Route::ManifestPut { reference, .. } => {
+                // Before any header changes: a lookup re-runs this from the request line.
+                let Some(recipients) = self.recipients(config, &repository, end_of_stream)? else {
+                    return Ok(Action::Pause);
+                };
                 let by_digest = if reference.starts_with("sha256:") {
                     // Encrypting changes the manifest's digest, and the request line cannot
                     // change once the body is seen: store it under the gateway's ledger tag
@@ -492,7 +567,7 @@ impl Gateway {
                     ));
                 }
                 let limit = config.max_manifest_bytes;
-                if let Some(len) = host::header(MapType::HttpRequestHeaders, "content-length")
+                if let Some(len) = interpreted_header("content-length", Code::ManifestInvalid)?
                     .and_then(|v| v.trim().parse::<usize>().ok())
                 {
                     if len > limit {
@@ -500,7 +575,7 @@ impl Gateway {
                     }
                 }
                 let content_type =
-                    host::header(MapType::HttpRequestHeaders, "content-type").unwrap_or_default();
+                    interpreted_header("content-type", Code::ManifestInvalid)?.unwrap_or_default();
                 let stored_type = manifest::stored_content_type(&content_type).to_string();
                 host::set_header(
                     MapType::HttpRequestHeaders,
@@ -516,6 +591,7 @@ impl Gateway {
                     by_digest,
                     client_digest: None,
                     entry: None,
+                    recipients: fingerprint(&recipients),
                 };
                 Ok(Action::Continue)
             }
@@ -620,10 +696,11 @@ impl Gateway {
         if self.durable() {
             // Replicas: what another replica (or this one before a restart) encrypted is in the
             // registry's ledger; fetch what this process does not know, then rewrite.
-            let missing: Vec<Digest> = ledger::referenced_digests(&body)
-                .into_iter()
-                .filter(|d| ledger_entry(&repo, d).is_none())
-                .collect();
+            // Bounded: a manifest naming many unknown digests is refused before any lookup.
+            let max = self.config.as_ref().map_or(0, |c| c.max_ledger_lookups);
+            let known = |d: &Digest| ledger_entry(&repo, d).is_some();
+            let missing =
+                ledger::referenced_digests_bounded(&body, &known, max).map_err(|e| e.to_oci())?;
             if !missing.is_empty() {
                 let mut waiting = Vec::new();
                 for d in missing {
@@ -647,6 +724,7 @@ impl Gateway {
             repository,
             content_type,
             entry,
+            recipients,
             ..
         } = &mut self.flow
         else {
@@ -656,8 +734,34 @@ impl Gateway {
             ));
         };
         let repo = repository.clone();
-        let lookup = |d: &Digest| ledger_entry(&repo, d);
-        let rewritten = manifest::rewrite(body, content_type, &lookup).map_err(|e| e.to_oci())?;
+        // A layer wrapped for recipients the project no longer has is not reused: the image
+        // would open only with the removed keys. The client uploads it again (its HEAD now
+        // answers 404), to be encrypted for the current ones.
+        let stale = std::cell::RefCell::new(Vec::new());
+        let lookup = |d: &Digest| {
+            let found = ledger_entry(&repo, d)?;
+            if found.media_type.is_none()
+                && found.recipients.as_deref() != Some(recipients.as_str())
+            {
+                stale.borrow_mut().push(*d);
+                return None;
+            }
+            Some(found)
+        };
+        let options = self
+            .config
+            .as_ref()
+            .map(|c| c.rewrite_options(&repo))
+            .unwrap_or_default();
+        let rewritten = manifest::rewrite_with(body, content_type, &lookup, &options).map_err(|e| {
+            match stale.borrow().first() {
+                Some(d) => OciError::new(
+                    Code::ManifestInvalid,
+                    format!("layer {d} was encrypted for recipients project {:?} no longer has (a key rotation); push the image again and the gateway encrypts it for the current ones", project_of(&repo)),
+                ),
+                None => e.to_oci(),
+            }
+        })?;
         *entry = Some(LedgerEntry::for_manifest(&rewritten));
         self.metrics.manifest_rewritten();
         self.log(
@@ -706,14 +810,13 @@ impl Gateway {
         if let Some(auth) = &self.authorization {
             headers.push(("authorization", auth.as_str()));
         }
-        hostcalls::dispatch_http_call(
+        host::dispatch(
             &config.registry.cluster,
             headers,
             body,
-            vec![],
             Duration::from_millis(config.registry.timeout_ms),
         )
-        .map_err(|_| {
+        .map_err(|()| {
             OciError::new(
                 Code::Unavailable,
                 "could not reach the registry; nothing was stored",
@@ -762,7 +865,17 @@ impl Gateway {
         let entry = completion.ledger.as_ref().ok_or_else(|| {
             OciError::new(Code::Unknown, "recording a blob without a ledger entry")
         })?;
-        let body = ledger::ledger_manifest(&completion.client_digest, entry);
+        let key = self
+            .config
+            .as_ref()
+            .and_then(|c| c.state_key.as_ref())
+            .ok_or_else(|| OciError::new(Code::Unknown, "ledger write without a state key"))?;
+        let body = ledger::ledger_manifest_authenticated(
+            &key.0,
+            repository,
+            &completion.client_digest,
+            entry,
+        );
         let path = format!(
             "/v2/{repository}/manifests/{}",
             ledger::ledger_tag(&completion.client_digest)
@@ -820,6 +933,37 @@ impl Gateway {
         Ok(Some(Action::Continue))
     }
 
+    /// Claims upload session `id` for this stream: one request at a time per session, or two
+    /// would encrypt from one offset with one keystream (see `ocicrypt_core::session`).
+    fn claim_session(&mut self, id: &str) -> Result<(), OciError> {
+        if self.claimed.as_deref() == Some(id) {
+            return Ok(());
+        }
+        let key = session::slot_key(id);
+        let now = keys::now().max(0).unsigned_abs();
+        for _ in 0..8 {
+            let Some((value, cas)) = SharedData.get_cas(&key) else {
+                break;
+            };
+            let Some(next) = session::claim(value.as_deref().unwrap_or_default(), id, now) else {
+                return Err(OciError::new(
+                    Code::BlobUploadInvalid,
+                    "another request of this upload session is in progress at the gateway; send one request at a time per upload",
+                ));
+            };
+            // An absent slot is created only if still absent: a CAS token no live value has.
+            let cas = if value.is_none() { u32::MAX } else { cas };
+            if SharedData.set_cas(&key, &next, cas) {
+                self.claimed = Some(id.to_string());
+                return Ok(());
+            }
+        }
+        Err(OciError::new(
+            Code::Unavailable,
+            "the gateway could not record this upload request (busy); retry",
+        ))
+    }
+
     fn drop_state(&self, upload_id: &str, had_state: bool) -> Result<(), OciError> {
         if had_state {
             SharedData.set(&upload::record_key(upload_id), &[])?;
@@ -843,6 +987,12 @@ impl Gateway {
                 &ledger::key(repository, &completion.client_digest),
                 &entry.to_bytes(),
             )?;
+            // Also under the ciphertext's digest: a re-push (or re-tag) of the image as stored
+            // names the ciphertext, which the rewrite then recognises as the gateway's own.
+            SharedData.set(
+                &ledger::key(repository, &entry.encrypted_digest),
+                &entry.to_bytes(),
+            )?;
             self.log(
                 LogLevel::Info,
                 &format!(
@@ -858,13 +1008,66 @@ impl Gateway {
         Ok(())
     }
 
+    /// Checks an answer of the registry to a request in an encrypted repository before the
+    /// client sees it: the registry is not trusted with plaintext, so it cannot send the client
+    /// (and its next chunk) elsewhere — no redirect, no `Location` out of the repository or off
+    /// the gateway. A session it opened elsewhere is deleted where the gateway can reach it.
+    fn check_answer(&self, status: &str, location: Option<&str>) -> Result<(), OciError> {
+        let Some(repository) = &self.encrypted else {
+            return Ok(());
+        };
+        if status.starts_with('3') {
+            return Err(OciError::new(
+                Code::BadGateway,
+                format!("the registry answered a redirect ({status}) to a write in encrypted repository {repository}; the gateway does not follow it, nothing more was sent"),
+            ));
+        }
+        match location {
+            Some(l) if !distribution::location_stays(l, &self.authority, repository) => {
+                if let Some(path) = distribution::location_path(l).filter(|_| {
+                    l.starts_with('/') || l.contains(&format!("://{}/", self.authority))
+                }) {
+                    // Best effort: nothing was sent to that session.
+                    let _ = self.registry_call("DELETE", &path, None, None);
+                }
+                Err(OciError::new(
+                    Code::BadGateway,
+                    format!("the registry answered a Location outside encrypted repository {repository} (or off this gateway); the gateway does not follow it, nothing more was sent"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn on_response(&mut self) -> Result<Action, OciError> {
         let status = host::header(MapType::HttpResponseHeaders, ":status").unwrap_or_default();
+        if !matches!(self.flow, Flow::Refused) {
+            let location = host::header(MapType::HttpResponseHeaders, "location");
+            self.check_answer(&status, location.as_deref())?;
+        }
         match std::mem::replace(&mut self.flow, Flow::Pass) {
             Flow::Chunk(flow) if flow.finish.is_none() => {
                 if status == "202" {
                     if let (Some(id), Some(stream)) = (flow.upload_id, flow.stream) {
+                        // The registry must hold exactly the bytes the gateway encrypted: a
+                        // state saved for another offset would reuse keystream.
+                        let range = host::header(MapType::HttpResponseHeaders, "range");
+                        if !range
+                            .as_deref()
+                            .is_some_and(|r| distribution::range_matches(r, stream.offset()))
+                        {
+                            let _ = self.registry_call("DELETE", &self.upstream_path, None, None);
+                            return Err(OciError::new(
+                                Code::BadGateway,
+                                format!("the registry's Range ({}) does not match the {} bytes the gateway sent for this upload; the upload is abandoned, push again", range.as_deref().unwrap_or("none"), stream.offset()),
+                            ));
+                        }
                         let record = stream.into_record();
+                        // The registry took the whole chunk: the client's next request of the
+                        // session may come as soon as it sees this answer, on any worker.
+                        if let Some(claimed) = self.claimed.take() {
+                            release_session(&claimed);
+                        }
                         if let Some(key) = self.config.as_ref().and_then(|c| c.state_key.as_ref()) {
                             // The state travels with the client, and only there: the next
                             // request of this upload may reach another replica, or this one
@@ -950,6 +1153,17 @@ impl Gateway {
                     status == "200"
                 };
                 if ok {
+                    if mounted && self.durable() {
+                        // Ledgered in the registry like an upload, so any replica finishes the
+                        // push; the client's 201 waits for it.
+                        let completion = Completion {
+                            client_digest,
+                            stored_digest: entry.encrypted_digest,
+                            ledger: Some(entry),
+                        };
+                        self.start_recording(repository, completion, None)?;
+                        return Ok(Action::Pause);
+                    }
                     if mounted {
                         SharedData
                             .set(&ledger::key(&repository, &client_digest), &entry.to_bytes())?;
@@ -995,26 +1209,46 @@ impl Gateway {
     }
 
     fn on_callout(&mut self, token: u32, body_size: usize) -> Result<(), OciError> {
-        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        // Registry answers are read as bytes: a header that is not UTF-8 reads as absent.
+        let headers = host::pairs(MapType::HttpCallResponseHeaders);
         let get = |name: &str| {
             headers
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.clone())
+                .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
         };
         let status = get(":status").unwrap_or_else(|| "503".to_string());
         if let Some(i) = self.ledger_reads.iter().position(|(t, _)| *t == token) {
             let (_, digest) = self.ledger_reads.swap_remove(i);
             if let Flow::Manifest { repository, .. } | Flow::HeadLookup { repository } = &self.flow
             {
-                if status == "200" {
-                    let body =
-                        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                            .ok()
-                            .flatten()
-                            .unwrap_or_default();
-                    if let Some(entry) = ledger::entry_from_stored(&body) {
-                        SharedData.set(&ledger::key(repository, &digest), &entry.to_bytes())?;
+                let key = self.config.as_ref().and_then(|c| c.state_key.as_ref());
+                if let (true, Some(key)) = (status == "200", key) {
+                    let body = host::body(BufferType::HttpCallResponseBody, body_size)?;
+                    match ledger::read_stored(&key.0, repository, &digest, &body) {
+                        Ok(entry) => {
+                            SharedData.set(&ledger::key(repository, &digest), &entry.to_bytes())?
+                        }
+                        Err(ledger::StoredEntryError::Unauthenticated)
+                            if matches!(self.flow, Flow::HeadLookup { .. }) =>
+                        {
+                            // Not the gateway's: the blob counts as unknown (it is uploaded,
+                            // and encrypted, again).
+                            self.log(
+                                LogLevel::Warn,
+                                &format!("{repository}: ledger record for {digest} is not the gateway's; ignored"),
+                            );
+                        }
+                        Err(ledger::StoredEntryError::Unauthenticated) => {
+                            // Not written by the gateway: stop here, trust none of it.
+                            self.ledger_reads.clear();
+                            self.held_manifest = None;
+                            return Err(OciError::new(
+                                Code::ManifestInvalid,
+                                format!("the registry's ledger record for {digest} in {repository} was not written by this gateway (or was altered); nothing was stored"),
+                            ));
+                        }
+                        Err(ledger::StoredEntryError::NotJson) => {}
                     }
                 }
             }
@@ -1026,12 +1260,26 @@ impl Gateway {
                 let held = self.held_manifest.take().unwrap_or_default();
                 let new_body = self.rewrite_manifest(&held)?;
                 host::set_body(BufferType::HttpRequestBody, held.len(), &new_body)?;
-                hostcalls::resume_http_request()
-                    .map_err(|_| OciError::new(Code::Unknown, "could not resume the request"))?;
+                host::resume_request()?;
             }
             return Ok(());
         }
         match std::mem::replace(&mut self.flow, Flow::Pass) {
+            Flow::DeleteCheck {
+                repository,
+                token: expected,
+            } if expected == token => {
+                if status == "200" {
+                    let body = host::body(BufferType::HttpCallResponseBody, body_size)?;
+                    if ledger::is_ledger_record(&body) {
+                        return Err(OciError::new(
+                            Code::Denied,
+                            format!("this manifest of {repository} is the encrypting gateway's ledger; clients cannot delete it"),
+                        ));
+                    }
+                }
+                host::resume_request()
+            }
             Flow::OpeningSession {
                 repository,
                 client_digest,
@@ -1040,6 +1288,7 @@ impl Gateway {
                 if status != "202" {
                     return Err(registry_refusal("open an upload session", &status));
                 }
+                self.check_answer(&status, get("location").as_deref())?;
                 let location = get("location")
                     .and_then(|l| distribution::location_path(&l))
                     .ok_or_else(|| {
@@ -1062,8 +1311,7 @@ impl Gateway {
                         completion: None,
                     }),
                 }));
-                hostcalls::resume_http_request()
-                    .map_err(|_| OciError::new(Code::Unknown, "could not resume the request"))?;
+                host::resume_request()?;
                 Ok(())
             }
             Flow::Finishing {
@@ -1093,8 +1341,7 @@ impl Gateway {
                     return self.start_recording(repository, completion, upload);
                 }
                 self.commit(&repository, &completion, upload.as_ref())?;
-                hostcalls::resume_http_response()
-                    .map_err(|_| OciError::new(Code::Unknown, "could not resume the response"))?;
+                host::resume_response()?;
                 Ok(())
             }
             Flow::Recording {
@@ -1105,6 +1352,7 @@ impl Gateway {
             } => {
                 let next = match stage {
                     RecordingStage::ConfigSession => {
+                        self.check_answer(&status, get("location").as_deref())?;
                         let location = get("location")
                             .filter(|_| status == "202")
                             .and_then(|l| distribution::location_path(&l))
@@ -1147,9 +1395,7 @@ impl Gateway {
                             ));
                         }
                         self.commit(&repository, &completion, upload.as_ref())?;
-                        return hostcalls::resume_http_response().map_err(|_| {
-                            OciError::new(Code::Unknown, "could not resume the response")
-                        });
+                        return host::resume_response();
                     }
                 };
                 self.flow = Flow::Recording {
@@ -1196,9 +1442,7 @@ fn blob_entry(repository: &str, digest: &Digest) -> Option<LedgerEntry> {
 /// A 4xx answer of the registry carrying an OCI error body, to hand to the client as it is.
 fn registry_error(status: &str, body_size: usize) -> Option<(u32, Vec<u8>)> {
     let code: u32 = status.parse().ok().filter(|c| (400..500).contains(c))?;
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-        .ok()
-        .flatten()?;
+    let body = host::call_body(body_size)?;
     let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
     doc.get("errors")?.as_array()?;
     Some((code, body))
@@ -1236,38 +1480,100 @@ fn is_manifest_put() -> bool {
             .is_some_and(|p| p.contains("/manifests/"))
 }
 
-/// The state of upload `id` for this request, and whether it had any: sealed in the URL the
-/// client echoes (replicas sharing `replicas.state_key`), else saved in this Envoy's shared
-/// data, else fresh. The sealed parameter is removed from the request before it is forwarded.
+/// The state of upload `id` for this request, and whether this Envoy's shared data had any
+/// (for the in-flight gauge): sealed in the URL the client echoes (replicas sharing
+/// `replicas.state_key`), else saved in this Envoy's shared data, else fresh. The sealed
+/// parameter is removed from the request before it is forwarded. Whatever its source, the state
+/// must be at the offset the registry's `_state` says it will write at.
 fn load_record(
     config: &Config,
     id: &str,
     repository: &str,
     path: &str,
+    query: &Query,
 ) -> Result<(UploadRecord, bool), OciError> {
-    let token = path
-        .split_once('?')
-        .and_then(|(_, q)| distribution::query_param(q, upload::STATE_PARAM));
-    if let (Some(key), Some(token)) = (config.state_key.as_ref(), token) {
-        let record = upload::unseal(&key.0, id, &token)
-            .filter(|r| r.repository == repository)
-            .ok_or_else(|| {
-                OciError::new(
-                    Code::BlobUploadInvalid,
-                    "the gateway's upload state in this URL does not open (another gateway's key, or altered); restart the upload",
-                )
-            })?;
-        let stripped = distribution::rewrite_query(path, &[upload::STATE_PARAM], &[]);
-        host::set_header(MapType::HttpRequestHeaders, ":path", Some(&stripped))?;
-        return Ok((record, has_state(id)));
-    }
-    UploadRecord::load_saved(&SharedData, id, repository)
+    let registry = query
+        .get("_state")
+        .and_then(distribution::registry_upload_state)
+        .filter(|s| s.name == repository && s.uuid == id)
+        .ok_or_else(|| {
+            OciError::new(
+                Code::BlobUploadInvalid,
+                "the upload URL carries no registry state (_state) for this session; use the Location the registry answered",
+            )
+        })?;
+    let token = query.get(upload::STATE_PARAM);
+    let (record, found, had_state) = match (config.state_key.as_ref(), token) {
+        (Some(key), Some(token)) => {
+            let record = upload::unseal(&key.0, id, token)
+                .filter(|r| r.repository == repository)
+                .ok_or_else(|| {
+                    OciError::new(
+                        Code::BlobUploadInvalid,
+                        "the gateway's upload state in this URL does not open (another gateway's key, or altered); restart the upload",
+                    )
+                })?;
+            let stripped = distribution::rewrite_query(path, &[upload::STATE_PARAM], &[]);
+            host::set_header(MapType::HttpRequestHeaders, ":path", Some(&stripped))?;
+            (record, true, has_state(id))
+        }
+        _ => {
+            let (record, found) = UploadRecord::load_saved(&SharedData, id, repository)?;
+            (record, found, found)
+        }
+    };
+    upload::bind_to_registry(&record, found, registry.offset)?;
+    Ok((record, had_state))
 }
 
 fn has_state(upload_id: &str) -> bool {
     SharedData
         .get(&upload::record_key(upload_id))
         .is_some_and(|v| !v.is_empty())
+}
+
+/// The query parameters the registry or the gateway act on in an upload request: each may
+/// appear once, unencoded.
+const INTERPRETED_PARAMS: &[&str] = &["mount", "from", "digest", "_state", upload::STATE_PARAM];
+
+/// A request header the gateway interprets, which must be UTF-8: a value that is not is refused
+/// with `code` (400), naming the header; headers the gateway does not interpret are never read.
+fn interpreted_header(name: &str, code: Code) -> Result<Option<String>, OciError> {
+    host::header_strict(MapType::HttpRequestHeaders, name, code)
+}
+
+/// Whether any `Content-Type` of the request makes the registry read the body as a form.
+fn form_body_sent() -> bool {
+    host::pairs(MapType::HttpRequestHeaders)
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && form::is_form_content_type(v))
+}
+
+/// Releases this stream's claim of upload session `id`.
+fn release_session(id: &str) {
+    let key = session::slot_key(id);
+    for _ in 0..8 {
+        let Some((Some(value), cas)) = SharedData.get_cas(&key) else {
+            return;
+        };
+        if SharedData.set_cas(&key, &session::release(&value, id), cas) {
+            return;
+        }
+    }
+}
+
+/// The repository of a `DELETE /v2/<name>/manifests/sha256:…`.
+fn manifest_delete(method: &str, path: &str) -> Option<String> {
+    if method != "DELETE" {
+        return None;
+    }
+    let (repository, reference) = path
+        .split('?')
+        .next()?
+        .strip_prefix("/v2/")?
+        .rsplit_once("/manifests/")?;
+    (reference.starts_with("sha256:") && distribution::is_repository_name(repository))
+        .then(|| repository.to_string())
 }
 
 fn parse_client_digest(value: &str) -> Result<Digest, OciError> {
@@ -1367,6 +1673,20 @@ impl HttpContext for Gateway {
             Ok(action) => action,
             Err(e) => self.refuse(&e),
         }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // Trailers end a body without an end-of-stream body callback: a held manifest would go
+        // on unrewritten and a monolithic upload unfinished. Writes to an encrypted repository
+        // are bodies without trailers (no client sends them).
+        if self.encrypted.is_some() && !matches!(self.flow, Flow::Refused) {
+            let _ = host::set_body(BufferType::HttpRequestBody, usize::MAX, &[]);
+            return self.refuse(&OciError::new(
+                Code::BlobUploadInvalid,
+                "request trailers are refused on writes to an encrypted repository; send the body without trailers",
+            ));
+        }
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

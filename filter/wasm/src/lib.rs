@@ -107,7 +107,9 @@ impl RootContext for Root {
             );
             return false;
         };
-        match Config::parse(&bytes) {
+        // Secrets (replicas.state_key_env) come from the VM's environment, which Envoy fills
+        // from vm_config.environment_variables: never from the configuration it dumps.
+        match Config::parse_with_env(&bytes, &|name| std::env::var(name).ok()) {
             Ok(config) => {
                 host::log(LogLevel::Info, "ocicrypt-filter: configuration loaded");
                 if let Ok(mut worker) = self.worker.try_borrow_mut() {

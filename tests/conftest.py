@@ -66,6 +66,8 @@ class Stack:
     gw: gateway.Gateway
     creds: Optional[Tuple[str, str]]
     keys: Dict[str, Dict[str, Path]]
+    #: Envoy log lines a test provokes on purpose (the deliberate trap of test_vm_reload.py).
+    expected_failures: Tuple[str, ...] = ()
 
     @property
     def opts(self) -> gateway.Options:
@@ -134,7 +136,8 @@ def stacks_stay_healthy(request):
         with open(s.envoy_log, "rb") as f:
             f.seek(sizes.get(s.name, 0))
             new = f.read().decode(errors="replace")
-        bad = [line for line in new.splitlines() if any(m in line for m in WASM_FAILURE_SIGNS)]
+        bad = [line for line in new.splitlines() if any(m in line for m in WASM_FAILURE_SIGNS)
+               and not any(a in line for a in s.expected_failures)]
         if bad:
             problems.append(f"{s.name}: the plugin failed during this test:\n" + "\n".join(bad[:20]))
     if problems:

@@ -1633,6 +1633,10 @@ impl Context for Gateway {
 
 impl HttpContext for Gateway {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        #[cfg(all(feature = "test-trap", target_arch = "wasm32"))]
+        if host::header_bytes(MapType::HttpRequestHeaders, "x-ocicrypt-test-trap").is_some() {
+            core::arch::wasm32::unreachable();
+        }
         let Some(config) = self.config.clone() else {
             // Envoy only creates streams after a successful on_configure; refuse if not.
             return self.refuse(&OciError::new(

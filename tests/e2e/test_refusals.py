@@ -22,6 +22,13 @@ def assert_nothing_stored(stack, repo, *digests):
         f"{repo} has blobs linked: {helpers.repo_layer_links(stack.storage, repo)}"
 
 
+def assert_refused_by_filter(r, message_start: str) -> None:
+    """The answer is the filter's refusal (its header, its message), not the registry's."""
+    assert r.headers.get("x-ocicrypt-filter") == "refused", dict(r.headers)
+    messages = [e.get("message", "") for e in r.json()["errors"]]
+    assert any(m.startswith(message_start) for m in messages), messages
+
+
 @pytest.mark.parametrize("mode", ["monolithic", "chunked"])
 def test_wrong_digest_is_digest_invalid(stack, mode):
     repo = f"demo/neg-digest-{mode}"
@@ -34,6 +41,9 @@ def test_wrong_digest_is_digest_invalid(stack, mode):
         r = reg.upload_chunked(repo, data, digest=wrong, chunk=1 * helpers.MIB)
     assert r.status_code == 400, f"{r.status_code} {r.text[:500]}"
     assert "DIGEST_INVALID" in oci_error_codes(r)
+    # The filter's own check (the bytes are encrypted, so the registry could not tell), not the
+    # registry's identical refusal.
+    assert_refused_by_filter(r, "the uploaded content has digest")
     assert_nothing_stored(stack, repo, wrong, sha256_digest(data))
     assert not helpers.registry_blob_path(stack.storage, sha256_digest(data)).exists()
 
@@ -44,6 +54,7 @@ def test_malformed_manifest_is_manifest_invalid(stack):
                                          + b'", "layers": [')
     assert r.status_code == 400, f"{r.status_code} {r.text[:500]}"
     assert "MANIFEST_INVALID" in oci_error_codes(r)
+    assert_refused_by_filter(r, "manifest is not valid JSON")
     assert stack.direct().get_manifest("demo/neg-manifest", "v1").status_code == 404
 
 
@@ -58,8 +69,9 @@ def test_oversized_manifest_is_size_invalid(stack):
     status, _headers, resp = helpers.raw_request(stack.addr, "PUT", "/v2/demo/neg-big/manifests/v1",
                                                  body, {"Content-Type": MT_MANIFEST})
     assert status == 413, f"{status} {resp[:500]!r}"
-    codes = [e.get("code") for e in json.loads(resp)["errors"]]
-    assert "SIZE_INVALID" in codes, resp[:500]
+    assert _headers.get("x-ocicrypt-filter") == "refused", _headers
+    (err,) = json.loads(resp)["errors"]
+    assert err["code"] == "SIZE_INVALID" and err["message"].startswith("manifest of "), resp[:500]
     assert stack.direct().get_manifest("demo/neg-big", "v1").status_code == 404
 
 
@@ -85,14 +97,12 @@ def test_project_without_recipients_is_refused(stack, plain_image):
     reg = stack.via_gateway()
     data = os.urandom(1 * helpers.MIB)
     refusals = []
+    # Refused at the session's start, before any byte is sent (README: 503).
     r = reg.start_upload("nokeys/app")
-    if r.status_code == 202:
-        r = reg.request("PUT", r.headers["Location"], params={"digest": sha256_digest(data)},
-                        data=data, headers={"Content-Type": "application/octet-stream"})
     refusals.append(r)
     assert r.status_code == 503, f"{r.request.method} {r.status_code} {r.text[:500]}"
-    oci_error_codes(r)
-    assert "nokeys" in r.text, f"the error must name the project: {r.text[:500]}"
+    assert "UNAVAILABLE" in oci_error_codes(r)
+    assert_refused_by_filter(r, 'no verified recipient keys for project "nokeys"')
     assert_nothing_stored(stack, "nokeys/app", sha256_digest(data))
 
     proc = helpers.skopeo_push(plain_image, f"{stack.addr}/nokeys/app:v1", check=False)

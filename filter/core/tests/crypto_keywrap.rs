@@ -334,7 +334,10 @@ fn python_ready() -> Result<(), String> {
 #[cfg(not(target_family = "wasm"))]
 #[test]
 fn python_cryptography_decrypts_our_annotations_and_layer() {
-    if !common::tools::require("python_cryptography_decrypts_our_annotations_and_layer", python_ready()) {
+    if !common::tools::require(
+        "python_cryptography_decrypts_our_annotations_and_layer",
+        python_ready(),
+    ) {
         return;
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/jwe_decrypt.py");

@@ -1,0 +1,134 @@
+"""Issue 14: the filter's own guards, tested where the gateway uses them (through Envoy, against
+the real registry), each judged on the filter's own answer (its `x-ocicrypt-filter` header and
+message) and on what the registry holds afterwards."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pytest
+import requests
+
+import conftest
+import helpers
+from helpers import MT_MANIFEST, sha256_digest
+
+pytestmark = pytest.mark.filter
+
+
+def _refused(status: int, headers, body: bytes, code: str, message_start: str) -> None:
+    assert headers.get("x-ocicrypt-filter") == "refused", (status, headers, body[:300])
+    (err,) = json.loads(body)["errors"]
+    assert err["code"] == code, err
+    assert err["message"].startswith(message_start), err
+
+
+def _tgz(marker: str) -> bytes:
+    tar = helpers._tar_bytes([("guard.txt", marker.encode())])
+    return gzip.compress(tar)
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+@pytest.mark.parametrize("tag", ["ocicrypt.sha256-" + "a" * 64, "OCICRYPT.x", "ocicrypt%2Ex"])
+def test_reserved_ledger_tags_are_refused(stack, method, tag):
+    """Tags starting with `ocicrypt.` (any case, percent-encoded too) belong to the gateway's
+    ledger: clients can neither write nor delete them (403), and nothing is stored."""
+    body = b'{"schemaVersion":2}' if method == "PUT" else b""
+    status, headers, resp = helpers.raw_request(
+        stack.addr, method, f"/v2/demo/guards/manifests/{tag}", body,
+        {"Content-Type": MT_MANIFEST})
+    assert status == 403, (status, resp[:300])
+    _refused(status, headers, resp, "DENIED", "tag ")
+    assert stack.direct().get_manifest("demo/guards", tag).status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/v2/demo%2Fguards/blobs/uploads/",
+                                  "/v2/demo//guards/blobs/uploads/",
+                                  "/v2/plain/x/../../demo/guards/blobs/uploads/",
+                                  "/v2/demo/./guards/blobs/uploads/"])
+def test_non_canonical_write_paths_are_refused(stack, path):
+    """A write whose path another parser could read as another repository is refused (403),
+    before it reaches the registry."""
+    status, headers, resp = helpers.raw_request(stack.addr, "POST", path, b"",
+                                                {"Content-Length": "0"})
+    if status == 400 and not headers.get("x-ocicrypt-filter"):
+        # Envoy itself may refuse some forms before the filter (path normalisation rules).
+        return
+    assert status == 403, (status, resp[:300])
+    _refused(status, headers, resp, "DENIED", "write request with an encoded or non-canonical")
+
+
+def test_json_looking_blob_with_a_nul_is_refused(stack):
+    """A blob whose first chunk is JSON passes unencrypted only while it stays NUL-free: a later
+    chunk holding a NUL (a tar whose first member is named `{…}`, sent in small chunks) is
+    refused (400) before it goes on, and the blob is never committed. (A NUL within the first
+    chunk simply makes the blob encrypted.)"""
+    reg = stack.via_gateway()
+    first = b'{"name": "' + b"x" * 100
+    second = b'"}' + b"\0" * 600 + b"ustar"
+    r = reg.start_upload("demo/guards-nul")
+    assert r.status_code == 202
+    r = reg.request("PATCH", r.headers["Location"], data=first, headers={
+        "Content-Type": "application/octet-stream", "Content-Range": f"0-{len(first) - 1}"})
+    assert r.status_code == 202, (r.status_code, r.text[:300])
+    r = reg.request("PATCH", r.headers["Location"], data=second, headers={
+        "Content-Type": "application/octet-stream",
+        "Content-Range": f"{len(first)}-{len(first) + len(second) - 1}"})
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    _refused(r.status_code, r.headers, r.content, "BLOB_UPLOAD_INVALID",
+             "the blob began like JSON but holds binary data")
+    assert not stack.direct().blob_exists("demo/guards-nul", sha256_digest(first + second))
+
+
+def test_mount_answer_speaks_in_the_clients_digests(stack, tmp_path):
+    """A same-project mount of a layer the gateway encrypted answers 201 with the client's
+    (plaintext) digest in `Docker-Content-Digest` and `Location` — containerd refuses any other
+    — while the registry linked the ciphertext."""
+    marker = helpers.new_marker()
+    layer = _tgz(marker)
+    d = sha256_digest(layer)
+    reg = stack.via_gateway()
+    assert reg.upload_monolithic("demo/guards-src", layer).status_code == 201
+    r = reg.request("POST", "/v2/demo/guards-dst/blobs/uploads/",
+                    params={"mount": d, "from": "demo/guards-src"},
+                    headers={"Content-Length": "0"})
+    assert r.status_code == 201, (r.status_code, r.text[:300])
+    assert r.headers["Docker-Content-Digest"] == d
+    assert r.headers["Location"].endswith(f"/v2/demo/guards-dst/blobs/{d}")
+    links = helpers.repo_layer_links(stack.storage, "demo/guards-dst")
+    assert d not in links and links, links
+    assert not helpers.scan_for(stack.storage, [marker.encode()])
+
+
+@pytest.fixture(scope="module")
+def unreachable_stack(tmp_path_factory):
+    """A filter stack whose registry callouts time out fast: the registry is stopped after a
+    session is opened, to exercise the finishing callout."""
+    s = conftest._start_stack(tmp_path_factory, "guards-down", 80, filter=True,
+                              keys_source="inline", registry_timeout_ms=2000)
+    yield s
+    if s in conftest.STARTED:
+        conftest.STARTED.remove(s)
+    s.gw.stop()
+
+
+def test_monolithic_upload_when_the_registry_goes_away_is_503(unreachable_stack):
+    """A monolithic upload (ctr's way) goes as a PATCH and is finished by the gateway's own
+    callout; when the registry cannot be reached for that callout the client gets the
+    filter's 503 naming it, not a 202 or an empty answer."""
+    s = unreachable_stack
+    reg = s.via_gateway()
+    data = _tgz(helpers.new_marker())
+    r = reg.start_upload("demo/guards-down")
+    assert r.status_code == 202
+    loc = r.headers["Location"]
+    conftest.STARTED.remove(s)  # from here on the stack is broken on purpose
+    for name, proc in s.gw.procs:
+        if name == "registry":
+            proc.terminate()
+            proc.wait(timeout=30)
+    r = reg.request("PUT", loc, params={"digest": sha256_digest(data)}, data=data,
+                    headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 503, (r.status_code, r.text[:300])
+    assert "UNAVAILABLE" in helpers.oci_error_codes(r)

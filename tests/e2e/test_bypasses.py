@@ -262,35 +262,35 @@ def test_plain_mount_query_becomes_a_normal_upload(stack, plain_source):
 # 2. the sniffer
 
 
-def test_random_first_chunk_does_not_make_a_blob_passthrough(stack):
+@pytest.mark.parametrize("proto", ["h1", "h2"])
+def test_random_first_chunk_does_not_make_a_blob_passthrough(stack, proto):
     """Finding 2a: a chunked upload whose first PATCH is 40 random bytes and whose second
     PATCH is a tar.gz with a marker, finished with PUT ?digest=<plaintext digest>: the
     registry must not hold the plaintext digest in demo/x, and no marker is stored."""
-    repo = "demo/bp-split"
+    repo = f"demo/bp-split-{proto}"
     marker = helpers.new_marker()
     head, tail = os.urandom(40), marker_tar_gz(marker)
     digest = sha256_digest(head + tail)
-    reg = stack.via_gateway()
     answers = []
-    r = reg.start_upload(repo)
-    assert r.status_code == 202, r.text
-    loc = r.headers["Location"]
+    ans = request(stack, proto, "POST", f"/v2/{repo}/blobs/uploads/", b"")
+    assert ans.status == 202, ans
+    loc = upload_location(ans)
     offset = 0
     for part in (head, tail):
-        r = reg.request("PATCH", loc, data=part, headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Range": f"{offset}-{offset + len(part) - 1}"})
-        answers.append(f"PATCH {r.status_code}")
-        if r.status_code != 202:
+        ans = request(stack, proto, "PATCH", loc, part, {
+            "content-type": "application/octet-stream",
+            "content-range": f"{offset}-{offset + len(part) - 1}"})
+        answers.append(f"PATCH {ans.status}")
+        if ans.status != 202:
             break
-        loc, offset = r.headers["Location"], offset + len(part)
+        loc, offset = upload_location(ans), offset + len(part)
     else:
-        r = reg.request("PUT", loc, params={"digest": digest}, headers={"Content-Length": "0"})
-        answers.append(f"PUT {r.status_code} {r.headers.get('Docker-Content-Digest')}")
+        ans = request(stack, proto, "PUT", with_query(loc, f"digest={digest}"), b"")
+        answers.append(f"PUT {ans.status} {ans.headers.get('docker-content-digest')}")
     problems = not_linked_problems(stack, repo, [digest]) + marker_problems(stack, marker)
     assert not problems, f"answers {answers}: " + "; ".join(problems)
-    if r.status_code not in (201, 202):
-        assert_filter_refusal(Answer.of(r), r.status_code)
+    if ans.status not in (201, 202):
+        assert_filter_refusal(ans, ans.status)
 
 
 def chi_square(data: bytes) -> float:
@@ -554,20 +554,23 @@ REFUSED_LAYER_TYPES = [
 ]
 
 
+@pytest.mark.parametrize("proto", ["h1", "h2"])
 @pytest.mark.parametrize("kind", ["layer", "random"])
 @pytest.mark.parametrize("media_type", REFUSED_LAYER_TYPES,
                          ids=["trailing-space", "upper-case", "octet-stream", "docker-foreign",
                               "oci-nondistributable", "encrypted-without-annotations"])
-def test_layer_media_type_outside_the_allowlist_is_refused(stack, mt_repo, media_type, kind):
+def test_layer_media_type_outside_the_allowlist_is_refused(stack, mt_repo, media_type, kind,
+                                                           proto):
     """Finding 4: a manifest naming a blob pushed through the gateway (a tar.gz layer, or
     random-looking bytes) under a media type outside the exact allowlist is refused by the
     filter (400 MANIFEST_INVALID) and the tag does not exist in the registry."""
     repo = mt_repo["repo"]
     digest, size = mt_repo["blobs"][kind]
-    tag = f"mt{REFUSED_LAYER_TYPES.index(media_type)}-{kind}"
+    tag = f"mt{REFUSED_LAYER_TYPES.index(media_type)}-{kind}-{proto}"
     body = manifest_bytes(mt_repo["config"], [{"mediaType": media_type, "digest": digest,
                                                "size": size}])
-    ans = Answer.of(stack.via_gateway().put_manifest(repo, tag, body))
+    ans = request(stack, proto, "PUT", f"/v2/{repo}/manifests/{tag}", body,
+                  {"content-type": MT_MANIFEST})
     stored = stack.direct().get_manifest(repo, tag)
     assert stored.status_code == 404, \
         f"{repo}:{tag} stored ({ans.status} from the gateway): {stored.text[:500]}"
@@ -685,6 +688,27 @@ def test_ledger_lookups_per_manifest_are_bounded(ledger_stack):
 # 6. a lying registry
 
 
+def h2_blob_push(stack, repo: str, image: helpers.Image) -> List[Answer]:
+    """The blob uploads of `image` over HTTP/2 (h2c) through the gateway, each as POST then a
+    PATCH to the answered Location (followed only on the gateway: h2c cannot go elsewhere).
+    Returns the answers to the blob POSTs."""
+    starts = []
+    for blob in [image.config, *image.layers]:
+        data = blob.path.read_bytes()
+        ans = request(stack, "h2", "POST", f"/v2/{repo}/blobs/uploads/", b"")
+        starts.append(ans)
+        if ans.status != 202:
+            continue
+        loc = upload_location(ans)
+        ans = request(stack, "h2", "PATCH", loc, data, {
+            "content-type": "application/octet-stream",
+            "content-range": f"0-{len(data) - 1}"})
+        if ans.status == 202:
+            request(stack, "h2", "PUT", with_query(upload_location(ans), f"digest={blob.digest}"),
+                    b"")
+    return starts
+
+
 def requests_push(stack, repo: str, image: helpers.Image, chunk: int = 256 * 1024) -> List[Answer]:
     """A chunked push driven with requests, following whatever `Location` the gateway gives
     (as clients do, even to another host). Returns the answers to the blob POSTs."""
@@ -712,7 +736,7 @@ def requests_push(stack, repo: str, image: helpers.Image, chunk: int = 256 * 102
     return starts
 
 
-@pytest.mark.parametrize("client", ["requests", "skopeo"])
+@pytest.mark.parametrize("client", ["requests", "skopeo", "h2"])
 @pytest.mark.parametrize("mode", ["other-repo", "other-host"])
 def test_lying_registry_location_is_refused(lying_stack, tmp_path, mode, client):
     """Finding 6: the registry answers `POST /v2/demo/x/blobs/uploads/` with a `Location` in
@@ -727,6 +751,9 @@ def test_lying_registry_location_is_refused(lying_stack, tmp_path, mode, client)
     try:
         if client == "requests":
             starts = requests_push(s, repo, image)
+            proc = None
+        elif client == "h2":
+            starts = h2_blob_push(s, repo, image)
             proc = None
         else:
             starts = []

@@ -34,8 +34,16 @@ def single_worker_stack(tmp_path_factory):
     s.gw.stop()
 
 
+#: The filter's keystream counters: every scrape must hold each of them (a metric that
+#: vanished must fail the test, not read as 0).
+KEYSTREAM_METRICS = ("asked_bytes", "served_bytes", "used_bytes", "refused_segments")
+
+
 def scrape(stack) -> dict:
-    return helpers.envoy_stats(stack.opts.admin_addr, "ocicrypt_keystream_")
+    stats = helpers.envoy_stats(stack.opts.admin_addr, "ocicrypt_keystream_")
+    missing = [m for m in KEYSTREAM_METRICS if f"ocicrypt_keystream_{m}" not in stats]
+    assert not missing, f"metrics missing from Envoy's stats: {missing} (have {sorted(stats)})"
+    return stats
 
 
 def wait_for_helpers(stack):
@@ -60,11 +68,11 @@ def test_big_layer_uses_keystream_from_another_worker(stack, tmp_path):
     # skopeo streams the layer in a PATCH of unknown length.
     helpers.skopeo_push(image, f"{stack.addr}/{repo}:v1", extra=["--preserve-digests"])
     mid = scrape(stack)
-    used = mid["ocicrypt_keystream_used_bytes"] - before.get("ocicrypt_keystream_used_bytes", 0)
-    asked = mid["ocicrypt_keystream_asked_bytes"] - before.get("ocicrypt_keystream_asked_bytes", 0)
+    used = mid["ocicrypt_keystream_used_bytes"] - before["ocicrypt_keystream_used_bytes"]
+    asked = mid["ocicrypt_keystream_asked_bytes"] - before["ocicrypt_keystream_asked_bytes"]
     assert used > 8 * helpers.MIB, (before, mid)
     assert asked >= used
-    assert mid["ocicrypt_keystream_served_bytes"] > before.get("ocicrypt_keystream_served_bytes", 0)
+    assert mid["ocicrypt_keystream_served_bytes"] > before["ocicrypt_keystream_served_bytes"]
 
     helpers.check_stored_encrypted_and_decrypts(stack, repo, image, tmp_path / "out",
                                                 stack.keys["rsa"]["private"])
@@ -86,7 +94,7 @@ def test_big_layer_uses_keystream_from_another_worker(stack, tmp_path):
     assert used2 > 8 * helpers.MIB, (mid, after)
     assert asked2 <= image.layers[0].size
     assert after["ocicrypt_keystream_refused_segments"] == \
-        before.get("ocicrypt_keystream_refused_segments", 0)
+        before["ocicrypt_keystream_refused_segments"]
 
     r = stack.via_gateway().put_manifest(repo2, "v1", image.manifest_bytes)
     assert r.status_code == 201, r.text
@@ -103,7 +111,7 @@ def push_without_prefetch(stack, repo: str, key, tmp_path):
     helpers.skopeo_push(image, f"{stack.addr}/{repo}:v1", extra=["--preserve-digests"])
     stats = scrape(stack)
     for name in ("asked_bytes", "served_bytes", "used_bytes"):
-        assert stats.get(f"ocicrypt_keystream_{name}", 0) == 0, stats
+        assert stats[f"ocicrypt_keystream_{name}"] == 0, stats
     helpers.check_stored_encrypted_and_decrypts(stack, repo, image, tmp_path / "out", key)
 
 

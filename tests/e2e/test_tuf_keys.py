@@ -88,6 +88,18 @@ def test_push_with_keys_from_the_key_service_decrypts(ks_stack, small_image, tmp
 
 ATTACKS = ["tampered-target", "rollback", "rollback-targets", "freeze", "fast-forward",
            "mix-and-match", "bad-signature", "too-few-signatures", "substituted-key"]
+#: What the filter's refusal must name for each attack (the TUF step that refused it).
+ATTACK_REASONS = {
+    "tampered-target": "projects/demo.json: sha256 ",
+    "rollback": "timestamp version 1 where >= 2 was expected",
+    "rollback-targets": "targets.json version 1 where >= 2 was expected",
+    "freeze": "timestamp metadata expired at ",
+    "fast-forward": "targets version 2 where 1002 was expected",
+    "mix-and-match": "targets version 1 where 2 was expected",
+    "bad-signature": "targets metadata is signed by 0 of the 1 required keys",
+    "too-few-signatures": "root metadata is signed by 1 of the 2 required keys",
+    "substituted-key": "targets metadata is signed by 0 of the 1 required keys",
+}
 
 
 @pytest.mark.parametrize("kind", ATTACKS)
@@ -105,6 +117,9 @@ def test_attacked_key_service_fails_closed(ks_stack, small_image, kind, tmp_path
     body = r.json()
     assert body["errors"][0]["code"] == "UNAVAILABLE"
     assert "demo" in body["errors"][0]["message"]
+    # The refusal names the TUF check that caught this attack, not just any failure.
+    assert f"key service metadata did not verify: {ATTACK_REASONS[kind]}" in \
+        body["errors"][0]["message"], body
     refused = push(ks_stack, small_image, f"demo/attacked-{kind}:v1", check=False)
     assert refused.returncode != 0
     assert stack_has_no_repo(ks_stack, f"demo/attacked-{kind}")

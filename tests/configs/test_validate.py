@@ -145,3 +145,32 @@ def test_bad_envoy_config_fails(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"FAIL  {path}" in proc.stdout
     assert "per_connection_buffer_limit" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda c: c["policy"].update({"default": "encrypt-ish"}), "policy.default"),
+    (lambda c: c.update({"registy": {"cluster": "registry"}}), "registy"),
+    (lambda c: c["limits"].update({"max_manifest_bytes": 1}), "limits.max_manifest_bytes"),
+])
+def test_broken_plugin_configuration_fails_validation(tmp_path, edit, named):
+    """`envoy --mode validate` runs the module's on_configure: the shipped envoy.yaml with a
+    broken plugin configuration fails, and the log names the field (a module that accepted
+    anything, or had no callbacks, would pass)."""
+    import json
+
+    cfg = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
+    (listener,) = cfg["static_resources"]["listeners"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    plugin = wasm["typed_config"]["config"]
+    plugin["vm_config"]["code"]["local"]["filename"] = str(
+        REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm")
+    doc = json.loads(plugin["configuration"]["value"])
+    edit(doc)
+    plugin["configuration"]["value"] = json.dumps(doc)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = validate("--no-build", path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"FAIL  {path}" in proc.stdout, proc.stdout
+    assert named in proc.stdout + proc.stderr, proc.stdout[-3000:]

@@ -119,6 +119,22 @@ WASM_FAILURE_SIGNS = ("panicked at", "wasm trap", "Wasm VM failed", "Function: p
                       "Plugin configured to fail closed")
 
 
+#: containers/image's blob-info cache (skopeo, podman, buildah): it remembers where each blob
+#: was pushed and makes clients try mounts from there, so the requests a client sends would
+#: depend on the tests before. Root's location, and the rootless one.
+BLOB_INFO_CACHES = [Path("/var/lib/containers/cache/blob-info-cache-v1.boltdb"),
+                    Path.home() / ".local/share/containers/cache/blob-info-cache-v1.boltdb"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_blob_info_cache():
+    """Every test starts with an empty blob-info cache: its clients' request sequences do not
+    depend on which tests ran before (a test that wants mounts pushes twice itself)."""
+    for cache in BLOB_INFO_CACHES:
+        cache.unlink(missing_ok=True)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def stacks_stay_healthy(request):
     """After each test: every started stack is still running and Envoy logged no plugin crash

@@ -400,6 +400,32 @@ def test_patch_without_sealed_state_is_refused(ledger_stack):
     assert_json_chunk_not_forwarded(s, s.storage, repo, loc1, first, ans, marker)
 
 
+@pytest.fixture(scope="module")
+def foreign_twin(ledger_stack, tmp_path_factory):
+    """An Envoy in front of `ledger_stack`'s registry with ANOTHER state key: a gateway of
+    another deployment, or a replica whose key was rotated."""
+    import base64
+
+    s = envoy_in_front_of(tmp_path_factory, "foreign-twin", ledger_stack,
+                          state_key=base64.b64encode(os.urandom(32)).decode())
+    yield s
+    stop(s)
+
+
+def test_sealed_state_of_another_key_is_refused(ledger_stack, foreign_twin):
+    """A Location sealed by a gateway with another state key does not open: the next PATCH
+    through this gateway is refused (400) and nothing reaches the registry."""
+    repo = "demo/ks-foreign"
+    first = tar_of(os.urandom(64 * 1024))
+    loc1 = patched(ledger_stack.addr, start_upload(ledger_stack.addr, repo), first, 0)
+    assert SEALED in params(loc1), f"precondition: a sealed state in {loc1}"
+    marker = helpers.new_marker()
+    ans = patch(foreign_twin.addr, loc1, json_chunk(marker))
+    assert_json_chunk_not_forwarded(foreign_twin, ledger_stack.storage, repo, loc1, first, ans,
+                                    marker)
+    assert b"does not open" in ans.body, ans.body[:300]
+
+
 def test_patch_on_an_envoy_without_the_state_is_refused(ks_stack, shared_twin):
     """Finding 2 (without `replicas`: state in one Envoy's shared data): the first PATCH is
     encrypted by one Envoy; the next PATCH, with the Location it answered (`_state` at an

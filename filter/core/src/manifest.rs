@@ -373,6 +373,16 @@ pub enum ManifestError {
         /// The limit.
         max: usize,
     },
+    /// A manifest with more JSON values than any image manifest or index has: parsing it would
+    /// grow the worker VM's memory for good (wasm memory does not shrink).
+    #[error(
+        "the manifest holds more than {max} JSON values; image manifests and indexes hold a few \
+         thousand at most: nothing was stored"
+    )]
+    TooManyValues {
+        /// The limit.
+        max: usize,
+    },
     /// Serializing the rewritten manifest failed (a bug: JSON values always serialize).
     #[error("the rewritten manifest could not be serialized ({reason}); nothing was stored")]
     Serialize {
@@ -393,6 +403,41 @@ impl ManifestError {
         };
         OciError::new(code, self.to_string())
     }
+}
+
+/// Most JSON values a manifest may hold before it is parsed: a 127-layer image manifest holds
+/// about 2 000, an index of hundreds of platforms a few thousand, and each value of a parsed
+/// document costs tens of bytes of memory the worker VM never gives back.
+pub const MAX_JSON_VALUES: usize = 65_536;
+
+/// Refuses a body holding more than `max` JSON values, counted without parsing it (containers,
+/// and the separators `,` and `:` outside strings: an upper bound on the values a parse builds).
+pub fn check_value_count(body: &[u8], max: usize) -> Result<(), ManifestError> {
+    let mut count = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' | b',' | b':' => {
+                count += 1;
+                if count > max {
+                    return Err(ManifestError::TooManyValues { max });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The media type part of a Content-Type (parameters dropped, whitespace trimmed).
@@ -730,6 +775,7 @@ pub fn rewrite_with(
     lookup: &dyn Fn(&Digest) -> Option<LedgerEntry>,
     options: &RewriteOptions,
 ) -> Result<Rewritten, ManifestError> {
+    check_value_count(body, MAX_JSON_VALUES)?;
     let kind = classify(request_content_type)?;
     let mut document: Value =
         serde_json::from_slice(body).map_err(|e| ManifestError::InvalidJson {

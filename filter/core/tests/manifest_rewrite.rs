@@ -720,3 +720,28 @@ fn refusal_messages_name_the_digest() {
         "{message}"
     );
 }
+
+#[test]
+fn manifests_with_too_many_json_values_are_refused_before_parsing() {
+    use ocicrypt_core::manifest::{check_value_count, ManifestError, MAX_JSON_VALUES};
+    // 4 MiB of `{}` objects: what grew a worker VM by ≈ 150 MiB for good when parsed.
+    let objects = "{},".repeat(MAX_JSON_VALUES);
+    let body = format!("{{\"schemaVersion\":2,\"x\":[{objects}{{}}]}}");
+    assert!(matches!(
+        check_value_count(body.as_bytes(), MAX_JSON_VALUES),
+        Err(ManifestError::TooManyValues { .. })
+    ));
+    let err = ocicrypt_core::manifest::rewrite(
+        body.as_bytes(),
+        ocicrypt_core::spec::MEDIA_TYPE_OCI_MANIFEST,
+        &|_| None,
+    )
+    .unwrap_err();
+    assert!(matches!(err, ManifestError::TooManyValues { .. }), "{err}");
+    // Separators inside strings do not count; a real manifest is far below the limit.
+    let strings = format!("{{\"a\":\"{}\"}}", ",:{[".repeat(MAX_JSON_VALUES));
+    assert!(check_value_count(strings.as_bytes(), 4).is_ok());
+    let escaped = r#"{"a":"\",:{[\\","b":1}"#;
+    assert!(check_value_count(escaped.as_bytes(), 4).is_ok());
+    assert!(check_value_count(escaped.as_bytes(), 3).is_err());
+}

@@ -1,0 +1,192 @@
+//! The JSON / ciphertext sniffing of blob uploads: `upload::is_json_like`,
+//! `upload::looks_encrypted`, and `upload::ChunkStream` fed a blob split at fuzzer-chosen
+//! points.
+//!
+//! Input: [flags][number of splits][splits: 2 bytes each][blob...]; flags bit 0 sets
+//! `accepting_encrypted`.
+//!
+//! Properties:
+//! - a blob whose first chunk is JSON-like never yields `Replaced`, and is refused as soon as
+//!   a chunk holds a NUL;
+//! - without `accepting_encrypted`, every non-empty chunk of a blob that is not JSON is
+//!   replaced (encrypted): nothing else passes unchanged;
+//! - the output has the input's length, chunk by chunk; encrypted, it is the same whatever
+//!   the split, decrypts (with the layer's key, nonce and HMAC) to the input, and the layer's
+//!   digests are those of the input and the output;
+//! - with `accepting_encrypted`, a blob passed as ciphertext looked encrypted at its start,
+//!   and every later chunk of 32 bytes or more looked encrypted too;
+//! - the sniffers agree with their definitions on what they refuse (known magic, short
+//!   windows, NUL bytes).
+#![no_main]
+
+use fuzz_support::{check, TestRng};
+use libfuzzer_sys::fuzz_target;
+use ocicrypt_core::blockcipher::{decrypt_layer, LayerEncryptor};
+use ocicrypt_core::digest::Digest;
+use ocicrypt_core::upload::{
+    is_json_like, looks_encrypted, BodyVerdict, ChunkStream, Treatment, UploadRecord, SNIFF_WINDOW,
+};
+
+const MAGIC: [&[u8]; 10] = [
+    b"\x1f\x8b",
+    b"\x28\xb5\x2f\xfd",
+    b"\xfd7zXZ\x00",
+    b"BZh",
+    b"PK\x03\x04",
+    b"7z\xbc\xaf\x27\x1c",
+    b"\x04\x22\x4d\x18",
+    b"\x00asm",
+    b"\x7fELF",
+    b"\x89PNG",
+];
+
+fn window(b: &[u8]) -> &[u8] {
+    &b[..b.len().min(SNIFF_WINDOW)]
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let accept = flags & 1 != 0;
+    let Some((&count, rest)) = rest.split_first() else {
+        return;
+    };
+    let count = usize::from(count % 16);
+    let (split_bytes, blob) = rest.split_at((count * 2).min(rest.len()));
+    let mut cuts: Vec<usize> = split_bytes
+        .chunks(2)
+        .map(|c| {
+            usize::from(u16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)])) % (blob.len() + 1)
+        })
+        .collect();
+    cuts.sort_unstable();
+
+    // The sniffers on their own.
+    let w = window(blob);
+    let json = is_json_like(w);
+    check!(
+        !json || (!w.contains(&0) && w.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')),
+        "is_json_like of a window that does not open with '{{' or holds NUL"
+    );
+    if looks_encrypted(w) {
+        check!(w.len() >= 32, "looks_encrypted of {} bytes", w.len());
+        check!(
+            !MAGIC.iter().any(|m| w.starts_with(m)),
+            "looks_encrypted of a blob with a known format's magic"
+        );
+    }
+
+    // The stream, chunk by chunk.
+    let Ok(stream) = ChunkStream::new(UploadRecord::new("demo/app"), Some(0)) else {
+        panic!("property broken: a fresh upload refused at offset 0");
+    };
+    let mut stream = stream.accepting_encrypted(accept);
+    let mut rng = TestRng::new(u64::from(flags));
+    let mut out = Vec::with_capacity(blob.len());
+    let mut first_chunk: Option<Vec<u8>> = None;
+    let mut previous = 0usize;
+    let mut refused = false;
+    let bounds: Vec<usize> = cuts
+        .into_iter()
+        .chain(std::iter::once(blob.len()))
+        .collect();
+    for (i, &cut) in bounds.iter().enumerate() {
+        let piece = &blob[previous..cut];
+        previous = cut;
+        let mut chunk = piece.to_vec();
+        if first_chunk.is_none() && !chunk.is_empty() {
+            first_chunk = Some(chunk.clone());
+        }
+        let first = first_chunk.as_deref().unwrap_or(&[]);
+        let starts_json = is_json_like(window(first));
+        let verdict = stream.on_body(&mut chunk, i + 1 == bounds.len(), &mut rng);
+        check!(
+            chunk.len() == piece.len(),
+            "a chunk of {} bytes came back with {}",
+            piece.len(),
+            chunk.len()
+        );
+        match verdict {
+            Ok(BodyVerdict::Replaced) => {
+                check!(!starts_json, "a blob that opens as JSON was encrypted");
+            }
+            Ok(BodyVerdict::Unchanged) => {
+                check!(chunk == piece, "an Unchanged chunk was changed");
+                if !piece.is_empty() {
+                    check!(
+                        starts_json || accept,
+                        "a non-JSON chunk passed unencrypted without accepting_encrypted"
+                    );
+                    if starts_json {
+                        check!(!piece.contains(&0), "a JSON blob passed a chunk with NUL");
+                    } else {
+                        // Passed as ciphertext.
+                        check!(
+                            looks_encrypted(window(first)),
+                            "a blob passed as ciphertext whose start does not look encrypted"
+                        );
+                        check!(
+                            piece.len() < 32 || looks_encrypted(window(piece)),
+                            "a later chunk that does not look encrypted passed"
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                check!(
+                    (starts_json && piece.contains(&0)) || (accept && !starts_json),
+                    "chunk refused: {e:?}"
+                );
+                refused = true;
+                break;
+            }
+        }
+        out.extend_from_slice(&chunk);
+    }
+    if refused {
+        return;
+    }
+    check!(
+        stream.offset() == blob.len() as u64 && stream.request_bytes() == blob.len() as u64,
+        "stream offset {} after {} bytes",
+        stream.offset(),
+        blob.len()
+    );
+    let record = stream.into_record();
+    match record.treatment {
+        Treatment::Encrypt(encryptor) => {
+            // The same layer key and nonce (same RNG seed) over the whole blob at once.
+            let mut at_once = blob.to_vec();
+            LayerEncryptor::generate(&mut TestRng::new(u64::from(flags)))
+                .encrypt_in_place(&mut at_once);
+            check!(
+                out == at_once,
+                "the ciphertext depends on how the blob was split"
+            );
+            if blob.len() >= 16 {
+                check!(out != blob, "an encrypted blob equals its plaintext");
+            }
+            let layer = encryptor.finish();
+            check!(
+                layer.plaintext_digest == Digest::of(blob)
+                    && layer.encrypted_digest == Digest::of(&out)
+                    && layer.size == blob.len() as u64,
+                "the layer's digests or size do not describe the blob"
+            );
+            let plain = decrypt_layer(&layer.symkey, &layer.nonce, &layer.hmac, &out);
+            check!(
+                plain.as_deref() == Ok(blob),
+                "the ciphertext does not decrypt to the blob"
+            );
+        }
+        Treatment::Json => check!(out == blob, "a JSON blob was changed"),
+        Treatment::Passthrough => {
+            check!(
+                accept && out == blob,
+                "a blob passed as ciphertext was changed"
+            )
+        }
+        Treatment::Undecided => check!(blob.is_empty(), "a blob with bytes left undecided"),
+    }
+});

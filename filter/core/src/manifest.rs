@@ -1110,3 +1110,45 @@ fn check_as_stored(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Fuzzing finding (manifest_rewrite): a rewritten manifest must keep the client's other
+    /// fields, numbers included. serde_json's default float parsing is not exact, so a long
+    /// number read back from the rewritten manifest was another number than the client's.
+    #[test]
+    fn rewrite_keeps_the_value_of_long_numbers() {
+        let long = format!("{}9", "2".repeat(111));
+        let layer = Digest::of(b"layer");
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{}","size":2}},
+               "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":5,
+               "x-long":{long},"x-float":0.30000000000000004,"x-exp":1e-300}}]}}"#,
+            spec::MEDIA_TYPE_OCI_MANIFEST,
+            spec::MEDIA_TYPE_OCI_CONFIG,
+            Digest::of(b"{}"),
+            layer
+        );
+        let entry = LedgerEntry {
+            encrypted_digest: Digest::of(b"ciphertext"),
+            size: 5,
+            annotations: BTreeMap::new(),
+            media_type: None,
+            recipients: None,
+        };
+        let lookup = |d: &Digest| (*d == layer).then(|| entry.clone());
+        let rewritten = rewrite(body.as_bytes(), spec::MEDIA_TYPE_OCI_MANIFEST, &lookup).unwrap();
+        assert_eq!(rewritten.encrypted_layers, 1);
+        let before: Value = serde_json::from_slice(body.as_bytes()).unwrap();
+        let after: Value = serde_json::from_slice(&rewritten.body).unwrap();
+        for field in ["x-long", "x-float", "x-exp"] {
+            assert_eq!(
+                before["layers"][0][field], after["layers"][0][field],
+                "{field} changed"
+            );
+        }
+    }
+}

@@ -79,6 +79,9 @@ pub struct KeyServiceConfig {
     /// Seconds a verified answer may be used after its refresh (defaults to three refresh
     /// periods): past that, pushes wait for a refresh that succeeds.
     pub max_age_seconds: u64,
+    /// Most projects whose lookups the gateway remembers (in use, or answered from memory for
+    /// a while), see [`crate::keyservice::ProjectTable`].
+    pub max_projects: usize,
 }
 
 /// The compiled plugin configuration.
@@ -308,6 +311,8 @@ mod raw {
         pub(super) timeout_ms: Option<Value>,
         #[serde(default)]
         pub(super) max_age_seconds: Option<Value>,
+        #[serde(default)]
+        pub(super) max_projects: Option<Value>,
     }
 
     #[derive(serde::Deserialize)]
@@ -457,7 +462,7 @@ fn action(value: Value, path: &str) -> Result<Action, ConfigError> {
 }
 
 /// True for names that can be the first path segment of a repository (a Harbor project).
-fn is_project_name(name: &str) -> bool {
+pub fn is_project_name(name: &str) -> bool {
     let edges_ok =
         |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     name.len() <= 255
@@ -714,6 +719,10 @@ fn compile_key_service(value: Value) -> Result<KeyServiceConfig, ConfigError> {
         Some(v) => integer(&v, "key_service.max_age_seconds", 1, 7 * 86_400)?,
         None => refresh_seconds.saturating_mul(3),
     };
+    let max_projects = match ks.max_projects {
+        Some(v) => integer(&v, "key_service.max_projects", 1, 16_384)?,
+        None => crate::keyservice::DEFAULT_MAX_PROJECTS as u64,
+    };
     Ok(KeyServiceConfig {
         cluster,
         authority,
@@ -723,6 +732,7 @@ fn compile_key_service(value: Value) -> Result<KeyServiceConfig, ConfigError> {
         refresh_seconds,
         timeout_ms,
         max_age_seconds,
+        max_projects: usize::try_from(max_projects).unwrap_or(usize::MAX),
     })
 }
 

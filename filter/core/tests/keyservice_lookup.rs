@@ -30,6 +30,7 @@ fn config() -> KeyServiceConfig {
         refresh_seconds: 60,
         timeout_ms: 1000,
         max_age_seconds: 180,
+        max_projects: 1024,
     }
 }
 
@@ -51,6 +52,7 @@ fn run(
 ) -> (Vec<(String, KeyRecord)>, Option<TrustedMetadata>) {
     let projects = projects.iter().map(|p| p.to_string()).collect();
     let (mut lookup, mut next) = Lookup::start(&config(), metadata, projects, NOW);
+    assert!(!lookup.resumed());
     for _ in 0..100 {
         match next {
             Next::Fetch(req) => {
@@ -157,4 +159,151 @@ fn stale_or_expired_records_refuse() {
         .usable("demo", record.expires_at, i64::MAX)
         .unwrap_err()
         .contains("expired"));
+}
+
+/// Drives a started lookup against the good repository, counting fetches by path.
+fn drive_counting(
+    mut lookup: Lookup,
+    mut next: Next,
+    fetched: &mut Vec<String>,
+) -> (Vec<(String, KeyRecord)>, Option<TrustedMetadata>, Lookup) {
+    for _ in 0..100 {
+        match next {
+            Next::Fetch(req) => {
+                fetched.push(req.path.clone());
+                let (status, body) = serve(&[], &req.path);
+                next = lookup.on_response(status, &body);
+            }
+            Next::Done { records, metadata } => return (records, metadata, lookup),
+        }
+    }
+    panic!("lookup did not finish");
+}
+
+#[test]
+fn resumed_lookups_fetch_only_targets_and_keep_the_refresh_time() {
+    let (_, metadata) = run(Some(&[]), pinned(), &["demo"]);
+    let metadata = metadata.unwrap();
+    assert_eq!(metadata.verified_at, NOW);
+    let later = NOW + 30;
+    let projects = vec![
+        "demo".to_string(),
+        "nosuch".to_string(),
+        "tribe-b-1".to_string(),
+    ];
+    let (lookup, next) = Lookup::resume(
+        &config(),
+        metadata.cache.clone(),
+        metadata.verified_at,
+        projects,
+        later,
+    )
+    .expect("fresh metadata resumes");
+    assert!(lookup.resumed());
+    let mut fetched = Vec::new();
+    let (records, meta, lookup) = drive_counting(lookup, next, &mut fetched);
+    // No root, timestamp, snapshot or top-level targets: only the two targets that exist and
+    // the delegated role on the way to one of them. Nothing for the unknown project.
+    assert!(
+        fetched.iter().all(|p| !p.contains("root")
+            && !p.contains("timestamp")
+            && !p.contains("snapshot")
+            && !p.ends_with(".targets.json")),
+        "{fetched:?}"
+    );
+    assert!(
+        fetched
+            .iter()
+            .filter(|p| p.starts_with("/targets/"))
+            .count()
+            == 2,
+        "{fetched:?}"
+    );
+    let by = |p: &str| records.iter().find(|(n, _)| n == p).unwrap().1.clone();
+    let demo = by("demo");
+    assert_eq!(
+        demo.checked_at, NOW,
+        "records age from the full refresh, not from now"
+    );
+    assert!(demo.usable("demo", later, 180).is_ok());
+    assert!(demo.usable("demo", NOW + 181, 180).is_err());
+    assert!(by("tribe-b-1").usable("tribe-b-1", later, 180).is_ok());
+    let ghost = by("nosuch");
+    assert!(ghost.unknown, "a verified \"no such project\"");
+    assert!(!demo.unknown);
+    let meta = meta.expect("a resumed cycle hands back its metadata");
+    assert_eq!(meta.verified_at, NOW);
+    assert!(
+        meta.supersedes(&metadata),
+        "same versions, delegated roles added"
+    );
+
+    // With the verified set a worker keeps: no signature checked again, the same answers, and
+    // the delegated role is cached now.
+    let kept = lookup.verified_updater().unwrap().clone();
+    let (lookup, next) = Lookup::resume_verified(
+        &config(),
+        kept,
+        meta.verified_at,
+        vec!["tribe-b-1".into(), "nosuch2".into()],
+        later,
+    )
+    .unwrap();
+    let mut fetched = Vec::new();
+    let (records, _, _) = drive_counting(lookup, next, &mut fetched);
+    assert_eq!(fetched.len(), 1, "{fetched:?}");
+    assert!(records.iter().any(|(p, r)| p == "nosuch2" && r.unknown));
+}
+
+#[test]
+fn resume_refuses_what_a_refresh_must_renew() {
+    // Only the pinned root: nothing to resume from.
+    assert!(Lookup::resume(&config(), pinned(), NOW, vec!["demo".into()], NOW).is_none());
+    let (_, metadata) = run(Some(&[]), pinned(), &["demo"]);
+    let metadata = metadata.unwrap();
+    // Expired metadata: a full refresh is needed (and would fail closed if nothing newer).
+    let far = 4_200_000_000; // after 2099, when the fixtures expire
+    assert!(Lookup::resume(&config(), metadata.cache.clone(), NOW, vec![], far).is_none());
+    // A cache whose snapshot is not the one its timestamp names.
+    let mut mixed = metadata.cache.clone();
+    mixed.snapshot = Some(b"{\"signed\":{}}".to_vec());
+    assert!(Lookup::resume(&config(), mixed, NOW, vec![], NOW).is_none());
+    // A kept set past its expiry is not resumed either.
+    let (lookup, next) =
+        Lookup::resume(&config(), metadata.cache.clone(), NOW, vec![], NOW).unwrap();
+    let (_, _, lookup) = drive_counting(lookup, next, &mut Vec::new());
+    let kept = lookup.verified_updater().unwrap().clone();
+    assert!(Lookup::resume_verified(&config(), kept, NOW, vec![], far).is_none());
+}
+
+#[test]
+fn metadata_from_older_modules_reads_back_unverified() {
+    let (_, metadata) = run(Some(&[]), pinned(), &["demo"]);
+    let metadata = metadata.unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&metadata.to_bytes()).unwrap();
+    v.as_object_mut().unwrap().remove("verified_at");
+    let old = TrustedMetadata::from_bytes(&serde_json::to_vec(&v).unwrap()).unwrap();
+    assert_eq!(old.verified_at, 0, "never taken as recent");
+    assert!(metadata.supersedes(&old));
+    assert!(!old.supersedes(&metadata));
+}
+
+#[test]
+fn max_projects_is_configured_and_bounded() {
+    let root = String::from_utf8(initial_root()).unwrap();
+    let parse = |extra: &str| {
+        let text = format!(
+            r#"{{"registry":{{"cluster":"r"}},"key_service":{{"cluster":"k","trusted_root":{root}{extra}}}}}"#
+        );
+        ocicrypt_core::config::Config::parse(text.as_bytes())
+    };
+    let ks = |c: ocicrypt_core::config::Config| c.key_service.unwrap();
+    assert_eq!(ks(parse("").unwrap()).max_projects, 1024);
+    assert_eq!(ks(parse(r#","max_projects":50"#).unwrap()).max_projects, 50);
+    for bad in ["0", "16385", "-1", "\"many\""] {
+        let err = parse(&format!(r#","max_projects":{bad}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("key_service.max_projects"), "{bad}: {err}");
+    }
 }

@@ -356,6 +356,52 @@ impl Updater {
         self.fail(result)
     }
 
+    /// Take the cached metadata as refreshed at `now` without fetching anything, as a client
+    /// that completed a refresh a moment ago and looks up more targets against it (python-tuf:
+    /// one `refresh()`, then several `get_targetinfo()`). For a host that knows when the cache
+    /// was last refreshed in full and decides it is recent enough; the spec's workflow (a new
+    /// root, a new timestamp) is [`Updater::start_refresh`].
+    ///
+    /// Every cached file is verified again (signatures, thresholds, versions, hashes) and must
+    /// be valid as *final* at `now` (unexpired, snapshot matching the timestamp, targets
+    /// matching the snapshot): otherwise the error, nothing is trusted, and the host refreshes.
+    pub fn resume(&mut self, now: i64) -> Result<(), TufError> {
+        self.ensure_idle("resume")?;
+        self.refreshed = false;
+        self.trusted = None;
+        let missing = |reason| TufError::OutOfOrder {
+            operation: "resume",
+            reason,
+        };
+        let mut set = TrustedMetadataSet::new(&self.cache.root, now)?;
+        set.check_final_root()?;
+        let timestamp = self
+            .cache
+            .timestamp
+            .as_deref()
+            .ok_or(missing("no cached timestamp"))?;
+        set.update_timestamp(timestamp)?;
+        set.check_final_timestamp()?;
+        let snapshot = self
+            .cache
+            .snapshot
+            .as_deref()
+            .ok_or(missing("no cached snapshot"))?;
+        // Not `from_cache`: the snapshot must be the one the cached timestamp names (hashes
+        // included), as at the end of the refresh that left this cache.
+        set.update_snapshot(snapshot, false)?;
+        set.check_final_snapshot()?;
+        let targets = self
+            .cache
+            .targets
+            .get(TARGETS)
+            .ok_or(missing("no cached targets"))?;
+        set.update_delegated_targets(targets, TARGETS, ROOT)?;
+        self.trusted = Some(set);
+        self.refreshed = true;
+        Ok(())
+    }
+
     /// 5.3.3: try root N+1, unless Y versions were fetched already.
     fn next_root(&mut self, next_version: u64, remaining: u64) -> Result<Progress, TufError> {
         if remaining == 0 {

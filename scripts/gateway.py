@@ -7,6 +7,10 @@ Everything lives under a state directory (default ``<repo>/.run/``):
     registry.yml         its configuration; registry.log its log; htpasswd when auth is on
     keys/                demo recipients: demo-rsa.pem / demo-ec.pem (PKCS#8 private keys, for
                          decrypting on pull) and demo-rsa.pub.pem / demo-ec.pub.pem (PKIX public keys)
+    keyservice/          the key service's TUF repository (scripts/keyservice), served by nginx
+                         over TLS (keyservice-nginx/: its configuration, logs)
+    keyservice-tls/      ca.crt (the CA Envoy validates the key service against, made once),
+                         server.crt / server.key (the key service's certificate, for keyservice.local)
     plugin-config.json   the filter configuration handed to Envoy
     envoy.yaml           the rendered Envoy configuration (from envoy/envoy.yaml)
     envoy.log            Envoy's log (the plugin logs there too); envoy-access.log the access log
@@ -156,6 +160,15 @@ class Options:
     keyservice_addr: Optional[str] = None
     #: The filter's key-service refresh period.
     keyservice_refresh_seconds: int = 60
+    #: key_service.timeout_ms (one fetch).
+    keyservice_timeout_ms: int = 5000
+    #: key_service.max_age_seconds (None: the filter's default, three refresh periods).
+    keyservice_max_age_seconds: Optional[int] = None
+    #: key_service.max_projects (None: the filter's default, 1024).
+    keyservice_max_projects: Optional[int] = None
+    #: False: do not start nginx for the key service; the caller serves keyservice_addr itself
+    #: (e.g. a hostile key service in tests), over TLS with keyservice-tls/server.{crt,key}.
+    start_keyservice: bool = True
     #: Replicas: the base64 32-byte key every replica shares (plugin `replicas.state_key`): upload
     #: state travels sealed in the Location, the ledger is kept in the registry too.
     state_key: Optional[str] = None
@@ -175,6 +188,11 @@ class Options:
     def keyservice_dir(self) -> Path:
         """The key service's TUF repository (keys/, metadata/, targets/)."""
         return self.state_dir / "keyservice"
+
+    @property
+    def keyservice_tls_dir(self) -> Path:
+        """The key service's TLS material: ca.crt, server.crt, server.key."""
+        return self.state_dir / "keyservice-tls"
 
     @property
     def keyservice_served(self) -> Path:
@@ -216,8 +234,12 @@ def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]],
             "targets_path": "/targets",
             "trusted_root": trusted_root,
             "refresh_seconds": opts.keyservice_refresh_seconds,
-            "timeout_ms": 5000,
+            "timeout_ms": opts.keyservice_timeout_ms,
         }
+        if opts.keyservice_max_age_seconds is not None:
+            extra["key_service"]["max_age_seconds"] = opts.keyservice_max_age_seconds
+        if opts.keyservice_max_projects is not None:
+            extra["key_service"]["max_projects"] = opts.keyservice_max_projects
     if opts.state_key:
         # The key reaches the VM through its environment (Envoy's own, passed on by name), so
         # it is never in the plugin configuration that /config_dump shows.
@@ -305,17 +327,145 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
     host, port = _split_addr(opts.registry_addr)
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     endpoint["endpoint"]["address"]["socket_address"] = {"address": host, "port_value": port}
+    # The key service's cluster (template: TLS, SNI and SAN keyservice.local, validated against
+    # a CA): kept only when the filter uses the key service, with this stack's address and CA.
+    (ks,) = [c for c in clusters if c["name"] == "keyservice"]
     cfg["static_resources"]["clusters"] = [c for c in clusters if c["name"] != "keyservice"]
     if plugin_cfg is not None and "key_service" in plugin_cfg:
-        ks = copy.deepcopy(cluster)
-        ks["name"] = "keyservice"
-        ks["load_assignment"]["cluster_name"] = "keyservice"
-        ks.pop("per_connection_buffer_limit_bytes", None)
+        ks = copy.deepcopy(ks)
         host, port = _split_addr(opts.keyservice_addr)
         (endpoint,) = ks["load_assignment"]["endpoints"][0]["lb_endpoints"]
         endpoint["endpoint"]["address"]["socket_address"] = {"address": host, "port_value": port}
+        tls = ks["transport_socket"]["typed_config"]
+        tls["sni"] = KEYSERVICE_HOST
+        validation = tls["common_tls_context"]["validation_context"]
+        # The CA the configuration names must exist for Envoy to load it (made once).
+        ca = ensure_keyservice_tls(opts) / "ca.crt"
+        validation["trusted_ca"] = {"filename": str(ca)}
+        validation["match_typed_subject_alt_names"] = [
+            {"san_type": "DNS", "matcher": {"exact": KEYSERVICE_HOST}}]
         cfg["static_resources"]["clusters"].append(ks)
     return cfg
+
+
+#: The key service's name in the local stack: the callouts' :authority, the TLS SNI and the
+#: certificate's subjectAltName (with 127.0.0.1).
+KEYSERVICE_HOST = "keyservice.local"
+
+
+def ensure_keyservice_tls(opts: Options) -> Path:
+    """A CA and the key service's certificate under <state>/keyservice-tls/, made once (kept
+    while the certificate has more than 30 days and names KEYSERVICE_HOST). Returns the dir."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = opts.keyservice_tls_dir
+    ca_crt, ca_key, crt, key = (d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if all(p.exists() for p in (ca_crt, ca_key, crt, key)):
+        try:
+            cert = x509.load_pem_x509_certificate(crt.read_bytes())
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            if (cert.not_valid_after_utc - now > datetime.timedelta(days=30)
+                    and KEYSERVICE_HOST in sans.get_values_for_type(x509.DNSName)):
+                return d
+        except (ValueError, x509.ExtensionNotFound):
+            pass
+    d.mkdir(parents=True, exist_ok=True)
+
+    def write_key(path: Path, k) -> None:
+        pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+
+    if ca_crt.exists() and ca_key.exists():
+        ca_private = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
+    else:
+        ca_private = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                                "ocicrypt-filter local key service CA")])
+        ca_cert = (x509.CertificateBuilder()
+                   .subject_name(ca_name).issuer_name(ca_name)
+                   .public_key(ca_private.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=3650))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                   .add_extension(x509.KeyUsage(
+                       digital_signature=False, content_commitment=False, key_encipherment=False,
+                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                       ca_private.public_key()), critical=False)
+                   .sign(ca_private, hashes.SHA256()))
+        write_key(ca_key, ca_private)
+        ca_crt.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_private = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, KEYSERVICE_HOST)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(server_private.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(min(now + datetime.timedelta(days=825), ca_cert.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName(KEYSERVICE_HOST), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_private.public_key()), critical=False)
+            .sign(ca_private, hashes.SHA256()))
+    write_key(key, server_private)
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return d
+
+
+def keyservice_ssl_context(opts: Options):
+    """A client TLS context trusting only the local key service's CA (checks, tests)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(opts.keyservice_tls_dir / "ca.crt"))
+    return ctx
+
+
+def keyservice_url(opts: Options, path: str = "/") -> str:
+    """https URL of the local key service (its certificate names 127.0.0.1 too)."""
+    return f"https://{opts.keyservice_addr}{path}"
+
+
+def write_keyservice_nginx(opts: Options) -> Path:
+    """nginx configuration serving the key service (scripts/keyservice's, which serves only
+    metadata/ and targets/) over TLS with keyservice-tls/server.{crt,key}. Returns its path."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    import keyservice_lib
+
+    state = opts.state_dir / "keyservice-nginx"
+    (state / "tmp").mkdir(parents=True, exist_ok=True)
+    text = keyservice_lib.nginx_config(opts.keyservice_served, opts.keyservice_addr, state)
+    plain = f"        listen {opts.keyservice_addr};\n"
+    if plain not in text:
+        raise GatewayError("scripts/keyservice's nginx configuration has no listen line to "
+                           "put TLS on")
+    tls = opts.keyservice_tls_dir
+    text = text.replace(plain, (
+        f"        listen {opts.keyservice_addr} ssl;\n"
+        f"        ssl_certificate {tls / 'server.crt'};\n"
+        f"        ssl_certificate_key {tls / 'server.key'};\n"
+        "        ssl_protocols TLSv1.2 TLSv1.3;\n"))
+    conf = state / "nginx.conf"
+    conf.write_text(text)
+    return conf
 
 
 KEYSERVICE = REPO / "scripts" / "keyservice"
@@ -405,9 +555,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _http_status(url: str, timeout: float = 2.0) -> Optional[int]:
+def _http_status(url: str, timeout: float = 2.0, context=None) -> Optional[int]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -509,7 +659,11 @@ class Gateway:
         (o.state_dir / "registry.yml").write_text(yaml.safe_dump(registry_config(o), sort_keys=False))
         if o.filter:
             ensure_wasm(o, self.log)
-            root = ensure_keyservice(o, self.log) if o.keys_source == "tuf" else None
+            root = None
+            if o.keys_source == "tuf":
+                root = ensure_keyservice(o, self.log)
+                ensure_keyservice_tls(o)
+                write_keyservice_nginx(o)
             self.plugin_cfg = plugin_config(o, self.keys, root)
             (o.state_dir / "plugin-config.json").write_text(json.dumps(self.plugin_cfg, indent=2))
         else:
@@ -541,7 +695,8 @@ class Gateway:
         ]
         self.opts.pids_file.write_text(json.dumps(entries, indent=2) + "\n")
 
-    def _wait(self, name: str, proc: subprocess.Popen, url: str, ok, logfile: Path) -> None:
+    def _wait(self, name: str, proc: subprocess.Popen, url: str, ok, logfile: Path,
+              context=None) -> None:
         deadline = time.monotonic() + self.opts.startup_timeout
         last = None
         while time.monotonic() < deadline:
@@ -550,7 +705,7 @@ class Gateway:
                     f"{name} exited with status {proc.returncode} while starting; "
                     f"last lines of {logfile}:\n{_tail(logfile)}"
                 )
-            last = _http_status(url)
+            last = _http_status(url, context=context)
             if last is not None and ok(last):
                 return
             time.sleep(0.1)
@@ -564,7 +719,7 @@ class Gateway:
         if o.pids_file.exists():
             stop_recorded(o.state_dir, self.log)
         addrs = [o.gateway_addr, o.admin_addr] + ([o.registry_addr] if o.start_registry else [])
-        if o.filter and o.keys_source == "tuf":
+        if o.filter and o.keys_source == "tuf" and o.start_keyservice:
             addrs.append(o.keyservice_addr)
         for addr in addrs:
             if not _port_free(addr):
@@ -579,13 +734,9 @@ class Gateway:
                 self._wait("registry", reg, f"{self.registry_url}/v2/",
                            lambda s: s == (401 if o.htpasswd else 200), reg_log)
 
-            if self.plugin_cfg is not None and "key_service" in self.plugin_cfg:
-                ks_log = o.state_dir / "keyservice.log"
-                ks = self._spawn("keyservice", [sys.executable, str(KEYSERVICE), "serve", "--repo",
-                                                str(o.keyservice_served), "--listen", o.keyservice_addr,
-                                                "--state", str(o.state_dir / "keyservice-nginx")], ks_log)
-                self._wait("keyservice", ks, f"http://{o.keyservice_addr}/metadata/1.root.json",
-                           lambda s: s == 200, ks_log)
+            if (self.plugin_cfg is not None and "key_service" in self.plugin_cfg
+                    and o.start_keyservice):
+                self.start_keyservice()
 
             envoy_log = o.state_dir / "envoy.log"
             argv = [envoy_path(), "-c", str(o.state_dir / "envoy.yaml"),
@@ -602,6 +753,42 @@ class Gateway:
             self.stop()
             raise
         return self
+
+    def start_keyservice(self) -> None:
+        """nginx serving the key service over TLS on keyservice_addr (start() does it unless
+        start_keyservice is False; tests call it to bring the real key service back)."""
+        o = self.opts
+        import shutil
+
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                          else None)
+        if nginx is None:
+            raise GatewayError("nginx is not installed (Debian: apt-get install nginx)")
+        conf = write_keyservice_nginx(o)
+        state = conf.parent
+        ks_log = o.state_dir / "keyservice.log"
+        ks = self._spawn("keyservice", [nginx, "-p", str(state), "-e", str(state / "error.log"),
+                                        "-c", str(conf), "-g", "daemon off;"], ks_log)
+        self._wait("keyservice", ks, keyservice_url(o, "/metadata/1.root.json"),
+                   lambda s: s == 200, ks_log, context=keyservice_ssl_context(o))
+
+    def stop_keyservice(self) -> None:
+        """Stops the nginx start_keyservice() started (only that process)."""
+        for name, proc in list(self.procs):
+            if name != "keyservice":
+                continue
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            self.procs.remove((name, proc))
+        self._write_pids()
 
     def stop(self) -> None:
         for name, proc in reversed(self.procs):
@@ -646,7 +833,8 @@ class Gateway:
             f"registry:  http://{o.registry_addr}  (storage {o.registry_dir})"
             + (f"  basic auth user {o.htpasswd[0]}" if o.htpasswd else ""),
             "policy:    demo/** is encrypted to the demo recipients, plain/** passes through",
-            (f"key svc:   http://{o.keyservice_addr}  (TUF repository {o.keyservice_dir}; manage it "
+            (f"key svc:   {keyservice_url(o)}  (nginx over TLS, CA {o.keyservice_tls_dir}/ca.crt; "
+             f"TUF repository {o.keyservice_dir}; manage it "
              f"with scripts/keyservice --repo {o.keyservice_dir} ...)"
              if o.filter and o.keys_source == "tuf" else "key svc:   none (inline recipients)"),
             f"keys:      {rsa}  {ec}  (private, PKCS#8; *.pub.pem beside them)",

@@ -60,11 +60,14 @@ def test_fails_closed_after_auth_on_the_gateway(plugin):
     # after Istio's authentication and authorization filters
     assert spec["phase"] in ("STATS", "UNSPECIFIED_PHASE")
     assert spec.get("selector") or spec.get("targetRefs")
-    for m in spec["match"]:
+    for m in spec.get("match", []):
         # Istio treats gateway listeners as CLIENT for WasmPlugin matching: SERVER alone
         # would never match a gateway and the filter would silently not run.
         assert m["mode"] in ("CLIENT", "CLIENT_AND_SERVER")
-        assert m["ports"], "match the gateway's HTTPS port"
+        # Every port the registry is reached on: a `ports` list (443 only, until issue 13)
+        # leaves any other listener of the gateway (8443, a plain-HTTP 80, a later server)
+        # without the filter, a way around encryption.
+        assert "ports" not in m, "match every listener of the dedicated gateway, not a list"
     assert re.fullmatch(r"oci://[^/]+/.+:[\w][\w.-]*", spec["url"]), spec["url"]
 
 
@@ -99,6 +102,9 @@ def test_key_service_cluster_is_declared(plugin):
     assert pls["tls"]["mode"] == "SIMPLE"
     assert pls["tls"]["sni"] == host
     assert se_port["targetPort"] == 443
+    # ... and verifies the key service's certificate: a name to match, never skipped.
+    assert host in pls["tls"]["subjectAltNames"]
+    assert not pls["tls"].get("insecureSkipVerify")
 
 
 def glob_match(pattern: str, name: str) -> bool:

@@ -78,11 +78,13 @@ BAD_WASMPLUGINS = {
              "spec.phase: 'BEFORE_ROUTER' is not one of"),
     "pattern": (lambda d: d["spec"].__setitem__("sha256", "sha256:" + "a" * 64),
                 "spec.sha256: 'sha256:aaaa"),
-    "type": (lambda d: d["spec"]["match"][0]["ports"][0].__setitem__("number", "443"),
+    # (the shipped WasmPlugin matches every port, issue 13: these add a `ports` list)
+    "type": (lambda d: d["spec"]["match"][0].__setitem__("ports", [{"number": "443"}]),
              "spec.match[0].ports[0].number: '443' is not of type 'integer'"),
-    "bound": (lambda d: d["spec"]["match"][0]["ports"][0].__setitem__("number", 70000),
+    "bound": (lambda d: d["spec"]["match"][0].__setitem__("ports", [{"number": 70000}]),
               "spec.match[0].ports[0].number: 70000 is greater than the maximum of 65535"),
-    "list-map key": (lambda d: d["spec"]["match"][0]["ports"].append({"number": 443}),
+    "list-map key": (lambda d: d["spec"]["match"][0].__setitem__(
+                         "ports", [{"number": 443}, {"number": 443}]),
                      "spec.match[0].ports[1]: duplicate entry for key {'number': 443}"),
     "required": (lambda d: d["spec"].pop("url"), "spec: 'url' is a required property"),
     "version": (lambda d: d.__setitem__("apiVersion", "extensions.istio.io/v1beta1"),

@@ -124,9 +124,8 @@ pub fn is_ambiguous_write(method: &str, path: &str) -> bool {
         return false;
     }
     let path_only = path.split_once('?').map_or(path, |(p, _)| p);
-    if !path_only.starts_with("/v2/") {
-        return false;
-    }
+    // Any write path, not only those starting with "/v2/": the registry decodes `/v2%2Fdemo/…`
+    // into a `/v2/demo/…` route the gateway would not have seen.
     path_only.contains('%')
         || path_only.contains('\\')
         || path_only.contains(';')
@@ -396,6 +395,10 @@ mod tests {
             "/v2/x/../demo/app/blobs/uploads/u"
         ));
         assert!(!is_ambiguous_write("GET", "/v2/demo%2Fapp/tags/list"));
+        // Found by the gateway fuzzer: an encoded slash right after /v2.
+        assert!(is_ambiguous_write("POST", "/v2%2Fdemo/app/blobs/uploads/"));
+        assert!(is_ambiguous_write("PATCH", "/v2%2fdemo/app/blobs/uploads/u"));
+        assert!(is_ambiguous_write("PUT", "//v2/demo/app/manifests/v1"));
         assert!(!is_ambiguous_write("POST", "/v2/demo/app/blobs/uploads/"));
         assert!(!is_ambiguous_write(
             "PUT",

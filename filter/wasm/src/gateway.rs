@@ -1719,16 +1719,24 @@ impl HttpContext for Gateway {
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         // Trailers end a body without an end-of-stream body callback: a held manifest would go
-        // on unrewritten and a monolithic upload unfinished. Writes to an encrypted repository
-        // are bodies without trailers (no client sends them).
-        if self.encrypted.is_some() && !matches!(self.flow, Flow::Refused) {
-            let _ = host::set_body(BufferType::HttpRequestBody, usize::MAX, &[]);
-            return self.refuse(&OciError::new(
-                Code::BlobUploadInvalid,
-                "request trailers are refused on writes to an encrypted repository; send the body without trailers",
-            ));
+        // on unrewritten, a monolithic upload unfinished, and a refusal waiting for the end of
+        // the body (Draining) never sent. Writes to an encrypted repository are bodies without
+        // trailers (no client sends them).
+        match &self.flow {
+            Flow::Refused => Action::Pause,
+            Flow::Draining(e) => {
+                let e = e.clone();
+                self.refuse(&e)
+            }
+            _ if self.encrypted.is_some() => {
+                let _ = host::set_body(BufferType::HttpRequestBody, usize::MAX, &[]);
+                self.refuse(&OciError::new(
+                    Code::BlobUploadInvalid,
+                    "request trailers are refused on writes to an encrypted repository; send the body without trailers",
+                ))
+            }
+            _ => Action::Continue,
         }
-        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {

@@ -397,7 +397,10 @@ mod tests {
         assert!(!is_ambiguous_write("GET", "/v2/demo%2Fapp/tags/list"));
         // Found by the gateway fuzzer: an encoded slash right after /v2.
         assert!(is_ambiguous_write("POST", "/v2%2Fdemo/app/blobs/uploads/"));
-        assert!(is_ambiguous_write("PATCH", "/v2%2fdemo/app/blobs/uploads/u"));
+        assert!(is_ambiguous_write(
+            "PATCH",
+            "/v2%2fdemo/app/blobs/uploads/u"
+        ));
         assert!(is_ambiguous_write("PUT", "//v2/demo/app/manifests/v1"));
         assert!(!is_ambiguous_write("POST", "/v2/demo/app/blobs/uploads/"));
         assert!(!is_ambiguous_write(

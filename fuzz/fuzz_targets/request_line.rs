@@ -85,14 +85,15 @@ fn check_route(method: &str, path: &str) {
         }
         Route::Other => {}
     }
+    let write = matches!(method, "POST" | "PUT" | "PATCH" | "DELETE");
     if ambiguous {
         check!(
-            matches!(method, "POST" | "PUT" | "PATCH" | "DELETE") && path_only.starts_with("/v2/"),
-            "is_ambiguous_write({method}, {path:?}) for a request that is not a write under /v2/"
+            write,
+            "is_ambiguous_write({method}, {path:?}) for a request that is not a write"
         );
-    } else if matches!(method, "POST" | "PUT" | "PATCH" | "DELETE") && path_only.starts_with("/v2/")
-    {
-        // What passes is canonical: nothing a registry could decode or clean differently.
+    } else if write && path_only.starts_with('/') {
+        // What passes is canonical, under /v2/ or not (the registry decodes `/v2%2F…`):
+        // nothing a registry could decode or clean into another route.
         check!(
             !path_only.contains(['%', '\\', ';']) && !path_only.contains("//"),
             "is_ambiguous_write passed {path:?}"
@@ -300,7 +301,7 @@ fn check_rewrite_query(path: &str, drop_mask: u8, adds: &[String]) {
         );
     }
     check!(
-        got.is_empty() == !out.contains('?') || path_only.contains('?'),
+        got.is_empty() != out.contains('?') || path_only.contains('?'),
         "rewrite_query made an empty query {out:?}"
     );
 }

@@ -111,7 +111,7 @@ fn answer(u: &mut Unstructured, fetch: &Fetch, deviated: &mut bool) -> (u16, Vec
         14 => {
             let (status, mut bytes) = good_answer();
             let extra = u.int_in_range(1..=64usize).unwrap_or(1);
-            bytes.extend(std::iter::repeat(b' ').take(extra));
+            bytes.extend(std::iter::repeat_n(b' ', extra));
             (status, bytes)
         }
         _ => {

@@ -261,14 +261,32 @@ def test_passthrough_repository_through_gateway(gateway_stack, tmp_path):
 
 @pytest.mark.filter
 def test_encrypted_repository_through_gateway_fails(gateway_stack, tmp_path):
-    """demo/** is encrypted: the module would not be loadable, so the script must fail and say
-    to use a passthrough repository."""
+    """demo/** is encrypted: the module would not be loadable, so the script must fail for that
+    reason (the registry holds another manifest than the one pushed, with the layer encrypted)
+    and say to use a passthrough repository; a failure of any other kind (skopeo missing, the
+    gateway down) does not pass."""
+    import re
+
+    repository = "demo/ocicrypt-filter"
     proc = package("--registry", gateway_stack.opts.gateway_addr, "--repository",
-                   "demo/ocicrypt-filter", "--tag", TAG, "--insecure", "--wasm", str(WASM),
+                   repository, "--tag", TAG, "--insecure", "--wasm", str(WASM),
                    "--out", str(tmp_path), check=False)
-    assert proc.returncode != 0, proc.stdout
-    assert "passthrough" in proc.stderr, proc.stderr
-    got: List[dict] = []
-    if (tmp_path / "digests.json").exists():
-        got = json.loads((tmp_path / "digests.json").read_text())["images"]
-    assert not any(img.get("pushed") for img in got)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    found = re.search(r"the registry holds \S+:(\S+) as (sha256:[0-9a-f]{64}), not the manifest "
+                      r"pushed \((sha256:[0-9a-f]{64})\): something rewrote it\..*passthrough",
+                      proc.stderr, re.S)
+    assert found, proc.stderr
+    ref, stored_digest, pushed_digest = found.groups()
+    assert ref == TAG, proc.stderr
+    direct = helpers.Registry(gateway_stack.registry_url)
+    stored = direct.get_manifest(repository, ref)
+    assert stored.status_code == 200
+    assert f"sha256:{sha256_hex(stored.content)}" == stored_digest
+    # The one layer (the module's tar.gz) is stored encrypted; the pushed plaintext is not.
+    pushed = json.loads(blob(tmp_path / "oci", pushed_digest))
+    (layer,) = stored.json()["layers"]
+    assert layer["mediaType"] == MT_LAYER_TGZ + "+encrypted", layer
+    assert not direct.blob_exists(repository, pushed["layers"][0]["digest"])
+    # The script stopped at the first image: the artifact form was never pushed.
+    assert direct.get_manifest(repository, f"{TAG}-wasm").status_code == 404
+    assert not (tmp_path / "digests.json").exists()

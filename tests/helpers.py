@@ -8,6 +8,7 @@ import io
 import json
 import urllib.parse
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -465,6 +466,42 @@ class AccessLog:
                 f"te={e.get('req_transfer_encoding')} cr={e.get('req_content_range')} "
                 f"ua={(e.get('user_agent') or '')[:30]}")
         return "\n".join(rows)
+
+
+class RegistryLog:
+    """The registry's own access log (distribution's combined-format lines in its log), read
+    from a mark on: what really reached the registry, from clients through Envoy and from the
+    filter's callouts alike. Distribution writes a request's line before its answer leaves, so
+    every request answered before `requests()` is in it."""
+
+    LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" ([0-9]{3}) ')
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    @classmethod
+    def of(cls, stack) -> "RegistryLog":
+        """The log of `stack`'s registry, marked now."""
+        path = getattr(stack, "registry_log", None) or stack.opts.state_dir / "registry.log"
+        log = cls(Path(path))
+        log.mark()
+        return log
+
+    def mark(self) -> None:
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def requests(self) -> List[Tuple[str, str, int]]:
+        """(method, path with query, status) of every request since the mark."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read().decode(errors="replace")
+        return [(m.group(1), m.group(2), int(m.group(3))) for m in self.LINE.finditer(data)]
+
+    def blob_writes(self) -> List[Tuple[str, str, int]]:
+        """Requests that write blob bytes: PATCH and PUT of upload sessions."""
+        return [r for r in self.requests()
+                if r[0] in ("PATCH", "PUT") and "/blobs/uploads/" in r[1]]
 
 
 def raw_request(addr: str, method: str, path: Union[str, bytes], body: bytes,

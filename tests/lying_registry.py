@@ -12,6 +12,10 @@ it is told to lie about, whose ``Location`` it rewrites:
   (``http://<elsewhere>/v2/demo/x/blobs/uploads/<uuid>?_state=…``): a second listener of this
   proxy that forwards to the same registry, standing for a host that is not the gateway.
 
+Or, ``mode = "drop-commit"``, it stands for a registry that cannot be reached at the end of an
+upload: a ``PUT …/blobs/uploads/…?…digest=…`` in those repositories is read and answered by
+closing the connection (nothing is forwarded).
+
 Both listeners record every request (``requests``: listener, method, path, status) and every
 request body that holds one of ``needles`` (``hits``), so a test can tell whether plaintext
 ever reached the registry side.
@@ -92,9 +96,9 @@ class LyingRegistry:
     # configuration --------------------------------------------------------------------
     def lie(self, mode: str, about: str = "demo/", other_repo: str = "plain/x",
             needles: Sequence[bytes] = ()) -> None:
-        """Start lying (mode "other-repo" or "other-host") about repositories starting with
-        `about`; record request bodies holding any of `needles`."""
-        assert mode in ("other-repo", "other-host"), mode
+        """Start lying (mode "other-repo", "other-host" or "drop-commit") about repositories
+        starting with `about`; record request bodies holding any of `needles`."""
+        assert mode in ("other-repo", "other-host", "drop-commit"), mode
         with self._lock:
             self.mode, self.about, self.other_repo = mode, about, other_repo
             self.needles = list(needles)
@@ -168,6 +172,15 @@ class LyingRegistry:
         with self._lock:
             self.requests.append(seen)
             scanner = _Scanner(self.needles)
+            drop = self.mode == "drop-commit" and h.command == "PUT" \
+                and h.path.startswith(f"/v2/{self.about}") and "/blobs/uploads/" in h.path \
+                and "digest=" in h.path
+        if drop:
+            chunked_in = "chunked" in h.headers.get("Transfer-Encoding", "").lower()
+            for piece in self._request_body(h, chunked_in, int(h.headers.get("Content-Length") or 0)):
+                seen.body_bytes += len(piece)
+            h.close_connection = True
+            return
         up = self._upstream()
         try:
             up.putrequest(h.command, h.path, skip_host=True, skip_accept_encoding=True)
@@ -266,7 +279,8 @@ class LyingRegistry:
         with self._lock:
             mode, about, other_repo = self.mode, self.about, self.other_repo
         m = UPLOAD_START.match(h.path)
-        if mode is None or listener != "gateway-side" or h.command != "POST" or status != 202 \
+        if mode not in ("other-repo", "other-host") or listener != "gateway-side" \
+                or h.command != "POST" or status != 202 \
                 or not m or not m.group("repo").startswith(about):
             return None
         original = next((v for k, v in headers if k.lower() == "location"), "")

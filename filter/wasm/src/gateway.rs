@@ -321,6 +321,15 @@ impl Gateway {
                 }
             }
         }
+        if distribution::is_ambiguous_write(&method, &path) {
+            // The registry may decode `%2F`, collapse `//` or clean `..` into a repository name
+            // other than the one routed here (`plain/x/../../demo/y` routes as a passthrough
+            // name): such a write could land in an encrypted repository unencrypted.
+            return Err(OciError::new(
+                Code::Denied,
+                "write request with an encoded or non-canonical path; use the plain /v2/<name>/... form",
+            ));
+        }
         let route = distribution::route(&method, &path);
         // Upload state stays out of log lines: distribution's `_state` and the gateway's sealed
         // state (a Location read from a log must not continue anyone's upload).
@@ -348,15 +357,6 @@ impl Gateway {
                     self.paused_eos = end_of_stream;
                     self.flow = Flow::DeleteCheck { repository, token };
                     return Ok(Action::Pause);
-                }
-                if distribution::is_ambiguous_write(&method, &path) {
-                    // The registry may decode `%2F` or collapse `//` into a repository name the
-                    // route above did not see; such a write could land in an encrypted
-                    // repository unencrypted.
-                    return Err(OciError::new(
-                        Code::Denied,
-                        "write request with an encoded or non-canonical path; use the plain /v2/<name>/... form",
-                    ));
                 }
                 return Ok(Action::Continue);
             }

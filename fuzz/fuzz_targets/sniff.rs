@@ -6,15 +6,15 @@
 //! `accepting_encrypted`.
 //!
 //! Properties:
-//! - a blob whose first chunk is JSON-like never yields `Replaced`, and is refused as soon as
-//!   a chunk holds a NUL;
-//! - without `accepting_encrypted`, every non-empty chunk of a blob that is not JSON is
-//!   replaced (encrypted): nothing else passes unchanged;
-//! - the output has the input's length, chunk by chunk; encrypted, it is the same whatever
-//!   the split, decrypts (with the layer's key, nonce and HMAC) to the input, and the layer's
-//!   digests are those of the input and the output;
+//! - the treatment is the one the blob's first window calls for, however the blob is split
+//!   (chunks may be held back and released later: only the request's total is kept);
+//! - a JSON blob passes unchanged, and is refused only if it holds a NUL;
+//! - without `accepting_encrypted`, every blob that is not JSON is encrypted; the output has
+//!   the input's length, is the same whatever the split, decrypts (with the layer's key, nonce
+//!   and HMAC) to the input, and the layer's digests are those of the input and the output;
 //! - with `accepting_encrypted`, a blob passed as ciphertext looked encrypted at its start,
-//!   and every later chunk of 32 bytes or more looked encrypted too;
+//!   and every 4 KiB window of it (and its tail) does too; a refusal comes only for a window
+//!   that does not, and only judged windows went on before it;
 //! - the sniffers agree with their definitions on what they refuse (known magic, short
 //!   windows, NUL bytes).
 #![no_main]
@@ -24,7 +24,8 @@ use libfuzzer_sys::fuzz_target;
 use ocicrypt_core::blockcipher::{decrypt_layer, LayerEncryptor};
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::upload::{
-    is_json_like, looks_encrypted, BodyVerdict, ChunkStream, Treatment, UploadRecord, SNIFF_WINDOW,
+    is_json_like, looks_encrypted, window_looks_encrypted, BodyVerdict, ChunkStream, Treatment,
+    UploadRecord, PASS_WINDOW, SNIFF_WINDOW,
 };
 
 const MAGIC: [&[u8]; 10] = [
@@ -77,76 +78,62 @@ fuzz_target!(|data: &[u8]| {
         );
     }
 
-    // The stream, chunk by chunk.
+    // The stream, chunk by chunk, as one request.
     let Ok(stream) = ChunkStream::new(UploadRecord::new("demo/app"), Some(0)) else {
         panic!("property broken: a fresh upload refused at offset 0");
     };
     let mut stream = stream.accepting_encrypted(accept);
     let mut rng = TestRng::new(u64::from(flags));
     let mut out = Vec::with_capacity(blob.len());
-    let mut first_chunk: Option<Vec<u8>> = None;
     let mut previous = 0usize;
-    let mut refused = false;
     let bounds: Vec<usize> = cuts
         .into_iter()
         .chain(std::iter::once(blob.len()))
         .collect();
+    // The treatment the blob's first window calls for.
+    let starts_json = is_json_like(w);
+    let passes = !starts_json && accept && looks_encrypted(w);
     for (i, &cut) in bounds.iter().enumerate() {
         let piece = &blob[previous..cut];
         previous = cut;
         let mut chunk = piece.to_vec();
-        if first_chunk.is_none() && !chunk.is_empty() {
-            first_chunk = Some(chunk.clone());
-        }
-        let first = first_chunk.as_deref().unwrap_or(&[]);
-        let starts_json = is_json_like(window(first));
-        let verdict = stream.on_body(&mut chunk, i + 1 == bounds.len(), &mut rng);
-        check!(
-            chunk.len() == piece.len(),
-            "a chunk of {} bytes came back with {}",
-            piece.len(),
-            chunk.len()
-        );
-        match verdict {
-            Ok(BodyVerdict::Replaced) => {
-                check!(!starts_json, "a blob that opens as JSON was encrypted");
-            }
+        let last = i + 1 == bounds.len();
+        match stream.on_body(&mut chunk, last, &mut rng) {
+            Ok(BodyVerdict::Replaced) => out.extend_from_slice(&chunk),
             Ok(BodyVerdict::Unchanged) => {
                 check!(chunk == piece, "an Unchanged chunk was changed");
-                if !piece.is_empty() {
-                    check!(
-                        starts_json || accept,
-                        "a non-JSON chunk passed unencrypted without accepting_encrypted"
-                    );
-                    if starts_json {
-                        check!(!piece.contains(&0), "a JSON blob passed a chunk with NUL");
-                    } else {
-                        // Passed as ciphertext.
-                        check!(
-                            looks_encrypted(window(first)),
-                            "a blob passed as ciphertext whose start does not look encrypted"
-                        );
-                        check!(
-                            piece.len() < 32 || looks_encrypted(window(piece)),
-                            "a later chunk that does not look encrypted passed"
-                        );
-                    }
-                }
+                out.extend_from_slice(piece);
             }
             Err(e) => {
+                // Refused: JSON that holds a NUL, or a blob passed as ciphertext with a window
+                // that does not look so; whatever went on before is judged ciphertext.
+                if starts_json {
+                    check!(blob.contains(&0), "JSON without NUL refused: {e:?}");
+                } else {
+                    check!(passes, "chunk refused: {e:?}");
+                    let judged = out.len() - out.len() % PASS_WINDOW;
+                    check!(
+                        out.len() == judged,
+                        "a blob passed as ciphertext let {} unjudged bytes go on",
+                        out.len() - judged
+                    );
+                    let bad = blob.chunks(PASS_WINDOW).any(|c| !window_looks_encrypted(c));
+                    check!(bad, "refused, yet every window looks encrypted: {e:?}");
+                }
                 check!(
-                    (starts_json && piece.contains(&0)) || (accept && !starts_json),
-                    "chunk refused: {e:?}"
+                    out.as_slice() == &blob[..out.len()] || !starts_json && !passes,
+                    "refused after changing bytes"
                 );
-                refused = true;
-                break;
+                return;
             }
         }
-        out.extend_from_slice(&chunk);
     }
-    if refused {
-        return;
-    }
+    check!(
+        out.len() == blob.len(),
+        "{} bytes went on of {}",
+        out.len(),
+        blob.len()
+    );
     check!(
         stream.offset() == blob.len() as u64 && stream.request_bytes() == blob.len() as u64,
         "stream offset {} after {} bytes",
@@ -156,6 +143,10 @@ fuzz_target!(|data: &[u8]| {
     let record = stream.into_record();
     match record.treatment {
         Treatment::Encrypt(encryptor) => {
+            check!(
+                !starts_json && !passes,
+                "a blob that opens as JSON or as accepted ciphertext was encrypted"
+            );
             // The same layer key and nonce (same RNG seed) over the whole blob at once.
             let mut at_once = blob.to_vec();
             LayerEncryptor::generate(&mut TestRng::new(u64::from(flags)))
@@ -180,12 +171,17 @@ fuzz_target!(|data: &[u8]| {
                 "the ciphertext does not decrypt to the blob"
             );
         }
-        Treatment::Json => check!(out == blob, "a JSON blob was changed"),
+        Treatment::Json => {
+            check!(starts_json, "a blob that does not open as JSON passed as JSON");
+            check!(out == blob && !blob.contains(&0), "a JSON blob was changed or held NUL");
+        }
         Treatment::Passthrough => {
+            check!(passes, "a blob passed as ciphertext without the policy or the look");
+            check!(out == blob, "a blob passed as ciphertext was changed");
             check!(
-                accept && out == blob,
-                "a blob passed as ciphertext was changed"
-            )
+                blob.chunks(PASS_WINDOW).all(window_looks_encrypted),
+                "a blob passed as ciphertext holds a window that does not look encrypted"
+            );
         }
         Treatment::Undecided => check!(blob.is_empty(), "a blob with bytes left undecided"),
     }

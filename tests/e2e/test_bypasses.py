@@ -293,6 +293,56 @@ def test_random_first_chunk_does_not_make_a_blob_passthrough(stack, proto):
         assert_filter_refusal(ans, ans.status)
 
 
+def dribble_request(addr: str, method: str, path: str, body: bytes, piece: int,
+                    headers: Dict[str, str]) -> Answer:
+    """An HTTP/1.1 request whose body is written `piece` bytes at a time (TCP_NODELAY, a short
+    pause between writes), so that Envoy hands the filter pieces that small."""
+    import http.client
+    import socket
+
+    host, port = addr.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    head = [f"{method} {path} HTTP/1.1", f"Host: {addr}", f"Content-Length: {len(body)}",
+            "Connection: close"] + [f"{k}: {v}" for k, v in headers.items()]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    try:
+        for i in range(0, len(body), piece):
+            sock.sendall(body[i:i + piece])
+            time.sleep(0.002)
+    except OSError:
+        pass  # answered early and closed
+    resp = http.client.HTTPResponse(sock, method=method)
+    resp.begin()
+    data = resp.read()
+    sock.close()
+    return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+
+
+@pytest.mark.parametrize("piece", [8, 31])
+def test_pipeline_ciphertext_cannot_carry_plaintext_in_small_pieces(stack, piece):
+    """Gateway-fuzzer finding (pipeline-tiny-pieces): under a rule that accepts pipeline
+    ciphertext (demo/pipeline/**), a first PATCH of 1 KiB of random bytes, then a plaintext
+    tar written 8 or 31 bytes at a time, was stored and committed verbatim (201): pieces
+    under 32 bytes were never judged. Every 4 KiB window of such a blob is judged before it
+    goes on now: the second PATCH is the filter's refusal, and no marker reaches storage."""
+    repo = f"demo/pipeline/bp-dribble-{piece}"
+    marker = helpers.new_marker()
+    first = os.urandom(1024)
+    tar = tar_bytes([("etc/secret.txt", marker.encode() + b"\n")])
+    digest = sha256_digest(first + tar)
+    ans = request(stack, "h1", "POST", f"/v2/{repo}/blobs/uploads/", b"")
+    assert ans.status == 202, ans
+    ans = request(stack, "h1", "PATCH", upload_location(ans), first,
+                  {"content-type": "application/octet-stream"})
+    assert ans.status == 202, f"random bytes under accept_encrypted: {ans}"
+    ans = dribble_request(stack.addr, "PATCH", upload_location(ans), tar, piece,
+                          {"content-type": "application/octet-stream"})
+    problems = not_linked_problems(stack, repo, [digest]) + marker_problems(stack, marker)
+    assert not problems, f"PATCH answered {ans.status}: " + "; ".join(problems)
+    assert_filter_refusal(ans, 400, ["BLOB_UPLOAD_INVALID"])
+
+
 def chi_square(data: bytes) -> float:
     counts = [0] * 256
     for b in data:

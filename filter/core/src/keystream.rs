@@ -684,11 +684,15 @@ mod tests {
             treatment: Treatment::Encrypt(Box::new(layer())),
         };
         let mut stream = ChunkStream::new(record, None).unwrap();
-        for chunk in data.chunks_mut(700_001) {
+        let mut out = Vec::new();
+        for piece in data.chunks(700_001) {
+            let mut chunk = piece.to_vec();
             stream
-                .on_body_with(chunk, false, &mut rand_core::OsRng, &mut p.supply(job))
+                .on_body_with(&mut chunk, false, &mut rand_core::OsRng, &mut p.supply(job))
                 .unwrap();
+            out.extend_from_slice(&chunk);
         }
+        data = out;
         assert_eq!(data, expected);
         let Treatment::Encrypt(enc) = stream.into_record().treatment else {
             panic!("treatment changed");

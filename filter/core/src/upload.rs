@@ -306,6 +306,66 @@ pub fn looks_encrypted(window: &[u8]) -> bool {
     looks_uniform(window) && looks_uniform(&differences)
 }
 
+fn goes_on_as_plaintext() -> OciError {
+    OciError::new(
+        Code::BlobUploadInvalid,
+        "the blob began like ciphertext but goes on like plaintext (or the repository no longer accepts pipeline-encrypted blobs); nothing more was stored, push it again",
+    )
+}
+
+/// Whether a window of a blob already passed as ciphertext still looks like ciphertext. Unlike
+/// the first decision, this runs on every [`PASS_WINDOW`] bytes of a (possibly huge) layer, so
+/// its bar for random bytes is far out in the tail: chi-square under 530 (mean 255, standard
+/// deviation about 22.6: 12 deviations; text, tar headers and tables score in the thousands).
+/// Windows under 500 bytes (a request's short tail) get the distinct-values test and must not be
+/// mostly printable text; windows under 32 bytes cannot be judged and pass (at most 31 bytes
+/// at the end of a request). Compressed data cannot be told from ciphertext by any such test:
+/// passing pipeline ciphertext trusts the pipeline (see the README).
+pub fn window_looks_encrypted(window: &[u8]) -> bool {
+    let n = window.len();
+    if n < 32 {
+        return true;
+    }
+    let differences: Vec<u8> = window
+        .windows(2)
+        .map(|w| match w {
+            [a, b] => b.wrapping_sub(*a),
+            _ => 0,
+        })
+        .collect();
+    if n >= 500 {
+        return chi_square(window) < 530.0 && chi_square(&differences) < 530.0;
+    }
+    // 95 of 256 byte values are printable ASCII: random bytes hold about 37 % of them. Refuse a
+    // share 8 standard deviations above that.
+    let printable = window
+        .iter()
+        .filter(|b| (0x20..0x7f).contains(*b) || matches!(**b, b'\t' | b'\n' | b'\r'))
+        .count() as f64;
+    let nf = n as f64;
+    let p = 98.0 / 256.0;
+    if printable > p * nf + 8.0 * (nf * p * (1.0 - p)).sqrt() {
+        return false;
+    }
+    looks_uniform(window) && looks_uniform(&differences)
+}
+
+/// Pearson's chi-square of byte values against the uniform distribution (255 degrees of
+/// freedom).
+fn chi_square(bytes: &[u8]) -> f64 {
+    let mut counts = [0u32; 256];
+    for &b in bytes {
+        if let Some(c) = counts.get_mut(usize::from(b)) {
+            *c += 1;
+        }
+    }
+    let expected = bytes.len() as f64 / 256.0;
+    counts
+        .iter()
+        .map(|&c| (f64::from(c) - expected).powi(2) / expected)
+        .sum()
+}
+
 fn looks_uniform(bytes: &[u8]) -> bool {
     let mut counts = [0u32; 256];
     for &b in bytes {
@@ -342,7 +402,18 @@ pub struct ChunkStream {
     /// The repository's policy lets blobs that look like ciphertext pass (images the pipeline
     /// encrypted). Off by default: then every blob but JSON is encrypted.
     accept_encrypted: bool,
+    /// Bytes of this request taken from the host and not forwarded yet: the start of a blob
+    /// until [`SNIFF_WINDOW`] bytes decide its treatment, and, for a blob passed as ciphertext,
+    /// the bytes of the window not judged yet. Never more than [`PASS_WINDOW`] bytes; all of it
+    /// goes on with the request's last chunk. Host chunks can be a byte long, and a decision or
+    /// a judgement on such a piece says nothing (a plaintext tar written 8 bytes at a time
+    /// passed as ciphertext).
+    held: Vec<u8>,
 }
+
+/// Bytes of a blob passed as ciphertext judged at once (from the request's first byte; the
+/// request's last window may be shorter).
+pub const PASS_WINDOW: usize = 4096;
 
 /// Checks the gateway's record of an upload against the registry's own reading of the request
 /// (the offset in its `_state`, see [`crate::distribution::registry_upload_state`]).
@@ -392,6 +463,7 @@ impl ChunkStream {
             record,
             start_offset,
             accept_encrypted: false,
+            held: Vec::new(),
         })
     }
 
@@ -402,13 +474,17 @@ impl ChunkStream {
         self
     }
 
-    /// Processes the chunk the adapter holds. The treatment is decided on the first chunk,
-    /// whatever its size: asking the host to buffer for more is not an option (Envoy then shows
-    /// a wasm filter only the older buffered bytes while the new chunk waits outside the
-    /// buffer; the buffered body grows to a `413`, or a chunk would go on unseen).
+    /// Processes the chunk the adapter holds; on `Replaced` the adapter forwards `buffer`'s new
+    /// content (encrypted, or another length when bytes are held back or released).
+    ///
+    /// The treatment is decided on the blob's first [`SNIFF_WINDOW`] bytes (fewer only when the
+    /// request ends sooner), held back here until they have arrived: asking the host to buffer
+    /// for more is not an option (Envoy then shows a wasm filter only the older buffered bytes
+    /// while the new chunk waits outside the buffer; the buffered body grows to a `413`, or a
+    /// chunk would go on unseen).
     pub fn on_body<R: CryptoRngCore>(
         &mut self,
-        buffer: &mut [u8],
+        buffer: &mut Vec<u8>,
         end_of_stream: bool,
         rng: &mut R,
     ) -> Result<BodyVerdict, OciError> {
@@ -419,17 +495,24 @@ impl ChunkStream {
     /// (see [`crate::keystream`]); the bytes written are the same either way.
     pub fn on_body_with<R: CryptoRngCore>(
         &mut self,
-        buffer: &mut [u8],
-        _end_of_stream: bool,
+        buffer: &mut Vec<u8>,
+        end_of_stream: bool,
         rng: &mut R,
         supply: &mut dyn KeystreamSupply,
     ) -> Result<BodyVerdict, OciError> {
         if matches!(self.record.treatment, Treatment::Undecided) {
-            if buffer.is_empty() {
+            // Where the held bytes start in the blob.
+            let at = self.record.offset - self.held.len() as u64;
+            self.record.offset += buffer.len() as u64;
+            self.held.append(buffer);
+            if self.held.is_empty() {
                 return Ok(BodyVerdict::Unchanged);
             }
-            let window = buffer.get(..SNIFF_WINDOW.min(buffer.len())).unwrap_or(&[]);
-            self.record.treatment = if self.record.offset != 0 {
+            if at == 0 && self.held.len() < SNIFF_WINDOW && !end_of_stream {
+                return Ok(BodyVerdict::Replaced);
+            }
+            let window = self.held.get(..SNIFF_WINDOW).unwrap_or(&self.held);
+            self.record.treatment = if at != 0 {
                 Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
             } else if is_json_like(window) {
                 Treatment::Json
@@ -438,11 +521,27 @@ impl ChunkStream {
             } else {
                 Treatment::Encrypt(Box::new(LayerEncryptor::generate(rng)))
             };
+            *buffer = std::mem::take(&mut self.held);
+            // `buffer` is now the bytes taken so far, already counted in the offset.
+            return match self.treat(buffer, end_of_stream, supply)? {
+                BodyVerdict::Unchanged => Ok(BodyVerdict::Replaced),
+                verdict => Ok(verdict),
+            };
         }
+        self.record.offset += buffer.len() as u64;
+        self.treat(buffer, end_of_stream, supply)
+    }
+
+    /// Applies the decided treatment to `buffer`, whose bytes the offset already counts.
+    fn treat(
+        &mut self,
+        buffer: &mut Vec<u8>,
+        end_of_stream: bool,
+        supply: &mut dyn KeystreamSupply,
+    ) -> Result<BodyVerdict, OciError> {
         match &mut self.record.treatment {
             Treatment::Encrypt(enc) => {
-                self.record.offset += buffer.len() as u64;
-                let mut rest = buffer;
+                let mut rest = buffer.as_mut_slice();
                 while !rest.is_empty() {
                     let at = enc.offset();
                     let done = match supply.next(at, rest.len()) {
@@ -481,28 +580,48 @@ impl ChunkStream {
                 Ok(BodyVerdict::Replaced)
             }
             // JSON text never holds a NUL byte and a tar header always does: a blob taken for
-            // JSON on a short first chunk that turns out to hold one is refused before that
-            // chunk goes on (it may be a tar whose first member is named `{…}`).
+            // JSON that turns out to hold one is refused before that chunk goes on (it may be a
+            // tar whose first member is named `{…}`).
             Treatment::Json if buffer.contains(&0) => Err(OciError::new(
                 Code::BlobUploadInvalid,
                 "the blob began like JSON but holds binary data; nothing was stored, push it again",
             )),
-            // A blob passed as ciphertext must stay ciphertext: a random-looking first chunk
-            // must not carry a plaintext one after it.
-            Treatment::Passthrough
-                if !self.accept_encrypted
-                    || (buffer.len() >= 32
-                        && !looks_encrypted(buffer.get(..SNIFF_WINDOW).unwrap_or(buffer))) =>
-            {
-                Err(OciError::new(
-                    Code::BlobUploadInvalid,
-                    "the blob began like ciphertext but goes on like plaintext (or the repository no longer accepts pipeline-encrypted blobs); nothing more was stored, push it again",
-                ))
+            Treatment::Passthrough => {
+                if !self.accept_encrypted {
+                    return Err(goes_on_as_plaintext());
+                }
+                // Every window of the request is judged before any of its bytes go on.
+                let nothing_held = self.held.is_empty();
+                self.held.append(buffer);
+                let mut ready = 0;
+                while self.held.len() - ready >= PASS_WINDOW {
+                    let window = self
+                        .held
+                        .get(ready..ready + PASS_WINDOW)
+                        .unwrap_or_default();
+                    if !window_looks_encrypted(window) {
+                        return Err(goes_on_as_plaintext());
+                    }
+                    ready += PASS_WINDOW;
+                }
+                if end_of_stream {
+                    let tail = self.held.get(ready..).unwrap_or_default();
+                    if !window_looks_encrypted(tail) {
+                        return Err(goes_on_as_plaintext());
+                    }
+                    ready = self.held.len();
+                }
+                let rest = self.held.split_off(ready);
+                *buffer = std::mem::replace(&mut self.held, rest);
+                // The chunk goes on as the host holds it when none of it stays and nothing
+                // held before it joins it.
+                Ok(if nothing_held && self.held.is_empty() {
+                    BodyVerdict::Unchanged
+                } else {
+                    BodyVerdict::Replaced
+                })
             }
-            _ => {
-                self.record.offset += buffer.len() as u64;
-                Ok(BodyVerdict::Unchanged)
-            }
+            _ => Ok(BodyVerdict::Unchanged),
         }
     }
 
@@ -524,8 +643,10 @@ impl ChunkStream {
         self.record.offset - self.start_offset
     }
 
-    /// The record to save once the registry accepted this request.
+    /// The record to save once the registry accepted this request (whose last chunk released
+    /// every held byte).
     pub fn into_record(self) -> UploadRecord {
+        debug_assert!(self.held.is_empty(), "bytes held past the request's end");
         self.record
     }
 }
@@ -727,40 +848,68 @@ mod tests {
         );
     }
 
+    /// Feeds `blob` in `pieces`-byte chunks as one request; what goes on, or the refusal.
+    fn feed(stream: &mut ChunkStream, blob: &[u8], pieces: usize) -> Result<Vec<u8>, OciError> {
+        let mut out = Vec::new();
+        let n = blob.chunks(pieces).count();
+        for (i, piece) in blob.chunks(pieces).enumerate() {
+            let mut chunk = piece.to_vec();
+            match stream.on_body(&mut chunk, i + 1 == n, &mut rand_core::OsRng)? {
+                BodyVerdict::Replaced => out.extend_from_slice(&chunk),
+                BodyVerdict::Unchanged => out.extend_from_slice(piece),
+            }
+        }
+        Ok(out)
+    }
+
     #[test]
-    fn a_short_first_chunk_is_decided_at_once() {
+    fn the_first_window_decides_however_the_body_is_cut() {
         let fresh = || ChunkStream::new(UploadRecord::new("demo/app"), None).unwrap();
+        // Two bytes of gzip magic, then the rest: held until the window is full, encrypted.
         let mut gz = b"\x1f\x8b".to_vec();
-        let verdict = fresh()
-            .on_body(&mut gz, false, &mut rand_core::OsRng)
-            .unwrap();
-        assert_eq!(verdict, BodyVerdict::Replaced);
-        // A short JSON-looking first chunk passes, and so does the JSON after it ...
-        let mut json = fresh();
-        let mut head = b"{\"a\":".to_vec();
+        let mut stream = fresh();
         assert_eq!(
-            json.on_body(&mut head, false, &mut rand_core::OsRng)
+            stream
+                .on_body(&mut gz, false, &mut rand_core::OsRng)
                 .unwrap(),
-            BodyVerdict::Unchanged
+            BodyVerdict::Replaced
         );
-        let mut tail = b"1}".to_vec();
-        assert_eq!(
-            json.on_body(&mut tail, true, &mut rand_core::OsRng)
-                .unwrap(),
-            BodyVerdict::Unchanged
+        assert!(
+            gz.is_empty(),
+            "the first bytes are held until the window is full"
         );
-        // ... but a tar whose first member is named `{x}`, arriving 3 bytes first, is refused
-        // at its first NUL, before that chunk goes on.
+        let blob = gzip_like(3000);
+        for pieces in [1, 7, 100, 511, 512, 4096] {
+            let out = feed(&mut fresh(), &blob, pieces).unwrap();
+            assert_eq!(out.len(), blob.len());
+            assert_ne!(out, blob, "{pieces}-byte pieces");
+        }
+        // A JSON blob passes, whatever its pieces.
+        let json = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}"#;
+        for pieces in [1, 5, 64] {
+            assert_eq!(feed(&mut fresh(), json, pieces).unwrap(), json.to_vec());
+        }
+        // A tar whose first member is named `{x}`, 3 bytes first: the window holds its NULs,
+        // so it is encrypted (it used to be taken for JSON on the 3 bytes, then refused).
         let mut tar = fresh();
         let mut name = b"{x}".to_vec();
-        assert_eq!(
-            tar.on_body(&mut name, false, &mut rand_core::OsRng)
-                .unwrap(),
-            BodyVerdict::Unchanged
-        );
+        tar.on_body(&mut name, false, &mut rand_core::OsRng)
+            .unwrap();
+        assert!(name.is_empty());
         let mut rest = vec![0u8; 509];
-        let err = tar
-            .on_body(&mut rest, false, &mut rand_core::OsRng)
+        tar.on_body(&mut rest, false, &mut rand_core::OsRng)
+            .unwrap();
+        assert_eq!(rest.len(), 512);
+        assert!(rest[3..].iter().any(|&b| b != 0), "encrypted");
+        assert!(tar.encryptor().is_some());
+        // A JSON-looking window followed by binary is still refused at its NUL.
+        let mut json = fresh();
+        let mut head = b"{\"a\":".repeat(110);
+        json.on_body(&mut head, false, &mut rand_core::OsRng)
+            .unwrap();
+        let mut nul = vec![0u8; 10];
+        let err = json
+            .on_body(&mut nul, false, &mut rand_core::OsRng)
             .unwrap_err();
         assert_eq!(err.code, Code::BlobUploadInvalid);
     }
@@ -870,17 +1019,79 @@ mod tests {
         );
         assert_ne!(buf, blob);
 
-        let mut buf = blob.clone();
-        let mut stream = ChunkStream::new(UploadRecord::new("demo/a"), None)
-            .unwrap()
-            .accepting_encrypted(true);
-        assert_eq!(
-            stream
-                .on_body(&mut buf, true, &mut rand_core::OsRng)
-                .unwrap(),
-            BodyVerdict::Unchanged
-        );
-        assert_eq!(buf, blob);
+        for pieces in [1, 8, 31, 512, 4096, 5000] {
+            let mut stream = ChunkStream::new(UploadRecord::new("demo/a"), None)
+                .unwrap()
+                .accepting_encrypted(true);
+            assert_eq!(feed(&mut stream, &blob, pieces).unwrap(), blob);
+            assert!(matches!(
+                stream.into_record().treatment,
+                Treatment::Passthrough
+            ));
+        }
+    }
+
+    /// A plaintext tar, for the gateway-fuzzer finding below.
+    fn tar_of(secret: &[u8]) -> Vec<u8> {
+        let mut tar = vec![0u8; 10240];
+        tar[..14].copy_from_slice(b"etc/secret.txt");
+        tar[100..108].copy_from_slice(b"0000644\0");
+        tar[124..136].copy_from_slice(format!("{:011o}\0", secret.len()).as_bytes());
+        tar[257..263].copy_from_slice(b"ustar\0");
+        tar[512..512 + secret.len()].copy_from_slice(secret);
+        tar
+    }
+
+    #[test]
+    fn a_blob_passed_as_ciphertext_is_judged_whatever_its_pieces() {
+        // Gateway-fuzzer finding: 1 KiB of random bytes, then a plaintext tar written 1, 8 or
+        // 31 bytes at a time, was stored and committed verbatim (pieces under 32 bytes were
+        // never judged).
+        let mut blob = random_bytes(1024);
+        blob.extend(tar_of(b"PLAINTEXT-MARKER-0123456789abcdef"));
+        for pieces in [1, 8, 16, 31, 32, 1024, 65536] {
+            let mut stream = ChunkStream::new(UploadRecord::new("demo/a"), None)
+                .unwrap()
+                .accepting_encrypted(true);
+            let mut out = Vec::new();
+            let mut refused = false;
+            let n = blob.chunks(pieces).count();
+            for (i, piece) in blob.chunks(pieces).enumerate() {
+                let mut chunk = piece.to_vec();
+                match stream.on_body(&mut chunk, i + 1 == n, &mut rand_core::OsRng) {
+                    Ok(BodyVerdict::Replaced) => out.extend_from_slice(&chunk),
+                    Ok(BodyVerdict::Unchanged) => out.extend_from_slice(piece),
+                    Err(_) => {
+                        refused = true;
+                        break;
+                    }
+                }
+            }
+            assert!(refused, "{pieces}-byte pieces passed");
+            assert!(
+                !out.windows(9).any(|w| w == b"PLAINTEXT"),
+                "{pieces}-byte pieces: plaintext went on before the refusal"
+            );
+            assert!(out.len() <= PASS_WINDOW, "only judged windows go on");
+        }
+    }
+
+    #[test]
+    fn ciphertext_windows_are_never_refused() {
+        // The window test runs on every 4 KiB of a layer: random bytes must pass it far into
+        // the tail (2 000 windows of each size here; the bar is 12 standard deviations).
+        for n in [32, 100, 499, 500, 1000, 4096] {
+            for _ in 0..2000 {
+                assert!(window_looks_encrypted(&random_bytes(n)), "{n} random bytes");
+            }
+        }
+        let text = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(80);
+        let b64 = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3ODkrLw==".repeat(50);
+        for n in [64, 200, 499, 500, 4096] {
+            assert!(!window_looks_encrypted(&text[..n]), "{n} bytes of text");
+            assert!(!window_looks_encrypted(&b64[..n]), "{n} bytes of base64");
+        }
+        assert!(!window_looks_encrypted(&tar_of(b"x")[..4096]));
     }
 
     #[test]
@@ -891,7 +1102,7 @@ mod tests {
             .unwrap()
             .accepting_encrypted(true);
         stream
-            .on_body(&mut first, false, &mut rand_core::OsRng)
+            .on_body(&mut first, true, &mut rand_core::OsRng)
             .unwrap();
         let record = stream.into_record();
         assert!(matches!(record.treatment, Treatment::Passthrough));

@@ -268,7 +268,7 @@ impl RequestPrefetch {
         &mut self,
         worker: &SharedWorker,
         stream: &mut ChunkStream,
-        buf: &mut [u8],
+        buf: &mut Vec<u8>,
         end_of_stream: bool,
         declared_len: Option<u64>,
     ) -> Result<BodyVerdict, OciError> {

@@ -104,10 +104,11 @@ def ks_stack(tmp_path_factory):
     """A dedicated stack without `replicas` (upload state in Envoy's shared data) whose
     recipients come from the key service, refreshed every REFRESH seconds: `demo` (the stack's
     keys, never changed), and projects `rotated` and `projects` (`rotated/**` and `projects/**`
-    encrypted) whose recipients the tests here publish and rotate."""
+    encrypted, and `remount`) whose recipients the tests here publish and rotate."""
     s = _start_stack(tmp_path_factory, "keystream-ks", 80, filter=True,
                      keyservice_refresh_seconds=REFRESH,
                      extra_rules=[{"repositories": "rotated/**", "action": "encrypt"},
+                                  {"repositories": "remount/**", "action": "encrypt"},
                                   {"repositories": "projects/**", "action": "encrypt"}])
     yield s
     stop(s)
@@ -622,6 +623,58 @@ def test_manifest_reusing_a_layer_from_before_a_rotation_is_refused(ks_stack, tm
     helpers.assert_decrypted_matches(tmp_path / "new", "v1", image)
     for kind in ("rsa", "ec"):
         old = helpers.skopeo_pull(f"{s.registry_addr}/{repo}:v3", tmp_path / f"old-{kind}", "v1",
+                                  keys=[s.keys[kind]["private"]], check=False)
+        assert old.returncode != 0, f"the removed {kind} recipient opens the re-pushed image"
+
+
+def test_mount_and_repush_after_a_rotation_encrypt_to_the_new_recipients(ks_stack, tmp_path):
+    """The recipient check on mounts (finding 3's HEAD check, for `POST ?mount=`): an image
+    pushed to remount/src for the stack's RSA and EC keys; the project's recipients replaced
+    by a new key. A mount of the layer into remount/dst is then turned into an upload (202;
+    the registry is asked for no mount and links nothing), and skopeo's push of the same image
+    to remount/dst uploads the layer again (skopeo checks a mount candidate with a HEAD first,
+    which the rotation turned into 404; clients that mount blindly meet the check above): the
+    registry receives its bytes, and the stored image opens with the new key only."""
+    s = ks_stack
+    src, dst = "remount/src", "remount/dst"
+    publish_recipients(s, "remount", [s.keys["rsa"]["public"], s.keys["ec"]["public"]])
+    image = helpers.build_image(tmp_path / "layout", "v1", 1 * MIB, marker=helpers.new_marker())
+    layer = image.layers[0].digest
+    helpers.skopeo_push(image, f"{s.addr}/{src}:v1", extra=["--preserve-digests"])
+    old_cipher = s.direct().get_manifest(src, "v1").json()["layers"][0]["digest"]
+
+    priv, pub = new_ec_key(tmp_path)
+    keyservice(s, "set-recipients", "--project", "remount", "--pem", str(pub))
+    deadline = time.monotonic() + 10 * REFRESH + 10
+    head = requests.head(f"http://{s.addr}/v2/{src}/blobs/{layer}", timeout=30)
+    while head.status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        head = requests.head(f"http://{s.addr}/v2/{src}/blobs/{layer}", timeout=30)
+    assert head.status_code == 404, "the filter did not pick up the rotation"
+
+    seen = helpers.RegistryLog.of(s)
+    r = s.via_gateway().request("POST", f"/v2/{dst}/blobs/uploads/",
+                                params={"mount": layer, "from": src},
+                                headers={"Content-Length": "0"})
+    assert r.status_code == 202, f"a mount of a layer for the removed recipients: " \
+        f"{r.status_code} {dict(r.headers)}"
+    posts = [q for q in seen.requests() if q[0] == "POST" and dst in q[1]]
+    assert posts and not [q for q in posts if "mount=" in q[1]], seen.requests()
+    assert old_cipher not in helpers.repo_layer_links(s.storage, dst)
+
+    seen.mark()
+    helpers.skopeo_push(image, f"{s.addr}/{dst}:v1", extra=["--preserve-digests"])
+    assert [q for q in seen.requests() if q[0] == "POST" and "mount=" in q[1]] == [], \
+        seen.requests()
+    assert seen.blob_writes(), f"the layer was not uploaded again: {seen.requests()}"
+    after = s.direct().get_manifest(dst, "v1").json()
+    helpers.assert_encrypted_manifest(after, image)
+    assert after["layers"][0]["digest"] != old_cipher, \
+        "remount/dst reuses the ciphertext of the removed recipients"
+    helpers.skopeo_pull(f"{s.registry_addr}/{dst}:v1", tmp_path / "new", "v1", keys=[priv])
+    helpers.assert_decrypted_matches(tmp_path / "new", "v1", image)
+    for kind in ("rsa", "ec"):
+        old = helpers.skopeo_pull(f"{s.registry_addr}/{dst}:v1", tmp_path / f"old-{kind}", "v1",
                                   keys=[s.keys[kind]["private"]], check=False)
         assert old.returncode != 0, f"the removed {kind} recipient opens the re-pushed image"
 

@@ -727,32 +727,64 @@ class Gateway:
         self.prepare()
         try:
             if o.start_registry:
-                reg_log = o.state_dir / "registry.log"
-                reg = self._spawn("registry", [REGISTRY_BIN, "serve", str(o.state_dir / "registry.yml")],
-                                  reg_log)
-                # 200 without auth; 401 with auth (the registry is up and asking for credentials).
-                self._wait("registry", reg, f"{self.registry_url}/v2/",
-                           lambda s: s == (401 if o.htpasswd else 200), reg_log)
-
+                self.start_registry()
             if (self.plugin_cfg is not None and "key_service" in self.plugin_cfg
                     and o.start_keyservice):
                 self.start_keyservice()
-
-            envoy_log = o.state_dir / "envoy.log"
-            argv = [envoy_path(), "-c", str(o.state_dir / "envoy.yaml"),
-                    "--concurrency", str(o.concurrency), "--file-flush-interval-msec", "100",
-                    "--disable-hot-restart", "--log-level", o.envoy_log_level]
-            if o.envoy_component_log_level:
-                argv += ["--component-log-level", o.envoy_component_log_level]
-            secrets = {STATE_KEY_ENV: o.state_key} if o.state_key else None
-            env = self._spawn("envoy", argv, envoy_log, env=secrets)
-            # Answered through Envoy by the registry (200/401), not a local 5xx of Envoy's.
-            self._wait("envoy", env, f"{self.gateway_url}/v2/", lambda s: s in (200, 401),
-                       envoy_log)
+            self.start_envoy()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_registry(self) -> None:
+        """The registry on registry_addr, storage under registry_dir (start() does it; tests call
+        it again after kill("registry"): the same storage, the same address)."""
+        o = self.opts
+        reg_log = o.state_dir / "registry.log"
+        reg = self._spawn("registry", [REGISTRY_BIN, "serve", str(o.state_dir / "registry.yml")],
+                          reg_log)
+        # 200 without auth; 401 with auth (the registry is up and asking for credentials).
+        self._wait("registry", reg, f"{self.registry_url}/v2/",
+                   lambda s: s == (401 if o.htpasswd else 200), reg_log)
+
+    def start_envoy(self) -> None:
+        """Envoy with the rendered configuration (start() does it; tests call it again after
+        kill("envoy"): the same ports, the same plugin configuration)."""
+        o = self.opts
+        envoy_log = o.state_dir / "envoy.log"
+        argv = [envoy_path(), "-c", str(o.state_dir / "envoy.yaml"),
+                "--concurrency", str(o.concurrency), "--file-flush-interval-msec", "100",
+                "--disable-hot-restart", "--log-level", o.envoy_log_level]
+        if o.envoy_component_log_level:
+            argv += ["--component-log-level", o.envoy_component_log_level]
+        secrets = {STATE_KEY_ENV: o.state_key} if o.state_key else None
+        env = self._spawn("envoy", argv, envoy_log, env=secrets)
+        # Answered through Envoy by the registry (200/401), not a local 5xx of Envoy's.
+        self._wait("envoy", env, f"{self.gateway_url}/v2/", lambda s: s in (200, 401),
+                   envoy_log)
+
+    def pid(self, name: str) -> Optional[int]:
+        """The pid of the running process `name` this Gateway started (None if none runs)."""
+        for n, proc in self.procs:
+            if n == name and proc.poll() is None:
+                return proc.pid
+        return None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` to the process `name` this Gateway started (by its pid, nothing else),
+        waits for it to exit and forgets it: start_<name>() brings it back on the same address."""
+        for n, proc in list(self.procs):
+            if n != name:
+                continue
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=30)
+            self.procs.remove((n, proc))
+        self._write_pids()
 
     def start_keyservice(self) -> None:
         """nginx serving the key service over TLS on keyservice_addr (start() does it unless

@@ -572,12 +572,8 @@ def start_registry_only(state: Path, addr: str, log=None) -> gateway.Gateway:
         admin_addr=f"127.0.0.1:{ports[1]}", filter=False),
         log=log or (lambda m: print(m, file=sys.stderr)))
     backend.prepare()
-    reg_log = state / "registry.log"
-    proc = backend._spawn("registry", [gateway.REGISTRY_BIN, "serve", str(state / "registry.yml")],
-                          reg_log)
     try:
-        backend._wait("registry", proc, f"{backend.registry_url}/v2/", lambda st: st == 200,
-                      reg_log)
+        backend.start_registry()
     except BaseException:
         backend.stop()
         raise

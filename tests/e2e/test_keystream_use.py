@@ -499,7 +499,124 @@ TWO_REPLICA_RACE = pytest.param(
                "route a session's requests to one replica)"))
 
 
-@pytest.mark.parametrize("mode", ["sealed", "shared-data", TWO_REPLICA_RACE])
+def guide_affinity_route() -> str:
+    """The route the operator's guide (6.3) gives for a load balancer in front of the replicas,
+    as written there (the yaml block under "With Envoy as that load balancer")."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operators-guide.md").read_text()
+    at = guide.index("With Envoy as that load balancer")
+    block = re.search(r"```yaml\n(.*?)```", guide[at:], re.S)
+    assert block, "the operator's guide lost its affinity route"
+    return block.group(1)
+
+
+FRONT = """
+static_resources:
+  listeners:
+  - name: front
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          request_timeout: 0s
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+{route}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: gateways
+    type: STATIC
+    lb_policy: RING_HASH
+    # One request per upstream connection: only the hash keeps a session on one replica.
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: {{max_requests_per_connection: 1}}
+        explicit_http_config: {{http_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: gateways
+      endpoints:
+      - lb_endpoints:
+{endpoints}
+"""
+
+
+@pytest.fixture(scope="module")
+def affinity_front(ledger_stack, ledger_twin, tmp_path_factory):
+    """An Envoy load balancer in front of the two replicas, routing with the operator's guide's
+    affinity route (RING_HASH on the upload session's path): its address."""
+    d = tmp_path_factory.mktemp("affinity-front")
+    port = helpers.free_ports(1)[0]
+    route = "\n".join(" " * 16 + line for line in guide_affinity_route().splitlines())
+    endpoints = "\n".join(
+        " " * 8 + "- endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: %s}}}"
+        % s.addr.rsplit(":", 1)[1] for s in (ledger_stack, ledger_twin))
+    cfg = d / "front.yaml"
+    cfg.write_text(FRONT.format(port=port, route=route, endpoints=endpoints))
+    proc = subprocess.Popen([gateway.envoy_path(), "-c", str(cfg), "--concurrency", "1",
+                             "--disable-hot-restart", "--base-id", str(300 + port % 1000),
+                             "--log-level", "warn"],
+                            stdout=subprocess.DEVNULL, stderr=open(d / "front.log", "wb"),
+                            start_new_session=True)
+    addr = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"http://{addr}/v2/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                f"the front Envoy did not start: {(d / 'front.log').read_text()[-2000:]}"
+            time.sleep(0.2)
+        yield addr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_affinity_route_keeps_a_session_on_one_replica(ledger_stack, ledger_twin, affinity_front):
+    """The guide's route sends every request of one upload session to one replica, whatever its
+    query (a new `_state` and `_ocicrypt` on each Location), and spreads sessions over both:
+    judged by each replica's own count of the requests it served."""
+    def served(s: Stack) -> int:
+        text = requests.get(f"http://{s.opts.admin_addr}/stats",
+                            params={"filter": r"^http\.gateway\.downstream_rq_total$"},
+                            timeout=10).text
+        found = re.search(r"http\.gateway\.downstream_rq_total: (\d+)", text)
+        assert found, f"no request count in Envoy's stats: {text[:300]!r}"
+        return int(found.group(1))
+
+    per_session = []
+    for i in range(8):
+        before = [served(ledger_stack), served(ledger_twin)]
+        loc = start_upload(affinity_front, f"demo/affinity-{i}")
+        for k in range(3):
+            loc = patched(affinity_front, loc, os.urandom(64 * 1024), k * 64 * 1024)
+        after = [served(ledger_stack), served(ledger_twin)]
+        per_session.append([a - b for a, b in zip(after, before)])
+    # The POST (a path without the session id) may land on either replica; the three PATCHes
+    # of a session on one.
+    for counts in per_session:
+        assert sorted(counts) in ([0, 4], [1, 3]), f"a session's requests were split: {per_session}"
+    assert any(c[0] >= 3 for c in per_session) and any(c[1] >= 3 for c in per_session), \
+        f"all sessions on one replica: {per_session}"
+
+
+AFFINITY = "two-replicas-behind-the-guides-affinity-route"
+
+
+@pytest.mark.parametrize("mode", ["sealed", "shared-data", TWO_REPLICA_RACE, AFFINITY])
 def test_concurrent_patches_on_one_session(request, mode, tmp_path):
     """Finding 1 (two concurrent PATCHes on one session): after a first PATCH, two PATCHes of
     4 MiB with different bytes are sent with the same Location at the same time, through one
@@ -510,9 +627,12 @@ def test_concurrent_patches_on_one_session(request, mode, tmp_path):
     committed with a 202's Location is stored as bytes that hash to its digest and decrypt to
     that PATCH's plaintext."""
     s = request.getfixturevalue("ks_stack" if mode == "shared-data" else "ledger_stack")
-    # two-replicas: one PATCH through each replica (no gateway-side state is shared)
+    # two-replicas: one PATCH through each replica (no gateway-side state is shared); behind
+    # the guide's affinity route, both through the load balancer in front of the two.
     addrs = [s.addr, request.getfixturevalue("ledger_twin").addr if mode == "two-replicas"
              else s.addr]
+    if mode == AFFINITY:
+        addrs = [request.getfixturevalue("affinity_front")] * 2
     repo = f"demo/ks-race-{mode}"
     common = os.urandom(2 * MIB)
     layers = [tar_of(common + os.urandom(3 * MIB)) for _ in range(2)]

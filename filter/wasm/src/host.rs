@@ -57,7 +57,6 @@ pub fn header(map: MapType, name: &str) -> Option<String> {
 /// (`BlobUploadInvalid` for an upload, `ManifestInvalid` for a manifest, `DigestInvalid`),
 /// naming the header but never echoing its bytes (it may be a credential); a host failure is
 /// refused as `Code::Unknown` (500): a header that decides the flow is never guessed.
-#[allow(dead_code)] // for gateway.rs's interpreted headers (issue 13), not yet switched over
 pub fn header_strict(map: MapType, name: &str, code: Code) -> Result<Option<String>, OciError> {
     match abi::header_map_value(map, name) {
         Ok(None) => Ok(None),
@@ -66,7 +65,6 @@ pub fn header_strict(map: MapType, name: &str, code: Code) -> Result<Option<Stri
     }
 }
 
-#[allow(dead_code)] // used by header_strict only
 fn strict_text(name: &str, bytes: Vec<u8>, code: Code) -> Result<String, OciError> {
     String::from_utf8(bytes).map_err(|e| {
         OciError::new(
@@ -83,7 +81,6 @@ fn strict_text(name: &str, bytes: Vec<u8>, code: Code) -> Result<String, OciErro
 /// Every header of `map` in order: names lowercased (Envoy's HTTP/1 and HTTP/2 codecs already
 /// give them so), values as bytes; a name that is not UTF-8 is skipped. Empty when the host
 /// cannot read that map now.
-#[allow(dead_code)] // for gateway.rs's reads of whole maps (issue 13), not yet switched over
 pub fn pairs(map: MapType) -> Vec<(String, Vec<u8>)> {
     abi::header_map_pairs(map)
         .unwrap_or_default()
@@ -177,13 +174,11 @@ pub fn reply_raw(status: u32, body: &[u8]) {
 }
 
 /// Lets the paused request go on.
-#[allow(dead_code)] // for gateway.rs (issue 13), which still resumes through the SDK
 pub fn resume_request() -> Result<(), OciError> {
     abi::continue_stream(false).map_err(|s| host_error("resume the request", s))
 }
 
 /// Lets the paused response go on.
-#[allow(dead_code)] // for gateway.rs (issue 13), which still resumes through the SDK
 pub fn resume_response() -> Result<(), OciError> {
     abi::continue_stream(true).map_err(|s| host_error("resume the response", s))
 }

@@ -11,7 +11,8 @@ encrypted repository and no stored manifest there naming a plaintext layer. On f
 message lists them; the reproducers (exact request bytes) are under the run's output directory.
 A request pipelined on an HTTP/1.1 connection is released from the answer rule only when an
 answer before it said `connection: close` or Envoy's access log shows its HTTP/1 response flood
-protection closing that connection (the seed-1313 default run meets it at request 1349).
+protection closing that connection (the seed-1313 default run met it at request 1349 in
+most runs; the registry's answers make later requests differ from run to run).
 
 E2E_FUZZ_REQUESTS, E2E_FUZZ_SEED and E2E_FUZZ_SECONDS change the run (defaults: about two
 minutes on the project's 2-vCPU machine kind)."""

@@ -174,6 +174,13 @@ class Options:
     state_key: Optional[str] = None
     #: False: use a registry already running at registry_addr (another replica's).
     start_registry: bool = True
+    #: Replicas that keep each upload session on one of them (operator's guide 6.3, "Session
+    #: affinity inside the replica set"): the filter listener of every replica, this one's
+    #: included. The client-facing listener (gateway_addr) then only routes, on a consistent
+    #: hash of the upload session's path, to one of those; this replica's filter listener is
+    #: on inner_addr. Empty: the filter listener is the client-facing one.
+    peers: List[str] = field(default_factory=list)
+    inner_addr: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -298,7 +305,7 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
     cfg["admin"]["address"]["socket_address"] = {"address": host, "port_value": port}
 
     (listener,) = cfg["static_resources"]["listeners"]
-    host, port = _split_addr(opts.gateway_addr)
+    host, port = _split_addr(opts.inner_addr if opts.peers else opts.gateway_addr)
     listener["address"]["socket_address"] = {"address": host, "port_value": port}
     listener["per_connection_buffer_limit_bytes"] = BUFFER_LIMIT
     (chain,) = listener["filter_chains"]
@@ -345,7 +352,64 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
         validation["match_typed_subject_alt_names"] = [
             {"san_type": "DNS", "matcher": {"exact": KEYSERVICE_HOST}}]
         cfg["static_resources"]["clusters"].append(ks)
+    if opts.peers:
+        if not opts.inner_addr or opts.inner_addr not in opts.peers:
+            raise GatewayError("peers must list this replica's inner_addr")
+        add_session_router(cfg, listener, opts)
     return cfg
+
+
+#: How the client-facing listener of a replica set picks the replica for a request: a
+#: consistent hash of the upload session's path without its query (which changes on every
+#: request), so every request of one session reaches one filter (operator's guide 6.3).
+SESSION_HASH_POLICY = [{"header": {
+    "header_name": ":path",
+    "regex_rewrite": {"pattern": {"regex": "^(/v2/.+/blobs/uploads/[^/?]+).*$"},
+                      "substitution": "\\1"}}}]
+
+
+def add_session_router(cfg: Dict[str, Any], filter_listener: Dict[str, Any],
+                       opts: Options) -> None:
+    """The client-facing listener of a replica in a replica set, and the cluster of every
+    replica's filter listener it routes to (RING_HASH: every replica computes the same ring
+    from the same endpoints, so they agree on each session's replica)."""
+    hcm = copy.deepcopy(filter_listener["filter_chains"][0]["filters"][0])
+    hcm_cfg = hcm["typed_config"]
+    hcm_cfg["stat_prefix"] = "sessions"
+    # Paths with their upload state must not reach a log here either: no access log (the
+    # filter listener logs every request).
+    hcm_cfg.pop("access_log", None)
+    hcm_cfg["route_config"] = {"name": "sessions", "virtual_hosts": [{
+        "name": "sessions", "domains": ["*"],
+        "routes": [{"match": {"prefix": "/"},
+                    "route": {"cluster": "replicas", "timeout": "0s",
+                              "hash_policy": SESSION_HASH_POLICY,
+                              # A replica that is down: the next one on the ring (it opens
+                              # the session's sealed state as well).
+                              "retry_policy": {
+                                  "retry_on": "connect-failure", "num_retries": 2,
+                                  "retry_host_predicate": [{
+                                      "name": "envoy.retry_host_predicates.previous_hosts",
+                                      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]}}}]}]}
+    hcm_cfg["http_filters"] = [f for f in hcm_cfg["http_filters"]
+                               if f["name"] == "envoy.filters.http.router"]
+    host, port = _split_addr(opts.gateway_addr)
+    front = {"name": "sessions",
+             "address": {"socket_address": {"address": host, "port_value": port}},
+             "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
+             "filter_chains": [{"filters": [hcm]}]}
+    endpoints = []
+    for peer in opts.peers:
+        h, p = _split_addr(peer)
+        endpoints.append({"endpoint": {"address": {"socket_address": {
+            "address": h, "port_value": p}}}})
+    cluster = {"name": "replicas", "type": "STATIC", "connect_timeout": "5s",
+               "lb_policy": "RING_HASH",
+               "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
+               "load_assignment": {"cluster_name": "replicas",
+                                   "endpoints": [{"lb_endpoints": endpoints}]}}
+    cfg["static_resources"]["listeners"].insert(0, front)
+    cfg["static_resources"]["clusters"].append(cluster)
 
 
 #: The key service's name in the local stack: the callouts' :authority, the TLS SNI and the
@@ -719,6 +783,7 @@ class Gateway:
         if o.pids_file.exists():
             stop_recorded(o.state_dir, self.log)
         addrs = [o.gateway_addr, o.admin_addr] + ([o.registry_addr] if o.start_registry else [])
+        addrs += [o.inner_addr] if o.peers and o.inner_addr else []
         if o.filter and o.keys_source == "tuf" and o.start_keyservice:
             addrs.append(o.keyservice_addr)
         for addr in addrs:

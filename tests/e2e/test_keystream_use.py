@@ -614,9 +614,71 @@ def test_affinity_route_keeps_a_session_on_one_replica(ledger_stack, ledger_twin
 
 
 AFFINITY = "two-replicas-behind-the-guides-affinity-route"
+PEERS = "two-replicas-routing-sessions-among-themselves"
 
 
-@pytest.mark.parametrize("mode", ["sealed", "shared-data", TWO_REPLICA_RACE, AFFINITY])
+@pytest.fixture(scope="module")
+def session_peers(ledger_stack, tmp_path_factory):
+    """Two replicas that keep each upload session on one of them without a load balancer in
+    front (operator's guide 6.3): each Envoy's client-facing listener routes on a consistent
+    hash of the session's path to one of the two filter listeners. Same registry and state
+    key as `ledger_stack`."""
+    ports = helpers.free_ports(10)
+    inner = [f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"]
+    stacks = []
+    try:
+        for i in range(2):
+            state = tmp_path_factory.mktemp(f"stack-peer{i}")
+            _write_owner(state)
+            shutil.copytree(ledger_stack.opts.state_dir / "keys", state / "keys")
+            extra = {"wasm_path": WASM_OVERRIDE} if WASM_OVERRIDE is not None else {}
+            gw = gateway.Gateway(gateway.Options(
+                state_dir=state, gateway_addr=f"127.0.0.1:{ports[2 + 4 * i]}",
+                admin_addr=f"127.0.0.1:{ports[3 + 4 * i]}",
+                keyservice_addr=f"127.0.0.1:{ports[4 + 4 * i]}",
+                registry_addr=ledger_stack.registry_addr, start_registry=False,
+                filter=True, keys_source="inline", state_key=ledger_stack.opts.state_key,
+                peers=inner, inner_addr=inner[i], **extra),
+                log=lambda m: print(m, file=sys.stderr))
+            gw.start()
+            s = Stack(f"peer{i}", gw, None, ledger_stack.keys)
+            STARTED.append(s)
+            stacks.append(s)
+        yield stacks
+    finally:
+        for s in stacks:
+            stop(s)
+
+
+def test_replicas_route_a_session_to_one_filter(session_peers):
+    """Without a load balancer in front, each replica's client-facing listener sends every
+    request of one upload session to the same filter listener (its own or the other's),
+    whichever replica the client reaches; sessions spread over both filters: judged by each
+    filter listener's own request count."""
+    def served(s: Stack) -> int:
+        text = requests.get(f"http://{s.opts.admin_addr}/stats",
+                            params={"filter": r"^http\.gateway\.downstream_rq_total$"},
+                            timeout=10).text
+        found = re.search(r"http\.gateway\.downstream_rq_total: (\d+)", text)
+        assert found, f"no request count in Envoy's stats: {text[:300]!r}"
+        return int(found.group(1))
+
+    per_session = []
+    for i in range(8):
+        before = [served(s) for s in session_peers]
+        loc = start_upload(session_peers[0].addr, f"demo/peers-{i}")
+        for k in range(4):
+            # Each request to the other replica than the last.
+            loc = patched(session_peers[(k + 1) % 2].addr, loc, os.urandom(64 * 1024),
+                          k * 64 * 1024)
+        per_session.append([served(s) - b for s, b in zip(session_peers, before)])
+    for counts in per_session:
+        assert sorted(counts) in ([0, 5], [1, 4]), f"a session's requests were split: {per_session}"
+    assert any(c[0] >= 4 for c in per_session) and any(c[1] >= 4 for c in per_session), \
+        f"all sessions on one filter: {per_session}"
+
+
+@pytest.mark.parametrize("mode", ["sealed", "shared-data", TWO_REPLICA_RACE, AFFINITY, PEERS])
 def test_concurrent_patches_on_one_session(request, mode, tmp_path):
     """Finding 1 (two concurrent PATCHes on one session): after a first PATCH, two PATCHes of
     4 MiB with different bytes are sent with the same Location at the same time, through one
@@ -633,6 +695,9 @@ def test_concurrent_patches_on_one_session(request, mode, tmp_path):
              else s.addr]
     if mode == AFFINITY:
         addrs = [request.getfixturevalue("affinity_front")] * 2
+    if mode == PEERS:
+        # One PATCH to each replica's client-facing listener.
+        addrs = [p.addr for p in request.getfixturevalue("session_peers")]
     repo = f"demo/ks-race-{mode}"
     common = os.urandom(2 * MIB)
     layers = [tar_of(common + os.urandom(3 * MIB)) for _ in range(2)]

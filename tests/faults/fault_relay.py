@@ -18,7 +18,7 @@ When the registry goes away mid-request the relay resets Envoy's connection (as 
 own socket would), instead of the lying registry's 502.
 
 In front of Envoy (clients push to it) the same relay keeps the error answers the clients got
-(``errors``: method, path, status, body), whose bodies clients do not always print.
+(``errors``: method, path, status, headers, body), whose bodies clients do not always print.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class FaultRelay(LyingRegistry):
         #: Requests answered by a fault (method, path, action) and bytes at which a kill fired.
         self.misbehaved: List[tuple] = []
         self.fired: List[tuple] = []
-        #: Error answers forwarded: (method, path, status, body).
+        #: Error answers forwarded: (method, path, status, headers lower-cased, body).
         self.errors: List[tuple] = []
 
     # configuration --------------------------------------------------------------------
@@ -137,7 +137,8 @@ class FaultRelay(LyingRegistry):
             return super()._answer(h, listener, seen, resp)
         body = resp.read(1 << 20)
         with self._lock:
-            self.errors.append((h.command, h.path, resp.status, body))
+            self.errors.append((h.command, h.path, resp.status,
+                                {k.lower(): v for k, v in resp.getheaders()}, body))
         seen.status = resp.status
         h.close_connection = True
         h.send_response_only(resp.status, resp.reason)

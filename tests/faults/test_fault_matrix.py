@@ -328,13 +328,15 @@ class Case:
             return
         errors = [e for e in self.fs.front.errors if self.repo in e[1]]
         assert errors, f"the client got no error answer:\n{out[-2000:]}"
-        method, path, status, body = errors[-1]
+        method, path, status, headers, body = errors[-1]
         try:
             messages = [e["message"] for e in json.loads(body)["errors"]]
         except (ValueError, KeyError, TypeError) as err:
             raise AssertionError(f"{method} {path.split('?')[0]}: {status} without an OCI error "
                                  f"body: {body[:500]!r}") from err
         if says:
+            # The filter's own refusal, not the same words from elsewhere.
+            assert headers.get("x-ocicrypt-filter") == "refused", (status, headers)
             assert any(says in m for m in messages), \
                 f"{method} {path.split('?')[0]}: {status} {messages} does not say {says!r}"
 

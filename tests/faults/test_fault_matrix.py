@@ -443,7 +443,9 @@ def test_ledger_write_fails(case_of, action):
     c.fs.relay.misbehave(action, ledger_write)
     rc, out = c.pusher.push("skopeo", c.repo)
     assert c.fs.relay.misbehaved, "no ledger write came"
-    c.failed(rc, out, says="record the encrypted blob in the registry's ledger")
+    # The ciphertext is committed: the message must not say "nothing was stored".
+    c.failed(rc, out, says="record the encrypted blob in the registry's ledger; the encrypted "
+             "blob was stored but not recorded, push again")
     c.retry_and_check()
 
 

@@ -1395,7 +1395,7 @@ impl Gateway {
                             .filter(|_| status == "202")
                             .and_then(|l| distribution::location_path(&l))
                             .ok_or_else(|| {
-                                registry_refusal(
+                                ledger_refusal(
                                     "open a session for the ledger's empty config",
                                     &status,
                                 )
@@ -1416,10 +1416,7 @@ impl Gateway {
                     }
                     RecordingStage::Config => {
                         if status != "201" {
-                            return Err(registry_refusal(
-                                "store the ledger's empty config",
-                                &status,
-                            ));
+                            return Err(ledger_refusal("store the ledger's empty config", &status));
                         }
                         SharedData.set(&empty_config_key(&repository), b"1")?;
                         self.put_ledger_manifest(&repository, &completion)?;
@@ -1427,7 +1424,7 @@ impl Gateway {
                     }
                     RecordingStage::Manifest => {
                         if status != "201" {
-                            return Err(registry_refusal(
+                            return Err(ledger_refusal(
                                 "record the encrypted blob in the registry's ledger",
                                 &status,
                             ));
@@ -1622,6 +1619,17 @@ fn too_large(len: usize, limit: usize) -> OciError {
     OciError::new(
         Code::SizeInvalid,
         format!("manifest of {len} bytes exceeds the gateway's limit of {limit} bytes (limits.max_manifest_bytes)"),
+    )
+}
+
+/// A failure while recording a committed blob in the registry's ledger: the ciphertext is
+/// stored (orphaned until garbage collection), so "nothing was stored" would mislead.
+fn ledger_refusal(what: &str, status: &str) -> OciError {
+    OciError::new(
+        registry_refusal(what, status).code,
+        format!(
+            "the registry answered {status} when the gateway tried to {what}; the encrypted blob was stored but not recorded, push again"
+        ),
     )
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -149,16 +150,44 @@ def test_bad_envoy_config_fails(tmp_path):
     assert "per_connection_buffer_limit" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("edit, named", [
-    (lambda c: c["policy"].update({"default": "encrypt-ish"}), "policy.default"),
-    (lambda c: c.update({"registy": {"cluster": "registry"}}), "registy"),
-    (lambda c: c["limits"].update({"max_manifest_bytes": 1}), "limits.max_manifest_bytes"),
-])
-def test_broken_plugin_configuration_fails_validation(tmp_path, edit, named):
-    """`envoy --mode validate` runs the module's on_configure: the shipped envoy.yaml with a
-    broken plugin configuration fails, and the log names the field (a module that accepted
-    anything, or had no callbacks, would pass)."""
-    import json
+#: A pinned root.json the key-service fixtures were made with (the core's TUF tests use it).
+GOOD_ROOT = REPO / "filter" / "core" / "tests" / "fixtures" / "tuf" / "good" / "metadata" / "1.root.json"
+
+
+def _with_key_service(c: dict, root) -> None:
+    c["key_service"] = {"cluster": "keyservice", "authority": "keyservice.local",
+                        "trusted_root": root}
+
+
+def _forged_root() -> dict:
+    """The fixture root with one signed field changed: its signatures no longer verify."""
+    root = json.loads(GOOD_ROOT.read_text())
+    root["signed"]["consistent_snapshot"] = not root["signed"].get("consistent_snapshot", False)
+    return root
+
+
+#: (how the plugin configuration is broken, what Envoy's log or the script must name)
+BROKEN_PLUGIN_CONFIGS = {
+    "bad policy value": (lambda c: c["policy"].update({"default": "encrypt-ish"}),
+                         "policy.default"),
+    "unknown top-level field": (lambda c: c.update({"registy": {"cluster": "registry"}}),
+                                "registy"),
+    "unknown policy field": (lambda c: c["policy"].update({"defualt": "encrypt"}), "defualt"),
+    "limit out of range": (lambda c: c["limits"].update({"max_manifest_bytes": 1}),
+                           "limits.max_manifest_bytes"),
+    "invalid JSON": ("{\"registry\": {\"cluster\": \"registry\"},", "not valid JSON"),
+    "TUF root whose signatures do not verify": (
+        lambda c: _with_key_service(c, _forged_root()), "the pinned root does not verify"),
+    "TUF root that is not a root": (
+        lambda c: _with_key_service(c, {"signed": {"_type": "targets"}, "signatures": []}),
+        "key_service.trusted_root"),
+}
+
+
+def envoy_yaml_with_plugin_config(tmp_path, edit) -> Path:
+    """The shipped envoy.yaml loading the built module (E2E_WASM_PATH's when set), with its
+    plugin configuration edited (a function of the parsed JSON) or replaced (a string)."""
+    from conftest import WASM_OVERRIDE
 
     cfg = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
     (listener,) = cfg["static_resources"]["listeners"]
@@ -166,13 +195,35 @@ def test_broken_plugin_configuration_fails_validation(tmp_path, edit, named):
     (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
     plugin = wasm["typed_config"]["config"]
     plugin["vm_config"]["code"]["local"]["filename"] = str(
-        REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm")
-    doc = json.loads(plugin["configuration"]["value"])
-    edit(doc)
-    plugin["configuration"]["value"] = json.dumps(doc)
+        WASM_OVERRIDE or REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm")
+    if isinstance(edit, str):
+        plugin["configuration"]["value"] = edit
+    elif edit is not None:
+        doc = json.loads(plugin["configuration"]["value"])
+        edit(doc)
+        plugin["configuration"]["value"] = json.dumps(doc)
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_PLUGIN_CONFIGS))
+def test_broken_plugin_configuration_fails_validation(tmp_path, case):
+    """`envoy --mode validate` runs the module's on_configure: the shipped envoy.yaml with a
+    broken plugin configuration fails, and the log names the field (a module that accepted
+    anything, or had no callbacks, would pass)."""
+    edit, named = BROKEN_PLUGIN_CONFIGS[case]
+    path = envoy_yaml_with_plugin_config(tmp_path, edit)
     proc = validate("--no-build", path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"FAIL  {path}" in proc.stdout, proc.stdout
     assert named in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+def test_the_unbroken_plugin_configuration_validates(tmp_path):
+    """The same rendering with nothing broken passes (with the fixture root pinned too): the
+    cases above fail for their edit, not for the way the file is made."""
+    path = envoy_yaml_with_plugin_config(
+        tmp_path, lambda c: _with_key_service(c, json.loads(GOOD_ROOT.read_text())))
+    proc = validate("--no-build", path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -115,6 +115,7 @@ def test_attacked_key_service_fails_closed(ks_stack, small_image, kind, tmp_path
     r = wait_for_status(ks_stack, 503)
     assert r.status_code == 503, f"{kind}: the attacked key service was trusted ({r.status_code})"
     body = r.json()
+    assert r.headers.get("x-ocicrypt-filter") == "refused", dict(r.headers)
     assert body["errors"][0]["code"] == "UNAVAILABLE"
     assert "demo" in body["errors"][0]["message"]
     # The refusal names the TUF check that caught this attack, not just any failure.
@@ -134,7 +135,10 @@ def test_key_service_down_fails_closed(ks_stack, small_image):
     serve(ks_stack, ks_stack.opts.state_dir / "nothing-here")
     r = wait_for_status(ks_stack, 503)
     assert r.status_code == 503, r.text
-    assert "demo" in r.json()["errors"][0]["message"]
+    assert r.headers.get("x-ocicrypt-filter") == "refused", dict(r.headers)
+    assert r.json()["errors"][0]["message"].startswith(
+        'no verified recipient keys for project "demo": key service unreachable or failing '
+        '(HTTP 404 for /metadata/timestamp.json)'), r.text
     # Back: the next refresh succeeds and pushes go on.
     serve(ks_stack, ks_stack.opts.keyservice_dir)
     assert wait_for_status(ks_stack, 202).status_code == 202
@@ -147,7 +151,10 @@ def test_unknown_project_fails_closed(tmp_path_factory):
     try:
         r = upload_start(s, "ghost/app")
         assert r.status_code == 503
-        assert "ghost" in r.json()["errors"][0]["message"]
+        assert r.headers.get("x-ocicrypt-filter") == "refused", dict(r.headers)
+        assert r.json()["errors"][0]["message"].startswith(
+            'no verified recipient keys for project "ghost": the key service has no recipients '
+            'for this project (target "projects/ghost.json" is not listed'), r.text
     finally:
         STARTED.remove(s)
         s.gw.stop()

@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -115,3 +116,25 @@ def test_pipelined_no_answer_only_past_envoys_flood_close(stack, tmp_path):
     fg.Fuzzer.attribute_close(judge, reqs, answers, 0)
     assert judge.pipeline_floods == 0 and reqs[2].expect_answer
     assert "names no reason" in answers[2].detail
+
+
+def test_h2_answer_time_starts_when_the_headers_are_sent(stack, monkeypatch):
+    """The fuzzer's HTTP/2 client times the gateway, not itself: its HPACK encoder (the `h2`
+    package, pure Python) took over 20 s for a 400 KB :path on the busy CI machine, and the
+    long run reported that as a gateway that never answered ("hang"). Here the encoder is made
+    3 s slow; a GET /v2/ with a 2 s timeout must still get its 200."""
+    import h2.connection
+
+    fg = _fuzz_gateway_module()
+    encode = h2.connection.H2Connection.send_headers
+
+    def slow_send_headers(self, *args, **kwargs):
+        time.sleep(3)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(h2.connection.H2Connection, "send_headers", slow_send_headers)
+    r = fg.Req("probe", b"GET", b"/v2/")
+    r.body_bytes = b""
+    (answer,), _ = fg.h2_exchange(stack.addr, [r], 2)
+    assert answer.status == 200, answer.short()
+    assert answer.latency < 2, answer.latency

@@ -10,6 +10,7 @@
 
 #[path = "crypto_fixtures.rs"]
 mod fixtures;
+#[cfg(not(target_family = "wasm"))]
 mod common {
     pub mod tempdir;
     pub mod tools;
@@ -17,6 +18,7 @@ mod common {
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
+#[cfg(not(target_family = "wasm"))]
 use common::tempdir::TempDir;
 use fixtures::*;
 use ocicrypt_core::blockcipher::{decrypt_layer, EncryptedLayer, LayerEncryptor};
@@ -26,7 +28,9 @@ use ocicrypt_core::spec::{ANNOTATION_KEYS_JWE, ANNOTATION_PUBOPTS};
 use rand::RngCore;
 use serde_json::Value;
 use std::collections::BTreeMap;
+#[cfg(not(target_family = "wasm"))]
 use std::path::PathBuf;
+#[cfg(not(target_family = "wasm"))]
 use std::process::Command;
 
 const PRIVATE_KEYS: [(&str, &str); 5] = [
@@ -313,6 +317,68 @@ fn debug_of_private_values_is_redacted() {
 }
 
 // ---- independent implementation --------------------------------------------------------------
+//
+// Cases (a layer, its annotations, the keys that must open them) are written to a directory by
+// either build; the native build hands each to `tests/jwe_decrypt.py`. WASI cannot start a
+// process, so under `scripts/test-wasm` the wasm build writes its cases to
+// `$OCICRYPT_WASM_CROSS_CHECK_DIR` and the script then runs `wasm_cases_decrypt_with_python`
+// natively over them: the wasm build's own output is what Python decrypts.
+
+/// Environment variable naming the directory the wasm build writes its cases to.
+const CROSS_CHECK_DIR: &str = "OCICRYPT_WASM_CROSS_CHECK_DIR";
+/// Cases `write_cases` writes: one per key alone, one for all keys, one negative.
+const CASES: usize = PRIVATE_KEYS.len() + 2;
+
+/// A cross-check case: its name, its recipients, the keys that open it and those that must not.
+type Case<'a> = (String, Vec<Recipient>, Vec<&'a str>, Vec<&'a str>);
+
+/// Writes the cross-check cases under `dir`: per case a directory holding `jwe`, `pubopts`,
+/// `blob`, the expected `private` options bytes and `plain` layer, `opens` (the key names that
+/// must open it, one a line) and `refuses` (those that must not).
+fn write_cases(dir: &std::path::Path) {
+    let keys: Vec<(&str, PrivateKey)> = PRIVATE_KEYS
+        .iter()
+        .map(|(n, pem)| (*n, private(pem)))
+        .collect();
+    // One JWE per single key, one for all of them, and one for p256 alone that p384 must not
+    // open (so that a pass means something).
+    let mut cases: Vec<Case> = keys
+        .iter()
+        .map(|(n, k)| (format!("single-{n}"), vec![k.public()], vec![*n], vec![]))
+        .collect();
+    cases.push((
+        "all".to_string(),
+        keys.iter().map(|(_, k)| k.public()).collect(),
+        keys.iter().map(|(n, _)| *n).collect(),
+        vec![],
+    ));
+    cases.push((
+        "negative".to_string(),
+        vec![keys[2].1.public()],
+        vec![],
+        vec!["p384"],
+    ));
+    assert_eq!(cases.len(), CASES);
+    for (case, recipients, opens, refuses) in cases {
+        let (plain, cipher, l) = layer(70_000);
+        let a = layer_annotations(&l, &recipients, &mut rand_core::OsRng).unwrap();
+        let d = dir.join(&case);
+        std::fs::create_dir_all(&d).unwrap();
+        let expected_private = format!(
+            "{{\"symkey\":\"{}\",\"digest\":\"{}\",\"cipheroptions\":{{\"nonce\":\"{}\"}}}}",
+            STANDARD.encode(*l.symkey),
+            l.plaintext_digest,
+            STANDARD.encode(l.nonce)
+        );
+        std::fs::write(d.join("jwe"), &a[ANNOTATION_KEYS_JWE]).unwrap();
+        std::fs::write(d.join("pubopts"), &a[ANNOTATION_PUBOPTS]).unwrap();
+        std::fs::write(d.join("blob"), &cipher).unwrap();
+        std::fs::write(d.join("private"), expected_private).unwrap();
+        std::fs::write(d.join("plain"), &plain).unwrap();
+        std::fs::write(d.join("opens"), opens.join("\n")).unwrap();
+        std::fs::write(d.join("refuses"), refuses.join("\n")).unwrap();
+    }
+}
 
 #[cfg(not(target_family = "wasm"))]
 fn python_ready() -> Result<(), String> {
@@ -329,8 +395,76 @@ fn python_ready() -> Result<(), String> {
     }
 }
 
-// Native only: WASI cannot start a process; the native run (`cargo nextest run`) is the one
-// that checks against the independent implementation.
+/// Hands every case under `dir` to the Python decryptor; returns how many cases there were.
+#[cfg(not(target_family = "wasm"))]
+fn check_cases_with_python(dir: &std::path::Path) -> usize {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/jwe_decrypt.py");
+    let keys = TempDir::new("jwe-keys");
+    for (name, pem) in PRIVATE_KEYS {
+        std::fs::write(keys.0.join(format!("{name}.pem")), pem).unwrap();
+    }
+    let lines = |p: PathBuf| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let mut checked = 0;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for d in entries {
+        let case = d.file_name().unwrap().to_string_lossy().to_string();
+        let run = |name: &str, out_path: &std::path::Path| {
+            Command::new("python3")
+                .arg(&script)
+                .arg("--jwe")
+                .arg(d.join("jwe"))
+                .arg("--key")
+                .arg(keys.0.join(format!("{name}.pem")))
+                .arg("--pubopts")
+                .arg(d.join("pubopts"))
+                .arg("--blob")
+                .arg(d.join("blob"))
+                .arg("--plain-out")
+                .arg(out_path)
+                .output()
+                .unwrap()
+        };
+        for name in lines(d.join("opens")) {
+            let out_path = keys.0.join(format!("{case}-{name}.plain"));
+            let out = run(&name, &out_path);
+            assert!(
+                out.status.success(),
+                "{case} with {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                out.stdout,
+                std::fs::read(d.join("private")).unwrap(),
+                "{case} with {name}: private options bytes"
+            );
+            assert_eq!(
+                std::fs::read(&out_path).unwrap(),
+                std::fs::read(d.join("plain")).unwrap(),
+                "{case} with {name}: layer"
+            );
+        }
+        for name in lines(d.join("refuses")) {
+            let out = run(&name, &keys.0.join("refused.plain"));
+            assert!(!out.status.success(), "{case}: {name} opened it");
+        }
+        checked += 1;
+    }
+    checked
+}
+
+// Native only: WASI cannot start a process (the wasm build's cases are checked by
+// `wasm_cases_decrypt_with_python`).
 #[cfg(not(target_family = "wasm"))]
 #[test]
 fn python_cryptography_decrypts_our_annotations_and_layer() {
@@ -340,88 +474,38 @@ fn python_cryptography_decrypts_our_annotations_and_layer() {
     ) {
         return;
     }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/jwe_decrypt.py");
     let dir = TempDir::new("jwe");
-    let keys: Vec<(&str, PrivateKey)> = PRIVATE_KEYS
-        .iter()
-        .map(|(n, pem)| (*n, private(pem)))
-        .collect();
-    for (name, pem) in PRIVATE_KEYS {
-        std::fs::write(dir.0.join(format!("{name}.pem")), pem).unwrap();
-    }
+    write_cases(&dir.0);
+    assert_eq!(check_cases_with_python(&dir.0), CASES);
+}
 
-    // One JWE per single key, plus one for all of them.
-    let mut cases: Vec<(String, Vec<Recipient>, Vec<&str>)> = keys
-        .iter()
-        .map(|(n, k)| (format!("single-{n}"), vec![k.public()], vec![*n]))
-        .collect();
-    cases.push((
-        "all".to_string(),
-        keys.iter().map(|(_, k)| k.public()).collect(),
-        keys.iter().map(|(n, _)| *n).collect(),
-    ));
+/// The wasm build's half of the cross-check: its cases, for the native half to decrypt.
+#[cfg(target_family = "wasm")]
+#[test]
+fn wasm_writes_cases_for_python() {
+    let dir = std::env::var(CROSS_CHECK_DIR).unwrap_or_else(|_| {
+        panic!("{CROSS_CHECK_DIR} is not set: run the wasm tests with scripts/test-wasm, which checks what this writes with Python")
+    });
+    write_cases(std::path::Path::new(&dir));
+}
 
-    for (case, recipients, names) in cases {
-        let (plain, cipher, l) = layer(70_000);
-        let a = layer_annotations(&l, &recipients, &mut rand_core::OsRng).unwrap();
-        let jwe_path = dir.0.join(format!("{case}.jwe"));
-        let pub_path = dir.0.join(format!("{case}.pubopts"));
-        let blob_path = dir.0.join(format!("{case}.blob"));
-        std::fs::write(&jwe_path, &a[ANNOTATION_KEYS_JWE]).unwrap();
-        std::fs::write(&pub_path, &a[ANNOTATION_PUBOPTS]).unwrap();
-        std::fs::write(&blob_path, &cipher).unwrap();
-        let expected_private = format!(
-            "{{\"symkey\":\"{}\",\"digest\":\"{}\",\"cipheroptions\":{{\"nonce\":\"{}\"}}}}",
-            STANDARD.encode(*l.symkey),
-            l.plaintext_digest,
-            STANDARD.encode(l.nonce)
-        );
-        for name in names {
-            let out_path = dir.0.join(format!("{case}-{name}.plain"));
-            let out = Command::new("python3")
-                .arg(&script)
-                .arg("--jwe")
-                .arg(&jwe_path)
-                .arg("--key")
-                .arg(dir.0.join(format!("{name}.pem")))
-                .arg("--pubopts")
-                .arg(&pub_path)
-                .arg("--blob")
-                .arg(&blob_path)
-                .arg("--plain-out")
-                .arg(&out_path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{case} with {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_eq!(
-                String::from_utf8(out.stdout).unwrap(),
-                expected_private,
-                "{case} with {name}: private options bytes"
-            );
-            assert_eq!(
-                std::fs::read(&out_path).unwrap(),
-                plain,
-                "{case} with {name}: layer"
-            );
-        }
-    }
-
-    // And the script refuses a key that is not a recipient (so a pass above means something).
-    let (_, _, l) = layer(10);
-    let a = layer_annotations(&l, &[keys[2].1.public()], &mut rand_core::OsRng).unwrap();
-    let jwe_path = dir.0.join("negative.jwe");
-    std::fs::write(&jwe_path, &a[ANNOTATION_KEYS_JWE]).unwrap();
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg("--jwe")
-        .arg(&jwe_path)
-        .arg("--key")
-        .arg(dir.0.join("p384.pem"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+/// The native half of the wasm build's cross-check (`scripts/test-wasm` sets the directory
+/// and runs this after the wasm tests): every case the wasm build wrote decrypts with Python.
+/// Without the variable (a plain `cargo test`) there is nothing to check.
+#[cfg(not(target_family = "wasm"))]
+#[test]
+fn wasm_cases_decrypt_with_python() {
+    let Some(dir) = std::env::var_os(CROSS_CHECK_DIR) else {
+        return;
+    };
+    assert!(
+        common::tools::require("wasm_cases_decrypt_with_python", python_ready()),
+        "scripts/test-wasm's cross-check needs python3 with cryptography"
+    );
+    let checked = check_cases_with_python(std::path::Path::new(&dir));
+    assert_eq!(
+        checked, CASES,
+        "the wasm build wrote {checked} cases to {dir:?}, {CASES} expected"
+    );
+    println!("{checked} cases written by the wasm build decrypted by Python");
 }

@@ -231,11 +231,13 @@ def gateway_stack(tmp_path_factory):
     """The local gateway (registry + Envoy + filter, demo policy) on free ports, of its own so
     that these pushes change nothing another test's stack counts."""
     import gateway
+    from conftest import WASM_OVERRIDE
 
+    extra = {"wasm_path": WASM_OVERRIDE} if WASM_OVERRIDE is not None else {}
     opts = gateway.Options(state_dir=tmp_path_factory.mktemp("pkg-gateway"),
                            gateway_addr=f"127.0.0.1:{free_port()}",
                            registry_addr=f"127.0.0.1:{free_port()}",
-                           admin_addr=f"127.0.0.1:{free_port()}")
+                           admin_addr=f"127.0.0.1:{free_port()}", **extra)
     gw = gateway.Gateway(opts, log=lambda m: print(m, file=sys.stderr))
     try:
         gw.start()

@@ -144,6 +144,8 @@ class Options:
     max_manifest_bytes: int = BUFFER_LIMIT
     #: limits.keystream_prefetch_bytes (None: the filter's default, 32 MiB; 0: off).
     keystream_prefetch_bytes: Optional[int] = None
+    #: limits.upload_idle_seconds (None: the filter's default, an hour).
+    upload_idle_seconds: Optional[int] = None
     registry_timeout_ms: int = 60000
     wasm_path: Path = WASM_PATH
     #: Build the wasm when it is missing or older than the sources (False: use it as it is).
@@ -260,7 +262,9 @@ def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]],
         "projects": projects,
         "limits": {"max_manifest_bytes": opts.max_manifest_bytes,
                    **({} if opts.keystream_prefetch_bytes is None
-                      else {"keystream_prefetch_bytes": opts.keystream_prefetch_bytes})},
+                      else {"keystream_prefetch_bytes": opts.keystream_prefetch_bytes}),
+                   **({} if opts.upload_idle_seconds is None
+                      else {"upload_idle_seconds": opts.upload_idle_seconds})},
     }}
 
 

@@ -9,7 +9,7 @@
 use fuzz_support::check;
 use libfuzzer_sys::fuzz_target;
 use ocicrypt_core::config::{
-    Config, ConfigError, MAX_KEYSTREAM_PREFETCH_BYTES, MAX_MAX_LEDGER_LOOKUPS,
+    Config, ConfigError, MAX_KEYSTREAM_PREFETCH_BYTES, MAX_MAX_LEDGER_LOOKUPS, MAX_UPLOAD_IDLE_SECONDS,
     MAX_MAX_MANIFEST_BYTES, MIN_MAX_MANIFEST_BYTES,
 };
 
@@ -38,6 +38,11 @@ fuzz_target!(|data: &[u8]| {
                 (1..=MAX_MAX_LEDGER_LOOKUPS).contains(&(config.max_ledger_lookups as u64)),
                 "max_ledger_lookups {} out of range",
                 config.max_ledger_lookups
+            );
+            check!(
+                (1..=MAX_UPLOAD_IDLE_SECONDS).contains(&config.upload_idle_seconds),
+                "upload_idle_seconds {} out of range",
+                config.upload_idle_seconds
             );
             for (project, recipients) in &config.projects {
                 check!(

@@ -17,7 +17,7 @@
 //!   "projects": { "demo": { "recipients": [ { "pem": "-----BEGIN PUBLIC KEY-----\n…" },
 //!                                           { "jwk": { "kty": "EC", "crv": "P-256", "x": "…", "y": "…" } } ] } },
 //!   "limits": { "max_manifest_bytes": 4194304, "keystream_prefetch_bytes": 33554432,
-//!               "max_ledger_lookups": 128 }
+//!               "max_ledger_lookups": 128, "upload_idle_seconds": 3600 }
 //! }
 //! ```
 //!
@@ -44,6 +44,8 @@ pub const MAX_MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// Largest accepted `limits.keystream_prefetch_bytes` (256 MiB; 0 turns prefetch off).
 pub const MAX_KEYSTREAM_PREFETCH_BYTES: u64 = 256 << 20;
+/// Largest accepted `limits.upload_idle_seconds` (a week, distribution's default purge age).
+pub const MAX_UPLOAD_IDLE_SECONDS: u64 = 7 * 24 * 3600;
 
 /// Default `limits.max_ledger_lookups`: [`crate::ledger::DEFAULT_MAX_LEDGER_LOOKUPS`].
 pub const DEFAULT_MAX_LEDGER_LOOKUPS: usize = crate::ledger::DEFAULT_MAX_LEDGER_LOOKUPS;
@@ -101,6 +103,9 @@ pub struct Config {
     /// Most ledger records one manifest PUT may make the gateway read from the registry
     /// ([`crate::ledger::referenced_digests_bounded`]).
     pub max_ledger_lookups: usize,
+    /// Seconds after which an upload session not continued loses its record in the gateway's
+    /// own table (without `replicas`; see [`crate::upload_table`]).
+    pub upload_idle_seconds: u64,
     /// Where recipients come from for projects without inline recipients.
     pub key_service: Option<KeyServiceConfig>,
     /// Key the gateway replicas share to seal upload state into the `Location` clients echo,
@@ -365,6 +370,8 @@ mod raw {
         pub(super) keystream_prefetch_bytes: Option<Value>,
         #[serde(default)]
         pub(super) max_ledger_lookups: Option<Value>,
+        #[serde(default)]
+        pub(super) upload_idle_seconds: Option<Value>,
     }
 }
 
@@ -518,6 +525,7 @@ impl Config {
             max_manifest_bytes: limits.max_manifest_bytes,
             keystream_prefetch_bytes: limits.keystream_prefetch_bytes,
             max_ledger_lookups: limits.max_ledger_lookups,
+            upload_idle_seconds: limits.upload_idle_seconds,
             key_service,
             state_key,
         })
@@ -800,6 +808,7 @@ struct Limits {
     max_manifest_bytes: usize,
     keystream_prefetch_bytes: u64,
     max_ledger_lookups: usize,
+    upload_idle_seconds: u64,
 }
 
 impl Default for Limits {
@@ -808,6 +817,7 @@ impl Default for Limits {
             max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
             keystream_prefetch_bytes: crate::keystream::BUDGET_BYTES,
             max_ledger_lookups: DEFAULT_MAX_LEDGER_LOOKUPS,
+            upload_idle_seconds: crate::upload_table::DEFAULT_IDLE_SECONDS,
         }
     }
 }
@@ -836,11 +846,21 @@ fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
         )?,
         None => crate::keystream::BUDGET_BYTES,
     };
+    let upload_idle_seconds = match limits.upload_idle_seconds {
+        Some(value) => integer(
+            &value,
+            "limits.upload_idle_seconds",
+            1,
+            MAX_UPLOAD_IDLE_SECONDS,
+        )?,
+        None => crate::upload_table::DEFAULT_IDLE_SECONDS,
+    };
     let Some(value) = limits.max_manifest_bytes else {
         return Ok(Limits {
             max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
             keystream_prefetch_bytes: prefetch,
             max_ledger_lookups,
+            upload_idle_seconds,
         });
     };
     let path = "limits.max_manifest_bytes";
@@ -855,5 +875,6 @@ fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
         max_manifest_bytes: manifest,
         keystream_prefetch_bytes: prefetch,
         max_ledger_lookups,
+        upload_idle_seconds,
     })
 }

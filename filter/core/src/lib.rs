@@ -33,3 +33,4 @@ pub mod simd;
 pub mod spec;
 pub mod tuf;
 pub mod upload;
+pub mod upload_table;

@@ -14,6 +14,7 @@ use ocicrypt_core::policy::{project_of, Action as PolicyAction};
 use ocicrypt_core::recipients::{fingerprint, Recipient};
 use ocicrypt_core::session;
 use ocicrypt_core::upload::{self, BodyVerdict, ChunkStream, Completion, Store, UploadRecord};
+use ocicrypt_core::upload_table;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use rand_core::OsRng;
@@ -22,6 +23,7 @@ use crate::host::{self, SharedData};
 use crate::keys::{self, Resolution};
 use crate::metrics::Metrics;
 use crate::prefetch::{RequestPrefetch, SharedWorker};
+use crate::uploads;
 
 /// What the stream is doing.
 enum Flow {
@@ -510,7 +512,8 @@ impl Gateway {
                 id,
                 ..
             } => {
-                self.drop_state(&id, has_state(&id))?;
+                let had = uploads::has(&id, self.idle_seconds());
+                self.drop_state(&id, had)?;
                 Ok(Action::Continue)
             }
             Route::Upload {
@@ -1004,10 +1007,16 @@ impl Gateway {
 
     fn drop_state(&self, upload_id: &str, had_state: bool) -> Result<(), OciError> {
         if had_state {
-            SharedData.set(&upload::record_key(upload_id), &[])?;
-            self.metrics.upload_state(-1);
+            uploads::remove(upload_id, self.idle_seconds(), &self.metrics)?;
         }
         Ok(())
+    }
+
+    /// `limits.upload_idle_seconds`: how long an upload's record waits for its next request.
+    fn idle_seconds(&self) -> u64 {
+        self.config
+            .as_ref()
+            .map_or(upload_table::DEFAULT_IDLE_SECONDS, |c| c.upload_idle_seconds)
     }
 
     /// Records an encrypted blob and makes the answer speak of the client's digest.
@@ -1129,10 +1138,7 @@ impl Gateway {
                                 Some(&sealed),
                             )?;
                         } else {
-                            SharedData.set(&upload::record_key(&id), &record.to_bytes())?;
-                            if !flow.had_state {
-                                self.metrics.upload_state(1);
-                            }
+                            uploads::save(&id, &record, self.idle_seconds(), &self.metrics)?;
                         }
                     }
                 }
@@ -1550,10 +1556,10 @@ fn load_record(
                 })?;
             let stripped = distribution::rewrite_query(path, &[upload::STATE_PARAM], &[]);
             host::set_header(MapType::HttpRequestHeaders, ":path", Some(&stripped))?;
-            (record, true, has_state(id))
+            (record, true, uploads::has(id, config.upload_idle_seconds))
         }
         _ => {
-            let (record, found) = UploadRecord::load_saved(&SharedData, id, repository)?;
+            let (record, found) = uploads::load(id, repository, config.upload_idle_seconds)?;
             (record, found, found)
         }
     };
@@ -1561,11 +1567,6 @@ fn load_record(
     Ok((record, had_state))
 }
 
-fn has_state(upload_id: &str) -> bool {
-    SharedData
-        .get(&upload::record_key(upload_id))
-        .is_some_and(|v| !v.is_empty())
-}
 
 /// The query parameters the registry or the gateway act on in an upload request: each may
 /// appear once, unencoded.

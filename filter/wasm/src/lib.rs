@@ -19,6 +19,7 @@ mod host;
 mod keys;
 mod metrics;
 mod prefetch;
+mod uploads;
 
 use std::rc::Rc;
 
@@ -35,7 +36,7 @@ mod entry {
     use super::*;
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Info);
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: Rc::new(metrics::Metrics::default()), refresh: None, worker: prefetch::SharedWorker::default() }) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: Rc::new(metrics::Metrics::default()), refresh: None, worker: prefetch::SharedWorker::default(), sweep_cursor: 0 }) });
     }}
 }
 
@@ -47,6 +48,8 @@ struct Root {
     refresh: Option<(Lookup, u32)>,
     /// Keystream prefetch: this worker's queues, jobs and segments.
     worker: prefetch::SharedWorker,
+    /// The last slot of the upload-record table this worker swept.
+    sweep_cursor: u32,
 }
 
 impl Root {
@@ -150,6 +153,14 @@ impl RootContext for Root {
         if let Ok(mut worker) = self.worker.try_borrow_mut() {
             worker.enlist(keys::now());
             worker.heartbeat(keys::now());
+        }
+        // Without replicas, upload records live here: drop the abandoned ones.
+        if let Some(config) = self.config.as_ref().filter(|c| c.state_key.is_none()) {
+            uploads::sweep(
+                &mut self.sweep_cursor,
+                config.upload_idle_seconds,
+                &self.metrics,
+            );
         }
         let Some(ks) = self.config.as_ref().and_then(|c| c.key_service.clone()) else {
             return;

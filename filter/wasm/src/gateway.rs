@@ -1016,7 +1016,9 @@ impl Gateway {
     fn idle_seconds(&self) -> u64 {
         self.config
             .as_ref()
-            .map_or(upload_table::DEFAULT_IDLE_SECONDS, |c| c.upload_idle_seconds)
+            .map_or(upload_table::DEFAULT_IDLE_SECONDS, |c| {
+                c.upload_idle_seconds
+            })
     }
 
     /// Records an encrypted blob and makes the answer speak of the client's digest.
@@ -1566,7 +1568,6 @@ fn load_record(
     upload::bind_to_registry(&record, found, registry.offset)?;
     Ok((record, had_state))
 }
-
 
 /// The query parameters the registry or the gateway act on in an upload request: each may
 /// appear once, unencoded.

@@ -568,3 +568,86 @@ pub fn decrypt_layer(
         .map_err(|_| CipherError::Seek(ciphertext.len() as u64))?;
     Ok(plain)
 }
+
+/// Streaming decryptor of one layer blob, the chunk-by-chunk counterpart of
+/// [`decrypt_layer`] for tooling that re-encrypts stored layers in bounded memory
+/// (`tools/rotate`). The HMAC covers the whole ciphertext, so plaintext is handed out before it
+/// can be checked: the caller must keep each chunk's plaintext where nothing outlives a failed
+/// [`LayerDecryptor::finish`] (e.g. encrypt it again at once, and commit nothing on failure).
+pub struct LayerDecryptor {
+    /// The HMAC key is the layer key.
+    symkey: Zeroizing<[u8; 32]>,
+    nonce: [u8; 16],
+    /// Always the `aes` crate's key: tooling runs natively, where that is the fast path.
+    keys: aes::Aes256,
+    offset: u64,
+    ciphertext: Sha256State,
+    plaintext: Sha256State,
+    mac: Sha256State,
+}
+
+impl std::fmt::Debug for LayerDecryptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerDecryptor")
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`LayerDecryptor::finish`] checked: the digests of both forms of the blob and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecryptedLayer {
+    /// Digest of the ciphertext read (the stored descriptor's digest, if the blob is intact).
+    pub encrypted_digest: Digest,
+    /// Digest of the plaintext produced (the private options' `digest`, if the key is right).
+    pub plaintext_digest: Digest,
+    /// Bytes decrypted.
+    pub size: u64,
+}
+
+impl LayerDecryptor {
+    /// Starts decrypting a layer encrypted with `symkey` from initial counter block `nonce`.
+    pub fn new(symkey: &[u8; 32], nonce: [u8; 16]) -> Self {
+        LayerDecryptor {
+            symkey: Zeroizing::new(*symkey),
+            nonce,
+            keys: aes::Aes256::new(symkey.into()),
+            offset: 0,
+            ciphertext: Sha256State::new(),
+            plaintext: Sha256State::new(),
+            mac: hmac_init(symkey),
+        }
+    }
+
+    /// Decrypts the next `chunk` of ciphertext in place. On an error the chunk is wiped.
+    pub fn decrypt_in_place(&mut self, chunk: &mut [u8]) -> Result<(), CipherError> {
+        self.ciphertext.update(chunk);
+        self.mac.update(chunk);
+        if !ctr_xor_at(&self.keys, &self.nonce, self.offset, chunk) {
+            chunk.zeroize();
+            return Err(CipherError::Seek(self.offset));
+        }
+        self.plaintext.update(chunk);
+        self.offset = self.offset.wrapping_add(chunk.len() as u64);
+        Ok(())
+    }
+
+    /// Ends the stream: checks the HMAC of all the ciphertext against `expected_hmac`
+    /// (constant time) and returns both digests and the size.
+    pub fn finish(self, expected_hmac: &[u8; 32]) -> Result<DecryptedLayer, CipherError> {
+        let hmac = hmac_finish(&self.symkey, self.mac.clone());
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            hmac.as_slice(),
+            expected_hmac.as_slice(),
+        )) {
+            return Err(CipherError::HmacMismatch {
+                len: usize::try_from(self.offset).unwrap_or(usize::MAX),
+            });
+        }
+        Ok(DecryptedLayer {
+            encrypted_digest: Digest(self.ciphertext.clone().finalize()),
+            plaintext_digest: Digest(self.plaintext.clone().finalize()),
+            size: self.offset,
+        })
+    }
+}

@@ -6,11 +6,12 @@ One stack (registry behind basic auth, key service over TLS, Envoy with the filt
 what the key service publishes:
 
 1. a recipient is added → `scripts/rotate` re-wraps every layer key: the new key decrypts, the
-   old keys still do, and the registry's own log shows no blob upload at all;
+   old keys still do, and the registry's own log shows no blob upload at all; a referrer of
+   the image is pointed at the rewritten manifest;
 2. the old recipients are removed → every layer is re-encrypted: the new key decrypts every
    layer to the original digests, the removed keys fail, no plaintext marker is in storage,
-   and a re-push through a restarted gateway uploads no layer (it reads the ledger records the
-   tool rewrote);
+   a re-push through a restarted gateway uploads no layer (it reads the ledger records the
+   tool rewrote), and garbage collection then drops every old ciphertext;
 3. each run is repeated and changes nothing; a dry run writes nothing;
 4. a key that opens no layer: every layer reported, nothing touched, exit status 1;
 5. without the state key (the ledger cannot be read): the first run re-encrypts (recipients
@@ -181,6 +182,41 @@ def pull_multi(s: Stack, repo: str, out: Path, key: Path, images: Dict[str, help
     return proc
 
 
+EMPTY = b"{}"
+MT_EMPTY = "application/vnd.oci.empty.v1+json"
+
+
+def push_referrer(s: Stack, repo: str, tag: str) -> str:
+    """Pushes through the gateway, by digest, an artifact whose subject is `repo:tag` as
+    stored (what `oras attach` or cosign's OCI 1.1 mode push). Returns its digest."""
+    gw = s.via_gateway()
+    r = gw.upload_monolithic(repo, EMPTY)
+    assert r.status_code == 201, f"empty blob: {r.status_code} {r.text[:300]}"
+    subject = s.direct().get_manifest(repo, tag)
+    empty = {"mediaType": MT_EMPTY, "digest": helpers.sha256_digest(EMPTY), "size": 2}
+    body = json.dumps({
+        "schemaVersion": 2, "mediaType": MT_MANIFEST,
+        "artifactType": "application/vnd.example.sbom.v1+json",
+        "config": empty, "layers": [empty],
+        "subject": {"mediaType": MT_MANIFEST, "digest": helpers.sha256_digest(subject.content),
+                    "size": len(subject.content)},
+    }, separators=(",", ":")).encode()
+    digest = helpers.sha256_digest(body)
+    r = gw.put_manifest(repo, digest, body)
+    assert r.status_code == 201, f"referrer: {r.status_code} {r.text[:300]}"
+    return digest
+
+
+def assert_referrer_names(s: Stack, repo: str, referrer: str, tag: str) -> None:
+    """The referrer (stored under the gateway's reserved tag of its digest) names what
+    `repo:tag` is now."""
+    stored = s.direct().get_manifest(repo, "ocicrypt.sha256-" + referrer.split(":")[1])
+    assert stored.status_code == 200, stored.text[:300]
+    now = s.direct().get_manifest(repo, tag).content
+    assert stored.json()["subject"]["digest"] == helpers.sha256_digest(now), \
+        "the referrer still names the manifest from before the rotation"
+
+
 def test_add_then_remove_recipients(rot_stack, tmp_path):
     s = rot_stack
     rsa, ec = s.keys["rsa"], s.keys["ec"]
@@ -195,6 +231,7 @@ def test_add_then_remove_recipients(rot_stack, tmp_path):
     helpers.run(["skopeo", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
                  "--dest-creds", ":".join(s.creds), f"oci:{layout}:v1", f"docker://{s.addr}/{PROJECT}/multi:v1"],
                 timeout=helpers.CLIENT_TIMEOUT)
+    referrer = push_referrer(s, f"{PROJECT}/app", "v1")
     repos = {"app": app, "other": other}
     n_layers = 2 + 2 + 2 * 2
     before = {r: stored_layers(s, f"{PROJECT}/{r}") for r in ("app", "other", "multi")}
@@ -214,6 +251,8 @@ def test_add_then_remove_recipients(rot_stack, tmp_path):
     assert summary["rewrapped"] == n_layers, (summary, err)
     assert summary["reencrypted"] == 0 and summary["bytes_uploaded"] == 0, summary
     assert summary["failed"] == 0 and summary["repositories"] == 3, summary
+    assert summary["referrers_repointed"] == 1, summary
+    assert_referrer_names(s, f"{PROJECT}/app", referrer, "v1")
     uploads = [r for r in log.requests() if "/blobs/" in r[1] and r[0] != "GET"
                and r[0] != "HEAD"]
     assert uploads == [], f"re-wrapping uploaded blobs: {uploads}"
@@ -268,6 +307,8 @@ def test_add_then_remove_recipients(rot_stack, tmp_path):
     assert old.returncode != 0, "the removed rsa key opens the multi-platform image"
     markers = [i.marker.encode() for i in [app, other, *platform_images.values()]]
     assert helpers.scan_for(s.storage, markers) == [], "plaintext in the registry's storage"
+    assert summary["referrers_repointed"] == 1, summary
+    assert_referrer_names(s, f"{PROJECT}/app", referrer, "v1")
 
     log = RegistryLog.of(s)
     summary, err = rotate(s, PROJECT, [new_priv])
@@ -285,6 +326,24 @@ def test_add_then_remove_recipients(rot_stack, tmp_path):
     assert log.blob_writes() == [], f"the re-push uploaded blobs: {log.blob_writes()}"
     assert [l["digest"] for l in stored_layers(s, f"{PROJECT}/app", "v2")] == \
         [l["digest"] for l in reencrypted["app"]]
+
+    # --- 4. garbage collection drops the ciphertext the removed keys open --------------------
+    old_blobs = {l["digest"] for r in before for l in before[r]}
+    assert all(helpers.registry_blob_path(s.storage, d).exists() for d in old_blobs)
+    config = s.opts.state_dir / "registry.yml"
+    gc = helpers.run(["/usr/bin/docker-registry", "garbage-collect", "--delete-untagged",
+                      str(config)])
+    kept = [d for d in old_blobs if helpers.registry_blob_path(s.storage, d).exists()]
+    assert kept == [], f"garbage collection kept old ciphertext: {kept}\n{gc.stdout[-2000:]}"
+    for r in reencrypted:
+        for l in reencrypted[r]:
+            assert helpers.registry_blob_path(s.storage, l["digest"]).exists(), \
+                f"garbage collection dropped a rotated layer of {r}"
+    for name, img in repos.items():
+        out = tmp_path / f"gc-{name}"
+        helpers.skopeo_pull(f"{s.registry_addr}/{PROJECT}/{name}:v1", out, "v1",
+                            keys=[new_priv], creds=s.creds)
+        helpers.assert_decrypted_matches(out, "v1", img)
 
 
 def test_a_key_that_opens_nothing_leaves_everything_untouched(rot_stack, tmp_path, wrong_key):

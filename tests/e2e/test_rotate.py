@@ -280,7 +280,7 @@ def test_add_then_remove_recipients(rot_stack, tmp_path):
     # --- 2. the old recipients removed: re-encrypt -------------------------------------------
     set_recipients(s, PROJECT, [new_pub], wait=False)
     log = RegistryLog.of(s)
-    summary, err = rotate(s, PROJECT, [new_priv])
+    summary, err = rotate(s, PROJECT, [new_priv], "--jobs", "2")
     assert summary["reencrypted"] == n_layers and summary["rewrapped"] == 0, (summary, err)
     total = sum(l["size"] for r in before for l in before[r])
     assert summary["bytes_uploaded"] == total == summary["bytes_downloaded"], summary

@@ -9,6 +9,7 @@
 //!                 [--keyservice URL] [--keyservice-ca PEM] [--trusted-root root.json]
 //!                 [--metadata-path /metadata] [--targets-path /targets]
 //!                 [--state-key-file FILE | --no-state-key]
+//!                 [--jobs N]                         repositories done at once (default 1)
 //! ```
 //!
 //! For each layer: wrapped to exactly the target recipients → kept; to a subset of them →
@@ -28,6 +29,8 @@ mod rotate;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD;
@@ -60,18 +63,22 @@ struct Args {
     targets_path: Option<String>,
     state_key_file: Option<PathBuf>,
     no_state_key: bool,
+    jobs: usize,
 }
 
 fn usage() -> String {
     "usage: ocicrypt-rotate --project P --key PRIVATE.pem [--key …] [--dry-run] [--state DIR] \
      [--config FILE] [--registry URL] [--registry-creds USER:PASSWORD] [--registry-ca PEM] \
      [--keyservice URL] [--keyservice-ca PEM] [--trusted-root root.json] \
-     [--metadata-path P] [--targets-path P] [--state-key-file FILE | --no-state-key]"
+     [--metadata-path P] [--targets-path P] [--state-key-file FILE | --no-state-key] [--jobs N]"
         .to_owned()
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args::default();
+    let mut args = Args {
+        jobs: 1,
+        ..Args::default()
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -100,6 +107,11 @@ fn parse_args() -> Result<Args, String> {
             "--targets-path" => args.targets_path = Some(value()?),
             "--state-key-file" => args.state_key_file = Some(PathBuf::from(value()?)),
             "--no-state-key" => args.no_state_key = true,
+            "--jobs" => {
+                args.jobs = value()?
+                    .parse()
+                    .map_err(|_| "--jobs takes a number of repositories at once".to_owned())?
+            }
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other}\n{}", usage())),
         }
@@ -334,7 +346,8 @@ fn run() -> Result<bool, String> {
     // 2. Every repository of the project.
     let reg_ca = args.registry_ca.as_deref().map(read).transpose()?;
     let reg_agent = registry::agent(reg_ca.as_deref(), 5)?;
-    let mut reg = Registry::new(reg_agent, &registry_url, Credentials { basic: creds });
+    let creds = Credentials { basic: creds };
+    let mut reg = Registry::new(reg_agent.clone(), &registry_url, creds.clone());
     let prefix = format!("{project}/");
     let repos: Vec<String> = reg
         .catalog()?
@@ -347,19 +360,48 @@ fn run() -> Result<bool, String> {
         state_key: state_key.as_deref(),
         dry_run: args.dry_run,
     };
+    // Repositories are independent (the ledger and every blob are per repository), so
+    // `--jobs` workers take them one at a time, each with its own connection and tokens.
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(Stats, Vec<String>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..args.jobs.max(1) {
+            scope.spawn(|| {
+                let mut reg = Registry::new(reg_agent.clone(), &registry_url, creds.clone());
+                while let Some(repo) = repos.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let mut run = RepoRun::new(&mut reg, repo, &settings);
+                    let mut problems = Vec::new();
+                    if let Err(e) = run.run() {
+                        problems.push(format!("{repo}: {e}"));
+                    }
+                    run.stats.repositories = 1;
+                    for note in &run.notes {
+                        eprintln!("rotate: {note}");
+                    }
+                    problems.extend(run.problems.iter().cloned());
+                    let stats = run.stats.clone();
+                    if let Ok(mut all) = results.lock() {
+                        all.push((stats, problems));
+                    }
+                }
+            });
+        }
+    });
     let mut total = Stats::default();
     let mut problems: Vec<String> = Vec::new();
-    for repo in &repos {
-        let mut run = RepoRun::new(&mut reg, repo, &settings);
-        if let Err(e) = run.run() {
-            problems.push(format!("{repo}: {e}"));
-        }
-        run.stats.repositories = 1;
-        add(&mut total, &run.stats);
-        for note in &run.notes {
-            eprintln!("rotate: {note}");
-        }
-        problems.extend(run.problems.iter().cloned());
+    let results = results
+        .into_inner()
+        .map_err(|_| "a worker failed".to_owned())?;
+    if results.len() != repos.len() {
+        problems.push(format!(
+            "{} of {} repositories were not done",
+            repos.len().saturating_sub(results.len()),
+            repos.len()
+        ));
+    }
+    for (stats, p) in results {
+        add(&mut total, &stats);
+        problems.extend(p);
     }
 
     let secs = started.elapsed().as_secs_f64();

@@ -274,6 +274,18 @@ impl<'a, 'r> RepoRun<'a, 'r> {
             match self.manifest(&m) {
                 Ok(Some(rw)) => {
                     if !self.settings.dry_run {
+                        // A push to the tag while this ran must not be overwritten with the
+                        // rotated form of what was there before: read it again just before
+                        // (the registry has no compare-and-swap, so a window remains).
+                        let now = self.reg.manifest(&self.repo, &tag)?.map(|n| n.digest);
+                        if now.as_deref() != Some(m.digest.as_str()) {
+                            self.problems.push(format!(
+                                "{}:{tag} changed while this ran (now {}): left as it is, run again",
+                                self.repo,
+                                now.as_deref().map_or("deleted".to_owned(), short)
+                            ));
+                            continue;
+                        }
                         self.reg
                             .put_manifest(&self.repo, &tag, &rw.media_type, &rw.body)?;
                     }
@@ -823,5 +835,43 @@ impl<R: Read> Read for Reencrypt<R> {
         }
         enc.encrypt_in_place(chunk);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn ec_key(seed: u8) -> Recipient {
+        let secret = p256::SecretKey::from_slice(&[seed; 32]).unwrap();
+        Recipient::P256(secret.public_key())
+    }
+
+    #[test]
+    fn a_ledger_fingerprint_names_the_subset_of_the_target_or_nothing() {
+        let (a, b, c, d) = (ec_key(1), ec_key(2), ec_key(3), ec_key(4));
+        let target = Target::new(vec![a.clone(), b.clone(), c.clone()]);
+        let old = fingerprint(&[b.clone(), a.clone()]);
+        let found = target.subset_with_fingerprint(&old).unwrap();
+        assert_eq!(found, BTreeSet::from([key_id(&a), key_id(&b)]));
+        assert!(found.is_subset(&target.ids) && found != target.ids);
+        assert_eq!(
+            target.subset_with_fingerprint(&target.fingerprint),
+            Some(target.ids.clone())
+        );
+        // A set with a key outside the target is no subset of it: re-encrypt.
+        assert_eq!(target.subset_with_fingerprint(&fingerprint(&[a, d])), None);
+    }
+
+    #[test]
+    fn the_recipient_mac_binds_the_layer_key_the_jwe_and_the_ids() {
+        let mac = recipient_mac(&[1; 32], "jwe", "id1,id2").unwrap();
+        assert_eq!(recipient_mac(&[1; 32], "jwe", "id1,id2").unwrap(), mac);
+        assert_ne!(recipient_mac(&[2; 32], "jwe", "id1,id2").unwrap(), mac);
+        assert_ne!(recipient_mac(&[1; 32], "jwe2", "id1,id2").unwrap(), mac);
+        assert_ne!(recipient_mac(&[1; 32], "jwe", "id1").unwrap(), mac);
+        // Length prefixes: moving bytes between the parts changes the MAC.
+        assert_ne!(recipient_mac(&[1; 32], "jweid1", ",id2").unwrap(), mac);
     }
 }

@@ -14,7 +14,10 @@ what the key service publishes:
    tool rewrote), and garbage collection then drops every old ciphertext;
 3. each run is repeated and changes nothing; a dry run writes nothing;
 4. a key that opens no layer: every layer reported, nothing touched, exit status 1;
-5. without the state key (the ledger cannot be read): the first run re-encrypts (recipients
+5. a run interrupted after a layer was re-encrypted (the registry fails to serve the next
+   one): the image is left untouched, and the next run reuses that layer (found through the
+   ledger record rewritten right after it) instead of moving it again;
+6. without the state key (the ledger cannot be read): the first run re-encrypts (recipients
    unknown), the second changes nothing (the tool's own authenticated annotations say), and a
    forged annotation claiming the layer is already in line is not believed.
 
@@ -54,7 +57,8 @@ def rot_stack(tmp_path_factory):
                      state_key=base64.b64encode(os.urandom(32)).decode(),
                      extra_rules=[{"repositories": f"{PROJECT}/**", "action": "encrypt"},
                                   {"repositories": "rotfail/**", "action": "encrypt"},
-                                  {"repositories": "rotnokey/**", "action": "encrypt"}])
+                                  {"repositories": "rotnokey/**", "action": "encrypt"},
+                                  {"repositories": "rotresume/**", "action": "encrypt"}])
     yield s
     if s in STARTED:
         STARTED.remove(s)
@@ -418,3 +422,46 @@ def test_without_the_state_key(rot_stack, tmp_path):
         old = helpers.skopeo_pull(f"{s.registry_addr}/{repo}:v1", tmp_path / f"forged-{label}",
                                   "v1", keys=[key], creds=s.creds, check=False)
         assert old.returncode != 0, f"the removed {label} key opens the image"
+
+
+def test_an_interrupted_run_resumes(rot_stack, tmp_path):
+    s = rot_stack
+    rsa, ec = s.keys["rsa"], s.keys["ec"]
+    repo = "rotresume/app"
+    set_recipients(s, "rotresume", [rsa["public"], ec["public"]])
+    img = helpers.build_image(tmp_path / "img", "v1", 4 * MIB, marker=helpers.new_marker())
+    helpers.skopeo_push(img, f"{s.addr}/{repo}:v1", creds=s.creds,
+                        extra=["--preserve-digests"])
+    before = stored_layers(s, repo)
+    new_priv, new_pub = new_ec_key(tmp_path, "resume")
+    set_recipients(s, "rotresume", [new_pub], wait=False)
+
+    # The registry cannot serve the second layer: the first is re-encrypted, then the run fails.
+    data = helpers.registry_blob_path(s.storage, before[1]["digest"])
+    away = data.with_name("data.away")
+    data.rename(away)
+    try:
+        summary, err = rotate(s, "rotresume", [rsa["private"]], expect=1)
+    finally:
+        away.rename(data)
+    assert summary["bytes_uploaded"] == before[0]["size"], (summary, err)
+    assert "left untouched" in err, err
+    assert stored_layers(s, repo) == before, "a half-rotated image was written"
+
+    log = RegistryLog.of(s)
+    summary, err = rotate(s, "rotresume", [rsa["private"]])
+    assert summary["reencrypted"] == 2 and summary["resumed"] == 1, (summary, err)
+    assert summary["bytes_uploaded"] == before[1]["size"], (summary, err)
+    committed = [r for r in log.blob_writes() if r[0] == "PUT"]
+    assert len(committed) == 1, f"the resumed layer was uploaded again: {committed}"
+    after = stored_layers(s, repo)
+    assert not {l["digest"] for l in before} & {l["digest"] for l in after}
+    out = tmp_path / "resumed"
+    helpers.skopeo_pull(f"{s.registry_addr}/{repo}:v1", out, "v1", keys=[new_priv],
+                        creds=s.creds)
+    helpers.assert_decrypted_matches(out, "v1", img)
+    old = helpers.skopeo_pull(f"{s.registry_addr}/{repo}:v1", tmp_path / "resumed-rsa", "v1",
+                              keys=[rsa["private"]], creds=s.creds, check=False)
+    assert old.returncode != 0, "the removed rsa key opens the image"
+    summary, err = rotate(s, "rotresume", [new_priv])
+    assert summary["unchanged"] == 2, (summary, err)

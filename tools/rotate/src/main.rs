@@ -225,6 +225,7 @@ fn summary_json(project: &str, dry_run: bool, stats: &Stats, failures: usize, se
         "unchanged": stats.unchanged,
         "rewrapped": stats.rewrapped,
         "reencrypted": stats.reencrypted,
+        "resumed": stats.resumed,
         "failed": stats.failed,
         "bytes_downloaded": stats.bytes_downloaded,
         "bytes_uploaded": stats.bytes_uploaded,
@@ -246,6 +247,7 @@ fn add(total: &mut Stats, s: &Stats) {
     total.unchanged += s.unchanged;
     total.rewrapped += s.rewrapped;
     total.reencrypted += s.reencrypted;
+    total.resumed += s.resumed;
     total.failed += s.failed;
     total.bytes_downloaded += s.bytes_downloaded;
     total.bytes_uploaded += s.bytes_uploaded;

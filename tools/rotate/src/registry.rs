@@ -191,7 +191,16 @@ impl Registry {
         }
     }
 
-    fn authorization(&self, path: &str) -> Option<String> {
+    /// The credentials for `url`: none for any origin but the registry's own, so that a
+    /// `Location` pointing elsewhere (the registry is not trusted) never carries them.
+    fn authorization(&self, url: &str) -> Option<String> {
+        let path = path_of(url);
+        if !url
+            .strip_prefix(self.base.as_str())
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            return None;
+        }
         if let Some(token) = repository_of(path).and_then(|r| self.repo_tokens.get(r)) {
             return Some(format!("Bearer {token}"));
         }
@@ -282,7 +291,7 @@ impl Registry {
             let mut builder = headers
                 .iter()
                 .fold(builder, |b, (name, value)| b.header(*name, *value));
-            if let Some(auth) = self.authorization(&path) {
+            if let Some(auth) = self.authorization(&url) {
                 builder = builder.header("Authorization", auth);
             }
             let resp = match body {
@@ -438,6 +447,19 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether blob `digest` is in `repo`.
+    pub fn blob_exists(&mut self, repo: &str, digest: &str) -> Result<bool, String> {
+        let mut resp = self.send("HEAD", &format!("/v2/{repo}/blobs/{digest}"), &[], None)?;
+        match resp.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(status_error(
+                &format!("HEAD blob {repo}@{digest}"),
+                &mut resp,
+            )),
+        }
+    }
+
     /// A reader of blob `digest` of `repo` (streamed; redirects to storage followed).
     pub fn blob(&mut self, repo: &str, digest: &str) -> Result<impl Read, String> {
         let mut resp = self.send("GET", &format!("/v2/{repo}/blobs/{digest}"), &[], None)?;
@@ -466,12 +488,11 @@ impl Registry {
         }
         let session = location(&resp)?;
         let url = self.url(&session);
-        let path = path_of(&url).to_owned();
         let mut req = self
             .agent
             .patch(&url)
             .header("Content-Type", "application/octet-stream");
-        if let Some(auth) = self.authorization(&path) {
+        if let Some(auth) = self.authorization(&url) {
             req = req.header("Authorization", auth);
         }
         let sent = req.send(SendBody::from_reader(reader));
@@ -576,5 +597,23 @@ mod tests {
             path_of("http://h:5/v2/x/blobs/uploads/u?a=b"),
             "/v2/x/blobs/uploads/u?a=b"
         );
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_registry() {
+        let creds = Credentials {
+            basic: Some(("u".into(), "p".into())),
+        };
+        let reg = Registry::new(Agent::new_with_defaults(), "http://reg:5000/", creds);
+        assert!(reg
+            .authorization("http://reg:5000/v2/a/b/blobs/uploads/x")
+            .is_some());
+        for elsewhere in [
+            "http://evil:5000/v2/a/b/blobs/uploads/x",
+            "http://reg:5000.evil/v2/a/b/blobs/uploads/x",
+            "https://reg:5000/v2/a/b/blobs/uploads/x",
+        ] {
+            assert_eq!(reg.authorization(elsewhere), None, "{elsewhere}");
+        }
     }
 }

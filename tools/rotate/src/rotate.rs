@@ -113,6 +113,9 @@ pub struct Stats {
     pub rewrapped: u64,
     /// Layers decrypted and encrypted with a new key.
     pub reencrypted: u64,
+    /// Of those, layers an earlier interrupted run had already re-encrypted (found through
+    /// the ledger; nothing moved).
+    pub resumed: u64,
     /// Layers none of the given keys opens, or that failed: left untouched.
     pub failed: u64,
     /// Ciphertext bytes downloaded.
@@ -623,12 +626,103 @@ impl<'a, 'r> RepoRun<'a, 'r> {
                 if let Some(done) = self.reencrypted.get(&digest) {
                     return Ok(Some(done.clone()));
                 }
+                if let Some(new) = self.resume(&planned.descriptor, &plaintext, size)? {
+                    eprintln!(
+                        "rotate: {}: {} was re-encrypted by an earlier run: {} reused",
+                        self.repo,
+                        short(&digest),
+                        new.get("digest").and_then(Value::as_str).map_or("", |d| d)
+                    );
+                    self.stats.resumed += 1;
+                    self.reencrypted.insert(digest, new.clone());
+                    return Ok(Some(new));
+                }
                 let layer = self.reencrypt(&digest, size, &planned, &plaintext, nonce)?;
                 let new = self.descriptor_for(&planned.descriptor, &layer)?;
                 self.reencrypted.insert(digest, new.clone());
                 Ok(Some(new))
             }
         }
+    }
+
+    /// A re-encryption an earlier, interrupted run finished: the gateway's ledger record of the
+    /// plaintext digest (rewritten right after each re-encrypted blob is committed, so the
+    /// registry itself is the journal) names another ciphertext, for exactly the target
+    /// recipients, and that blob is in the repository. Its descriptor then replaces the old
+    /// one without moving a byte. Needs the state key (the record must authenticate).
+    fn resume(
+        &mut self,
+        old: &Value,
+        plaintext: &Digest,
+        size: u64,
+    ) -> Result<Option<Value>, String> {
+        let (Some(record), Some(state_key)) = (self.ledger.get(plaintext), self.settings.state_key)
+        else {
+            return Ok(None);
+        };
+        let Ok(entry) = read_stored(state_key, &self.repo, plaintext, record) else {
+            return Ok(None);
+        };
+        let old_digest = old.get("digest").and_then(Value::as_str).unwrap_or("");
+        if entry.recipients.as_deref() != Some(self.settings.target.fingerprint.as_str())
+            || entry.size != size
+            || entry.encrypted_digest.to_string() == old_digest
+        {
+            return Ok(None);
+        }
+        let jwe_b64 = entry
+            .annotations
+            .get(ANNOTATION_KEYS_JWE)
+            .cloned()
+            .unwrap_or_default();
+        let new_digest = entry.encrypted_digest.to_string();
+        if jwe_b64.is_empty() || !self.reg.blob_exists(&self.repo, &new_digest)? {
+            return Ok(None);
+        }
+        let mut annotations: serde_json::Map<String, Value> = old
+            .get("annotations")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        annotations.retain(|k, _| {
+            !k.starts_with(ANNOTATION_ENC_PREFIX)
+                && k != ANN_RECIPIENT_KEYS
+                && k != ANN_RECIPIENT_MAC
+        });
+        for (k, v) in &entry.annotations {
+            annotations.insert(k.clone(), Value::String(v.clone()));
+        }
+        // The recipient annotations need the new layer key: only when a given key opens the
+        // new JWE (else later runs read the recipients from the ledger record).
+        let jwe = STANDARD.decode(&jwe_b64).unwrap_or_default();
+        let opened = self
+            .settings
+            .keys
+            .iter()
+            .find_map(|k| unwrap_private_options(&jwe, k).ok());
+        if let Some(private) = opened {
+            if private.digest != plaintext.to_string() {
+                return Ok(None);
+            }
+            let ids = self
+                .settings
+                .target
+                .ids
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(",");
+            let mac = recipient_mac(&private.symkey, &jwe_b64, &ids).ok_or("recipient MAC")?;
+            annotations.insert(ANN_RECIPIENT_KEYS.to_owned(), Value::String(ids));
+            annotations.insert(
+                ANN_RECIPIENT_MAC.to_owned(),
+                Value::String(hex::encode(mac)),
+            );
+        }
+        let mut new = old.as_object().cloned().unwrap_or_default();
+        new.insert("digest".into(), Value::String(new_digest));
+        new.insert("annotations".into(), Value::Object(annotations));
+        Ok(Some(Value::Object(new)))
     }
 
     /// Streams one layer through decryption and encryption with a fresh key into a new blob.

@@ -56,7 +56,9 @@ static_resources:
               domains: ["*"]
               routes:
               - match: {{prefix: "/"}}
-                route: {{cluster: replicas, timeout: 0s}}
+                route:
+                  cluster: replicas
+                  timeout: 0s{hash_policy}
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
@@ -64,9 +66,9 @@ static_resources:
   clusters:
   - name: replicas
     type: STATIC
-    lb_policy: ROUND_ROBIN
+    lb_policy: {lb_policy}
     per_connection_buffer_limit_bytes: 4194304
-    # One request per upstream connection: no stickiness of an upload to a replica.
+    # One request per upstream connection: no stickiness of a connection to a replica.
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -79,6 +81,16 @@ static_resources:
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {a}}}}}}}
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {b}}}}}}}
 """
+
+#: Without replicas.state_key a push must stay on one replica (its upload records and ledger
+#: are in that Envoy's shared data): the front hashes on the repository named in the path.
+REPOSITORY_HASH = (
+    "\n                  hash_policy:"
+    "\n                  - header:"
+    "\n                      header_name: \":path\""
+    "\n                      regex_rewrite:"
+    "\n                        pattern: {regex: \"^/v2/(.+)/(blobs|manifests|tags)/.*$\"}"
+    "\n                        substitution: \"\\\\1\"")
 
 #: The gauge of upload records the filter holds (without `replicas.state_key`; see
 #: ReplicaSet.gauges).
@@ -105,8 +117,12 @@ class ReplicaSet:
     """
 
     def __init__(self, tmp: Path, wasm: Optional[Path] = None,
-                 upload_idle_seconds: Optional[int] = None, log: Callable[[str], None] = None):
+                 upload_idle_seconds: Optional[int] = None, log: Callable[[str], None] = None,
+                 state_key: bool = True):
         self.tmp = Path(tmp)
+        #: False: no replicas.state_key; the front then sends every request naming one
+        #: repository to one replica (RING_HASH on the repository) instead of round-robin.
+        self.with_state_key = state_key
         self.wasm = wasm
         self.upload_idle_seconds = upload_idle_seconds
         self.log = log or (lambda m: None)
@@ -129,7 +145,8 @@ class ReplicaSet:
     def start(self) -> "ReplicaSet":
         import requests
 
-        self.state_key = base64.b64encode(os.urandom(32)).decode()
+        self.state_key = (base64.b64encode(os.urandom(32)).decode() if self.with_state_key
+                          else None)
         try:
             a = gateway.Gateway(self._options("a", 0, 2, 3), log=self.log)
             a.start()
@@ -139,7 +156,10 @@ class ReplicaSet:
             b.start()
             self.replicas.append(b)
             cfg = self.tmp / "front.yaml"
-            cfg.write_text(FRONT.format(port=self.ports[7], a=self.ports[0], b=self.ports[4]))
+            cfg.write_text(FRONT.format(
+                port=self.ports[7], a=self.ports[0], b=self.ports[4],
+                lb_policy="ROUND_ROBIN" if self.with_state_key else "RING_HASH",
+                hash_policy="" if self.with_state_key else REPOSITORY_HASH))
             self.front = subprocess.Popen(
                 [gateway.envoy_path(), "-c", str(cfg), "--concurrency", "2",
                  "--disable-hot-restart", "--log-level", "warn"],
@@ -180,8 +200,8 @@ class ReplicaSet:
         return {n: rss_kib(p) for n, p in self.envoy_pids().items()}
 
     def gauges(self) -> Dict[str, float]:
-        """`ocicrypt_uploads_in_flight` of each replica. With `replicas.state_key` (as here) the
-        filter keeps no record per upload — the state is sealed in the Location the client
+        """`ocicrypt_uploads_in_flight` of each replica. With `replicas.state_key` (the default
+        here) the filter keeps no record per upload — the state is sealed in the Location the client
         echoes — so the gauge counts only records of a gateway without the key: 0 throughout
         here, whatever the clients do. The one thing a replica holds per upload is the claim
         of a session for the length of one request (not metered)."""

@@ -19,6 +19,7 @@ pub mod digest;
 pub mod distribution;
 pub mod error;
 pub mod form;
+pub mod gateway;
 pub mod index;
 pub mod keyservice;
 pub mod keystream;

@@ -10,6 +10,9 @@
 
 use sha2::{Digest as _, Sha256};
 
+use crate::error::{Code, OciError};
+use crate::upload::Store;
+
 /// Slots the claims are spread over.
 pub const SLOTS: u32 = 256;
 /// Age after which a claim is taken for one whose stream died without releasing it.
@@ -69,6 +72,48 @@ pub fn release(value: &[u8], upload_id: &str) -> Vec<u8> {
         out.push_str(&format!("{id} {t}\n"));
     }
     out.into_bytes()
+}
+
+/// Tries of a compare-and-set update of a slot before giving up (other workers kept writing it).
+const CAS_TRIES: usize = 8;
+
+/// Claims `upload_id` in `store` at `now` (unix seconds): refused when another request of the
+/// session holds it, or when the slot stays contended.
+pub fn claim_in(store: &dyn Store, upload_id: &str, now: u64) -> Result<(), OciError> {
+    let key = slot_key(upload_id);
+    for _ in 0..CAS_TRIES {
+        let Some((value, cas)) = store.get_cas(&key) else {
+            break;
+        };
+        let Some(next) = claim(value.as_deref().unwrap_or_default(), upload_id, now) else {
+            return Err(OciError::new(
+                Code::BlobUploadInvalid,
+                "another request of this upload session is in progress at the gateway; send one request at a time per upload",
+            ));
+        };
+        // An absent slot is created only if still absent: a CAS token no live value has.
+        let cas = if value.is_none() { u32::MAX } else { cas };
+        if store.set_cas(&key, &next, cas) {
+            return Ok(());
+        }
+    }
+    Err(OciError::new(
+        Code::Unavailable,
+        "the gateway could not record this upload request (busy); retry",
+    ))
+}
+
+/// Releases the claim of `upload_id` in `store` (best effort: a claim left behind goes stale).
+pub fn release_in(store: &dyn Store, upload_id: &str) {
+    let key = slot_key(upload_id);
+    for _ in 0..CAS_TRIES {
+        let Some((Some(value), cas)) = store.get_cas(&key) else {
+            return;
+        };
+        if store.set_cas(&key, &release(&value, upload_id), cas) {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,17 @@ pub trait Store {
     fn get(&self, key: &str) -> Option<Vec<u8>>;
     /// Sets `key`; an empty value removes it.
     fn set(&self, key: &str, value: &[u8]) -> Result<(), OciError>;
+    /// The value of `key` (`None` when absent) with a compare-and-set token for
+    /// [`Store::set_cas`]; `None` when the store fails. A store shared by concurrent writers
+    /// (Envoy's shared data) must override both; the default suits a store nobody else writes.
+    fn get_cas(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
+        Some((self.get(key), 0))
+    }
+    /// Writes `key` if nobody wrote it since `cas` was read (`u32::MAX` for a key read absent:
+    /// only if still absent); `false` when another writer did, or the store failed.
+    fn set_cas(&self, key: &str, value: &[u8], _cas: u32) -> bool {
+        self.set(key, value).is_ok()
+    }
 }
 
 /// Shared-data key of an upload session's record.
@@ -671,13 +682,28 @@ pub fn complete<R: CryptoRngCore>(
     recipients: &[Recipient],
     rng: &mut R,
 ) -> Result<Completion, OciError> {
+    finish(record, client_digest, rng)?.wrap(recipients, rng)
+}
+
+/// An upload whose content matched the client's digest, not yet wrapped to recipients: the
+/// digest check needs no key, so a request that fails it costs the key service nothing.
+pub struct Finished {
+    client_digest: Digest,
+    layer: Option<crate::blockcipher::EncryptedLayer>,
+}
+
+/// The first half of [`complete`]: checks that the plaintext hashed to `client_digest`.
+pub fn finish<R: CryptoRngCore>(
+    record: UploadRecord,
+    client_digest: Digest,
+    rng: &mut R,
+) -> Result<Finished, OciError> {
     let encryptor = match record.treatment {
         Treatment::Passthrough | Treatment::Json => {
             // The registry verifies JSON blobs itself against the client's digest.
-            return Ok(Completion {
+            return Ok(Finished {
                 client_digest,
-                stored_digest: client_digest,
-                ledger: None,
+                layer: None,
             });
         }
         Treatment::Encrypt(enc) => enc,
@@ -694,19 +720,43 @@ pub fn complete<R: CryptoRngCore>(
             ),
         ));
     }
-    let annotations: BTreeMap<String, String> = keywrap::layer_annotations(&layer, recipients, rng)
-        .map_err(|e| OciError::new(Code::Unknown, format!("could not wrap the layer key: {e}")))?;
-    Ok(Completion {
+    Ok(Finished {
         client_digest,
-        stored_digest: layer.encrypted_digest,
-        ledger: Some(LedgerEntry {
-            encrypted_digest: layer.encrypted_digest,
-            size: layer.size,
-            annotations,
-            media_type: None,
-            recipients: Some(crate::recipients::fingerprint(recipients)),
-        }),
+        layer: Some(layer),
     })
+}
+
+impl Finished {
+    /// The second half of [`complete`]: wraps the layer key to `recipients`.
+    pub fn wrap<R: CryptoRngCore>(
+        self,
+        recipients: &[Recipient],
+        rng: &mut R,
+    ) -> Result<Completion, OciError> {
+        let client_digest = self.client_digest;
+        let Some(layer) = self.layer else {
+            return Ok(Completion {
+                client_digest,
+                stored_digest: client_digest,
+                ledger: None,
+            });
+        };
+        let annotations: BTreeMap<String, String> =
+            keywrap::layer_annotations(&layer, recipients, rng).map_err(|e| {
+                OciError::new(Code::Unknown, format!("could not wrap the layer key: {e}"))
+            })?;
+        Ok(Completion {
+            client_digest,
+            stored_digest: layer.encrypted_digest,
+            ledger: Some(LedgerEntry {
+                encrypted_digest: layer.encrypted_digest,
+                size: layer.size,
+                annotations,
+                media_type: None,
+                recipients: Some(crate::recipients::fingerprint(recipients)),
+            }),
+        })
+    }
 }
 
 #[cfg(test)]

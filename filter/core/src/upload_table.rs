@@ -18,6 +18,9 @@
 
 use sha2::{Digest as _, Sha256};
 
+use crate::error::{Code, OciError};
+use crate::upload::{Store, UploadRecord};
+
 /// Slots the records are spread over: enough that 10 000 sessions in progress fill none
 /// (2.4 per slot on average).
 pub const SLOTS: u32 = 4096;
@@ -205,6 +208,124 @@ pub fn count(slot: &[u8], now: u64, idle_seconds: u64) -> usize {
         .iter()
         .filter(|e| live(e, now, idle_seconds))
         .count()
+}
+
+/// Compare-and-set attempts on one slot before giving up (another worker wrote it each time).
+const ATTEMPTS: usize = 8;
+
+fn busy() -> OciError {
+    OciError::new(
+        Code::Unavailable,
+        "the gateway could not record this upload request (busy); retry",
+    )
+}
+
+/// Applies `change` to the slot holding `upload_id` in `store` until the write wins; `change`
+/// answers the new value (`None`: nothing to write) and what it did.
+fn update<T>(
+    store: &dyn Store,
+    upload_id: &str,
+    mut change: impl FnMut(&[u8]) -> Result<Option<(Vec<u8>, T)>, OciError>,
+) -> Result<Option<T>, OciError> {
+    let key = slot_key(upload_id);
+    for _ in 0..ATTEMPTS {
+        let Some((value, cas)) = store.get_cas(&key) else {
+            return Err(busy());
+        };
+        let Some((next, done)) = change(value.as_deref().unwrap_or_default())? else {
+            return Ok(None);
+        };
+        // An absent slot is created only if still absent: a CAS token no live value has.
+        let cas = if value.is_none() { u32::MAX } else { cas };
+        if store.set_cas(&key, &next, cas) {
+            return Ok(Some(done));
+        }
+    }
+    Err(busy())
+}
+
+/// `upload_id`'s record in `store` at `now` (a fresh one for `repository` when it has none),
+/// and whether one was saved. A record of another repository is refused: a session id must
+/// not be replayed across repositories to continue someone else's keystream.
+pub fn load_in(
+    store: &dyn Store,
+    upload_id: &str,
+    repository: &str,
+    now: u64,
+    idle_seconds: u64,
+) -> Result<(UploadRecord, bool), OciError> {
+    let slot = store
+        .get_cas(&slot_key(upload_id))
+        .and_then(|(v, _)| v)
+        .unwrap_or_default();
+    let Some(bytes) = find(&slot, upload_id, now, idle_seconds) else {
+        return Ok((UploadRecord::new(repository), false));
+    };
+    let record = UploadRecord::from_bytes(&bytes).ok_or_else(|| {
+        OciError::new(
+            Code::BlobUploadInvalid,
+            "the gateway's state of this upload is unreadable; restart the upload",
+        )
+    })?;
+    if record.repository != repository {
+        return Err(OciError::new(
+            Code::BlobUploadUnknown,
+            format!("upload {upload_id} does not belong to repository {repository}"),
+        ));
+    }
+    Ok((record, true))
+}
+
+/// Whether `upload_id` has a live record in `store` at `now`.
+pub fn has_in(store: &dyn Store, upload_id: &str, now: u64, idle_seconds: u64) -> bool {
+    store
+        .get_cas(&slot_key(upload_id))
+        .and_then(|(v, _)| v)
+        .is_some_and(|slot| find(&slot, upload_id, now, idle_seconds).is_some())
+}
+
+/// Saves `record` as `upload_id`'s in `store`; a slot full of live sessions refuses (503,
+/// retry). Answers how the number of live records changed.
+pub fn save_in(
+    store: &dyn Store,
+    upload_id: &str,
+    record: &UploadRecord,
+    now: u64,
+    idle_seconds: u64,
+) -> Result<i64, OciError> {
+    let bytes = record.to_bytes();
+    let written = update(store, upload_id, |slot| {
+        match put(slot, upload_id, &bytes, now, idle_seconds) {
+            Ok(w) => Ok(Some((w.slot.clone(), w))),
+            Err(Refused::Full) => Err(OciError::new(
+                Code::Unavailable,
+                "the gateway holds as many upload sessions as it keeps state for; finish or abandon others, or retry later",
+            )),
+            Err(Refused::IdTooLong) => Err(OciError::new(
+                Code::BlobUploadInvalid,
+                "the registry's upload id is longer than the gateway keeps",
+            )),
+        }
+    })?;
+    Ok(written.map_or(0, |w| i64::from(w.added) - signed(w.expired)))
+}
+
+/// Drops `upload_id`'s record from `store` (the upload finished or was cancelled). Answers
+/// how many live records went (idle ones dropped on the way included).
+pub fn remove_in(
+    store: &dyn Store,
+    upload_id: &str,
+    now: u64,
+    idle_seconds: u64,
+) -> Result<i64, OciError> {
+    let gone = update(store, upload_id, |slot| {
+        Ok(remove(slot, upload_id, now, idle_seconds))
+    })?;
+    Ok(gone.map_or(0, signed))
+}
+
+fn signed(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

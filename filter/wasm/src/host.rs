@@ -35,7 +35,7 @@ pub fn header_bytes(map: MapType, name: &str) -> Option<Vec<u8>> {
 
 /// A request or response header as text: `None` when absent, when not valid UTF-8, or on any
 /// host error. For headers whose content decides what the gateway does, use
-/// [`header_strict`], which tells "absent" from "not UTF-8".
+/// `ocicrypt_core::gateway::RequestHead::strict`, which tells "absent" from "not UTF-8".
 ///
 /// Except the pseudo-headers (`:path`, `:method`, …), which are never `None` for a value that
 /// is not UTF-8: they are decoded with U+FFFD in place of the bad bytes. Host contract: Envoy's
@@ -50,32 +50,6 @@ pub fn header(map: MapType, name: &str) -> Option<String> {
         return Some(String::from_utf8_lossy(&bytes).into_owned());
     }
     String::from_utf8(bytes).ok()
-}
-
-/// A header the gateway must interpret: `Ok(None)` when absent; a value that is not UTF-8 is
-/// refused with `code`, the caller's choice of a 400 code for what the request is
-/// (`BlobUploadInvalid` for an upload, `ManifestInvalid` for a manifest, `DigestInvalid`),
-/// naming the header but never echoing its bytes (it may be a credential); a host failure is
-/// refused as `Code::Unknown` (500): a header that decides the flow is never guessed.
-pub fn header_strict(map: MapType, name: &str, code: Code) -> Result<Option<String>, OciError> {
-    match abi::header_map_value(map, name) {
-        Ok(None) => Ok(None),
-        Ok(Some(bytes)) => strict_text(name, bytes, code).map(Some),
-        Err(status) => Err(host_error(&format!("read header {name}"), status)),
-    }
-}
-
-fn strict_text(name: &str, bytes: Vec<u8>, code: Code) -> Result<String, OciError> {
-    String::from_utf8(bytes).map_err(|e| {
-        OciError::new(
-            code,
-            format!(
-                "header {name} is not valid UTF-8 (first bad byte at offset {}); nothing was \
-                 stored. Send it as ASCII",
-                e.utf8_error().valid_up_to()
-            ),
-        )
-    })
 }
 
 /// Every header of `map` in order: names lowercased (Envoy's HTTP/1 and HTTP/2 codecs already
@@ -272,6 +246,14 @@ impl Store for SharedData {
     fn set(&self, key: &str, value: &[u8]) -> Result<(), OciError> {
         abi::set_shared_data(key, value, 0).map_err(|s| host_error("shared data", s))
     }
+
+    fn get_cas(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
+        SharedData::get_cas(self, key)
+    }
+
+    fn set_cas(&self, key: &str, value: &[u8], cas: u32) -> bool {
+        SharedData::set_cas(self, key, value, cas)
+    }
 }
 
 #[cfg(test)]
@@ -298,33 +280,6 @@ mod tests {
     }
 
     #[test]
-    fn strict_headers_refuse_non_utf8_without_echoing_it() {
-        assert_eq!(
-            strict_text(
-                "content-type",
-                b"application/json".to_vec(),
-                Code::ManifestInvalid
-            ),
-            Ok("application/json".to_string())
-        );
-        let err = strict_text(
-            "authorization",
-            b"Basic s3cr\xff".to_vec(),
-            Code::BlobUploadInvalid,
-        )
-        .unwrap_err();
-        assert_eq!(err.code, Code::BlobUploadInvalid);
-        assert_eq!(err.status(), 400);
-        assert!(err
-            .message
-            .contains("header authorization is not valid UTF-8"));
-        assert!(err.message.contains("offset 10"), "{}", err.message);
-        assert!(!err.message.contains("s3cr"), "{}", err.message);
-        let err = strict_text("content-type", vec![0x80], Code::ManifestInvalid).unwrap_err();
-        assert_eq!((err.code, err.status()), (Code::ManifestInvalid, 400));
-    }
-
-    #[test]
     fn reads_without_a_host_are_absent_never_a_panic() {
         // Native builds answer NotFound to everything (abi.rs): the same paths as a host that
         // has no such header, map or answer.
@@ -332,14 +287,6 @@ mod tests {
         assert_eq!(
             header_bytes(MapType::HttpRequestHeaders, "content-type"),
             None
-        );
-        assert_eq!(
-            header_strict(
-                MapType::HttpRequestHeaders,
-                "content-type",
-                Code::ManifestInvalid
-            ),
-            Ok(None)
         );
         assert!(pairs(MapType::HttpCallResponseHeaders).is_empty());
         assert_eq!(call_status(), None);

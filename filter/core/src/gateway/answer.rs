@@ -1,0 +1,194 @@
+//! Answers of the registry: to the callouts the request-line flows make (a manifest read
+//! before a delete, a ledger read for a `HEAD`, a session opened for a `POST ?digest=`), and
+//! the check every answer in an encrypted repository passes before the client sees it.
+use crate::config::Config;
+use crate::distribution;
+use crate::error::{Code, OciError};
+use crate::ledger;
+use crate::upload::{ChunkStream, UploadRecord};
+
+use super::request::patch_request;
+use super::{CalloutAnswer, CalloutId, ChunkFlow, Command, Env, Finish, Flow, Level, Stream};
+
+impl Stream {
+    /// Whether the stream waits for the answer to callout `id` (an answer nobody waits for is
+    /// dropped unread).
+    pub fn awaits(&self, id: CalloutId) -> bool {
+        match &self.flow {
+            Flow::DeleteCheck { callout, .. }
+            | Flow::HeadLookup { callout, .. }
+            | Flow::OpeningSession { callout, .. } => *callout == id,
+            _ => self.reads_ledger(id),
+        }
+    }
+
+    /// A callout this machine dispatched is answered. An answer nobody waits for (a
+    /// best-effort cleanup) is dropped.
+    pub fn on_callout(
+        &mut self,
+        id: CalloutId,
+        answer: &CalloutAnswer,
+        env: &mut Env,
+    ) -> Vec<Command> {
+        let waited = match &self.flow {
+            Flow::DeleteCheck { callout, .. }
+            | Flow::HeadLookup { callout, .. }
+            | Flow::OpeningSession { callout, .. } => *callout == id,
+            _ => false,
+        };
+        let read = if waited {
+            self.on_answer(answer, env)
+        } else if self.reads_ledger(id) {
+            self.on_ledger_read(id, answer, env)
+        } else {
+            return Vec::new();
+        };
+        match read {
+            Ok(commands) => commands,
+            Err(e) => self.refuse(e),
+        }
+    }
+
+    fn on_answer(
+        &mut self,
+        answer: &CalloutAnswer,
+        env: &mut Env,
+    ) -> Result<Vec<Command>, OciError> {
+        let status = answer.status();
+        match std::mem::take(&mut self.flow) {
+            Flow::DeleteCheck { repository, .. } => {
+                if status == "200" && ledger::is_ledger_record(&answer.body) {
+                    return Err(OciError::new(
+                        Code::Denied,
+                        format!("this manifest of {repository} is the encrypting gateway's ledger; clients cannot delete it"),
+                    ));
+                }
+                Ok(vec![Command::Continue])
+            }
+            Flow::HeadLookup {
+                repository, digest, ..
+            } => {
+                let mut out = Vec::new();
+                if let (true, Some(key)) = (status == "200", env.config.state_key.as_ref()) {
+                    match ledger::read_stored(&key.0, &repository, &digest, &answer.body) {
+                        Ok(entry) => env
+                            .store
+                            .set(&ledger::key(&repository, &digest), &entry.to_bytes())?,
+                        Err(ledger::StoredEntryError::Unauthenticated) => {
+                            // Not the gateway's: the blob counts as unknown (it is uploaded,
+                            // and encrypted, again).
+                            out.push(Command::Log(
+                                Level::Warn,
+                                format!("{repository}: ledger record for {digest} is not the gateway's; ignored"),
+                            ));
+                        }
+                        Err(ledger::StoredEntryError::NotJson) => {}
+                    }
+                }
+                out.extend(self.redecide(env));
+                Ok(out)
+            }
+            Flow::OpeningSession {
+                repository,
+                client_digest,
+                recipients,
+                ..
+            } => {
+                if status != "202" {
+                    return Err(registry_refusal("open an upload session", &status));
+                }
+                let mut out = Vec::new();
+                let location = answer.header("location");
+                if let Err(e) =
+                    self.check_answer(env.config, &status, location.as_deref(), &mut out)
+                {
+                    out.extend(self.refuse(e));
+                    return Ok(out);
+                }
+                let location = location
+                    .and_then(|l| distribution::location_path(&l))
+                    .ok_or_else(|| {
+                        OciError::new(
+                            Code::Unknown,
+                            "the registry opened a session without a Location",
+                        )
+                    })?;
+                let id = distribution::upload_id_of_location(&location);
+                let stream = ChunkStream::new(UploadRecord::new(&repository), None)?;
+                out.extend(patch_request(location));
+                self.flow = Flow::Chunk(Box::new(ChunkFlow {
+                    repository,
+                    had_state: false,
+                    upload_id: id,
+                    stream: Some(stream),
+                    finish: Some(Finish {
+                        client_digest,
+                        recipients,
+                        completion: None,
+                    }),
+                }));
+                out.push(Command::Continue);
+                Ok(out)
+            }
+            other => {
+                self.flow = other;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Checks an answer of the registry to a request in an encrypted repository before the
+    /// client sees it: the registry is not trusted with plaintext, so it cannot send the client
+    /// (and its next chunk) elsewhere — no redirect, no `Location` out of the repository or off
+    /// the gateway. A session it opened elsewhere is deleted where the gateway can reach it
+    /// (a callout pushed on `out`, whose answer nobody waits for).
+    pub fn check_answer(
+        &mut self,
+        config: &Config,
+        status: &str,
+        location: Option<&str>,
+        out: &mut Vec<Command>,
+    ) -> Result<(), OciError> {
+        let Some(repository) = self.encrypted.clone() else {
+            return Ok(());
+        };
+        if status.starts_with('3') {
+            return Err(OciError::new(
+                Code::BadGateway,
+                format!("the registry answered a redirect ({status}) to a write in encrypted repository {repository}; the gateway does not follow it, nothing more was sent"),
+            ));
+        }
+        match location {
+            Some(l) if !distribution::location_stays(l, &self.authority, &repository) => {
+                if let Some(path) = distribution::location_path(l).filter(|_| {
+                    l.starts_with('/') || l.contains(&format!("://{}/", self.authority))
+                }) {
+                    // Best effort: nothing was sent to that session.
+                    out.push(Command::Dispatch(
+                        self.registry_callout(config, "DELETE", &path, None, None),
+                    ));
+                }
+                Err(OciError::new(
+                    Code::BadGateway,
+                    format!("the registry answered a Location outside encrypted repository {repository} (or off this gateway); the gateway does not follow it, nothing more was sent"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The refusal when the registry would not do what the gateway asked it on the client's
+/// behalf.
+pub fn registry_refusal(what: &str, status: &str) -> OciError {
+    let code = match status {
+        "401" | "403" => Code::Denied,
+        _ => Code::Unavailable,
+    };
+    OciError::new(
+        code,
+        format!(
+            "the registry answered {status} when the gateway tried to {what}; nothing was stored"
+        ),
+    )
+}

@@ -1,0 +1,685 @@
+//! The request-line decision: which flow a request is, every check that needs no key first,
+//! the project's recipients last (see the module doc of [`super`] for the order).
+use crate::digest::Digest;
+use crate::distribution::{self, Route, UploadMethod};
+use crate::error::{Code, OciError};
+use crate::form::{self, Query};
+use crate::ledger::{self, LedgerEntry};
+use crate::manifest;
+use crate::policy::{project_of, Action as PolicyAction};
+use crate::recipients::{fingerprint, Recipient};
+use crate::session;
+use crate::upload::{self, ChunkStream, Store, UploadRecord};
+use crate::upload_table;
+
+use super::{
+    ChunkFlow, Command, Env, Finish, Flow, KeyAnswer, Level, Metric, RequestHead, Stream,
+    MANIFEST_BUDGET_PER_WORKER,
+};
+
+/// The query parameters the registry or the gateway act on in an upload request: each may
+/// appear once, unencoded.
+const INTERPRETED_PARAMS: &[&str] = &["mount", "from", "digest", "_state", upload::STATE_PARAM];
+
+/// What a decision that waits for the key service answers.
+fn waiting() -> Vec<Command> {
+    vec![Command::Pause]
+}
+
+impl Stream {
+    /// Decides the flow from the request headers kept in the stream. `Err` is the refusal.
+    pub(super) fn decide(&mut self, env: &mut Env) -> Result<Vec<Command>, OciError> {
+        let head = self.head.take().unwrap_or_default();
+        let decided = self.decide_with(&head, env);
+        self.head = Some(head);
+        decided
+    }
+
+    fn decide_with(&mut self, head: &RequestHead, env: &mut Env) -> Result<Vec<Command>, OciError> {
+        let config = env.config;
+        let method = head.bytes(":method").unwrap_or_default();
+        let path = head.bytes(":path").unwrap_or_default();
+        let read = method == b"GET" || method == b"HEAD";
+        let (Ok(method), Ok(path)) = (
+            String::from_utf8(method.to_vec()),
+            String::from_utf8(path.to_vec()),
+        ) else {
+            // Reads pass untouched; a write whose request line the gateway cannot read could
+            // land in an encrypted repository unseen.
+            if read {
+                return Ok(vec![Command::Continue]);
+            }
+            return Err(OciError::new(
+                Code::Denied,
+                "write request whose request line is not UTF-8; use the plain /v2/<name>/... form",
+            ));
+        };
+        if matches!(method.as_str(), "PUT" | "DELETE") {
+            if let Some(reference) = path
+                .split('?')
+                .next()
+                .and_then(|p| p.rsplit_once("/manifests/"))
+                .map(|(_, r)| r)
+            {
+                if ledger::is_reserved_tag(reference) {
+                    return Err(OciError::new(
+                        Code::Denied,
+                        format!("tag {reference:?} is reserved for the encrypting gateway's ledger; use another tag"),
+                    ));
+                }
+            }
+        }
+        if distribution::is_ambiguous_write(&method, &path) {
+            // The registry may decode `%2F`, collapse `//` or clean `..` into a repository name
+            // other than the one routed here (`plain/x/../../demo/y` routes as a passthrough
+            // name): such a write could land in an encrypted repository unencrypted.
+            return Err(OciError::new(
+                Code::Denied,
+                "write request with an encoded or non-canonical path; use the plain /v2/<name>/... form",
+            ));
+        }
+        let route = distribution::route(&method, &path);
+        // Upload state stays out of log lines: distribution's `_state` and the gateway's sealed
+        // state (a Location read from a log must not continue anyone's upload).
+        self.request = format!(
+            "{method} {}",
+            distribution::rewrite_query(&path, &["_state", upload::STATE_PARAM], &[])
+        );
+        let repository = match &route {
+            Route::UploadStart { repository, .. }
+            | Route::Upload { repository, .. }
+            | Route::BlobHead { repository, .. }
+            | Route::ManifestPut { repository, .. } => repository.clone(),
+            Route::Other => {
+                if let Some(repository) = manifest_delete(&method, &path)
+                    .filter(|r| config.policy.action(r) == PolicyAction::Encrypt)
+                {
+                    // A manifest deleted by digest may be one of the gateway's ledger manifests:
+                    // read it (with the client's credentials) before letting the delete go.
+                    self.encrypted = Some(repository.clone());
+                    self.read_credentials(head)?;
+                    let callout = self.registry_callout(config, "GET", &path, None, None);
+                    self.flow = Flow::DeleteCheck {
+                        callout: callout.id,
+                        repository,
+                    };
+                    return Ok(vec![Command::Dispatch(callout), Command::Pause]);
+                }
+                return Ok(vec![Command::Continue]);
+            }
+        };
+        if config.policy.action(&repository) != PolicyAction::Encrypt {
+            return Ok(vec![Command::Continue]);
+        }
+        self.encrypted = Some(repository.clone());
+        self.upstream_path = path.clone();
+        self.read_credentials(head)?;
+        // The parameters the registry acts on, read as it reads them (uploads only: manifests
+        // and HEADs carry none it reads).
+        let query = match &route {
+            Route::UploadStart { .. } | Route::Upload { .. } => {
+                if head.all("content-type").any(form::is_form_content_type) {
+                    return Err(OciError::new(
+                        Code::BlobUploadInvalid,
+                        "upload requests with a form Content-Type are refused on encrypted repositories: the registry would read parameters from the body; send the blob as application/octet-stream",
+                    ));
+                }
+                let raw = path.split_once('?').map_or("", |(_, q)| q);
+                Query::strict(raw, INTERPRETED_PARAMS).map_err(|e| {
+                    OciError::new(
+                        Code::BlobUploadInvalid,
+                        format!("ambiguous upload request ({e}); send each parameter once, with its name unencoded"),
+                    )
+                })?
+            }
+            _ => Query::default(),
+        };
+        let has_body =
+            !head.end_of_stream && head.text("content-length").is_none_or(|v| v.trim() != "0");
+        let at = Request {
+            head,
+            path: &path,
+            repository,
+            query: &query,
+            has_body,
+        };
+        match route {
+            Route::UploadStart { .. } => self.upload_start(at, env),
+            Route::Upload {
+                method: UploadMethod::Patch,
+                id,
+                ..
+            } => self.upload_patch(at, &id, env),
+            Route::Upload {
+                method: UploadMethod::Put,
+                id,
+                ..
+            } => self.upload_put(at, &id, env),
+            Route::Upload {
+                method: UploadMethod::Delete,
+                id,
+                ..
+            } => {
+                let mut out = Vec::new();
+                let idle = env.config.upload_idle_seconds;
+                if upload_table::has_in(env.store, &id, env.now, idle) {
+                    let gone = upload_table::remove_in(env.store, &id, env.now, idle)?;
+                    if gone != 0 {
+                        out.push(Command::Metric(Metric::UploadState(-gone)));
+                    }
+                }
+                out.push(Command::Continue);
+                Ok(out)
+            }
+            Route::Upload {
+                method: UploadMethod::Get,
+                ..
+            }
+            | Route::Other => Ok(vec![Command::Continue]),
+            Route::BlobHead { digest, .. } => self.blob_head(at, &digest, env),
+            Route::ManifestPut { reference, .. } => self.manifest_put(at, &reference, env),
+        }
+    }
+
+    /// `:authority` and `Authorization`, which the callouts made for this request carry.
+    fn read_credentials(&mut self, head: &RequestHead) -> Result<(), OciError> {
+        self.authority = head
+            .strict(":authority", Code::BlobUploadInvalid)?
+            .unwrap_or_default();
+        self.authorization = head.strict("authorization", Code::BlobUploadInvalid)?;
+        Ok(())
+    }
+
+    /// The project's recipients; `None` while a lookup runs (the request waits for
+    /// [`Stream::on_keys_ready`]). Called only once the request is otherwise valid.
+    fn recipients(
+        &mut self,
+        env: &mut Env,
+        repository: &str,
+    ) -> Result<Option<Vec<Recipient>>, OciError> {
+        match env.keys.recipients(project_of(repository))? {
+            KeyAnswer::Ready(r) => Ok(Some(r)),
+            KeyAnswer::Waiting => Ok(None),
+        }
+    }
+
+    fn upload_start(&mut self, at: Request, env: &mut Env) -> Result<Vec<Command>, OciError> {
+        let Request {
+            path,
+            repository,
+            query,
+            has_body,
+            ..
+        } = at;
+        let digest = query.get("digest");
+        let mount = query.get("mount");
+        let client_digest = match digest {
+            Some(d) if has_body => Some(parse_client_digest(d)?),
+            _ => None,
+        };
+        let from = query.get("from");
+        let known = match (mount, from) {
+            (Some(mount), Some(from)) => mountable(env.store, &repository, mount, from),
+            _ => None,
+        };
+        // Fail before any byte is sent when the project cannot be encrypted to.
+        let Some(recipients) = self.recipients(env, &repository)? else {
+            return Ok(waiting());
+        };
+        let mut out = Vec::new();
+        if let (Some((client_digest, entry)), Some(from)) = (known, from) {
+            if entry.recipients.as_deref() == Some(fingerprint(&recipients).as_str()) {
+                // Both repositories belong to one project (so one set of recipients) and the
+                // gateway encrypted that blob in `from`: mount the ciphertext instead.
+                let encrypted = entry.encrypted_digest.to_string();
+                let new_path = distribution::rewrite_query(
+                    path,
+                    &["mount", "from", "digest"],
+                    &[("mount", &encrypted), ("from", from)],
+                );
+                out.push(Command::SetRequestHeader(":path".into(), new_path));
+                out.push(Command::Log(
+                    Level::Info,
+                    format!("{repository}: mount of {client_digest} from {from} as its ciphertext {encrypted}"),
+                ));
+                self.flow = Flow::Known {
+                    repository,
+                    client_digest,
+                    entry,
+                    mounted: true,
+                };
+                out.push(Command::Continue);
+                return Ok(out);
+            }
+        }
+        if mount.is_some() {
+            // A mount would make the source repository's blob appear here as it is: a
+            // plaintext blob in an encrypted repository. A normal upload instead.
+            let new_path = distribution::rewrite_query(path, &["mount", "from"], &[]);
+            out.push(Command::Log(
+                Level::Info,
+                format!("{repository}: cross-repository mount turned into an upload"),
+            ));
+            out.push(Command::Metric(Metric::MountRewritten));
+            out.push(Command::SetRequestHeader(":path".into(), new_path));
+        }
+        match client_digest {
+            Some(client_digest) => {
+                let callout = self.registry_callout(
+                    env.config,
+                    "POST",
+                    &format!("/v2/{repository}/blobs/uploads/"),
+                    None,
+                    None,
+                );
+                self.flow = Flow::OpeningSession {
+                    callout: callout.id,
+                    repository,
+                    client_digest,
+                    recipients,
+                };
+                out.push(Command::Dispatch(callout));
+                out.push(Command::Pause);
+            }
+            None => {
+                if digest.is_some() {
+                    let new_path =
+                        distribution::rewrite_query(path, &["digest", "mount", "from"], &[]);
+                    out.push(Command::SetRequestHeader(":path".into(), new_path));
+                }
+                out.push(Command::Continue);
+            }
+        }
+        Ok(out)
+    }
+
+    fn upload_patch(
+        &mut self,
+        at: Request,
+        id: &str,
+        env: &mut Env,
+    ) -> Result<Vec<Command>, OciError> {
+        let loaded = load_record(env, id, &at.repository, at.query)?;
+        let start = at
+            .head
+            .strict("content-range", Code::BlobUploadInvalid)?
+            .and_then(|v| distribution::content_range_start(&v));
+        let stream = ChunkStream::new(loaded.record, start)?
+            .accepting_encrypted(env.config.policy.accepts_encrypted(&at.repository));
+        self.claim_session(env, id)?;
+        let mut out = Vec::new();
+        if loaded.sealed {
+            // The sealed state is the gateway's, not the registry's.
+            let stripped = distribution::rewrite_query(at.path, &[upload::STATE_PARAM], &[]);
+            out.push(Command::SetRequestHeader(":path".into(), stripped));
+        }
+        self.flow = Flow::Chunk(Box::new(ChunkFlow {
+            repository: at.repository,
+            had_state: loaded.had_state,
+            upload_id: Some(id.to_string()),
+            stream: Some(stream),
+            finish: None,
+        }));
+        out.push(Command::Continue);
+        Ok(out)
+    }
+
+    fn upload_put(
+        &mut self,
+        at: Request,
+        id: &str,
+        env: &mut Env,
+    ) -> Result<Vec<Command>, OciError> {
+        let client_digest = parse_client_digest(at.query.get("digest").unwrap_or(""))?;
+        let loaded = load_record(env, id, &at.repository, at.query)?;
+        let upload = Some((id.to_string(), loaded.had_state));
+        if at.has_body {
+            // The digest in the request line must become the ciphertext's, which is known only
+            // after the body; the request line cannot change once the body is seen. Send the
+            // body as a PATCH, and finish by callout on the 202.
+            let start = at
+                .head
+                .strict("content-range", Code::BlobUploadInvalid)?
+                .and_then(|v| distribution::content_range_start(&v));
+            let stream = ChunkStream::new(loaded.record, start)?
+                .accepting_encrypted(env.config.policy.accepts_encrypted(&at.repository));
+            let Some(recipients) = self.recipients(env, &at.repository)? else {
+                return Ok(waiting());
+            };
+            self.claim_session(env, id)?;
+            let new_path =
+                distribution::rewrite_query(at.path, &["digest", upload::STATE_PARAM], &[]);
+            let mut out = patch_request(new_path);
+            self.flow = Flow::Chunk(Box::new(ChunkFlow {
+                repository: at.repository,
+                had_state: loaded.had_state,
+                upload_id: Some(id.to_string()),
+                stream: Some(stream),
+                finish: Some(Finish {
+                    client_digest,
+                    recipients,
+                    completion: None,
+                }),
+            }));
+            out.push(Command::Continue);
+            return Ok(out);
+        }
+        let mut rng = &mut *env.rng;
+        let finished = upload::finish(loaded.record, client_digest, &mut rng)?;
+        let Some(recipients) = self.recipients(env, &at.repository)? else {
+            return Ok(waiting());
+        };
+        self.claim_session(env, id)?;
+        let mut rng = &mut *env.rng;
+        let completion = finished.wrap(&recipients, &mut rng)?;
+        let stored = completion.stored_digest.to_string();
+        let new_path = distribution::rewrite_query(
+            at.path,
+            &["digest", upload::STATE_PARAM],
+            &[("digest", &stored)],
+        );
+        self.flow = Flow::Finishing {
+            repository: at.repository,
+            completion,
+            upload,
+        };
+        Ok(vec![
+            Command::SetRequestHeader(":path".into(), new_path),
+            Command::Continue,
+        ])
+    }
+
+    fn blob_head(
+        &mut self,
+        at: Request,
+        digest: &str,
+        env: &mut Env,
+    ) -> Result<Vec<Command>, OciError> {
+        // A re-push: the client asks for the plaintext digest; what the gateway stored for it
+        // in this repository is the ciphertext. Ask the registry about that, so the client
+        // skips the upload only if the encrypted blob is really there.
+        let repository = at.repository;
+        let Ok(client_digest) = Digest::parse(digest) else {
+            return Ok(vec![Command::Continue]);
+        };
+        let Some(entry) = blob_entry(env.store, &repository, &client_digest) else {
+            if env.config.state_key.is_some() && !self.ledger_checked {
+                // Another replica (or this one before a restart) may have encrypted it: read
+                // the registry's ledger, then decide again.
+                self.ledger_checked = true;
+                let path = format!(
+                    "/v2/{repository}/manifests/{}",
+                    ledger::ledger_tag(&client_digest)
+                );
+                let callout = self.registry_callout(env.config, "GET", &path, None, None);
+                self.flow = Flow::HeadLookup {
+                    callout: callout.id,
+                    repository,
+                    digest: client_digest,
+                };
+                return Ok(vec![Command::Dispatch(callout), Command::Pause]);
+            }
+            return Ok(vec![Command::Continue]);
+        };
+        let Some(recipients) = self.recipients(env, &repository)? else {
+            return Ok(waiting());
+        };
+        if entry.recipients.as_deref() != Some(fingerprint(&recipients).as_str()) {
+            // Wrapped to recipients the project no longer has: let the client upload it again,
+            // to be encrypted to the current ones.
+            return Ok(vec![Command::Continue]);
+        }
+        let path = format!("/v2/{repository}/blobs/{}", entry.encrypted_digest);
+        self.flow = Flow::Known {
+            repository,
+            client_digest,
+            entry,
+            mounted: false,
+        };
+        Ok(vec![
+            Command::SetRequestHeader(":path".into(), path),
+            Command::Continue,
+        ])
+    }
+
+    fn manifest_put(
+        &mut self,
+        at: Request,
+        reference: &str,
+        env: &mut Env,
+    ) -> Result<Vec<Command>, OciError> {
+        let repository = at.repository;
+        // Encrypting changes the manifest's digest, and the request line cannot change once
+        // the body is seen: a manifest pushed by digest is stored under the gateway's ledger
+        // tag for that digest (which also records the mapping in the registry).
+        let by_digest = if reference.starts_with("sha256:") {
+            Some(parse_client_digest(reference)?)
+        } else {
+            None
+        };
+        if !at.has_body {
+            return Err(OciError::new(
+                Code::ManifestInvalid,
+                "manifest PUT without a body",
+            ));
+        }
+        let limit = env.config.max_manifest_bytes;
+        let declared = at
+            .head
+            .strict("content-length", Code::ManifestInvalid)?
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if let Some(len) = declared {
+            if len > limit {
+                return Err(too_large(len, limit));
+            }
+        }
+        // Held in memory until its end: counted against the worker's budget (a body of
+        // unknown length counts as the largest allowed). Checked now, reserved once the keys
+        // are there (a request waiting for the key service holds nothing).
+        let bytes = declared.unwrap_or(limit);
+        budget_room(env, bytes, limit)?;
+        let content_type = at
+            .head
+            .strict("content-type", Code::ManifestInvalid)?
+            .unwrap_or_default();
+        let Some(recipients) = self.recipients(env, &repository)? else {
+            return Ok(waiting());
+        };
+        budget_room(env, bytes, limit)?;
+        env.held_manifest_bytes
+            .set(env.held_manifest_bytes.get().saturating_add(bytes));
+        self.manifest_reserved = self.manifest_reserved.saturating_add(bytes);
+        let mut out = Vec::new();
+        if let Some(pushed) = &by_digest {
+            let path = format!("/v2/{repository}/manifests/{}", ledger::ledger_tag(pushed));
+            out.push(Command::SetRequestHeader(":path".into(), path));
+        }
+        let stored_type = manifest::stored_content_type(&content_type).to_string();
+        out.push(Command::SetRequestHeader(
+            "content-type".into(),
+            stored_type,
+        ));
+        // The rewritten body has another length; without Content-Length Envoy streams it
+        // chunked to the registry.
+        out.push(Command::RemoveRequestHeader("content-length".into()));
+        self.flow = Flow::Manifest {
+            repository,
+            content_type,
+            by_digest,
+            client_digest: None,
+            entry: None,
+            recipients: fingerprint(&recipients),
+        };
+        out.push(Command::Continue);
+        Ok(out)
+    }
+
+    /// Claims upload session `id` for this stream: one request at a time per session, or two
+    /// would encrypt from one offset with one keystream (see [`crate::session`]).
+    fn claim_session(&mut self, env: &Env, id: &str) -> Result<(), OciError> {
+        if self.claimed.as_deref() == Some(id) {
+            return Ok(());
+        }
+        session::claim_in(env.store, id, env.now)?;
+        self.claimed = Some(id.to_string());
+        Ok(())
+    }
+}
+
+/// What the request-line checks of a route read.
+struct Request<'a> {
+    head: &'a RequestHead,
+    path: &'a str,
+    repository: String,
+    query: &'a Query,
+    has_body: bool,
+}
+
+/// The upload state a request continues from.
+struct Loaded {
+    record: UploadRecord,
+    /// The store had state for the session (for the in-flight gauge).
+    had_state: bool,
+    /// It came sealed in the URL (the parameter goes no further than the gateway).
+    sealed: bool,
+}
+
+/// The state of upload `id` for this request: sealed in the URL the client echoes (replicas
+/// sharing `replicas.state_key`), else saved in the store, else fresh. Whatever its source, the
+/// state must be at the offset the registry's `_state` says it will write at.
+fn load_record(env: &Env, id: &str, repository: &str, query: &Query) -> Result<Loaded, OciError> {
+    let registry = query
+        .get("_state")
+        .and_then(distribution::registry_upload_state)
+        .filter(|s| s.name == repository && s.uuid == id)
+        .ok_or_else(|| {
+            OciError::new(
+                Code::BlobUploadInvalid,
+                "the upload URL carries no registry state (_state) for this session; use the Location the registry answered",
+            )
+        })?;
+    let token = query.get(upload::STATE_PARAM);
+    let (loaded, found) = match (env.config.state_key.as_ref(), token) {
+        (Some(key), Some(token)) => {
+            let record = upload::unseal(&key.0, id, token)
+                .filter(|r| r.repository == repository)
+                .ok_or_else(|| {
+                    OciError::new(
+                        Code::BlobUploadInvalid,
+                        "the gateway's upload state in this URL does not open (another gateway's key, or altered); restart the upload",
+                    )
+                })?;
+            let had_state =
+                upload_table::has_in(env.store, id, env.now, env.config.upload_idle_seconds);
+            (
+                Loaded {
+                    record,
+                    had_state,
+                    sealed: true,
+                },
+                true,
+            )
+        }
+        _ => {
+            let (record, found) = upload_table::load_in(
+                env.store,
+                id,
+                repository,
+                env.now,
+                env.config.upload_idle_seconds,
+            )?;
+            (
+                Loaded {
+                    record,
+                    had_state: found,
+                    sealed: false,
+                },
+                found,
+            )
+        }
+    };
+    upload::bind_to_registry(&loaded.record, found, registry.offset)?;
+    Ok(loaded)
+}
+
+/// What this process's ledger records for `digest` in `repository` (an empty or unreadable
+/// value counts as nothing).
+pub(super) fn ledger_entry(
+    store: &dyn Store,
+    repository: &str,
+    digest: &Digest,
+) -> Option<LedgerEntry> {
+    store
+        .get(&ledger::key(repository, digest))
+        .and_then(|b| LedgerEntry::from_bytes(&b))
+}
+
+/// The ledger entry of a blob (not a manifest) the gateway encrypted in `repository`.
+fn blob_entry(store: &dyn Store, repository: &str, digest: &Digest) -> Option<LedgerEntry> {
+    ledger_entry(store, repository, digest).filter(|e| e.media_type.is_none())
+}
+
+/// A mount of plaintext digest `mount` from `from` into `repository` that could mount the
+/// ciphertext instead: both repositories belong to one project and the gateway encrypted the
+/// blob in `from` (whether for the current recipients is checked once they are known).
+fn mountable(
+    store: &dyn Store,
+    repository: &str,
+    mount: &str,
+    from: &str,
+) -> Option<(Digest, LedgerEntry)> {
+    if project_of(from) != project_of(repository) || !distribution::is_repository_name(from) {
+        return None;
+    }
+    let client_digest = Digest::parse(mount).ok()?;
+    blob_entry(store, from, &client_digest).map(|entry| (client_digest, entry))
+}
+
+/// Turns the request into a `PATCH` of the upload session at `path`. Distribution refuses a
+/// PATCH whose Content-Type is not octet-stream (curl and some clients send form types).
+pub(super) fn patch_request(path: String) -> Vec<Command> {
+    vec![
+        Command::SetRequestHeader(":method".into(), "PATCH".into()),
+        Command::SetRequestHeader(":path".into(), path),
+        Command::SetRequestHeader("content-type".into(), "application/octet-stream".into()),
+    ]
+}
+
+/// Whether the worker's manifest budget has room for `bytes` more.
+fn budget_room(env: &Env, bytes: usize, limit: usize) -> Result<(), OciError> {
+    let budget = MANIFEST_BUDGET_PER_WORKER.max(limit.saturating_mul(2));
+    let now = env.held_manifest_bytes.get();
+    if now.saturating_add(bytes) > budget {
+        return Err(OciError::new(
+            Code::Unavailable,
+            format!("the gateway holds {now} bytes of manifests being pushed on this worker (budget {budget}); nothing was stored, retry"),
+        ));
+    }
+    Ok(())
+}
+
+/// The repository of a `DELETE /v2/<name>/manifests/sha256:…`.
+fn manifest_delete(method: &str, path: &str) -> Option<String> {
+    if method != "DELETE" {
+        return None;
+    }
+    let (repository, reference) = path
+        .split('?')
+        .next()?
+        .strip_prefix("/v2/")?
+        .rsplit_once("/manifests/")?;
+    (reference.starts_with("sha256:") && distribution::is_repository_name(repository))
+        .then(|| repository.to_string())
+}
+
+fn parse_client_digest(value: &str) -> Result<Digest, OciError> {
+    Digest::parse(value).map_err(|e| OciError::new(Code::DigestInvalid, e.to_string()))
+}
+
+/// The refusal of a manifest over `limits.max_manifest_bytes`.
+pub fn too_large(len: usize, limit: usize) -> OciError {
+    OciError::new(
+        Code::SizeInvalid,
+        format!("manifest of {len} bytes exceeds the gateway's limit of {limit} bytes (limits.max_manifest_bytes)"),
+    )
+}

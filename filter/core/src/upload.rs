@@ -142,22 +142,29 @@ impl UploadRecord {
     ) -> Result<(Self, bool), OciError> {
         match store.get(&record_key(upload_id)) {
             Some(bytes) if !bytes.is_empty() => {
-                let record = UploadRecord::from_bytes(&bytes).ok_or_else(|| {
-                    OciError::new(
-                        Code::BlobUploadInvalid,
-                        "the gateway's state of this upload is unreadable; restart the upload",
-                    )
-                })?;
-                if record.repository != repository {
-                    return Err(OciError::new(
-                        Code::BlobUploadUnknown,
-                        format!("upload {upload_id} does not belong to repository {repository}"),
-                    ));
-                }
-                Ok((record, true))
+                Ok((Self::saved_for(&bytes, upload_id, repository)?, true))
             }
             _ => Ok((UploadRecord::new(repository), false)),
         }
+    }
+
+    /// A saved record of `upload_id`, read back for a request in `repository`: refused when
+    /// unreadable, or when it belongs to another repository (a session id must not be
+    /// replayed across repositories to continue someone else's keystream).
+    pub fn saved_for(bytes: &[u8], upload_id: &str, repository: &str) -> Result<Self, OciError> {
+        let record = UploadRecord::from_bytes(bytes).ok_or_else(|| {
+            OciError::new(
+                Code::BlobUploadInvalid,
+                "the gateway's state of this upload is unreadable; restart the upload",
+            )
+        })?;
+        if record.repository != repository {
+            return Err(OciError::new(
+                Code::BlobUploadUnknown,
+                format!("upload {upload_id} does not belong to repository {repository}"),
+            ));
+        }
+        Ok(record)
     }
 }
 
@@ -307,14 +314,19 @@ pub fn looks_encrypted(window: &[u8]) -> bool {
     }
     // Values and the differences of neighbours must both look uniform: a counting sequence or
     // a table has uniform values but regular differences.
-    let differences: Vec<u8> = window
+    looks_uniform(window) && looks_uniform(&neighbour_differences(window))
+}
+
+/// Each byte minus the one before it (wrapping): uniform for random bytes, regular for counting
+/// sequences and tables whose values alone look uniform.
+fn neighbour_differences(bytes: &[u8]) -> Vec<u8> {
+    bytes
         .windows(2)
         .map(|w| match w {
             [a, b] => b.wrapping_sub(*a),
             _ => 0,
         })
-        .collect();
-    looks_uniform(window) && looks_uniform(&differences)
+        .collect()
 }
 
 fn goes_on_as_plaintext() -> OciError {
@@ -337,13 +349,7 @@ pub fn window_looks_encrypted(window: &[u8]) -> bool {
     if n < 32 {
         return true;
     }
-    let differences: Vec<u8> = window
-        .windows(2)
-        .map(|w| match w {
-            [a, b] => b.wrapping_sub(*a),
-            _ => 0,
-        })
-        .collect();
+    let differences = neighbour_differences(window);
     if n >= 500 {
         return chi_square(window) < 530.0 && chi_square(&differences) < 530.0;
     }

@@ -261,19 +261,10 @@ pub fn load_in(
     let Some(bytes) = find(&slot, upload_id, now, idle_seconds) else {
         return Ok((UploadRecord::new(repository), false));
     };
-    let record = UploadRecord::from_bytes(&bytes).ok_or_else(|| {
-        OciError::new(
-            Code::BlobUploadInvalid,
-            "the gateway's state of this upload is unreadable; restart the upload",
-        )
-    })?;
-    if record.repository != repository {
-        return Err(OciError::new(
-            Code::BlobUploadUnknown,
-            format!("upload {upload_id} does not belong to repository {repository}"),
-        ));
-    }
-    Ok((record, true))
+    Ok((
+        UploadRecord::saved_for(&bytes, upload_id, repository)?,
+        true,
+    ))
 }
 
 /// Whether `upload_id` has a live record in `store` at `now`.

@@ -585,25 +585,33 @@ def affinity_front(ledger_stack, ledger_twin, tmp_path_factory):
         proc.wait()
 
 
+def layer_piece() -> bytes:
+    """64 KiB of a layer: gzip's magic, then random bytes (random bytes alone open like JSON
+    now and then, and a JSON blob holding a NUL is refused)."""
+    return b"\x1f\x8b" + os.urandom(64 * 1024 - 2)
+
+
+def filter_requests_served(s: Stack) -> int:
+    """Requests the filter listener of `s` has served (Envoy's own count, stat prefix gateway)."""
+    text = requests.get(f"http://{s.opts.admin_addr}/stats",
+                        params={"filter": r"^http\.gateway\.downstream_rq_total$"},
+                        timeout=10).text
+    found = re.search(r"http\.gateway\.downstream_rq_total: (\d+)", text)
+    assert found, f"no request count in Envoy's stats: {text[:300]!r}"
+    return int(found.group(1))
+
+
 def test_affinity_route_keeps_a_session_on_one_replica(ledger_stack, ledger_twin, affinity_front):
     """The guide's route sends every request of one upload session to one replica, whatever its
     query (a new `_state` and `_ocicrypt` on each Location), and spreads sessions over both:
     judged by each replica's own count of the requests it served."""
-    def served(s: Stack) -> int:
-        text = requests.get(f"http://{s.opts.admin_addr}/stats",
-                            params={"filter": r"^http\.gateway\.downstream_rq_total$"},
-                            timeout=10).text
-        found = re.search(r"http\.gateway\.downstream_rq_total: (\d+)", text)
-        assert found, f"no request count in Envoy's stats: {text[:300]!r}"
-        return int(found.group(1))
-
     per_session = []
     for i in range(8):
-        before = [served(ledger_stack), served(ledger_twin)]
+        before = [filter_requests_served(ledger_stack), filter_requests_served(ledger_twin)]
         loc = start_upload(affinity_front, f"demo/affinity-{i}")
         for k in range(3):
-            loc = patched(affinity_front, loc, os.urandom(64 * 1024), k * 64 * 1024)
-        after = [served(ledger_stack), served(ledger_twin)]
+            loc = patched(affinity_front, loc, layer_piece(), k * 64 * 1024)
+        after = [filter_requests_served(ledger_stack), filter_requests_served(ledger_twin)]
         per_session.append([a - b for a, b in zip(after, before)])
     # The POST (a path without the session id) may land on either replica; the three PATCHes
     # of a session on one.
@@ -655,23 +663,15 @@ def test_replicas_route_a_session_to_one_filter(session_peers):
     request of one upload session to the same filter listener (its own or the other's),
     whichever replica the client reaches; sessions spread over both filters: judged by each
     filter listener's own request count."""
-    def served(s: Stack) -> int:
-        text = requests.get(f"http://{s.opts.admin_addr}/stats",
-                            params={"filter": r"^http\.gateway\.downstream_rq_total$"},
-                            timeout=10).text
-        found = re.search(r"http\.gateway\.downstream_rq_total: (\d+)", text)
-        assert found, f"no request count in Envoy's stats: {text[:300]!r}"
-        return int(found.group(1))
-
     per_session = []
     for i in range(8):
-        before = [served(s) for s in session_peers]
+        before = [filter_requests_served(s) for s in session_peers]
         loc = start_upload(session_peers[0].addr, f"demo/peers-{i}")
         for k in range(4):
             # Each request to the other replica than the last.
-            loc = patched(session_peers[(k + 1) % 2].addr, loc, os.urandom(64 * 1024),
+            loc = patched(session_peers[(k + 1) % 2].addr, loc, layer_piece(),
                           k * 64 * 1024)
-        per_session.append([served(s) - b for s, b in zip(session_peers, before)])
+        per_session.append([filter_requests_served(s) - b for s, b in zip(session_peers, before)])
     for counts in per_session:
         assert sorted(counts) in ([0, 5], [1, 4]), f"a session's requests were split: {per_session}"
     assert any(c[0] >= 4 for c in per_session) and any(c[1] >= 4 for c in per_session), \

@@ -171,6 +171,44 @@ impl UploadRecord {
 /// Query parameter carrying the sealed upload state in the `Location` the client echoes.
 pub const STATE_PARAM: &str = "_ocicrypt";
 
+/// Query parameter naming the upload session in every `Location` the gateway answers when
+/// replicas share a state key: its value is the session id and never changes, so a load
+/// balancer that can hash on a query parameter (Istio's `consistentHash.httpQueryParameterName`,
+/// Envoy's `query_parameter` hash policy, nginx `$arg_…`, HAProxy `url_param`) keeps every
+/// request of one session on one replica, where only one at a time runs. The path's query
+/// changes with each request (`_state`, the sealed state), so it cannot serve as the key.
+pub const SESSION_PARAM: &str = "_ocicrypt_session";
+
+/// The `Location` the client gets for upload session `id` (the registry's, in whatever form
+/// it gave): the session parameter, and the sealed state when there is one, each once.
+pub fn session_location(location: &str, id: &str, sealed: Option<&str>) -> String {
+    let mut add = vec![(SESSION_PARAM, id)];
+    if let Some(token) = sealed {
+        add.push((STATE_PARAM, token));
+    }
+    crate::distribution::rewrite_query(location, &[STATE_PARAM, SESSION_PARAM], &add)
+}
+
+/// Checks that a request on upload session `id` names it in [`SESSION_PARAM`] exactly as the
+/// gateway wrote it (`raw_query` is the request's query as sent): a load balancer hashes the
+/// parameter as it finds it, unescaped, so a client sending one session's requests under two
+/// spellings (or without it) could have them served by two replicas at once, each encrypting
+/// from the same offset.
+pub fn check_session_param(raw_query: &str, id: &str) -> Result<(), OciError> {
+    let exact = format!("{SESSION_PARAM}={id}");
+    let named: Vec<&str> = raw_query
+        .split('&')
+        .filter(|p| p.split_once('=').map_or(*p, |(k, _)| k) == SESSION_PARAM)
+        .collect();
+    if named == [exact.as_str()] {
+        return Ok(());
+    }
+    Err(OciError::new(
+        Code::BlobUploadInvalid,
+        format!("the upload URL must carry {SESSION_PARAM}={id} once, as the gateway's Location gave it (it keeps the session on one gateway replica); use the Location the gateway answered"),
+    ))
+}
+
 /// Seals a record for the client to carry (AES-256-GCM under the key the replicas share, the
 /// upload id as associated data so a state cannot be moved to another upload), as base64url.
 /// Any replica holding the key can continue the upload; the client sees only ciphertext.
@@ -767,6 +805,27 @@ impl Finished {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn session_location_names_the_session_once_in_any_location_form() {
+        let id = "0b7e5a8c-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
+        let path = format!("/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt=old");
+        assert_eq!(
+            session_location(&path, id, Some("new")),
+            format!(
+                "/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt_session={id}&_ocicrypt=new"
+            )
+        );
+        let url = format!(
+            "https://gw.example/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt_session={id}"
+        );
+        let named = session_location(&url, id, None);
+        assert_eq!(named, url);
+        assert_eq!(
+            check_session_param(named.split_once('?').map_or("", |(_, q)| q), id),
+            Ok(())
+        );
+    }
     use super::*;
     use std::cell::RefCell;
     use std::collections::HashMap;

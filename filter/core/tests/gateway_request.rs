@@ -848,7 +848,11 @@ fn sealed_state_is_opened_and_stripped() {
     let key = world.config.state_key.as_ref().unwrap().0.clone();
     let sealed = upload::seal(&key, UUID, &record, &mut world.rng);
     let offset = LAYER.len() as u64;
-    let path = upload_path("demo/app", offset, &format!("&_ocicrypt={sealed}"));
+    let path = upload_path(
+        "demo/app",
+        offset,
+        &format!("&_ocicrypt_session={UUID}&_ocicrypt={sealed}"),
+    );
     let (stream, out) = world.send(&req("PATCH", &path).body(10));
     assert_eq!(
         out,
@@ -865,9 +869,75 @@ fn sealed_state_is_opened_and_stripped() {
     let (_, out) = world.send(&req("PATCH", &tampered).body(10));
     assert_refused(&out, Code::BlobUploadInvalid, "does not open");
     // An older sealed state with a newer registry offset would reuse keystream.
-    let newer = upload_path("demo/app", offset + 5, &format!("&_ocicrypt={sealed}"));
+    let newer = upload_path(
+        "demo/app",
+        offset + 5,
+        &format!("&_ocicrypt_session={UUID}&_ocicrypt={sealed}"),
+    );
     let (_, out) = world.send(&req("PATCH", &newer).body(10));
     assert_refused(&out, Code::BlobUploadInvalid, "");
+}
+
+/// Replicas: a request on a session must name it exactly as the gateway's `Location` did, or a
+/// load balancer hashing on the parameter could send two requests of one session, spelled two
+/// ways, to two replicas that would both encrypt from the same offset.
+#[test]
+fn a_session_is_named_as_the_gateway_named_it() {
+    let mut world = World::with(true);
+    let record = encrypted_record(&mut world, LAYER);
+    let key = world.config.state_key.as_ref().unwrap().0.clone();
+    let sealed = upload::seal(&key, UUID, &record, &mut world.rng);
+    let offset = LAYER.len() as u64;
+    let other = "1b7e5a8c-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
+    let spelled_otherwise = UUID.replacen('0', "%30", 1);
+    for (what, extra) in [
+        ("absent", String::new()),
+        ("another session's", format!("&_ocicrypt_session={other}")),
+        ("escaped", format!("&_ocicrypt_session={spelled_otherwise}")),
+        ("empty", "&_ocicrypt_session=".to_string()),
+        ("bare", "&_ocicrypt_session".to_string()),
+    ] {
+        for method in ["PATCH", "PUT"] {
+            let path = upload_path(
+                "demo/app",
+                offset,
+                &format!("{extra}&_ocicrypt={sealed}&digest={}", gz_digest()),
+            );
+            let (_, out) = world.send(&req(method, &path).body(10));
+            assert_refused(&out, Code::BlobUploadInvalid, "_ocicrypt_session=");
+            assert!(
+                !out.iter().any(|c| matches!(c, Command::Continue)),
+                "{what} session parameter on a {method}: {out:?}"
+            );
+        }
+    }
+    // Twice, even the right value twice: each reader could take another one.
+    let twice = upload_path(
+        "demo/app",
+        offset,
+        &format!("&_ocicrypt_session={UUID}&_ocicrypt_session={UUID}&_ocicrypt={sealed}"),
+    );
+    let (_, out) = world.send(&req("PATCH", &twice).body(10));
+    assert_refused(&out, Code::BlobUploadInvalid, "_ocicrypt_session");
+
+    // A first chunk (no sealed state yet) must name the session too.
+    let first = upload_path("demo/app", 0, "");
+    let (_, out) = world.send(&req("PATCH", &first).body(10));
+    assert_refused(&out, Code::BlobUploadInvalid, "_ocicrypt_session=");
+    let named = upload_path("demo/app", 0, &format!("&_ocicrypt_session={UUID}"));
+    let (_, out) = world.send(&req("PATCH", &named).body(10));
+    assert_eq!(
+        out,
+        vec![
+            set(":path", &upload_path("demo/app", 0, "")),
+            Command::Continue
+        ]
+    );
+
+    // One gateway (no state key): nothing to route, the parameter is not required.
+    let mut single = World::new();
+    let (_, out) = single.send(&req("PATCH", &first).body(10));
+    assert_eq!(out, vec![Command::Continue]);
 }
 
 #[test]

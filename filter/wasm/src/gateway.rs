@@ -498,6 +498,15 @@ impl Gateway {
         if !matches!(self.stream.flow, Flow::Refused) {
             let location = host::header(MapType::HttpResponseHeaders, "location");
             self.check_answer(&status, location.as_deref())?;
+            if !matches!(self.stream.flow, Flow::Chunk(_)) {
+                let named = self
+                    .config
+                    .as_ref()
+                    .and_then(|c| self.stream.session_named(c, &status, location.as_deref()));
+                if let Some(Command::SetResponseHeader(name, value)) = named {
+                    host::set_header(MapType::HttpResponseHeaders, &name, Some(&value))?;
+                }
+            }
         }
         match std::mem::replace(&mut self.stream.flow, Flow::Pass) {
             Flow::Chunk(flow) if flow.finish.is_none() => {
@@ -535,11 +544,7 @@ impl Gateway {
                                     "the registry answered a PATCH without a Location",
                                 )
                             })?;
-                            let sealed = distribution::rewrite_query(
-                                &location,
-                                &[upload::STATE_PARAM],
-                                &[(upload::STATE_PARAM, &token)],
-                            );
+                            let sealed = upload::session_location(&location, &id, Some(&token));
                             host::set_header(
                                 MapType::HttpResponseHeaders,
                                 "location",

@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::distribution;
 use crate::error::{Code, OciError};
 use crate::ledger;
-use crate::upload::{ChunkStream, UploadRecord};
+use crate::upload::{self, ChunkStream, UploadRecord};
 
 use super::request::patch_request;
 use super::{CalloutAnswer, CalloutId, ChunkFlow, Command, Env, Finish, Flow, Level, Stream};
@@ -175,6 +175,29 @@ impl Stream {
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl Stream {
+    /// A session the registry opened in an encrypted repository (a `POST`, or a mount it could
+    /// not do) is named in the `Location` the client gets, for the load balancer in front of
+    /// replicas (see [`upload::SESSION_PARAM`]); the chunk flow names it itself, along with the
+    /// sealed state. `None` when there is nothing to name.
+    pub fn session_named(
+        &self,
+        config: &Config,
+        status: &str,
+        location: Option<&str>,
+    ) -> Option<Command> {
+        if status != "202" || config.state_key.is_none() || self.encrypted.is_none() {
+            return None;
+        }
+        let location = location?;
+        let id = distribution::upload_id_of_location(location)?;
+        Some(Command::SetResponseHeader(
+            "location".into(),
+            upload::session_location(location, &id, None),
+        ))
     }
 }
 

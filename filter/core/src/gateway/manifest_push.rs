@@ -231,6 +231,7 @@ impl Stream {
                 out.extend(self.refuse(e));
                 return Ok(out);
             }
+            out.extend(self.session_named(env.config, &status, location.as_deref()));
         }
         match std::mem::take(&mut self.flow) {
             Flow::Manifest {

@@ -19,7 +19,17 @@ use super::{
 
 /// The query parameters the registry or the gateway act on in an upload request: each may
 /// appear once, unencoded.
-const INTERPRETED_PARAMS: &[&str] = &["mount", "from", "digest", "_state", upload::STATE_PARAM];
+const INTERPRETED_PARAMS: &[&str] = &[
+    "mount",
+    "from",
+    "digest",
+    "_state",
+    upload::STATE_PARAM,
+    upload::SESSION_PARAM,
+];
+
+/// The gateway's own parameters: they go no further than the gateway.
+const GATEWAY_PARAMS: &[&str] = &[upload::STATE_PARAM, upload::SESSION_PARAM];
 
 /// What a decision that waits for the key service answers.
 fn waiting() -> Vec<Command> {
@@ -299,7 +309,7 @@ impl Stream {
         id: &str,
         env: &mut Env,
     ) -> Result<Vec<Command>, OciError> {
-        let loaded = load_record(env, id, &at.repository, at.query)?;
+        let loaded = load_record(env, id, &at)?;
         let start = at
             .head
             .strict("content-range", Code::BlobUploadInvalid)?
@@ -308,9 +318,9 @@ impl Stream {
             .accepting_encrypted(env.config.policy.accepts_encrypted(&at.repository));
         self.claim_session(env, id)?;
         let mut out = Vec::new();
-        if loaded.sealed {
-            // The sealed state is the gateway's, not the registry's.
-            let stripped = distribution::rewrite_query(at.path, &[upload::STATE_PARAM], &[]);
+        // The sealed state and the session parameter are the gateway's, not the registry's.
+        let stripped = distribution::rewrite_query(at.path, GATEWAY_PARAMS, &[]);
+        if stripped != at.path {
             out.push(Command::SetRequestHeader(":path".into(), stripped));
         }
         self.flow = Flow::Chunk(Box::new(ChunkFlow {
@@ -331,7 +341,7 @@ impl Stream {
         env: &mut Env,
     ) -> Result<Vec<Command>, OciError> {
         let client_digest = parse_client_digest(at.query.get("digest").unwrap_or(""))?;
-        let loaded = load_record(env, id, &at.repository, at.query)?;
+        let loaded = load_record(env, id, &at)?;
         let upload = Some((id.to_string(), loaded.had_state));
         if at.has_body {
             // The digest in the request line must become the ciphertext's, which is known only
@@ -347,8 +357,11 @@ impl Stream {
                 return Ok(waiting());
             };
             self.claim_session(env, id)?;
-            let new_path =
-                distribution::rewrite_query(at.path, &["digest", upload::STATE_PARAM], &[]);
+            let new_path = distribution::rewrite_query(
+                at.path,
+                &["digest", upload::STATE_PARAM, upload::SESSION_PARAM],
+                &[],
+            );
             let mut out = patch_request(new_path);
             self.flow = Flow::Chunk(Box::new(ChunkFlow {
                 repository: at.repository,
@@ -375,7 +388,7 @@ impl Stream {
         let stored = completion.stored_digest.to_string();
         let new_path = distribution::rewrite_query(
             at.path,
-            &["digest", upload::STATE_PARAM],
+            &["digest", upload::STATE_PARAM, upload::SESSION_PARAM],
             &[("digest", &stored)],
         );
         self.flow = Flow::Finishing {
@@ -540,14 +553,19 @@ struct Loaded {
     record: UploadRecord,
     /// The store had state for the session (for the in-flight gauge).
     had_state: bool,
-    /// It came sealed in the URL (the parameter goes no further than the gateway).
-    sealed: bool,
 }
 
 /// The state of upload `id` for this request: sealed in the URL the client echoes (replicas
 /// sharing `replicas.state_key`), else saved in the store, else fresh. Whatever its source, the
-/// state must be at the offset the registry's `_state` says it will write at.
-fn load_record(env: &Env, id: &str, repository: &str, query: &Query) -> Result<Loaded, OciError> {
+/// state must be at the offset the registry's `_state` says it will write at. With replicas,
+/// the request must also name its session the way the gateway's `Location` did, which is what
+/// keeps the session on one replica.
+fn load_record(env: &Env, id: &str, at: &Request) -> Result<Loaded, OciError> {
+    let (repository, query) = (at.repository.as_str(), at.query);
+    if env.config.state_key.is_some() {
+        let raw = at.path.split_once('?').map_or("", |(_, q)| q);
+        upload::check_session_param(raw, id)?;
+    }
     let registry = query
         .get("_state")
         .and_then(distribution::registry_upload_state)
@@ -571,14 +589,7 @@ fn load_record(env: &Env, id: &str, repository: &str, query: &Query) -> Result<L
                 })?;
             let had_state =
                 upload_table::has_in(env.store, id, env.now, env.config.upload_idle_seconds);
-            (
-                Loaded {
-                    record,
-                    had_state,
-                    sealed: true,
-                },
-                true,
-            )
+            (Loaded { record, had_state }, true)
         }
         _ => {
             let (record, found) = upload_table::load_in(
@@ -592,7 +603,6 @@ fn load_record(env: &Env, id: &str, repository: &str, query: &Query) -> Result<L
                 Loaded {
                     record,
                     had_state: found,
-                    sealed: false,
                 },
                 found,
             )

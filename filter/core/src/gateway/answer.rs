@@ -63,7 +63,23 @@ impl Stream {
                         format!("this manifest of {repository} is the encrypting gateway's ledger; clients cannot delete it"),
                     ));
                 }
-                Ok(vec![Command::Continue])
+                match status.as_str() {
+                    // Read and not the ledger's, or not there (the delete is answered 404 too).
+                    "200" | "404" => Ok(vec![Command::Continue]),
+                    // No credentials: the registry answers the delete with its own challenge,
+                    // which the client needs to get credentials at all.
+                    "401" if self.authorization.is_none() => Ok(vec![Command::Continue]),
+                    // Credentials that may delete but not read (a bearer token scoped to
+                    // `delete` alone): the gateway cannot tell a ledger record, so no delete.
+                    "401" | "403" => Err(OciError::new(
+                        Code::Denied,
+                        format!("deleting a manifest by digest in encrypted repository {repository} needs pull as well as delete: the gateway reads it first (its own ledger records cannot be deleted) and the registry answered {status} to that read with these credentials; use credentials (a token scope) with pull,delete on {repository}"),
+                    )),
+                    _ => Err(registry_refusal(
+                        "read the manifest before its delete",
+                        &status,
+                    )),
+                }
             }
             Flow::HeadLookup {
                 repository, digest, ..

@@ -84,6 +84,25 @@ def test_plugin_config_mirrors_the_envoy_example(plugin, envoy_example_config):
     assert CLUSTER.match(pc["key_service"]["cluster"]), pc["key_service"]["cluster"]
 
 
+def test_sessions_are_hashed_on_the_filters_parameter_to_the_plugins_pods(plugin):
+    """destinationrule-sessions.yaml hashes on the very parameter the filter writes into upload
+    Locations (read from the core's source), for the Service of the pods the WasmPlugin
+    selects, and the plugin runs with `replicas` (without it no Location names its session)."""
+    source = (REPO / "filter" / "core" / "src" / "upload.rs").read_text()
+    found = re.search(r'pub const SESSION_PARAM: &str = "([^"]+)";', source)
+    assert found, "the filter's session parameter is no longer declared in upload.rs"
+    dr = load("destinationrule-sessions.yaml")
+    lb = dr["spec"]["trafficPolicy"]["loadBalancer"]
+    assert lb["consistentHash"]["httpQueryParameterName"] == found.group(1)
+    # The hop from the edge to the gateway carries plaintext layers: mesh mTLS.
+    assert dr["spec"]["trafficPolicy"]["tls"]["mode"] == "ISTIO_MUTUAL"
+    spec, ns = plugin["spec"], plugin["metadata"]["namespace"]
+    release = spec["selector"]["matchLabels"]["istio"]
+    assert dr["metadata"]["namespace"] == ns
+    assert dr["spec"]["host"] == f"{release}.{ns}.svc.cluster.local"
+    assert "state_key_env" in spec["pluginConfig"]["replicas"]
+
+
 def test_key_service_cluster_is_declared(plugin):
     ks = plugin["spec"]["pluginConfig"]["key_service"]
     port, subset, host = CLUSTER.match(ks["cluster"]).groups()

@@ -401,6 +401,41 @@ def test_patch_without_sealed_state_is_refused(ledger_stack):
     assert_json_chunk_not_forwarded(s, s.storage, repo, loc1, first, ans, marker)
 
 
+SESSION = "_ocicrypt_session"
+
+
+def test_session_parameter_is_required_as_given(ledger_stack):
+    """With `replicas.state_key`, every upload Location the gateway answers (the POST's and each
+    PATCH's) names the session in `_ocicrypt_session`, the same value throughout, for a load
+    balancer to hash on; a request on the session without it, naming another session, spelling
+    it otherwise (escaped) or twice, is refused by the filter (400 BLOB_UPLOAD_INVALID) before
+    anything reaches the registry. Otherwise one client could send two requests of one session
+    to two replicas through a balancer hashing the parameter."""
+    s = ledger_stack
+    repo = "demo/ks-session-param"
+    loc0 = start_upload(s.addr, repo)
+    sid = upload_id(loc0)
+    assert params(loc0).get(SESSION) == sid, f"the POST's Location does not name its session: {loc0}"
+    first = tar_of(os.urandom(64 * 1024))
+    loc1 = patched(s.addr, loc0, first, 0)
+    assert params(loc1).get(SESSION) == sid and SEALED in params(loc1), loc1
+    other = start_upload(s.addr, repo)
+    escaped = sid.replace("-", "%2D", 1)
+    spellings = {
+        "absent": with_params(loc1, **{SESSION: None}),
+        "another session's": with_params(loc1, **{SESSION: upload_id(other)}),
+        "escaped": with_params(loc1, **{SESSION: escaped}),
+        "twice": loc1 + f"&{SESSION}={sid}",
+    }
+    for what, loc in spellings.items():
+        marker = helpers.new_marker()
+        ans = patch(s.addr, loc, json_chunk(marker))
+        print(f"{what}: {ans.status} {ans.body[:160]!r}")
+        assert_json_chunk_not_forwarded(s, s.storage, repo, loc1, first, ans, marker)
+    # The Location as given still goes on.
+    patched(s.addr, loc1, layer_piece(), len(first))
+
+
 @pytest.fixture(scope="module")
 def foreign_twin(ledger_stack, tmp_path_factory):
     """An Envoy in front of `ledger_stack`'s registry with ANOTHER state key: a gateway of
@@ -499,13 +534,20 @@ TWO_REPLICA_RACE = pytest.param(
                "route a session's requests to one replica)"))
 
 
-def guide_affinity_route() -> str:
-    """The route the operator's guide (6.3) gives for a load balancer in front of the replicas,
-    as written there (the yaml block under "With Envoy as that load balancer")."""
+# The operator's guide (6.3) gives two routes for an Envoy load balancer in front of the
+# replicas: a hash of the session's path, and a hash of the gateway's session parameter (what
+# Istio's DestinationRule consistentHash.httpQueryParameterName renders).
+GUIDE_ROUTES = {"path": "With Envoy as that load balancer",
+                "session-parameter": "With Envoy as the balancer, hash on the session parameter"}
+
+
+def guide_affinity_route(which: str) -> str:
+    """A route the operator's guide gives for a load balancer in front of the replicas, as
+    written there (the yaml block after the sentence `GUIDE_ROUTES[which]`)."""
     guide = (Path(__file__).resolve().parents[2] / "docs" / "operators-guide.md").read_text()
-    at = guide.index("With Envoy as that load balancer")
+    at = guide.index(GUIDE_ROUTES[which])
     block = re.search(r"```yaml\n(.*?)```", guide[at:], re.S)
-    assert block, "the operator's guide lost its affinity route"
+    assert block, f"the operator's guide lost its {which} affinity route"
     return block.group(1)
 
 
@@ -550,13 +592,18 @@ static_resources:
 """
 
 
-@pytest.fixture(scope="module")
-def affinity_front(ledger_stack, ledger_twin, tmp_path_factory):
-    """An Envoy load balancer in front of the two replicas, routing with the operator's guide's
-    affinity route (RING_HASH on the upload session's path): its address."""
-    d = tmp_path_factory.mktemp("affinity-front")
+@pytest.fixture(scope="module", params=sorted(GUIDE_ROUTES))
+def affinity_front(request, ledger_stack, ledger_twin, tmp_path_factory):
+    """An Envoy load balancer in front of the two replicas, routing with one of the operator's
+    guide's affinity routes (RING_HASH on the upload session's path, or on the session
+    parameter): its address."""
+    yield from front_of_replicas(request.param, ledger_stack, ledger_twin, tmp_path_factory)
+
+
+def front_of_replicas(which: str, ledger_stack, ledger_twin, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"affinity-front-{which}")
     port = helpers.free_ports(1)[0]
-    route = "\n".join(" " * 16 + line for line in guide_affinity_route().splitlines())
+    route = "\n".join(" " * 16 + line for line in guide_affinity_route(which).splitlines())
     endpoints = "\n".join(
         " " * 8 + "- endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: %s}}}"
         % s.addr.rsplit(":", 1)[1] for s in (ledger_stack, ledger_twin))
@@ -622,7 +669,19 @@ def test_affinity_route_keeps_a_session_on_one_replica(ledger_stack, ledger_twin
 
 
 AFFINITY = "two-replicas-behind-the-guides-affinity-route"
+AFFINITY_PARAM = "two-replicas-behind-a-balancer-hashing-the-session-parameter"
 PEERS = "two-replicas-routing-sessions-among-themselves"
+
+
+@pytest.fixture(scope="module")
+def path_front(ledger_stack, ledger_twin, tmp_path_factory):
+    yield from front_of_replicas("path", ledger_stack, ledger_twin, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def param_front(ledger_stack, ledger_twin, tmp_path_factory):
+    yield from front_of_replicas("session-parameter", ledger_stack, ledger_twin,
+                                 tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -678,7 +737,8 @@ def test_replicas_route_a_session_to_one_filter(session_peers):
         f"all sessions on one filter: {per_session}"
 
 
-@pytest.mark.parametrize("mode", ["sealed", "shared-data", TWO_REPLICA_RACE, AFFINITY, PEERS])
+@pytest.mark.parametrize("mode", ["sealed", "shared-data", TWO_REPLICA_RACE, AFFINITY,
+                                  AFFINITY_PARAM, PEERS])
 def test_concurrent_patches_on_one_session(request, mode, tmp_path):
     """Finding 1 (two concurrent PATCHes on one session): after a first PATCH, two PATCHes of
     4 MiB with different bytes are sent with the same Location at the same time, through one
@@ -694,7 +754,9 @@ def test_concurrent_patches_on_one_session(request, mode, tmp_path):
     addrs = [s.addr, request.getfixturevalue("ledger_twin").addr if mode == "two-replicas"
              else s.addr]
     if mode == AFFINITY:
-        addrs = [request.getfixturevalue("affinity_front")] * 2
+        addrs = [request.getfixturevalue("path_front")] * 2
+    if mode == AFFINITY_PARAM:
+        addrs = [request.getfixturevalue("param_front")] * 2
     if mode == PEERS:
         # One PATCH to each replica's client-facing listener.
         addrs = [p.addr for p in request.getfixturevalue("session_peers")]

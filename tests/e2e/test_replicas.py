@@ -157,7 +157,7 @@ def test_sealed_state_is_required_and_checked(replicas, foreign_replica, how):
         loc = loc.replace(token, spoiled)
     elif how == "missing":
         loc = re.sub(r"([?&])_ocicrypt=[^&]*&?", r"\1", loc).rstrip("&?")
-        assert "_ocicrypt" not in loc and "_state=" in loc, loc
+        assert "_ocicrypt=" not in loc and "_state=" in loc, loc
     seen = helpers.RegistryLog.of(a)
     chunk = b'{"plaintext": "' + helpers.new_marker().encode() + b'"}'
     r = requests.patch(f"http://{b.addr}{loc}", data=chunk, timeout=30, headers={

@@ -9,8 +9,9 @@
 use fuzz_support::check;
 use libfuzzer_sys::fuzz_target;
 use ocicrypt_core::config::{
-    Config, ConfigError, MAX_KEYSTREAM_PREFETCH_BYTES, MAX_MAX_LEDGER_LOOKUPS, MAX_UPLOAD_IDLE_SECONDS,
-    MAX_MAX_MANIFEST_BYTES, MIN_MAX_MANIFEST_BYTES,
+    Config, ConfigError, MAX_KEYSTREAM_PREFETCH_BYTES, MAX_LEDGER_CACHE_ENTRIES,
+    MAX_MAX_LEDGER_LOOKUPS, MAX_MAX_MANIFEST_BYTES, MAX_UPLOAD_IDLE_SECONDS,
+    MIN_MAX_MANIFEST_BYTES,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -43,6 +44,12 @@ fuzz_target!(|data: &[u8]| {
                 (1..=MAX_UPLOAD_IDLE_SECONDS).contains(&config.upload_idle_seconds),
                 "upload_idle_seconds {} out of range",
                 config.upload_idle_seconds
+            );
+            check!(
+                (1..=MAX_LEDGER_CACHE_ENTRIES).contains(&(config.ledger_cache_entries as u64))
+                    && config.ledger_cache().capacity() <= config.ledger_cache_entries,
+                "ledger_cache_entries {} out of range",
+                config.ledger_cache_entries
             );
             for (project, recipients) in &config.projects {
                 check!(

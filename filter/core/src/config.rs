@@ -17,7 +17,8 @@
 //!   "projects": { "demo": { "recipients": [ { "pem": "-----BEGIN PUBLIC KEY-----\n…" },
 //!                                           { "jwk": { "kty": "EC", "crv": "P-256", "x": "…", "y": "…" } } ] } },
 //!   "limits": { "max_manifest_bytes": 4194304, "keystream_prefetch_bytes": 33554432,
-//!               "max_ledger_lookups": 128, "upload_idle_seconds": 3600 }
+//!               "max_ledger_lookups": 128, "upload_idle_seconds": 3600,
+//!               "ledger_cache_entries": 16384 }
 //! }
 //! ```
 //!
@@ -51,6 +52,8 @@ pub const MAX_UPLOAD_IDLE_SECONDS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_MAX_LEDGER_LOOKUPS: usize = crate::ledger::DEFAULT_MAX_LEDGER_LOOKUPS;
 /// Largest accepted `limits.max_ledger_lookups`.
 pub const MAX_MAX_LEDGER_LOOKUPS: u64 = 1024;
+/// Largest accepted `limits.ledger_cache_entries`.
+pub const MAX_LEDGER_CACHE_ENTRIES: u64 = crate::ledger_cache::MAX_ENTRIES;
 
 /// Where the filter finishes uploads and reads what it needs from the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +109,9 @@ pub struct Config {
     /// Seconds after which an upload session not continued loses its record in the gateway's
     /// own table (without `replicas`; see [`crate::upload_table`]).
     pub upload_idle_seconds: u64,
+    /// Ledger entries the process keeps in its shared store at most (see
+    /// [`crate::ledger_cache`]).
+    pub ledger_cache_entries: usize,
     /// Where recipients come from for projects without inline recipients.
     pub key_service: Option<KeyServiceConfig>,
     /// Key the gateway replicas share to seal upload state into the `Location` clients echo,
@@ -372,6 +378,8 @@ mod raw {
         pub(super) max_ledger_lookups: Option<Value>,
         #[serde(default)]
         pub(super) upload_idle_seconds: Option<Value>,
+        #[serde(default)]
+        pub(super) ledger_cache_entries: Option<Value>,
     }
 }
 
@@ -526,9 +534,15 @@ impl Config {
             keystream_prefetch_bytes: limits.keystream_prefetch_bytes,
             max_ledger_lookups: limits.max_ledger_lookups,
             upload_idle_seconds: limits.upload_idle_seconds,
+            ledger_cache_entries: limits.ledger_cache_entries,
             key_service,
             state_key,
         })
+    }
+
+    /// How the ledger cache is laid out in the shared store.
+    pub fn ledger_cache(&self) -> crate::ledger_cache::Shape {
+        crate::ledger_cache::Shape::for_entries(self.ledger_cache_entries)
     }
 
     /// The manifest rewrite's options for a repository (its policy rule's `accept_encrypted`).
@@ -809,6 +823,7 @@ struct Limits {
     keystream_prefetch_bytes: u64,
     max_ledger_lookups: usize,
     upload_idle_seconds: u64,
+    ledger_cache_entries: usize,
 }
 
 impl Default for Limits {
@@ -818,6 +833,7 @@ impl Default for Limits {
             keystream_prefetch_bytes: crate::keystream::BUDGET_BYTES,
             max_ledger_lookups: DEFAULT_MAX_LEDGER_LOOKUPS,
             upload_idle_seconds: crate::upload_table::DEFAULT_IDLE_SECONDS,
+            ledger_cache_entries: crate::ledger_cache::DEFAULT_ENTRIES,
         }
     }
 }
@@ -855,12 +871,26 @@ fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
         )?,
         None => crate::upload_table::DEFAULT_IDLE_SECONDS,
     };
+    let cache_path = "limits.ledger_cache_entries";
+    let ledger_cache_entries = match limits.ledger_cache_entries {
+        Some(value) => {
+            let n = integer(&value, cache_path, 1, MAX_LEDGER_CACHE_ENTRIES)?;
+            usize::try_from(n).map_err(|_| ConfigError::Range {
+                path: cache_path.to_string(),
+                value: n,
+                min: 1,
+                max: MAX_LEDGER_CACHE_ENTRIES,
+            })?
+        }
+        None => crate::ledger_cache::DEFAULT_ENTRIES,
+    };
     let Some(value) = limits.max_manifest_bytes else {
         return Ok(Limits {
             max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
             keystream_prefetch_bytes: prefetch,
             max_ledger_lookups,
             upload_idle_seconds,
+            ledger_cache_entries,
         });
     };
     let path = "limits.max_manifest_bytes";
@@ -876,5 +906,6 @@ fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
         keystream_prefetch_bytes: prefetch,
         max_ledger_lookups,
         upload_idle_seconds,
+        ledger_cache_entries,
     })
 }

@@ -12,13 +12,11 @@
 //! slot full of live records refuses a new session (`503`, retry) instead of growing. The store
 //! is therefore bounded by `SLOTS × RECORDS_PER_SLOT` records, whatever clients do.
 //!
-//! A slot's value: entries of `[id length: u8][id][written: u64 BE][record length: u32 BE]
-//! [record]`. Pure functions over that value; the adapter reads and writes slots with
-//! compare-and-set, as several workers share them.
-
-use sha2::{Digest as _, Sha256};
+//! A slot's value is [`crate::slots`]'s. Pure functions over that value; the adapter reads and
+//! writes slots with compare-and-set, as several workers share them.
 
 use crate::error::{Code, OciError};
+use crate::slots::{self, encode, entries, Entry};
 use crate::upload::{Store, UploadRecord};
 
 /// Slots the records are spread over: enough that 10 000 sessions in progress fill none
@@ -42,62 +40,7 @@ pub fn slot_key_of(n: u32) -> String {
 }
 
 fn slot_of(upload_id: &str) -> u32 {
-    let h = Sha256::digest(upload_id.as_bytes());
-    let head: [u8; 4] = h
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .unwrap_or_default();
-    u32::from_be_bytes(head) % SLOTS
-}
-
-/// One entry of a slot.
-struct Entry<'a> {
-    id: &'a [u8],
-    written: u64,
-    record: &'a [u8],
-}
-
-/// The entries of a slot's value; a value that does not parse to the end is taken as empty
-/// (only this module writes slots).
-fn entries(value: &[u8]) -> Vec<Entry<'_>> {
-    let mut out = Vec::new();
-    let mut rest = value;
-    while !rest.is_empty() {
-        let Some(entry) = next_entry(&mut rest) else {
-            return Vec::new();
-        };
-        out.push(entry);
-    }
-    out
-}
-
-fn next_entry<'a>(rest: &mut &'a [u8]) -> Option<Entry<'a>> {
-    let (&id_len, tail) = rest.split_first()?;
-    let id = tail.get(..usize::from(id_len))?;
-    let tail = tail.get(usize::from(id_len)..)?;
-    let (written, tail) = tail.split_first_chunk::<8>()?;
-    let (len, tail) = tail.split_first_chunk::<4>()?;
-    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
-    let record = tail.get(..len)?;
-    *rest = tail.get(len..)?;
-    Some(Entry {
-        id,
-        written: u64::from_be_bytes(*written),
-        record,
-    })
-}
-
-fn encode(entries: &[Entry<'_>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for e in entries {
-        // Ids are checked to fit a u8 length before they are stored.
-        out.push(u8::try_from(e.id.len()).unwrap_or(u8::MAX));
-        out.extend_from_slice(e.id);
-        out.extend_from_slice(&e.written.to_be_bytes());
-        out.extend_from_slice(&u32::try_from(e.record.len()).unwrap_or(0).to_be_bytes());
-        out.extend_from_slice(e.record);
-    }
-    out
+    slots::index(upload_id.as_bytes(), SLOTS)
 }
 
 fn live(e: &Entry<'_>, now: u64, idle_seconds: u64) -> bool {
@@ -210,9 +153,6 @@ pub fn count(slot: &[u8], now: u64, idle_seconds: u64) -> usize {
         .count()
 }
 
-/// Compare-and-set attempts on one slot before giving up (another worker wrote it each time).
-const ATTEMPTS: usize = 8;
-
 fn busy() -> OciError {
     OciError::new(
         Code::Unavailable,
@@ -220,28 +160,13 @@ fn busy() -> OciError {
     )
 }
 
-/// Applies `change` to the slot holding `upload_id` in `store` until the write wins; `change`
-/// answers the new value (`None`: nothing to write) and what it did.
+/// Applies `change` to the slot holding `upload_id` in `store` until the write wins.
 fn update<T>(
     store: &dyn Store,
     upload_id: &str,
-    mut change: impl FnMut(&[u8]) -> Result<Option<(Vec<u8>, T)>, OciError>,
+    change: impl FnMut(&[u8]) -> Result<Option<(Vec<u8>, T)>, OciError>,
 ) -> Result<Option<T>, OciError> {
-    let key = slot_key(upload_id);
-    for _ in 0..ATTEMPTS {
-        let Some((value, cas)) = store.get_cas(&key) else {
-            return Err(busy());
-        };
-        let Some((next, done)) = change(value.as_deref().unwrap_or_default())? else {
-            return Ok(None);
-        };
-        // An absent slot is created only if still absent: a CAS token no live value has.
-        let cas = if value.is_none() { u32::MAX } else { cas };
-        if store.set_cas(&key, &next, cas) {
-            return Ok(Some(done));
-        }
-    }
-    Err(busy())
+    slots::update(store, &slot_key(upload_id), busy, change)
 }
 
 /// `upload_id`'s record in `store` at `now` (a fresh one for `repository` when it has none),
@@ -254,10 +179,7 @@ pub fn load_in(
     now: u64,
     idle_seconds: u64,
 ) -> Result<(UploadRecord, bool), OciError> {
-    let slot = store
-        .get_cas(&slot_key(upload_id))
-        .and_then(|(v, _)| v)
-        .unwrap_or_default();
+    let slot = slots::read(store, &slot_key(upload_id));
     let Some(bytes) = find(&slot, upload_id, now, idle_seconds) else {
         return Ok((UploadRecord::new(repository), false));
     };
@@ -269,10 +191,13 @@ pub fn load_in(
 
 /// Whether `upload_id` has a live record in `store` at `now`.
 pub fn has_in(store: &dyn Store, upload_id: &str, now: u64, idle_seconds: u64) -> bool {
-    store
-        .get_cas(&slot_key(upload_id))
-        .and_then(|(v, _)| v)
-        .is_some_and(|slot| find(&slot, upload_id, now, idle_seconds).is_some())
+    find(
+        &slots::read(store, &slot_key(upload_id)),
+        upload_id,
+        now,
+        idle_seconds,
+    )
+    .is_some()
 }
 
 /// Saves `record` as `upload_id`'s in `store`; a slot full of live sessions refuses (503,

@@ -810,6 +810,35 @@ fn max_ledger_lookups_limit() {
     assert_eq!(config.keystream_prefetch_bytes, 8 << 20);
 }
 
+#[test]
+fn ledger_cache_entries_is_bounded() {
+    assert_eq!(parse(&good()).unwrap().ledger_cache_entries, 16_384);
+    for (n, ok) in [
+        (0u64, false),
+        (1, true),
+        (16_384, true),
+        (1 << 20, true),
+        ((1 << 20) + 1, false),
+    ] {
+        let result = parse(&edit("/limits/ledger_cache_entries", Some(json!(n))));
+        assert_eq!(result.is_ok(), ok, "{n}: {result:?}");
+        match result {
+            Ok(config) => {
+                assert_eq!(config.ledger_cache_entries as u64, n);
+                assert!(config.ledger_cache().capacity() as u64 <= n);
+            }
+            Err(e) => {
+                assert_eq!(e.path(), "limits.ledger_cache_entries");
+                assert!(e.to_string().contains("from 1 to 1048576"), "{e}");
+            }
+        }
+    }
+    for bad in [json!("16384"), json!(-1), json!(1.5)] {
+        let err = parse(&edit("/limits/ledger_cache_entries", Some(bad.clone()))).unwrap_err();
+        assert_eq!(err.path(), "limits.ledger_cache_entries", "{bad}: {err}");
+    }
+}
+
 fn with_replicas(replicas: Value) -> Vec<u8> {
     let mut cfg = good();
     cfg["replicas"] = replicas;

@@ -18,7 +18,7 @@ use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::{CalloutAnswer, Command, Flow, Level, Metric, ResponseHead, Stream};
 use ocicrypt_core::ledger::{self, LedgerEntry};
-use ocicrypt_core::upload::Store;
+use ocicrypt_core::ledger_cache::Change;
 use serde_json::{json, Value};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -118,14 +118,16 @@ fn a_manifest_by_tag_is_rewritten_and_answered_in_the_clients_digest() {
     assert_eq!(
         out,
         vec![
+            Command::Metric(Metric::LedgerCache(Change {
+                entries: 1,
+                evicted: 0
+            })),
             Command::SetResponseHeader("x-ocicrypt-stored-digest".into(), stored.to_string()),
             Command::SetResponseHeader("docker-content-digest".into(), client.to_string()),
             Command::Continue,
         ]
     );
-    let ledgered =
-        LedgerEntry::from_bytes(&world.store.get(&ledger::key("demo/app", &client)).unwrap())
-            .unwrap();
+    let ledgered = ledgered(&world, "demo/app", &client).unwrap();
     assert_eq!(ledgered.encrypted_digest, stored);
     assert!(ledgered.is_manifest());
 }
@@ -144,7 +146,7 @@ fn an_index_after_its_children_pushed_by_digest() {
     let stored_child = Digest::of(new_child);
     let out = stream.on_response_headers(&registry_201(&stored_child), &mut world.env());
     assert_eq!(
-        out[2],
+        out[3],
         Command::SetResponseHeader(
             "location".into(),
             format!("/v2/demo/app/manifests/{child_digest}")
@@ -324,7 +326,14 @@ fn with_replicas_unknown_digests_are_read_from_the_registrys_ledger() {
         &CalloutAnswer::new(200, &[], &record),
         &mut world.env(),
     );
-    assert!(out.is_empty(), "waits for the other read: {out:?}");
+    assert_eq!(
+        out,
+        [Command::Metric(Metric::LedgerCache(Change {
+            entries: 1,
+            evicted: 0
+        }))],
+        "cached, and waits for the other read"
+    );
     let out = stream.on_callout(
         reads[0].id,
         &CalloutAnswer::new(404, &[], b""),
@@ -412,12 +421,7 @@ fn registry_answers_to_a_manifest_push() {
             None => assert_eq!(out, vec![Command::Continue]),
             Some((code, needle)) => assert_refused(&out, code, needle),
         }
-        assert_eq!(
-            world
-                .store
-                .get(&ledger::key("demo/app", &Digest::of(&body))),
-            None
-        );
+        assert_eq!(ledgered(&world, "demo/app", &Digest::of(&body)), None);
     }
 }
 

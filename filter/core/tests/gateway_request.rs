@@ -721,6 +721,10 @@ fn head_reads_the_registrys_ledger_with_replicas() {
             assert_eq!(
                 out,
                 vec![
+                    Command::Metric(Metric::LedgerCache(ocicrypt_core::ledger_cache::Change {
+                        entries: 1,
+                        evicted: 0
+                    })),
                     set(
                         ":path",
                         &format!("/v2/demo/app/blobs/{}", record.encrypted_digest)

@@ -27,6 +27,7 @@ use rand_core::OsRng;
 
 use crate::host::{self, SharedData};
 use crate::keys::{self, Resolution};
+use crate::ledgered;
 use crate::metrics::Metrics;
 use crate::prefetch::{RequestPrefetch, SharedWorker};
 use crate::uploads;
@@ -271,6 +272,7 @@ impl Gateway {
                         Metric::MountRewritten => self.metrics.mount_rewritten(),
                         Metric::ManifestRewritten => self.metrics.manifest_rewritten(),
                         Metric::UploadState(delta) => self.metrics.upload_state(delta),
+                        Metric::LedgerCache(change) => self.metrics.ledger_cache(change),
                     }
                     Ok(())
                 }
@@ -454,15 +456,22 @@ impl Gateway {
             self.drop_state(id, *had_state)?;
         }
         if let Some(entry) = &completion.ledger {
-            SharedData.set(
-                &ledger::key(repository, &completion.client_digest),
-                &entry.to_bytes(),
+            let config = self.config.as_deref();
+            ledgered::record(
+                config,
+                repository,
+                &completion.client_digest,
+                entry,
+                &self.metrics,
             )?;
             // Also under the ciphertext's digest: a re-push (or re-tag) of the image as stored
             // names the ciphertext, which the rewrite then recognises as the gateway's own.
-            SharedData.set(
-                &ledger::key(repository, &entry.encrypted_digest),
-                &entry.to_bytes(),
+            ledgered::record(
+                config,
+                repository,
+                &entry.encrypted_digest,
+                entry,
+                &self.metrics,
             )?;
             self.log(
                 LogLevel::Info,
@@ -622,8 +631,13 @@ impl Gateway {
                         return Ok(Action::Pause);
                     }
                     if mounted {
-                        SharedData
-                            .set(&ledger::key(&repository, &client_digest), &entry.to_bytes())?;
+                        ledgered::record(
+                            self.config.as_deref(),
+                            &repository,
+                            &client_digest,
+                            &entry,
+                            &self.metrics,
+                        )?;
                     }
                     answer_as_pushed("blobs", &repository, &client_digest, mounted)?;
                 }

@@ -17,6 +17,7 @@ mod abi;
 mod gateway;
 mod host;
 mod keys;
+mod ledgered;
 mod metrics;
 mod prefetch;
 mod uploads;

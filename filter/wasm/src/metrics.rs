@@ -16,6 +16,8 @@ pub struct Metrics {
     manifests_rewritten: u32,
     mounts_rewritten: u32,
     uploads_in_flight: u32,
+    ledger_entries: u32,
+    ledger_evictions: u32,
     layer_size: u32,
     refusals: Vec<(Code, u32)>,
     key_lookups: u32,
@@ -56,6 +58,8 @@ impl Metrics {
             manifests_rewritten: define(MetricType::Counter, "ocicrypt.manifests_rewritten"),
             mounts_rewritten: define(MetricType::Counter, "ocicrypt.mounts_rewritten"),
             uploads_in_flight: define(MetricType::Gauge, "ocicrypt.uploads_in_flight"),
+            ledger_entries: define(MetricType::Gauge, "ocicrypt.ledger_cache_entries"),
+            ledger_evictions: define(MetricType::Counter, "ocicrypt.ledger_evictions"),
             layer_size: define(MetricType::Histogram, "ocicrypt.layer_bytes"),
             key_lookups: define(MetricType::Counter, "ocicrypt.keyservice.project_lookups"),
             key_failures: define(MetricType::Counter, "ocicrypt.keyservice.project_failures"),
@@ -117,6 +121,19 @@ impl Metrics {
     /// An upload session got (`+1`) or dropped (`-1`) its saved state.
     pub fn upload_state(&self, delta: i64) {
         Self::add(self.uploads_in_flight, delta);
+    }
+
+    /// A write to the ledger cache: entries held changed, some evicted.
+    pub fn ledger_cache(&self, change: ocicrypt_core::ledger_cache::Change) {
+        if change.entries != 0 {
+            Self::add(self.ledger_entries, change.entries);
+        }
+        if change.evicted > 0 {
+            Self::add(
+                self.ledger_evictions,
+                i64::try_from(change.evicted).unwrap_or(i64::MAX),
+            );
+        }
     }
 
     /// A key-service lookup finished: per project a success or a failure, and the versions

@@ -87,9 +87,13 @@ impl Stream {
                 let mut out = Vec::new();
                 if let (true, Some(key)) = (status == "200", env.config.state_key.as_ref()) {
                     match ledger::read_stored(&key.0, &repository, &digest, &answer.body) {
-                        Ok(entry) => env
-                            .store
-                            .set(&ledger::key(&repository, &digest), &entry.to_bytes())?,
+                        Ok(entry) => out.extend(super::ledgered::record_read_back(
+                            env,
+                            &mut self.read_back,
+                            &repository,
+                            digest,
+                            entry,
+                        )?),
                         Err(ledger::StoredEntryError::Unauthenticated) => {
                             // Not the gateway's: the blob counts as unknown (it is uploaded,
                             // and encrypted, again).

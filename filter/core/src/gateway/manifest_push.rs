@@ -8,7 +8,8 @@ use crate::ledger::{self, LedgerEntry};
 use crate::manifest;
 use crate::policy::project_of;
 
-use super::request::{ledger_entry, too_large};
+use super::ledgered::{self, ledger_entry};
+use super::request::too_large;
 use super::{CalloutAnswer, CalloutId, Command, Env, Flow, Level, Metric, ResponseHead, Stream};
 
 impl Stream {
@@ -84,7 +85,7 @@ impl Stream {
             // Replicas: what another replica (or this one before a restart) encrypted is in the
             // registry's ledger; fetch what this process does not know, then rewrite.
             // Bounded: a manifest naming many unknown digests is refused before any lookup.
-            let known = |d: &Digest| ledger_entry(env.store, &repo, d).is_some();
+            let known = |d: &Digest| ledger_entry(env, &[], &repo, d).is_some();
             let missing =
                 ledger::referenced_digests_bounded(&body, &known, env.config.max_ledger_lookups)
                     .map_err(|e| e.to_oci())?;
@@ -123,13 +124,18 @@ impl Stream {
             return Ok(Vec::new());
         };
         let (_, digest) = self.ledger_reads.swap_remove(i);
+        let mut out = Vec::new();
         if let Flow::Manifest { repository, .. } = &self.flow {
             let key = env.config.state_key.as_ref();
             if let (true, Some(key)) = (answer.status() == "200", key) {
                 match ledger::read_stored(&key.0, repository, &digest, &answer.body) {
-                    Ok(entry) => env
-                        .store
-                        .set(&ledger::key(repository, &digest), &entry.to_bytes())?,
+                    Ok(entry) => out.extend(ledgered::record_read_back(
+                        env,
+                        &mut self.read_back,
+                        repository,
+                        digest,
+                        entry,
+                    )?),
                     Err(ledger::StoredEntryError::Unauthenticated) => {
                         // Not written by the gateway: stop here, trust none of it.
                         return Err(OciError::new(
@@ -142,12 +148,18 @@ impl Stream {
             }
         }
         if !self.ledger_reads.is_empty() {
-            return Ok(Vec::new());
+            return Ok(out);
         }
         let held = self.held_manifest.take().unwrap_or_default();
-        let (mut out, rewritten) = self.rewrite_manifest(&held, env)?;
-        out.push(Command::ReplaceRequestBody(held.len(), rewritten));
-        out.push(Command::Continue);
+        // A refusal still carries the cache's metrics of the entries just recorded.
+        match self.rewrite_manifest(&held, env) {
+            Ok((rewrite, rewritten)) => {
+                out.extend(rewrite);
+                out.push(Command::ReplaceRequestBody(held.len(), rewritten));
+                out.push(Command::Continue);
+            }
+            Err(e) => out.extend(self.refuse(e)),
+        }
         Ok(out)
     }
 
@@ -172,12 +184,13 @@ impl Stream {
             ));
         };
         let repo = repository.clone();
+        let read_back = &self.read_back;
         // A layer wrapped for recipients the project no longer has is not reused: the image
         // would open only with the removed keys. The client uploads it again (its HEAD now
         // answers 404), to be encrypted for the current ones.
         let stale = std::cell::RefCell::new(Vec::new());
         let lookup = |d: &Digest| {
-            let found = ledger_entry(env.store, &repo, d)?;
+            let found = ledger_entry(env, read_back, &repo, d)?;
             if found.media_type.is_none()
                 && found.recipients.as_deref() != Some(recipients.as_str())
             {
@@ -244,8 +257,7 @@ impl Stream {
                 // Every stored manifest is ledgered, so an index naming it as a child, or a
                 // referrer naming it as `subject`, can be rewritten to what was stored.
                 if let Some(entry) = &entry {
-                    env.store
-                        .set(&ledger::key(&repository, &client_digest), &entry.to_bytes())?;
+                    out.extend(ledgered::record(env, &repository, &client_digest, entry)?);
                 }
                 // What was stored has another digest; say it in a header of our own, and keep
                 // the client's in Docker-Content-Digest (containerd refuses any other).

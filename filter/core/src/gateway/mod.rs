@@ -27,7 +27,9 @@
 //! resume) or keep it waiting ([`Command::Pause`]), count a metric, log a line. Commands are
 //! carried out in order; a refusal always ends with [`Command::Reply`] then
 //! [`Command::Pause`]. Shared state (upload records, session claims, the ledger cache) is read
-//! and written through the [`Store`] in the [`Env`], synchronously, as Envoy's shared data is.
+//! and written through the [`Store`] in the [`Env`], synchronously, as Envoy's shared data is;
+//! the ledger cache is bounded ([`crate::ledger_cache`]), and the entries a request reads back
+//! from the registry's ledger stay with the request until it ends.
 //!
 //! # The request line (what a request is, decided before any byte of its body)
 //!
@@ -100,6 +102,7 @@
 mod answer;
 mod flow;
 mod head;
+mod ledgered;
 mod manifest_push;
 mod request;
 
@@ -187,6 +190,8 @@ pub enum Metric {
     ManifestRewritten,
     /// Upload records kept in the store changed by this much.
     UploadState(i64),
+    /// A write to the ledger cache changed the entries held, and evicted some.
+    LedgerCache(crate::ledger_cache::Change),
 }
 
 /// What the host does for the stream, in order.
@@ -251,6 +256,8 @@ pub struct Stream {
     ledger_checked: bool,
     /// Ledger reads in flight for the held manifest: (callout, plaintext digest).
     ledger_reads: Vec<(CalloutId, crate::digest::Digest)>,
+    /// Entries this request read back from the registry's ledger.
+    read_back: Vec<ledgered::ReadBack>,
     /// The manifest body held while its ledger entries are read from the registry.
     held_manifest: Option<Vec<u8>>,
     next_callout: u32,

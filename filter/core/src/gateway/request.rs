@@ -4,14 +4,15 @@ use crate::digest::Digest;
 use crate::distribution::{self, Route, UploadMethod};
 use crate::error::{Code, OciError};
 use crate::form::{self, Query};
-use crate::ledger::{self, LedgerEntry};
+use crate::ledger;
 use crate::manifest;
 use crate::policy::{project_of, Action as PolicyAction};
 use crate::recipients::{fingerprint, Recipient};
 use crate::session;
-use crate::upload::{self, ChunkStream, Store, UploadRecord};
+use crate::upload::{self, ChunkStream, UploadRecord};
 use crate::upload_table;
 
+use super::ledgered::{blob_entry, mountable};
 use super::{
     ChunkFlow, Command, Env, Finish, Flow, KeyAnswer, Level, Metric, RequestHead, Stream,
     MANIFEST_BUDGET_PER_WORKER,
@@ -229,7 +230,7 @@ impl Stream {
         };
         let from = query.get("from");
         let known = match (mount, from) {
-            (Some(mount), Some(from)) => mountable(env.store, &repository, mount, from),
+            (Some(mount), Some(from)) => mountable(env, &repository, mount, from),
             _ => None,
         };
         // Fail before any byte is sent when the project cannot be encrypted to.
@@ -415,7 +416,7 @@ impl Stream {
         let Ok(client_digest) = Digest::parse(digest) else {
             return Ok(vec![Command::Continue]);
         };
-        let Some(entry) = blob_entry(env.store, &repository, &client_digest) else {
+        let Some(entry) = blob_entry(env, &self.read_back, &repository, &client_digest) else {
             if env.config.state_key.is_some() && !self.ledger_checked {
                 // Another replica (or this one before a restart) may have encrypted it: read
                 // the registry's ledger, then decide again.
@@ -610,39 +611,6 @@ fn load_record(env: &Env, id: &str, at: &Request) -> Result<Loaded, OciError> {
     };
     upload::bind_to_registry(&loaded.record, found, registry.offset)?;
     Ok(loaded)
-}
-
-/// What this process's ledger records for `digest` in `repository` (an empty or unreadable
-/// value counts as nothing).
-pub(super) fn ledger_entry(
-    store: &dyn Store,
-    repository: &str,
-    digest: &Digest,
-) -> Option<LedgerEntry> {
-    store
-        .get(&ledger::key(repository, digest))
-        .and_then(|b| LedgerEntry::from_bytes(&b))
-}
-
-/// The ledger entry of a blob (not a manifest) the gateway encrypted in `repository`.
-fn blob_entry(store: &dyn Store, repository: &str, digest: &Digest) -> Option<LedgerEntry> {
-    ledger_entry(store, repository, digest).filter(|e| e.media_type.is_none())
-}
-
-/// A mount of plaintext digest `mount` from `from` into `repository` that could mount the
-/// ciphertext instead: both repositories belong to one project and the gateway encrypted the
-/// blob in `from` (whether for the current recipients is checked once they are known).
-fn mountable(
-    store: &dyn Store,
-    repository: &str,
-    mount: &str,
-    from: &str,
-) -> Option<(Digest, LedgerEntry)> {
-    if project_of(from) != project_of(repository) || !distribution::is_repository_name(from) {
-        return None;
-    }
-    let client_digest = Digest::parse(mount).ok()?;
-    blob_entry(store, from, &client_digest).map(|entry| (client_digest, entry))
 }
 
 /// Turns the request into a `PATCH` of the upload session at `path`. Distribution refuses a

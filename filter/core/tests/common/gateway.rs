@@ -11,7 +11,7 @@ use ocicrypt_core::config::Config;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::gateway::{Command, Env, KeyAnswer, Keys, Level, Metric, RequestHead, Stream};
-use ocicrypt_core::ledger::{self, LedgerEntry};
+use ocicrypt_core::ledger::LedgerEntry;
 use ocicrypt_core::recipients::Recipient;
 use ocicrypt_core::upload::{self, ChunkStream, Store, UploadRecord};
 use rand::rngs::StdRng;
@@ -90,6 +90,10 @@ pub struct World {
 
 impl World {
     pub fn with(replicas: bool) -> Self {
+        Self::with_limits(replicas, json!({}))
+    }
+    /// With `limits` set on top of the test configuration's.
+    pub fn with_limits(replicas: bool, limits: serde_json::Value) -> Self {
         let mut cfg = json!({
             "registry": {"cluster": "registry", "timeout_ms": 30000},
             "policy": {"default": "passthrough", "rules": [
@@ -97,6 +101,9 @@ impl World {
                 {"repositories": "plain/**", "action": "passthrough"}]},
             "limits": {"max_manifest_bytes": 4096}
         });
+        for (k, v) in limits.as_object().into_iter().flatten() {
+            cfg["limits"][k] = v.clone();
+        }
         if replicas {
             cfg["replicas"] = json!({"state_key": STATE_KEY});
         }
@@ -256,9 +263,14 @@ pub fn ledger_layer(world: &mut World, repository: &str, recipients: &[Recipient
     let record = encrypted_record(world, LAYER);
     let completion = upload::complete(record, gz_digest(), recipients, &mut world.rng).unwrap();
     let entry = completion.ledger.unwrap();
-    world
-        .store
-        .set(&ledger::key(repository, &gz_digest()), &entry.to_bytes())
+    let shape = world.config.ledger_cache();
+    ocicrypt_core::ledger_cache::put_in(&world.store, shape, repository, &gz_digest(), &entry, NOW)
         .unwrap();
     entry
+}
+
+/// What the gateway's ledger cache holds for `digest` in `repository`.
+pub fn ledgered(world: &World, repository: &str, digest: &Digest) -> Option<LedgerEntry> {
+    let shape = world.config.ledger_cache();
+    ocicrypt_core::ledger_cache::get_in(&world.store, shape, repository, digest)
 }

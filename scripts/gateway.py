@@ -5,6 +5,9 @@ Everything lives under a state directory (default ``<repo>/.run/``):
 
     registry/            the registry's filesystem storage (CNCF distribution, Debian docker-registry)
     registry.yml         its configuration; registry.log its log; htpasswd when auth is on
+    token-service/       with --auth token: the token signing key and certificate (the
+                         registry's rootcertbundle), token-service.json (issuer, users and
+                         passwords, 0600), passwords.json (the generated ones, kept)
     keys/                demo recipients: demo-rsa.pem / demo-ec.pem (PKCS#8 private keys, for
                          decrypting on pull) and demo-rsa.pub.pem / demo-ec.pub.pem (PKIX public keys)
     keyservice/          the key service's TUF repository (scripts/keyservice), served by nginx
@@ -136,6 +139,14 @@ class Options:
     #: (user, password): the registry requires HTTP basic auth (htpasswd); clients pass
     #: credentials through the gateway.
     htpasswd: Optional[Tuple[str, str]] = None
+    #: Harbor-style bearer tokens: the registry runs distribution's `auth: token` and a token
+    #: service (scripts/token_service.py) answers at the gateway's /service/token.
+    token_auth: bool = False
+    #: The token service's users: [{"name", "password", "access": {project: [actions]},
+    #: "ttl_seconds" (optional)}] (see default_token_users).
+    token_users: List[Dict[str, Any]] = field(default_factory=list)
+    #: Address of the token service; default: the gateway's port + 4.
+    token_service_addr: Optional[str] = None
     #: Policy rules placed before the default demo/** and plain/** rules.
     extra_rules: List[Dict[str, Any]] = field(default_factory=list)
     #: Projects merged into the configuration ({"name": {"recipients": [...]}}).
@@ -192,6 +203,11 @@ class Options:
         if self.keyservice_addr is None:
             host, port = _split_addr(self.gateway_addr)
             self.keyservice_addr = f"{host}:{port + 3}"
+        if self.token_service_addr is None:
+            host, port = _split_addr(self.gateway_addr)
+            self.token_service_addr = f"{host}:{port + 4}"
+        if self.token_auth and self.htpasswd:
+            raise GatewayError("token auth and htpasswd auth exclude each other")
 
     @property
     def keyservice_dir(self) -> Path:
@@ -207,6 +223,15 @@ class Options:
     def keyservice_served(self) -> Path:
         """What nginx serves: a symlink to keyservice/ (tests re-point it at attacked copies)."""
         return self.state_dir / "keyservice-served"
+
+    @property
+    def token_service_dir(self) -> Path:
+        return self.state_dir / "token-service"
+
+    @property
+    def auth(self) -> bool:
+        """The registry asks for credentials (basic or bearer)."""
+        return bool(self.htpasswd) or self.token_auth
 
     @property
     def registry_dir(self) -> Path:
@@ -297,7 +322,58 @@ def registry_config(opts: Options) -> Dict[str, Any]:
         cfg["auth"] = {
             "htpasswd": {"realm": "ocicrypt-registry", "path": str(opts.state_dir / "htpasswd")}
         }
+    if opts.token_auth:
+        # As Harbor: the realm is the token service's path on the address clients use (the
+        # gateway), which routes /service/token to the token service.
+        cfg["auth"] = {"token": {
+            "realm": f"http://{opts.gateway_addr}{TOKEN_PATH}",
+            "service": TOKEN_SERVICE, "issuer": TOKEN_ISSUER,
+            "rootcertbundle": str(opts.token_service_dir / "token-signing.crt")}}
     return cfg
+
+
+#: The registry's name in tokens (`service`, the `aud` claim) and the tokens' issuer.
+TOKEN_SERVICE = "ocicrypt-registry"
+TOKEN_ISSUER = "ocicrypt-token-service"
+TOKEN_PATH = "/service/token"
+TOKEN_SERVICE_SCRIPT = REPO / "scripts" / "token_service.py"
+
+
+def default_token_users(user: Tuple[str, str], state_dir: Path) -> List[Dict[str, Any]]:
+    """The users `scripts/run --auth token --user NAME:PASSWORD` starts with: NAME with pull,
+    push and delete on demo/ and plain/, a robot account with pull and push on demo/ only, and
+    a pull-only reader of both (their passwords made once, kept in token-service/)."""
+    path = Path(state_dir) / "token-service" / "passwords.json"
+    saved: Dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    for name in ("robot$demo+ci", "reader"):
+        saved.setdefault(name, os.urandom(12).hex())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(saved, f)
+    return [
+        {"name": user[0], "password": user[1],
+         "access": {"demo": ["pull", "push", "delete"], "plain": ["pull", "push", "delete"]}},
+        {"name": "robot$demo+ci", "password": saved["robot$demo+ci"],
+         "access": {"demo": ["pull", "push"]}},
+        {"name": "reader", "password": saved["reader"],
+         "access": {"demo": ["pull"], "plain": ["pull"]}},
+    ]
+
+
+def write_token_service_config(opts: Options) -> Path:
+    """The token service's signing key (made once) and configuration; returns its path."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    import token_service
+
+    key, _cert = token_service.ensure_signing_key(opts.token_service_dir)
+    path = opts.token_service_dir / "token-service.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"issuer": TOKEN_ISSUER, "service": TOKEN_SERVICE, "key": str(key),
+                   "ttl_seconds": 300, "users": opts.token_users}, f, indent=2)
+    return path
 
 
 def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -334,6 +410,16 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
             )
 
     clusters = cfg["static_resources"]["clusters"]
+    if opts.token_auth:
+        # Harbor's layout: the token service answers on the registry's own address.
+        (vhost,) = hcm_cfg["route_config"]["virtual_hosts"]
+        vhost["routes"].insert(0, {"match": {"path": TOKEN_PATH},
+                                   "route": {"cluster": "tokenservice", "timeout": "30s"}})
+        host, port = _split_addr(opts.token_service_addr)
+        clusters.append({"name": "tokenservice", "type": "STATIC", "connect_timeout": "5s",
+                         "load_assignment": {"cluster_name": "tokenservice", "endpoints": [{
+                             "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                                 "address": host, "port_value": port}}}}]}]}})
     (cluster,) = [c for c in clusters if c["name"] == "registry"]
     host, port = _split_addr(opts.registry_addr)
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
@@ -724,6 +810,8 @@ class Gateway:
                 ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
             ).stdout
             (o.state_dir / "htpasswd").write_text(out.strip() + "\n")
+        if o.token_auth:
+            write_token_service_config(o)
         (o.state_dir / "registry.yml").write_text(yaml.safe_dump(registry_config(o), sort_keys=False))
         if o.filter:
             ensure_wasm(o, self.log)
@@ -790,11 +878,15 @@ class Gateway:
         addrs += [o.inner_addr] if o.peers and o.inner_addr else []
         if o.filter and o.keys_source == "tuf" and o.start_keyservice:
             addrs.append(o.keyservice_addr)
+        if o.token_auth:
+            addrs.append(o.token_service_addr)
         for addr in addrs:
             if not _port_free(addr):
                 raise GatewayError(f"{addr} is already in use (another gateway running?)")
         self.prepare()
         try:
+            if o.token_auth:
+                self.start_token_service()
             if o.start_registry:
                 self.start_registry()
             if (self.plugin_cfg is not None and "key_service" in self.plugin_cfg
@@ -815,7 +907,18 @@ class Gateway:
                           reg_log)
         # 200 without auth; 401 with auth (the registry is up and asking for credentials).
         self._wait("registry", reg, f"{self.registry_url}/v2/",
-                   lambda s: s == (401 if o.htpasswd else 200), reg_log)
+                   lambda s: s == (401 if o.auth else 200), reg_log)
+
+    def start_token_service(self) -> None:
+        """The token service on token_service_addr (start() does it with token_auth)."""
+        o = self.opts
+        log = o.state_dir / "token-service.log"
+        proc = self._spawn("tokenservice", [sys.executable, str(TOKEN_SERVICE_SCRIPT), "--config",
+                                            str(o.token_service_dir / "token-service.json"),
+                                            "--listen", o.token_service_addr], log)
+        # Anonymous, no scope: a token with no access (200).
+        self._wait("tokenservice", proc, f"http://{o.token_service_addr}{TOKEN_PATH}",
+                   lambda s: s == 200, log)
 
     def start_envoy(self) -> None:
         """Envoy with the rendered configuration (start() does it; tests call it again after
@@ -925,14 +1028,22 @@ class Gateway:
         rsa = o.state_dir / "keys" / "demo-rsa.pem"
         ec = o.state_dir / "keys" / "demo-ec.pem"
         creds_push = creds_pull = ""
-        if o.htpasswd:
-            creds_push = f" --dest-creds {o.htpasswd[0]}:{o.htpasswd[1]}"
-            creds_pull = f" --src-creds {o.htpasswd[0]}:{o.htpasswd[1]}"
+        first = o.htpasswd or ((o.token_users[0]["name"], o.token_users[0]["password"])
+                               if o.token_auth and o.token_users else None)
+        if first:
+            creds_push = f" --dest-creds '{first[0]}:{first[1]}'"
+            creds_pull = f" --src-creds '{first[0]}:{first[1]}'"
         lines = [
             f"gateway:   http://{gw}  (Envoy, filter {'on' if o.filter else 'OFF'}; "
             f"admin http://{o.admin_addr})",
             f"registry:  http://{o.registry_addr}  (storage {o.registry_dir})"
-            + (f"  basic auth user {o.htpasswd[0]}" if o.htpasswd else ""),
+            + (f"  basic auth user {o.htpasswd[0]}" if o.htpasswd else "")
+            + (f"  bearer tokens from http://{o.gateway_addr}{TOKEN_PATH} (token service "
+               f"{o.token_service_addr}, log {o.state_dir}/token-service.log)"
+               if o.token_auth else ""),
+            *[f"user:      '{u['name']}:{u['password']}'  "
+              + "; ".join(f"{p}/: {','.join(a)}" for p, a in u["access"].items())
+              for u in (o.token_users if o.token_auth else [])],
             "policy:    demo/** is encrypted to the demo recipients, plain/** passes through",
             (f"key svc:   {keyservice_url(o)}  (nginx over TLS, CA {o.keyservice_tls_dir}/ca.crt; "
              f"TUF repository {o.keyservice_dir}; manage it "
@@ -955,6 +1066,16 @@ class Gateway:
 
 def _options_from_args(args: argparse.Namespace) -> Options:
     creds = None
+    token_users: List[Dict[str, Any]] = []
+    if args.auth == "token":
+        if args.htpasswd:
+            raise SystemExit("--auth token and --htpasswd exclude each other")
+        name, sep, password = (args.user or f"dev:{os.urandom(9).hex()}").partition(":")
+        if not sep or not name or not password:
+            raise SystemExit("--user takes NAME:PASSWORD")
+        token_users = default_token_users((name, password), Path(args.state))
+    elif args.user:
+        raise SystemExit("--user goes with --auth token")
     if args.htpasswd:
         user, sep, password = args.htpasswd.partition(":")
         if not sep:
@@ -967,6 +1088,9 @@ def _options_from_args(args: argparse.Namespace) -> Options:
         admin_addr=args.admin_addr,
         filter=not args.no_filter,
         htpasswd=creds,
+        token_auth=args.auth == "token",
+        token_users=token_users,
+        token_service_addr=args.token_service_addr,
         envoy_log_level=args.log_level,
         envoy_component_log_level=args.component_log_level,
         keys_source="inline" if args.inline_keys else "tuf",
@@ -1008,6 +1132,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--htpasswd", metavar="USER:PASSWORD",
                    default=os.environ.get("REGISTRY_HTPASSWD") or None,
                    help="registry requires basic auth with these credentials")
+    p.add_argument("--auth", choices=["token"], default=None,
+                   help="token: the registry wants bearer tokens (distribution's auth: token) "
+                        "from a token service at the gateway's /service/token, as Harbor")
+    p.add_argument("--user", metavar="NAME:PASSWORD", default=None,
+                   help="with --auth token: this user may pull, push and delete in demo/ and "
+                        "plain/ (default: dev with a random password); a robot account "
+                        "(demo/ only) and a pull-only reader are added and printed")
+    p.add_argument("--token-service-addr", default=os.environ.get("TOKEN_SERVICE_ADDR"),
+                   help="token service address (default: the gateway's port + 4)")
     p.add_argument("--keystream-prefetch-bytes", type=int, metavar="N", default=None,
                    help="the filter's limits.keystream_prefetch_bytes (0 turns keystream "
                         "prefetch across workers off; default: the filter's, 32 MiB)")

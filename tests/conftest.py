@@ -4,6 +4,9 @@ Stacks (session-scoped, each on its own loopback ports and temporary state direc
 
 - ``stack``            Envoy + ocicrypt filter + registry (the product under test)
 - ``auth_stack``       the same with the registry behind htpasswd basic auth
+- ``token_stack``      the same with Harbor-style bearer tokens (distribution's ``auth: token``,
+                       scripts/token_service.py at the gateway's /service/token), the ledger in
+                       the registry (``replicas.state_key``) and a second encrypted project
 - ``plain_stack``      Envoy WITHOUT the filter + registry: harness checks (clients, oracle)
 - ``plain_auth_stack`` the same with basic auth
 - ``ledger_stack``     the filter stack with ``replicas.state_key`` (ledger kept in the registry)
@@ -90,12 +93,18 @@ class Stack:
     def filter(self) -> bool:
         return self.opts.filter
 
+    def registry_auth(self, creds: Optional[Tuple[str, str]]):
+        """What a client sends with `creds`: basic credentials, or on a token stack tokens got
+        with them (anonymous tokens for None)."""
+        return helpers.BearerAuth(creds) if self.opts.token_auth else creds
+
     def via_gateway(self, creds: Optional[Tuple[str, str]] = "default") -> Registry:
-        return Registry(self.gw.gateway_url, self.creds if creds == "default" else creds)
+        return Registry(self.gw.gateway_url,
+                        self.registry_auth(self.creds if creds == "default" else creds))
 
     def direct(self) -> Registry:
         """The registry itself, bypassing Envoy (for assertions on what is really stored)."""
-        return Registry(self.gw.registry_url, self.creds)
+        return Registry(self.gw.registry_url, self.registry_auth(self.creds))
 
     def access_log(self) -> AccessLog:
         log = AccessLog(self.opts.access_log)
@@ -231,6 +240,59 @@ def auth_stack(tmp_path_factory):
     s = _start_stack(tmp_path_factory, "filter-auth", 10, filter=True, creds=AUTH)
     yield s
     STARTED.remove(s)
+    s.gw.stop()
+
+
+#: The token stack's users (name -> password): AUTH's user may pull, push and delete in demo/
+#: and plain/; a robot account may pull and push in demo/ only; a reader may only pull; team's
+#: developer works in project team/ only; `short`'s tokens expire about 3 s after they are issued
+#: (distribution accepts a token until 60 s past its exp).
+TOKEN_ROBOT = ("robot$demo+ci", "e2e-robot-pass")
+TOKEN_READER = ("reader", "e2e-reader-pass")
+TOKEN_TEAM = ("team-dev", "e2e-team-pass")
+TOKEN_SHORT = ("short", "e2e-short-pass")
+TOKEN_USERS = [
+    {"name": AUTH[0], "password": AUTH[1],
+     "access": {"demo": ["pull", "push", "delete"], "plain": ["pull", "push", "delete"]}},
+    {"name": TOKEN_ROBOT[0], "password": TOKEN_ROBOT[1], "access": {"demo": ["pull", "push"]}},
+    {"name": TOKEN_READER[0], "password": TOKEN_READER[1],
+     "access": {"demo": ["pull"], "plain": ["pull"]}},
+    {"name": TOKEN_TEAM[0], "password": TOKEN_TEAM[1],
+     "access": {"team": ["pull", "push", "delete"]}},
+    {"name": TOKEN_SHORT[0], "password": TOKEN_SHORT[1], "access": {"demo": ["pull", "push"]},
+     "ttl_seconds": -57},
+]
+
+
+@pytest.fixture(scope="session")
+def token_stack(tmp_path_factory):
+    """Envoy + the ocicrypt filter + a registry that wants bearer tokens from the token service
+    behind the gateway's /service/token (Harbor's way), users TOKEN_USERS; the ledger is kept
+    in the registry (replicas.state_key); project team/ is encrypted too, to its own key
+    (`stack.team_key`: the private key's path)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    team_key = tmp_path_factory.mktemp("team-key") / "team-ec.pem"
+    team_key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    port = PORT_BASE + 84 if PORT_BASE is not None else helpers.free_ports(1)[0]
+    s = _start_stack(tmp_path_factory, "token", 80, filter=True, token_auth=True,
+                     token_users=TOKEN_USERS, token_service_addr=f"127.0.0.1:{port}",
+                     state_key=base64.b64encode(os.urandom(32)).decode(),
+                     extra_rules=[{"repositories": "team/**", "action": "encrypt"}],
+                     extra_projects={"team": {"recipients": [{"pem": pub}]}})
+    s.creds = AUTH
+    s.team_key = team_key
+    yield s
+    if s in STARTED:
+        STARTED.remove(s)
     s.gw.stop()
 
 

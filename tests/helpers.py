@@ -213,10 +213,72 @@ def read_layout(layout: Path, tag: Optional[str] = None) -> Tuple[dict, bytes, s
 # registry API
 
 
-class Registry:
-    """Minimal distribution API client (requests) for assertions and raw pushes."""
+class BearerAuth(requests.auth.AuthBase):
+    """Registry bearer-token auth for requests, as clients do it: a request is sent with the
+    token last granted for its repository (none at first); a `401` with a `Bearer` challenge
+    gets a token from the challenge's realm for its scope (HTTP basic `creds`), and the request
+    is sent once more with it. `tokens` maps repository -> token (tests may age or swap them);
+    `granted` lists every token response."""
 
-    def __init__(self, base_url: str, auth: Optional[Tuple[str, str]] = None):
+    REPO = re.compile(r"^/v2/(.+?)/(?:blobs|manifests|tags|referrers)/")
+
+    def __init__(self, creds: Optional[Tuple[str, str]]):
+        self.creds = creds
+        self.tokens: Dict[str, str] = {}
+        self.granted: List[dict] = []
+
+    @staticmethod
+    def challenge(header: str) -> Dict[str, str]:
+        """The parameters of a `Bearer realm="…",service="…",scope="…"` challenge."""
+        kind, _, rest = header.partition(" ")
+        if kind.lower() != "bearer":
+            return {}
+        return dict(re.findall(r'([a-z_]+)="([^"]*)"', rest))
+
+    def fetch(self, params: Dict[str, str]) -> str:
+        query = {"service": params.get("service", "")}
+        if params.get("scope"):
+            query["scope"] = params["scope"]
+        r = requests.get(params["realm"], params=query, auth=self.creds, timeout=30)
+        assert r.status_code == 200, f"token for {query}: {r.status_code} {r.text[:300]}"
+        self.granted.append(r.json())
+        return r.json()["token"]
+
+    def _repo(self, url: str) -> Optional[str]:
+        m = self.REPO.match(urllib.parse.urlsplit(url).path)
+        return m.group(1) if m else None
+
+    def __call__(self, r):
+        repo = self._repo(r.url)
+        if repo in self.tokens:
+            r.headers["Authorization"] = f"Bearer {self.tokens[repo]}"
+        r.register_hook("response", self._on_response)
+        return r
+
+    def _on_response(self, resp, **kw):
+        params = self.challenge(resp.headers.get("WWW-Authenticate", ""))
+        if resp.status_code != 401 or "realm" not in params or \
+                getattr(resp.request, "_bearer_retried", False):
+            return resp
+        token = self.fetch(params)
+        repo = self._repo(resp.request.url)
+        if repo:
+            self.tokens[repo] = token
+        resp.content  # noqa: B018 - read the 401 so the connection can be reused
+        prep = resp.request.copy()
+        prep.headers["Authorization"] = f"Bearer {token}"
+        prep._bearer_retried = True
+        again = resp.connection.send(prep, **kw)
+        again.history.append(resp)
+        again.request = prep
+        return again
+
+
+class Registry:
+    """Minimal distribution API client (requests) for assertions and raw pushes. `auth`: HTTP
+    basic credentials, or any requests auth (e.g. BearerAuth)."""
+
+    def __init__(self, base_url: str, auth=None):
         self.base = base_url.rstrip("/")
         self.s = requests.Session()
         if auth:

@@ -157,6 +157,8 @@ class Options:
     keystream_prefetch_bytes: Optional[int] = None
     #: limits.upload_idle_seconds (None: the filter's default, an hour).
     upload_idle_seconds: Optional[int] = None
+    #: limits.ledger_cache_entries (None: the filter's default, 16 384).
+    ledger_cache_entries: Optional[int] = None
     registry_timeout_ms: int = 60000
     wasm_path: Path = WASM_PATH
     #: Build the wasm when it is missing or older than the sources (False: use it as it is).
@@ -289,7 +291,9 @@ def plugin_config(opts: Options, keys: Dict[str, Dict[str, Path]],
                    **({} if opts.keystream_prefetch_bytes is None
                       else {"keystream_prefetch_bytes": opts.keystream_prefetch_bytes}),
                    **({} if opts.upload_idle_seconds is None
-                      else {"upload_idle_seconds": opts.upload_idle_seconds})},
+                      else {"upload_idle_seconds": opts.upload_idle_seconds}),
+                   **({} if opts.ledger_cache_entries is None
+                      else {"ledger_cache_entries": opts.ledger_cache_entries})},
     }}
 
 

@@ -118,8 +118,10 @@ class ReplicaSet:
 
     def __init__(self, tmp: Path, wasm: Optional[Path] = None,
                  upload_idle_seconds: Optional[int] = None, log: Callable[[str], None] = None,
-                 state_key: bool = True):
+                 state_key: bool = True, ledger_cache_entries: Optional[int] = None):
         self.tmp = Path(tmp)
+        #: limits.ledger_cache_entries of both replicas (None: the filter's default).
+        self.ledger_cache_entries = ledger_cache_entries
         #: False: no replicas.state_key; the front then sends every request naming one
         #: repository to one replica (RING_HASH on the repository) instead of round-robin.
         self.with_state_key = state_key
@@ -140,7 +142,8 @@ class ReplicaSet:
             state_dir=self.tmp / name, gateway_addr=f"127.0.0.1:{self.ports[gw]}",
             registry_addr=self.registry_addr, admin_addr=f"127.0.0.1:{self.ports[admin]}",
             keyservice_addr=f"127.0.0.1:{self.ports[ks]}", state_key=self.state_key,
-            keys_source="inline", upload_idle_seconds=self.upload_idle_seconds, **extra, **kw)
+            keys_source="inline", upload_idle_seconds=self.upload_idle_seconds,
+            ledger_cache_entries=self.ledger_cache_entries, **extra, **kw)
 
     def start(self) -> "ReplicaSet":
         import requests

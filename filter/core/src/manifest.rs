@@ -202,8 +202,9 @@ pub enum ManifestError {
     /// plaintext).
     #[error(
         "layers[{layer}] {digest} ({media_type}) was not uploaded through the encrypting gateway \
-         (it was mounted from another repository or pushed before encryption was enabled), so it \
-         cannot be stored encrypted: push the image again through the gateway"
+         (it was mounted from another repository or pushed before encryption was enabled, or the \
+         gateway has since restarted or evicted it from its ledger cache), so it cannot be stored \
+         encrypted: push the image again through the gateway"
     )]
     NotUploadedThroughGateway {
         /// Index of the layer in `layers`.

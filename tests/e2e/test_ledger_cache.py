@@ -39,26 +39,21 @@ MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 def _stack(tmp_path_factory, name, offset, **extra):
     s = _start_stack(tmp_path_factory, name, offset, filter=True, keys_source="inline",
                      ledger_cache_entries=CAPACITY, **extra)
-    return s
+    yield s
+    if s in STARTED:
+        STARTED.remove(s)
+    s.gw.stop()
 
 
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory):
-    s = _stack(tmp_path_factory, "ledger-cache-replicas", 100,
-               state_key=base64.b64encode(os.urandom(32)).decode())
-    yield s
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
+    yield from _stack(tmp_path_factory, "ledger-cache-replicas", 100,
+                      state_key=base64.b64encode(os.urandom(32)).decode())
 
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    s = _stack(tmp_path_factory, "ledger-cache-local", 104)
-    yield s
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
+    yield from _stack(tmp_path_factory, "ledger-cache-local", 104)
 
 
 def stats(stack) -> dict:
@@ -112,18 +107,26 @@ def tag_reads(log: helpers.RegistryLog, repo: str) -> list:
             if r[0] == "GET" and r[1].startswith(f"/v2/{repo}/manifests/ocicrypt.sha256-")]
 
 
-def test_with_replicas_evicted_entries_are_read_back_from_the_registry(replicated, tmp_path):
-    s = replicated
-    key = s.keys["rsa"]["private"]
+def pushed_then_evicted(s, tmp_path, repo: str) -> helpers.Image:
+    """An image pushed to `repo:v1` with skopeo, then far more entries than the cache holds
+    written after its: the image's are all evicted."""
     image = helpers.build_image(tmp_path / "layout", "v1", helpers.MIB,
                                 marker=helpers.new_marker())
     before = stats(s)
-    push(image, f"{s.addr}/demo/early:v1")
-    # Far more entries than the cache holds, written after the image's: its are all gone.
+    push(image, f"{s.addr}/{repo}:v1")
+    helpers.check_stored_encrypted_and_decrypts(s, repo, image, tmp_path / "out-v1",
+                                                s.keys["rsa"]["private"])
     fill(s, "demo/filler", 3 * CAPACITY)
     after = stats(s)
-    print(f"with replicas: cache {before} -> {after}")
+    print(f"{s.name}: cache {before} -> {after}")
     assert_bounded(before, after)
+    return image
+
+
+def test_with_replicas_evicted_entries_are_read_back_from_the_registry(replicated, tmp_path):
+    s = replicated
+    key = s.keys["rsa"]["private"]
+    image = pushed_then_evicted(s, tmp_path, "demo/early")
 
     # The manifest again, under a new tag: every layer is unknown to the cache now and read
     # back from the registry's ledger (authenticated), then rewritten.
@@ -144,7 +147,6 @@ def test_with_replicas_evicted_entries_are_read_back_from_the_registry(replicate
     push(image, f"{s.addr}/demo/early:v3")
     assert not log.blob_writes(), log.blob_writes()
     assert tag_reads(log, "demo/early"), "the re-push read nothing back"
-    helpers.check_stored_encrypted_and_decrypts(s, "demo/early", image, tmp_path / "out-v1", key)
     out = tmp_path / "out-v3"
     helpers.skopeo_pull(f"{s.registry_addr}/demo/early:v3", out, "v3", keys=[key])
     helpers.assert_decrypted_matches(out, "v3", image)
@@ -154,15 +156,7 @@ def test_with_replicas_evicted_entries_are_read_back_from_the_registry(replicate
 def test_without_replicas_an_evicted_layer_is_uploaded_again(local, tmp_path):
     s = local
     key = s.keys["rsa"]["private"]
-    image = helpers.build_image(tmp_path / "layout", "v1", helpers.MIB,
-                                marker=helpers.new_marker())
-    before = stats(s)
-    push(image, f"{s.addr}/demo/local:v1")
-    helpers.check_stored_encrypted_and_decrypts(s, "demo/local", image, tmp_path / "out-v1", key)
-    fill(s, "demo/filler", 3 * CAPACITY)
-    after = stats(s)
-    print(f"without replicas: cache {before} -> {after}")
-    assert_bounded(before, after)
+    image = pushed_then_evicted(s, tmp_path, "demo/local")
 
     # The cache was the only record: a manifest naming the evicted layers is refused.
     r = put_manifest(s, "demo/local", "v2", image.manifest_bytes)

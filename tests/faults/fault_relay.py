@@ -5,11 +5,17 @@ matrix:
 - kill points by bytes: ``at_bytes(n, fn, method="PATCH")`` calls ``fn`` once, in the thread
   forwarding the request, when a matching request has forwarded ``n`` body bytes to the
   registry (``fn`` may kill Envoy, the registry or the client; it may also block, which holds
-  the stream there);
-- misbehaviour on chosen requests: ``misbehave(action, match)`` answers requests for which
-  ``match(method, path, headers)`` is true with ``500``/``503`` (an OCI error body, as the
-  registry would), ``reset`` (the connection closed with RST, nothing forwarded) or ``hang``
-  (no answer until ``hang_seconds`` have passed or ``heal()``, then RST).
+  the stream there); ``skip=k`` lets the first ``k`` requests that reach ``n`` bytes pass (a
+  client that sends a layer in several PATCHes);
+- kill points by request: ``on_request(match, fn, then)`` holds the first request for which
+  ``match(method, path, headers)`` is true before forwarding a byte of it, calls ``fn`` in its
+  thread, then forwards it (``then="release"``: the registry acts on it, the answer goes to
+  whoever still listens) or answers it with a misbehaviour (``"reset"``: dropped unforwarded);
+- misbehaviour on chosen requests: ``misbehave(action, match, times=None)`` answers requests
+  for which ``match(method, path, headers)`` is true (the first ``times`` of them, or all)
+  with ``500``/``503`` (an OCI error body, as the registry would), ``reset`` (the connection
+  closed with RST, nothing forwarded) or ``hang`` (no answer until ``hang_seconds`` have
+  passed or ``heal()``, then RST).
 
 ``is_callout(headers)`` tells the filter's own callouts from the clients' requests: a callout
 carries the filter's fixed ``Accept`` and no ``User-Agent`` (every client sends one).
@@ -41,10 +47,15 @@ def is_callout(headers) -> bool:
     return headers.get("Accept") == CALLOUT_ACCEPT and headers.get("User-Agent") is None
 
 
+def commit(method: str, path: str, headers) -> bool:
+    """A `PUT <session>?digest=` that commits an upload: a chunked client's own final PUT (the
+    filter forwards it with the ciphertext digest) or the filter's finishing callout."""
+    return method == "PUT" and "/blobs/uploads/" in path and "digest=" in path
+
+
 def finishing_callout(method: str, path: str, headers) -> bool:
     """The filter's `PUT <session>?digest=<ciphertext>` that commits a monolithic upload."""
-    return method == "PUT" and "/blobs/uploads/" in path and "digest=" in path \
-        and is_callout(headers)
+    return commit(method, path, headers) and is_callout(headers)
 
 
 def ledger_write(method: str, path: str, headers) -> bool:
@@ -70,26 +81,38 @@ class FaultRelay(LyingRegistry):
     def __init__(self, upstream: str, listen: str, elsewhere: str):
         super().__init__(upstream, listen, elsewhere)
         self._trigger = None  # (threshold, fn, method_re)
-        self._fault = None  # (action, match)
+        self._fault = None  # (action, match, times)
+        self._hold = None  # (match, fn, then)
+        self._skip = 0
         self._healed = threading.Event()
         self.hang_seconds = 30.0
         #: Requests answered by a fault (method, path, action) and bytes at which a kill fired.
         self.misbehaved: List[tuple] = []
         self.fired: List[tuple] = []
+        #: Requests held by on_request (method, path).
+        self.held: List[tuple] = []
         #: Error answers forwarded: (method, path, status, headers lower-cased, body).
         self.errors: List[tuple] = []
 
     # configuration --------------------------------------------------------------------
     def at_bytes(self, threshold: int, fn: Callable[[], None], method: str = "PATCH",
-                 path_re: str = r"/blobs/uploads/") -> None:
+                 path_re: str = r"/blobs/uploads/", skip: int = 0) -> None:
         with self._lock:
             self._trigger = (threshold, fn, method, re.compile(path_re))
+            self._skip = skip
             self.fired.clear()
 
-    def misbehave(self, action: str, match) -> None:
+    def on_request(self, match, fn: Callable[[], None], then: str = "release") -> None:
+        assert then == "release" or then in ACTIONS, then
+        with self._lock:
+            self._hold = (match, fn, then)
+            self.held.clear()
+
+    def misbehave(self, action: str, match, times: Optional[int] = None) -> None:
+        """`times`: misbehave on that many matching requests, then forward the others."""
         assert action in ACTIONS, action
         with self._lock:
-            self._fault = (action, match)
+            self._fault = (action, match, times)
             self.misbehaved.clear()
         self._healed.clear()
 
@@ -98,15 +121,33 @@ class FaultRelay(LyingRegistry):
         with self._lock:
             self._trigger = None
             self._fault = None
+            self._hold = None
         self._healed.set()
 
     # the proxy --------------------------------------------------------------------------
     def _forward(self, h: BaseHTTPRequestHandler, listener: str) -> None:
         with self._lock:
+            hold = self._hold
+            if hold is not None and hold[0](h.command, h.path, h.headers):
+                self._hold = None
+                self.held.append((h.command, h.path))
+            else:
+                hold = None
+        if hold is not None:
+            hold[1]()
+            if hold[2] != "release":
+                self._misbehave(h, hold[2])
+                return
+            super()._forward(h, listener)
+            return
+        with self._lock:
             fault = self._fault
-        if fault is not None and fault[1](h.command, h.path, h.headers):
-            with self._lock:
+            if fault is not None and fault[1](h.command, h.path, h.headers) \
+                    and (fault[2] is None or len(self.misbehaved) < fault[2]):
                 self.misbehaved.append((h.command, h.path, fault[0]))
+            else:
+                fault = None
+        if fault is not None:
             self._misbehave(h, fault[0])
             return
         super()._forward(h, listener)
@@ -163,6 +204,9 @@ class FaultRelay(LyingRegistry):
                 armed = False
                 with self._lock:
                     if self._trigger is not trigger:
+                        continue
+                    if self._skip > 0:
+                        self._skip -= 1
                         continue
                     self._trigger = None
                     self.fired.append((h.command, h.path, sent))

@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,12 @@ import gateway
 import helpers
 from conftest import STARTED, WASM_FAILURE_SIGNS, WASM_OVERRIDE, ProxiedStack, _write_owner, \
     start_registry_only
-from fault_relay import FaultRelay, finishing_callout, ledger_read, ledger_write
+from fault_relay import FaultRelay, commit, finishing_callout, ledger_read, ledger_write
 from helpers import MIB
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from test_docker import Dockerd  # noqa: E402
+from test_tuf_keys import keyservice, serve  # noqa: E402
 
 pytestmark = [pytest.mark.filter]
 
@@ -63,6 +68,10 @@ REGISTRY_TIMEOUT_MS = 5000
 TMPFS_SIZE = "4g"
 #: Seconds a condition (a stale key record, the key service back) may take to show.
 SETTLE = 30.0
+#: oras's chunk size (conftest.oras_push): KILL_AT falls in its second PATCH.
+ORAS_CHUNK = 16 * MIB
+#: Layer size of the rows that need no mid-stream point (a fault on a callout or between pushes).
+SMALL_LAYER = 4 * MIB
 
 
 @dataclass
@@ -112,6 +121,8 @@ def _fault_stack(tmp_path_factory, name: str, *, sealed: bool, tmpfs: bool) -> F
     except gateway.GatewayError as err:
         relay.stop()
         backend.stop()
+        if tmpfs:
+            helpers.run(["umount", storage], check=False)
         pytest.fail(f"fault stack {name!r} did not start: {err}", pytrace=False)
     front = FaultRelay(upstream=gw.opts.gateway_addr, listen=f"127.0.0.1:{ports[7]}",
                        elsewhere=f"127.0.0.1:{ports[8]}").start()
@@ -152,27 +163,90 @@ def ctr_ref(containerd, secret_image) -> str:
     return containerd.import_image(secret_image, "e2e.local/faults")
 
 
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory) -> helpers.Image:
+    d = tmp_path_factory.mktemp("img-faults-small")
+    return helpers.build_image(d / "layout", "v1", SMALL_LAYER, marker=helpers.new_marker())
+
+
+@pytest.fixture(scope="module")
+def ctr_small_ref(containerd, small_image) -> str:
+    return containerd.import_image(small_image, "e2e.local/faults-small")
+
+
+@pytest.fixture(scope="module")
+def dockerd(tmp_path_factory):
+    """A private dockerd (tests/e2e/test_docker.py); the docker rows are skipped, with the
+    reason, where it cannot start."""
+    d = Dockerd(Path(tmp_path_factory.mktemp("dkd")))
+    try:
+        d.start()
+    except (RuntimeError, pytest.fail.Exception) as err:
+        d.stop()
+        pytest.skip(f"dockerd cannot start here: {str(err)[-500:]}")
+    yield d
+    d.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # pushes
 
 
-class Pusher:
-    """Starts the push of the secret image to `repo` with a client, as a process of its own."""
+#: oras-py (conftest.oras_push) in a process of its own: argv image (pickled, hex), host:port,
+#: repo:tag, "chunked" or "monolithic". Its retries (each failed request 5 times more) wait 1 s
+#: here instead of 3 to 83 s, to keep the matrix short.
+ORAS_PUSH = """
+import pickle, sys, time
+sleep = time.sleep
+time.sleep = lambda seconds: sleep(min(seconds, 1.0))
+sys.path.insert(0, %r)
+from conftest import oras_push
+oras_push(pickle.loads(bytes.fromhex(sys.argv[1])), sys.argv[2], sys.argv[3],
+          chunked=sys.argv[4] == "chunked")
+""" % str(Path(__file__).resolve().parents[1])
 
-    def __init__(self, fs: FaultStack, image: helpers.Image, containerd, ctr_ref: Optional[str]):
+#: Clients of the matrix: skopeo (one PATCH, then PUT ?digest=), ctr (monolithic PUT),
+#: oras-py monolithic (POST, PUT with the body) and chunked (PATCHes of ORAS_CHUNK), docker
+#: (dockerd: a chunked PATCH of the layer it recompresses, then PUT ?digest=).
+MONOLITHIC = {"ctr", "oras-mono"}
+#: Clients that send a failed request again themselves (oras-py: each request up to 5 times,
+#: 3 to 83 s apart; dockerd: each blob upload up to 5 times).
+RETRYING = {"oras-mono", "oras-chunked", "docker"}
+
+
+class Pusher:
+    """Starts the push of an image to `repo` with a client, as a process of its own."""
+
+    def __init__(self, fs: FaultStack, image: helpers.Image, containerd, ctr_ref: Optional[str],
+                 docker: Optional[Tuple[Dockerd, str]] = None):
         self.fs, self.image, self.containerd, self.ctr_ref = fs, image, containerd, ctr_ref
+        #: (dockerd, the name of the image loaded into it)
+        self.docker = docker
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, client: str, repo: str) -> subprocess.Popen:
         dest = f"{self.fs.addr}/{repo}:v1"
+        env = None
         if client == "skopeo":
             argv = ["skopeo", "copy", "--dest-tls-verify=false", "--preserve-digests",
                     self.image.oci_ref, f"docker://{dest}"]
-        else:
+        elif client == "ctr":
             argv = ["ctr", "-a", str(self.containerd.sock), "images", "push", "--plain-http",
                     dest, self.ctr_ref]
+        elif client.startswith("oras-"):
+            import pickle
+
+            argv = [sys.executable, "-c", ORAS_PUSH, pickle.dumps(self.image).hex(),
+                    self.fs.addr, f"{repo}:v1",
+                    "chunked" if client == "oras-chunked" else "monolithic"]
+        else:
+            assert client == "docker" and self.docker is not None, client
+            dockerd, loaded = self.docker
+            dockerd.docker("tag", loaded, dest)
+            argv, env = [dockerd.cli, "push", dest], dockerd.env
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+                                     env=env)
         return self.proc
 
     def wait(self) -> Tuple[int, str]:
@@ -302,6 +376,13 @@ class Case:
     log_offset: int = 0
     gauge_before: float = 0.0
     envoy_restarted: bool = False
+    #: Set when a kill armed by `killer` has killed its process.
+    killed: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def exact(self) -> bool:
+        """The client pushes the layers as they are (docker recompresses them)."""
+        return self.client != "docker"
 
     def begin(self) -> "Case":
         self.fs.relay.heal()
@@ -316,6 +397,37 @@ class Case:
         self.fs.gw.start_envoy()
         self.envoy_restarted = True
 
+    def _owner(self, name: str) -> gateway.Gateway:
+        return self.fs.backend if name == "registry" else self.fs.gw
+
+    def killer(self, name: str, restart: bool = False) -> Callable[[], None]:
+        """What a relay calls to SIGKILL process `name` ("envoy" of the gateway, "registry" of
+        the backend), by the pid the test started it with; `restart`: and start it again at
+        once (for clients that retry a failed request themselves)."""
+        def kill() -> None:
+            self._owner(name).kill(name)
+            if restart and name == "envoy":
+                self.restart_envoy()
+            self.killed.set()
+        return kill
+
+    def push_restarting(self, name: str) -> Tuple[int, str]:
+        """The push, with `killer(name)` armed in the relay; whatever died is started again
+        before this returns."""
+        gw = self._owner(name)
+        try:
+            return self.pusher.push(self.client, self.repo)
+        finally:
+            if self.fs.relay.fired or self.fs.relay.held:
+                # The client may end before the killing thread has reaped the process (while
+                # it does, Popen.poll() answers "running").
+                assert self.killed.wait(60), f"{name} was not killed"
+            if gw.pid(name) is None:
+                if name == "envoy":
+                    self.restart_envoy()
+                else:
+                    gw.start_registry()
+
     def failed(self, rc: int, out: str, says: Optional[str] = None,
                answered: bool = True) -> None:
         """The push failed; when `answered` (someone answered the request the fault hit,
@@ -328,17 +440,21 @@ class Case:
             return
         errors = [e for e in self.fs.front.errors if self.repo in e[1]]
         assert errors, f"the client got no error answer:\n{out[-2000:]}"
-        method, path, status, headers, body = errors[-1]
-        try:
-            messages = [e["message"] for e in json.loads(body)["errors"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise AssertionError(f"{method} {path.split('?')[0]}: {status} without an OCI error "
-                                 f"body: {body[:500]!r}") from err
-        if says:
+        answers = []
+        for method, path, status, headers, body in errors:
+            try:
+                messages = [e["message"] for e in json.loads(body)["errors"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise AssertionError(f"{method} {path.split('?')[0]}: {status} without an OCI "
+                                     f"error body: {body[:500]!r}") from err
             # The filter's own refusal, not the same words from elsewhere.
-            assert headers.get("x-ocicrypt-filter") == "refused", (status, headers)
-            assert any(says in m for m in messages), \
-                f"{method} {path.split('?')[0]}: {status} {messages} does not say {says!r}"
+            refused = headers.get("x-ocicrypt-filter") == "refused"
+            answers.append((method, path.split("?")[0], status, refused, messages))
+        # Clients that upload blobs in parallel (ctr, docker) may get other answers too
+        # (Envoy's 503 for a request the fault also broke): one is the filter's refusal.
+        assert not says or any(refused and any(says in m for m in messages)
+                               for *_, refused, messages in answers), \
+            f"no refusal by the filter says {says!r}: {answers}"
 
     def retry_and_check(self, leaks: int = 0) -> None:
         """The same push again succeeds; then everything the module docstring lists holds.
@@ -351,10 +467,21 @@ class Case:
     def check(self, leaks: int = 0) -> None:
         fs, image = self.fs, self.pusher.image
         manifest = fs.direct().get_manifest(self.repo, "v1").json()
-        helpers.assert_encrypted_manifest(manifest, image)
+        helpers.assert_encrypted_manifest(manifest, image, exact=self.exact)
         helpers.skopeo_pull(f"{fs.registry_addr}/{self.repo}:v1", self.out, "v1",
                             keys=[fs.keys["rsa"]["private"]])
-        helpers.assert_decrypted_matches(self.out, "v1", image)
+        plain = helpers.assert_decrypted_matches(self.out, "v1", image, exact=self.exact)
+        if not self.exact:
+            # The client's own plaintext (docker's gzip stream: the marker does not show in
+            # it): its layer digests, and pieces of it from before the fault, must not be
+            # stored either.
+            for layer in plain["layers"]:
+                fs.plaintext.add(layer["digest"])
+                data = self.out / "blobs" / "sha256" / layer["digest"].split(":", 1)[1]
+                with open(data, "rb") as f:
+                    for at in range(MIB, min(layer["size"], KILL_AT) - 64, 8 * MIB):
+                        f.seek(at)
+                        fs.markers.add(f.read(64))
         shutil.rmtree(self.out)
         scan_storage(fs)
         assert check_manifests(fs) >= 1
@@ -366,11 +493,23 @@ class Case:
 
 
 @pytest.fixture
-def case_of(request, secret_image, containerd, ctr_ref, tmp_path):
-    def make(stack_name: str, client: str, row: str) -> Case:
+def case_of(request, containerd, tmp_path):
+    """`make(stack, client, row, small=False)`: a Case pushing the 64 MiB secret image, or
+    (small) a SMALL_LAYER image for rows whose fault needs no point inside the layer."""
+    def make(stack_name: str, client: str, row: str, small: bool = False) -> Case:
         fs = request.getfixturevalue(stack_name)
+        image = request.getfixturevalue("small_image" if small else "secret_image")
+        ctr_ref = request.getfixturevalue("ctr_small_ref" if small else "ctr_ref") \
+            if client == "ctr" else None
+        docker = None
+        if client == "docker":
+            d = request.getfixturevalue("dockerd")
+            loaded = f"e2e/faults-{'small' if small else 'secret'}:v1"
+            if d.docker("image", "inspect", loaded, check=False).returncode != 0:
+                d.load(image, loaded)
+            docker = (d, loaded)
         repo = f"demo/{stack_name}-{row}-{client}"
-        return Case(fs, Pusher(fs, secret_image, containerd, ctr_ref), client, repo,
+        return Case(fs, Pusher(fs, image, containerd, ctr_ref, docker), client, repo,
                     tmp_path / "out").begin()
     return make
 
@@ -380,17 +519,25 @@ def case_of(request, secret_image, containerd, ctr_ref, tmp_path):
 
 
 @pytest.mark.parametrize("stack_name,client", [
-    ("shared", "skopeo"), ("shared", "ctr"), ("sealed", "skopeo"), ("sealed", "ctr")])
+    ("shared", "skopeo"), ("shared", "ctr"), ("sealed", "skopeo"), ("sealed", "ctr"),
+    ("shared", "oras-mono"), ("shared", "oras-chunked"), ("sealed", "oras-chunked"),
+    ("shared", "docker")])
 def test_envoy_killed_mid_layer(case_of, stack_name, client):
     c = case_of(stack_name, client, "envoy-kill")
-    c.fs.relay.at_bytes(KILL_AT, lambda: c.fs.gw.kill("envoy"))
-    try:
-        rc, out = c.pusher.push(client, c.repo)
-    finally:
-        if c.fs.gw.pid("envoy") is None:
-            c.restart_envoy()
+    # oras-chunked: 8 MiB into its second PATCH, KILL_AT into the layer.
+    skip, at = divmod(KILL_AT, ORAS_CHUNK) if client == "oras-chunked" else (0, KILL_AT)
+    c.fs.relay.at_bytes(at, c.killer("envoy", restart=client in RETRYING), skip=skip)
+    rc, out = c.push_restarting("envoy")
     assert c.fs.relay.fired, "the kill point was never reached"
-    c.failed(rc, out, answered=False)
+    if client == "docker":
+        # dockerd sends the layer again (to the restarted Envoy) and it is stored; the small
+        # layer it had finished before the kill is known to no one now (no replicas.state_key:
+        # the ledger went with the process), so the manifest is refused.
+        c.failed(rc, out, says="was not uploaded through the encrypting gateway")
+    else:
+        # oras-py sends the broken request again, to the same session: the registry, holding
+        # part of it already, resets each try (Envoy's 503, or no answer mid-body).
+        c.failed(rc, out, answered=False)
     c.retry_and_check()
 
 
@@ -402,12 +549,8 @@ def test_envoy_killed_mid_layer(case_of, stack_name, client):
     ("shared", "skopeo"), ("shared", "ctr"), ("sealed", "skopeo")])
 def test_registry_killed_mid_layer(case_of, stack_name, client):
     c = case_of(stack_name, client, "registry-kill")
-    c.fs.relay.at_bytes(KILL_AT, lambda: c.fs.backend.kill("registry"))
-    try:
-        rc, out = c.pusher.push(client, c.repo)
-    finally:
-        if c.fs.backend.pid("registry") is None:
-            c.fs.backend.start_registry()
+    c.fs.relay.at_bytes(KILL_AT, c.killer("registry"))
+    rc, out = c.push_restarting("registry")
     assert c.fs.relay.fired, "the kill point was never reached"
     # Envoy answers the reset at once (503, an OCI body: envoy.yaml's local replies, checked in
     # tests/e2e/test_envoy_replies.py) and closes while the client is still sending: the client
@@ -455,13 +598,77 @@ def test_ledger_read_fails(case_of, secret_image):
     c = case_of("sealed", "skopeo", "ledger-read")
     rc, out = c.pusher.push("skopeo", c.repo)
     assert rc == 0, out
-    c.fs.gw.kill("envoy")  # a fresh process knows nothing but what the registry holds
+    c.killer("envoy")()  # a fresh process knows nothing but what the registry holds
     c.restart_envoy()
     c.fs.relay.misbehave("500", ledger_read)
     rc, out = c.pusher.push("skopeo", c.repo)
     assert c.fs.relay.misbehaved, "no ledger read came"
     assert rc == 0, f"a failed ledger read failed the push:\n{out[-3000:]}"
     c.check()
+
+
+def _layer_commit(image: helpers.Image):
+    """Matches the commit of one of `image`'s layers (not of its config, which passes through
+    under its own digest): the filter's finishing callout or a chunked client's final PUT."""
+    config = image.config.digest.split(":", 1)[1]
+    return lambda method, path, headers: commit(method, path, headers) and config not in path
+
+
+@pytest.mark.parametrize("client", ["oras-mono", "oras-chunked", "docker"])
+def test_layer_commit_answered_503(case_of, client):
+    """The registry answers 503 to the commit of a layer: the filter's finishing callout
+    (oras monolithic: the filter's refusal) or the client's own final PUT, which the filter
+    forwards with the ciphertext digest (oras chunked, docker: the registry's answer, which
+    dockerd meets once and survives by uploading the blob again)."""
+    c = case_of("shared", client, "commit-503", small=True)
+    # dockerd uploads a blob again after a failure (5 tries, 5 to 20 s apart): the 503 comes
+    # once for it, else every time.
+    c.fs.relay.misbehave("503", _layer_commit(c.pusher.image),
+                         times=1 if client == "docker" else None)
+    rc, out = c.pusher.push(client, c.repo)
+    assert c.fs.relay.misbehaved, "no layer commit came"
+    if client == "docker":
+        assert rc == 0, f"docker did not push after its own retry:\n{out[-2000:]}"
+        assert "Retrying in" in out, out
+    else:
+        c.failed(rc, out, says="when the gateway tried to commit the encrypted blob"
+                 if client in MONOLITHIC else None)
+    # A refused final PUT of a client's own leaves its session's state at the gateway (the
+    # client may send that PUT again) until limits.upload_idle_seconds; a failed finishing
+    # callout ends its session.
+    c.retry_and_check(leaks=0 if client in MONOLITHIC else len(c.fs.relay.misbehaved))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. Processes killed while a callout of the filter is at the registry: the relay holds the
+#     request (the finishing PUT of a monolithic upload, or the ledger write with replicas),
+#     kills, then forwards it (the registry acts on a request whose sender is gone) or drops it
+
+
+CALLOUTS = {"commit": finishing_callout, "ledger": ledger_write}
+
+
+@pytest.mark.parametrize("stack_name,client,at,then", [
+    ("shared", "ctr", "commit", "release"), ("shared", "ctr", "commit", "reset"),
+    ("sealed", "ctr", "commit", "release"), ("sealed", "ctr", "ledger", "release"),
+    ("sealed", "skopeo", "ledger", "release"), ("sealed", "skopeo", "ledger", "reset")])
+def test_envoy_killed_in_callout(case_of, stack_name, client, at, then):
+    c = case_of(stack_name, client, f"envoy-kill-{at}-{then}", small=True)
+    c.fs.relay.on_request(CALLOUTS[at], c.killer("envoy"), then=then)
+    rc, out = c.push_restarting("envoy")
+    assert c.fs.relay.held, f"no {at} callout came"
+    c.failed(rc, out, answered=False)
+    c.retry_and_check()
+
+
+@pytest.mark.parametrize("stack_name", ["shared", "sealed"])
+def test_registry_killed_in_finishing_callout(case_of, stack_name):
+    c = case_of(stack_name, "ctr", "registry-kill-commit", small=True)
+    c.fs.relay.on_request(finishing_callout, c.killer("registry"))
+    rc, out = c.push_restarting("registry")
+    assert c.fs.relay.held, "no finishing callout came"
+    c.failed(rc, out, says="when the gateway tried to commit the encrypted blob")
+    c.retry_and_check()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,6 +721,41 @@ def test_key_service_fails_mid_layer(case_of, fault):
     # The session whose PATCH went through keeps its state at the gateway (its final PUT was
     # refused and may be sent again): nothing evicts it yet (issue 15, part 2).
     c.retry_and_check(leaks=1)
+
+
+#: What the refusal names for metadata the TUF client must refuse (scripts/keyservice attack
+#: kinds: "freeze" serves a timestamp that expired an hour ago, "rollback" the previous
+#: timestamp with the snapshot and targets it names).
+BAD_METADATA = {"freeze": "timestamp metadata expired at ",
+                "rollback": "timestamp version "}
+
+
+@pytest.mark.parametrize("when", ["mid-layer", "between-pushes"])
+@pytest.mark.parametrize("kind", sorted(BAD_METADATA))
+def test_key_service_serves_bad_metadata(case_of, tmp_path, kind, when):
+    c = case_of("shared", "skopeo", f"keys-{kind}-{when}", small=when != "mid-layer")
+    fs = c.fs
+    attacked = tmp_path / f"attack-{kind}"
+    keyservice(fs, "attack", "--out", str(attacked), "--kind", kind, "--project", "demo")
+
+    def go_bad():
+        serve(fs, attacked)
+        _until(lambda: _upload_start(fs).status_code == 503, "the record going stale")
+
+    try:
+        if when == "mid-layer":
+            fs.relay.at_bytes(KILL_AT, go_bad)
+        else:
+            go_bad()
+        rc, out = c.pusher.push("skopeo", c.repo)
+        assert when != "mid-layer" or fs.relay.fired, "the fault point was never reached"
+        c.failed(rc, out, says=f'no verified recipient keys for project "demo": key service '
+                 f'metadata did not verify: {BAD_METADATA[kind]}')
+    finally:
+        serve(fs, fs.opts.keyservice_dir)
+    _until(lambda: _upload_start(fs).status_code == 202, "good metadata back")
+    # Mid-layer, the session whose PATCH went through keeps its state (see above).
+    c.retry_and_check(leaks=1 if when == "mid-layer" else 0)
 
 
 # ---------------------------------------------------------------------------------------------

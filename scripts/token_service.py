@@ -12,13 +12,15 @@ key (the registry trusts the keys of the certificates in its ``rootcertbundle``)
 ``sub``, ``aud`` (the service, one string), ``exp``, ``nbf``, ``iat``, ``jti`` and ``access``:
 ``[{"type":"repository","name":…,"actions":[…]}]``. Each requested action is granted only if the
 user holds it on the repository's project (the first path segment), as Harbor grants per project;
-``*`` stands for every action the user holds there. Unknown users or wrong passwords get ``401``.
+``*`` stands for every action the user holds there; ``registry:catalog:*`` (listing every
+repository) only to a user with ``"catalog": true``, as Harbor gives it to system
+administrators only. Unknown users or wrong passwords get ``401``.
 
 Configuration (JSON, read again on every request, so a test may change a user's lifetime)::
 
     {"issuer": "...", "service": "...", "key": "<signing key PEM>", "ttl_seconds": 300,
      "users": [{"name": "...", "password": "...", "access": {"demo": ["pull", "push"]},
-                "ttl_seconds": 300}]}
+                "ttl_seconds": 300, "catalog": false}]}
 
 A user's ``ttl_seconds`` may be negative: distribution accepts a token until 60 s after its
 ``exp`` (its leeway), so ``-57`` makes a token the registry takes for about 3 s.
@@ -130,6 +132,8 @@ def grant(user: Optional[Dict[str, Any]], scopes: List[str]) -> List[Dict[str, A
         held: List[str] = []
         if user is not None and typ == "repository":
             held = list(user.get("access", {}).get(name.split("/", 1)[0], []))
+        elif user is not None and (typ, name) == ("registry", "catalog") and user.get("catalog"):
+            held = ["*"]  # listing every repository: Harbor's system administrators only
         given = out.setdefault((typ, name), [])
         for action in wanted:
             for a in (held if action == "*" else [action]):

@@ -246,11 +246,14 @@ def auth_stack(tmp_path_factory):
 #: The token stack's users (name -> password): AUTH's user may pull, push and delete in demo/
 #: and plain/; a robot account may pull and push in demo/ only; a reader may only pull; team's
 #: developer works in project team/ only; `short`'s tokens expire about 3 s after they are issued
-#: (distribution accepts a token until 60 s past its exp).
+#: (distribution accepts a token until 60 s past its exp); `admin` may also list the catalog.
 TOKEN_ROBOT = ("robot$demo+ci", "e2e-robot-pass")
 TOKEN_READER = ("reader", "e2e-reader-pass")
 TOKEN_TEAM = ("team-dev", "e2e-team-pass")
 TOKEN_SHORT = ("short", "e2e-short-pass")
+#: May list every repository (registry:catalog:*), as Harbor's system administrators: what
+#: scripts/rotate needs to find a project's repositories.
+TOKEN_ADMIN = ("admin", "e2e-admin-pass")
 TOKEN_USERS = [
     {"name": AUTH[0], "password": AUTH[1],
      "access": {"demo": ["pull", "push", "delete"], "plain": ["pull", "push", "delete"]}},
@@ -261,6 +264,8 @@ TOKEN_USERS = [
      "access": {"team": ["pull", "push", "delete"]}},
     {"name": TOKEN_SHORT[0], "password": TOKEN_SHORT[1], "access": {"demo": ["pull", "push"]},
      "ttl_seconds": -57},
+    {"name": TOKEN_ADMIN[0], "password": TOKEN_ADMIN[1], "catalog": True,
+     "access": {"demo": ["pull", "push", "delete"]}},
 ]
 
 

@@ -485,6 +485,26 @@ def skopeo_pull(src: str, out: Path, tag: str, keys: Sequence[Path] = (),
                timeout=CLIENT_TIMEOUT)
 
 
+def skopeo_pull_all(src: str, out: Path, key: Path, images: Dict[str, "Image"],
+                    creds: Optional[Tuple[str, str]] = None) -> None:
+    """The oracle for an image index: `skopeo copy --all` of `src` decrypting with `key`; each
+    platform (by architecture) holds the layers of `images[arch]` as pushed, none encrypted."""
+    argv = ["skopeo", "copy", "--all", "--src-tls-verify=false",
+            "--dest-oci-accept-uncompressed-layers", "--decryption-key", str(key)]
+    if creds:
+        argv += ["--src-creds", f"{creds[0]}:{creds[1]}"]
+    run(argv + [f"docker://{src}", f"oci:{out}:v1"], timeout=CLIENT_TIMEOUT)
+    blobs = out / "blobs" / "sha256"
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    pulled = json.loads((blobs / top["digest"].split(":")[1]).read_text())
+    assert len(pulled["manifests"]) == len(images)
+    for child in pulled["manifests"]:
+        arch = child["platform"]["architecture"]
+        m = json.loads((blobs / child["digest"].split(":")[1]).read_text())
+        assert [x["digest"] for x in m["layers"]] == images[arch].layer_digests, arch
+        assert not any("+encrypted" in x["mediaType"] for x in m["layers"])
+
+
 def _with_query(entry: dict) -> dict:
     """The access log keeps upload state out (paths are logged without their query); the query
     parameters worth reading are logged one by one. Put them back on `path`, as the client sent

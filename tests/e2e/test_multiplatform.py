@@ -65,19 +65,6 @@ def test_multi_platform_index_push_and_decrypt_every_platform(stack, multi_layou
         m = reg.get_manifest("demo/multi", child["digest"]).json()
         helpers.assert_encrypted_manifest(m, images[arch])
 
-    out = tmp_path / "out"
-    helpers.run(["skopeo", "copy", "--all", "--src-tls-verify=false",
-                 "--dest-oci-accept-uncompressed-layers",
-                 "--decryption-key", str(stack.keys["rsa"]["private"]),
-                 f"docker://{stack.registry_addr}/demo/multi:v1", f"oci:{out}:v1"],
-                timeout=helpers.CLIENT_TIMEOUT)
-    blobs = out / "blobs" / "sha256"
-    top = json.loads((out / "index.json").read_text())["manifests"][0]
-    pulled = json.loads((blobs / top["digest"].split(":")[1]).read_text())
-    assert len(pulled["manifests"]) == 2
-    for child in pulled["manifests"]:
-        arch = child["platform"]["architecture"]
-        m = json.loads((blobs / child["digest"].split(":")[1]).read_text())
-        assert [l["digest"] for l in m["layers"]] == images[arch].layer_digests, arch
-        assert not any("+encrypted" in l["mediaType"] for l in m["layers"])
+    helpers.skopeo_pull_all(f"{stack.registry_addr}/demo/multi:v1", tmp_path / "out",
+                            stack.keys["rsa"]["private"], images)
     assert not helpers.scan_for(stack.storage, [images[a].marker.encode() for a in images])

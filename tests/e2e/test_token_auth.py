@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import List, Set
@@ -22,8 +24,8 @@ import pytest
 import requests
 
 import helpers
-from conftest import (AUTH, TOKEN_READER, TOKEN_ROBOT, TOKEN_SHORT, TOKEN_TEAM, Push,
-                      attempt_push)
+from conftest import (AUTH, TOKEN_ADMIN, TOKEN_READER, TOKEN_ROBOT, TOKEN_SHORT, TOKEN_TEAM,
+                      Push, attempt_push)
 from helpers import MIB, BearerAuth, Registry, RegistryLog
 from test_multiplatform import multi_layout  # noqa: F401  (a fixture)
 
@@ -207,7 +209,7 @@ def test_cross_repository_mount_with_tokens(token_stack, tok_image, tmp_path):
     log = token_stack.access_log()
     helpers.skopeo_push(tok_image, f"{token_stack.addr}/{dst}:v1", creds=AUTH,
                         extra=["--preserve-digests"])
-    entries = log.entries()
+    entries = [e for e in log.entries() if e["path"]]  # (token requests log no client path)
     mounts = [e for e in entries if e["method"] == "POST" and "mount=" in e["path"]]
     assert mounts and all(e["status"] == 201 for e in mounts), helpers.AccessLog.summary(entries)
     assert not [e for e in entries if e["method"] in ("PATCH", "PUT") and "/blobs/uploads/" in
@@ -254,20 +256,8 @@ def test_multi_platform_index_with_tokens(token_stack, multi_layout, tmp_path):
                  "--dest-creds", f"{AUTH[0]}:{AUTH[1]}",
                  f"oci:{layout}:v1", f"docker://{token_stack.addr}/demo/multi:v1"],
                 timeout=helpers.CLIENT_TIMEOUT)
-    out = tmp_path / "out"
-    helpers.run(["skopeo", "copy", "--all", "--src-tls-verify=false",
-                 "--src-creds", f"{AUTH[0]}:{AUTH[1]}", "--dest-oci-accept-uncompressed-layers",
-                 "--decryption-key", str(token_stack.keys["ec"]["private"]),
-                 f"docker://{token_stack.addr}/demo/multi:v1", f"oci:{out}:v1"],
-                timeout=helpers.CLIENT_TIMEOUT)
-    blobs = out / "blobs" / "sha256"
-    top = json.loads((out / "index.json").read_text())["manifests"][0]
-    pulled = json.loads((blobs / top["digest"].split(":")[1]).read_text())
-    assert len(pulled["manifests"]) == 2
-    for child in pulled["manifests"]:
-        arch = child["platform"]["architecture"]
-        m = json.loads((blobs / child["digest"].split(":")[1]).read_text())
-        assert [x["digest"] for x in m["layers"]] == images[arch].layer_digests, arch
+    helpers.skopeo_pull_all(f"{token_stack.addr}/demo/multi:v1", tmp_path / "out",
+                            token_stack.keys["ec"]["private"], images, creds=AUTH)
     stored = token_stack.via_gateway().get_manifest("demo/multi", "v1").json()
     for child in stored["manifests"]:
         m = token_stack.via_gateway().get_manifest("demo/multi", child["digest"]).json()
@@ -472,6 +462,44 @@ def test_token_expiring_between_chunks_is_refused_and_the_upload_goes_on(token_s
         assert fresh.upload_monolithic(repo, blob, desc["digest"]).status_code == 201
     assert fresh.put_manifest(repo, "v1", tok_image.manifest_bytes).status_code == 201
     decrypts(token_stack, repo, tok_image, tmp_path, demo_keys(token_stack)[:1])
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/rotate's bearer-token flow against this token service
+
+
+def run_rotate(stack, creds, *extra: str) -> subprocess.CompletedProcess:
+    rotate = Path(__file__).resolve().parents[2] / "scripts" / "rotate"
+    return subprocess.run([str(rotate), "--state", str(stack.opts.state_dir), "--project", "demo",
+                           "--key", str(stack.keys["rsa"]["private"]),
+                           "--registry-creds", f"{creds[0]}:{creds[1]}", *extra],
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OCICRYPT_STATE_KEY=stack.opts.state_key))
+
+
+def test_rotate_with_bearer_tokens(token_stack, tok_push_skopeo, tmp_path):
+    """scripts/rotate lists the project's repositories (registry:catalog:*) and reads every
+    image and ledger record with tokens from the token service. The recipients have not
+    changed: everything is in line, nothing is written. A project user without the catalog
+    scope cannot list: the run fails and says so."""
+    tok_push_skopeo.check()
+    reglog = RegistryLog.of(token_stack)
+    proc = run_rotate(token_stack, TOKEN_ADMIN)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    summary = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+    reads = [x for x in reglog.requests() if x[0] in ("GET", "HEAD")]
+    assert ("GET", "/v2/_catalog?n=1000", 200) in reads, reads[:5]
+    assert any(x[1].startswith("/v2/demo/app/manifests/") and x[2] == 200 for x in reads), reads
+    assert not [x for x in reglog.requests() if x[0] not in ("GET", "HEAD")], summary
+    asked = [t for t in token_log(token_stack) if t["user"] == TOKEN_ADMIN[0]]
+    assert any(g["type"] == "registry" and g["actions"] == ["*"]
+               for t in asked for g in t["granted"]), asked
+    decrypts(token_stack, "demo/app", tok_push_skopeo.image, tmp_path, demo_keys(token_stack))
+
+    proc = run_rotate(token_stack, AUTH)
+    assert proc.returncode != 0, proc.stdout
+    assert "catalog" in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr[-3000:]
+    print(summary, [x for x in (proc.stdout + proc.stderr).splitlines() if "catalog" in x.lower()])
 
 
 def test_no_plaintext_in_token_registry_storage(token_stack, tok_image, tok_push_skopeo):

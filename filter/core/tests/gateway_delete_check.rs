@@ -2,6 +2,7 @@
 //! first with the client's credentials, and lets the delete go only when that read says it is
 //! not a ledger record. Every other answer fails closed, except a `401` to a client that sent no
 //! credentials (the registry's own challenge to the delete is what gets it credentials).
+//! (A read answered 200 or 404: `gateway_request.rs`, `manifest_delete_by_digest`.)
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -16,7 +17,6 @@ mod common {
 use common::gateway::*;
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::{CalloutAnswer, Command};
-use ocicrypt_core::ledger::{self, LedgerEntry};
 
 /// What the gateway does with a delete whose check read got `answer`, the client having sent
 /// `authorization`: `None` lets it go, `Some((code, needle))` refuses it.
@@ -82,28 +82,4 @@ fn a_delete_without_credentials_reaches_the_registrys_challenge() {
     // Without credentials a 403 is not a challenge: refused.
     let out = decide(CalloutAnswer::new(403, &[], b""), None);
     assert_refused(&out, Code::Denied, "needs pull as well as delete");
-}
-
-#[test]
-fn a_readable_manifest_is_deleted_unless_it_is_a_ledger_record() {
-    let d = gz_digest();
-    let record = LedgerEntry {
-        encrypted_digest: d,
-        size: 1,
-        annotations: Default::default(),
-        media_type: None,
-        recipients: None,
-    };
-    let out = decide(
-        CalloutAnswer::new(200, &[], &ledger::ledger_manifest(&d, &record)),
-        Some(TOKEN),
-    );
-    assert_refused(&out, Code::Denied, "ledger");
-    let out = decide(
-        CalloutAnswer::new(200, &[], b"{\"schemaVersion\":2}"),
-        Some(TOKEN),
-    );
-    assert_eq!(out, vec![Command::Continue]);
-    let out = decide(CalloutAnswer::new(404, &[], b""), Some(TOKEN));
-    assert_eq!(out, vec![Command::Continue]);
 }

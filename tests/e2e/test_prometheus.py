@@ -33,6 +33,7 @@ import yaml
 import conftest
 import helpers
 from test_tuf_keys import serve
+from test_vm_reload import TRAP_HEADER, trap_stack  # noqa: F401 - trap_stack is a fixture
 
 pytestmark = pytest.mark.filter
 
@@ -169,21 +170,35 @@ def rules_without_waiting(src: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def prom(prom_stack, tmp_path_factory):
+def prometheus_for(stack, tmp_path_factory) -> Prometheus:
+    """A started Prometheus scraping `stack`'s Envoy, with the alert rules loaded."""
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus is not installed: run scripts/setup (Debian package prometheus)",
                     pytrace=False)
     base = tmp_path_factory.mktemp("prometheus")
     rules = rules_without_waiting(ALERTS, base / "alerts.yaml")
-    p = Prometheus(base, prom_stack.opts.admin_addr, rules)
+    p = Prometheus(base, stack.opts.admin_addr, rules)
     try:
         p.start()
     except RuntimeError as err:
+        p.stop()
         pytest.fail(str(err), pytrace=False)
     # The first scrapes of the gateway are in.
     p.wait_for('up{job="envoy"}', lambda v: v == 1, what="Prometheus scrapes the admin endpoint")
     p.wait_for("count(ocicrypt_layers_encrypted)", lambda v: v == 1)
+    return p
+
+
+@pytest.fixture(scope="module")
+def prom(prom_stack, tmp_path_factory):
+    p = prometheus_for(prom_stack, tmp_path_factory)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def trap_prom(trap_stack, tmp_path_factory):
+    p = prometheus_for(trap_stack, tmp_path_factory)
     yield p
     p.stop()
 
@@ -409,3 +424,39 @@ def check_expressions(prom: Prometheus, seconds: float) -> None:
                         for sel in metric_selectors(e)})
     missing = [sel for sel in selectors if not prom.query(f"count({sel})")]
     assert not missing, f"metrics named in the dashboard or the alerts that do not exist: {missing}"
+
+
+def test_vm_crash_alert_fires_on_a_real_trap(trap_stack, trap_prom):
+    """A VM of the test-trap module traps (as a panic would); Envoy's FAIL_RELOAD gives that
+    worker a fresh VM on a later request, and OcicryptFilterVmReloaded fires from the real
+    envoy_wasm_ocicrypt_vm_reload_success; the failed-reload alert does not."""
+    s, prom = trap_stack, trap_prom
+    assert prom.firing() == {}, "alerts firing before the trap"
+    # The rule reads the counter through a subquery sampled at every 30 s of the clock
+    # (label_replace keeps several plugins' series apart): it sees the jump from one such step
+    # to the next, so the counter's 0 must be seen at one step before the trap. (A Prometheus
+    # that has been scraping for longer always has it.)
+    (series,) = prom.query("envoy_wasm_ocicrypt_vm_reload_success[1h]")
+    first = float(series["values"][0][0])
+    time.sleep(max(0.0, (first // 30 + 1) * 30 + 1 - time.time()))
+    t0 = time.time()
+    status, _, body = helpers.raw_request(
+        s.addr, "PUT", "/v2/demo/prom-trap/manifests/trap", b"{}",
+        {"Content-Type": "application/vnd.oci.image.manifest.v1+json",
+         TRAP_HEADER.decode(): "1"}, timeout=30)
+    assert status >= 500, (status, body[:200])
+    time.sleep(1.5)  # FAIL_RELOAD's backoff (reload_config, 1 s by default)
+    for _ in range(8):  # fresh connections, spread over the workers: one meets the dead VM
+        r = requests.get(f"http://{s.addr}/v2/", headers={"Connection": "close"}, timeout=10)
+        assert r.status_code == 200, (r.status_code, r.text[:200])
+    t1 = scraped_up_to_date(prom, s, "envoy_wasm_ocicrypt_vm_reload_success")
+    assert delta(prom, "envoy_wasm_ocicrypt_vm_reload_success", t0, t1) == 1
+    assert delta(prom, "envoy_wasm_ocicrypt_vm_reload_failure", t0, t1) == 0
+    # ... and the increase shows at the next 30 s step.
+    deadline = time.monotonic() + 75
+    while "OcicryptFilterVmReloaded" not in prom.firing() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    firing = prom.firing()
+    assert firing.get("OcicryptFilterVmReloaded") == 1, \
+        (firing, prom.query("envoy_wasm_ocicrypt_vm_reload_success[3m:30s]"))
+    assert "OcicryptFilterVmReloadFailing" not in firing, firing

@@ -14,7 +14,7 @@ use fuzz_support::{check, TestRng, STATE_KEY};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use ocicrypt_core::blockcipher::LayerEncryptor;
-use ocicrypt_core::upload::{seal, unseal, Treatment, UploadRecord};
+use ocicrypt_core::upload::{seal, unseal, Replica, Treatment, UploadRecord};
 
 fn built(u: &mut Unstructured) -> Result<UploadRecord> {
     let repo_len = u.int_in_range(0..=64)?;
@@ -72,7 +72,7 @@ fuzz_target!(|data: &[u8]| {
             let mut u = Unstructured::new(rest);
             let id = upload_id(&mut u);
             let token = String::from_utf8_lossy(u.take_rest()).into_owned();
-            if let Some(record) = unseal(&STATE_KEY, &id, &token) {
+            if let Some((record, _)) = unseal(&STATE_KEY, &id, &token) {
                 // Only reachable with a token sealed under the key: it must round-trip.
                 let bytes = record.to_bytes();
                 check!(
@@ -97,11 +97,12 @@ fuzz_target!(|data: &[u8]| {
                 "a record parsed back serializes differently"
             );
             let seed: u64 = u.arbitrary().unwrap_or(0);
-            let token = seal(&STATE_KEY, &id, &record, &mut TestRng::new(seed));
+            let replica = Replica(u.arbitrary().unwrap_or(0));
+            let token = seal(&STATE_KEY, &id, &record, replica, &mut TestRng::new(seed));
             let opened = unseal(&STATE_KEY, &id, &token);
             check!(
-                opened.is_some_and(|r| r.to_bytes() == bytes),
-                "a sealed record does not open to itself"
+                opened.is_some_and(|(r, by)| r.to_bytes() == bytes && by == replica),
+                "a sealed record does not open to itself, sealed by its replica"
             );
             let other_id = format!("{id}x");
             check!(

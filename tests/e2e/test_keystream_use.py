@@ -648,11 +648,42 @@ def filter_requests_served(s: Stack) -> int:
     return int(found.group(1))
 
 
+MOVED = "ocicrypt_upload_sessions_moved"
+
+
+def sessions_moved(s: Stack) -> float:
+    """The filter's count of requests that continued a session another replica served last."""
+    stats = helpers.envoy_stats(s.opts.admin_addr, MOVED)
+    assert MOVED in stats, f"the counter is missing: {sorted(stats)}"
+    return stats[MOVED]
+
+
+def test_moved_sessions_are_counted(ledger_stack, ledger_twin):
+    """Without anything keeping a session on one replica (each request sent to the other of the
+    two, directly), every request after the first PATCH continues a state the other replica
+    sealed: each replica counts the ones it took, so an operator sees sessions that are not
+    kept together (alert rule in envoy/observability). Through one replica, none."""
+    replicas = [ledger_stack, ledger_twin]
+    before = [sessions_moved(s) for s in replicas]
+    loc = start_upload(ledger_stack.addr, "demo/moved-counted")
+    for k in range(4):
+        loc = patched(replicas[k % 2].addr, loc, layer_piece(), k * 64 * 1024)
+    moved = [sessions_moved(s) - b for s, b in zip(replicas, before)]
+    # PATCH 0 on a (fresh state), 1 on b, 2 on a, 3 on b: three moves, two taken by b.
+    assert moved == [1, 2], moved
+    before = [sessions_moved(s) for s in replicas]
+    loc = start_upload(ledger_twin.addr, "demo/moved-not")
+    for k in range(4):
+        loc = patched(ledger_twin.addr, loc, layer_piece(), k * 64 * 1024)
+    assert [sessions_moved(s) - b for s, b in zip(replicas, before)] == [0, 0]
+
+
 def test_affinity_route_keeps_a_session_on_one_replica(ledger_stack, ledger_twin, affinity_front):
     """The guide's route sends every request of one upload session to one replica, whatever its
     query (a new `_state` and `_ocicrypt` on each Location), and spreads sessions over both:
     judged by each replica's own count of the requests it served."""
     per_session = []
+    moved_before = sessions_moved(ledger_stack) + sessions_moved(ledger_twin)
     for i in range(8):
         before = [filter_requests_served(ledger_stack), filter_requests_served(ledger_twin)]
         loc = start_upload(affinity_front, f"demo/affinity-{i}")
@@ -666,6 +697,8 @@ def test_affinity_route_keeps_a_session_on_one_replica(ledger_stack, ledger_twin
         assert sorted(counts) in ([0, 4], [1, 3]), f"a session's requests were split: {per_session}"
     assert any(c[0] >= 3 for c in per_session) and any(c[1] >= 3 for c in per_session), \
         f"all sessions on one replica: {per_session}"
+    # ... and the filters saw no session move.
+    assert sessions_moved(ledger_stack) + sessions_moved(ledger_twin) == moved_before
 
 
 AFFINITY = "two-replicas-behind-the-guides-affinity-route"

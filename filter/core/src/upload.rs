@@ -209,13 +209,44 @@ pub fn check_session_param(raw_query: &str, id: &str) -> Result<(), OciError> {
     ))
 }
 
+/// The gateway process (one Envoy) that sealed an upload state. Each request of a session
+/// should reach the one that served the previous: a state opened by another is a session that
+/// moved, which a balancer keeping sessions on one replica does only when the replica set
+/// changes — so moves counted on every request mean the sessions are not kept together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replica(pub u64);
+
+/// Store key of this process's [`Replica`] id.
+const REPLICA_KEY: &str = "ocicrypt/replica";
+
+impl Replica {
+    /// This process's id: drawn once, by whichever worker asks first, then the same for every
+    /// worker of the process (a new process, e.g. after a restart, is another replica).
+    /// `None` when the store fails.
+    pub fn of_this_process(store: &dyn Store, rng: &mut impl CryptoRngCore) -> Option<Replica> {
+        for _ in 0..4 {
+            let (held, cas) = store.get_cas(REPLICA_KEY)?;
+            if let Some(id) = held.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()) {
+                return Some(Replica(u64::from_be_bytes(id)));
+            }
+            let id = rng.next_u64();
+            if store.set_cas(REPLICA_KEY, &id.to_be_bytes(), cas) {
+                return Some(Replica(id));
+            }
+        }
+        None
+    }
+}
+
 /// Seals a record for the client to carry (AES-256-GCM under the key the replicas share, the
-/// upload id as associated data so a state cannot be moved to another upload), as base64url.
-/// Any replica holding the key can continue the upload; the client sees only ciphertext.
+/// upload id as associated data so a state cannot be moved to another upload), as base64url,
+/// stamped with the replica that sealed it. Any replica holding the key can continue the
+/// upload; the client sees only ciphertext.
 pub fn seal(
     key: &[u8; 32],
     upload_id: &str,
     record: &UploadRecord,
+    replica: Replica,
     rng: &mut impl CryptoRngCore,
 ) -> String {
     use aes_gcm::aead::Aead as _;
@@ -223,7 +254,8 @@ pub fn seal(
     use base64::Engine as _;
     let mut nonce = [0u8; 12];
     rng.fill_bytes(&mut nonce);
-    let plain = record.to_bytes();
+    let mut plain = Zeroizing::new(replica.0.to_be_bytes().to_vec());
+    plain.extend_from_slice(&record.to_bytes());
     let sealed = Aes256Gcm::new(key.into())
         .encrypt(
             (&nonce).into(),
@@ -238,9 +270,9 @@ pub fn seal(
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
 }
 
-/// Opens what [`seal`] made for `upload_id`; `None` for anything else (tampered, another
-/// upload's, another key's).
-pub fn unseal(key: &[u8; 32], upload_id: &str, token: &str) -> Option<UploadRecord> {
+/// Opens what [`seal`] made for `upload_id`: the record and the replica that sealed it; `None`
+/// for anything else (tampered, another upload's, another key's).
+pub fn unseal(key: &[u8; 32], upload_id: &str, token: &str) -> Option<(UploadRecord, Replica)> {
     use aes_gcm::aead::Aead as _;
     use aes_gcm::{Aes256Gcm, KeyInit as _};
     use base64::Engine as _;
@@ -259,7 +291,11 @@ pub fn unseal(key: &[u8; 32], upload_id: &str, token: &str) -> Option<UploadReco
             )
             .ok()?,
     );
-    UploadRecord::from_bytes(&plain)
+    let (replica, record) = plain.split_first_chunk::<8>()?;
+    Some((
+        UploadRecord::from_bytes(record)?,
+        Replica(u64::from_be_bytes(*replica)),
+    ))
 }
 
 /// What to do with the request body the adapter holds.
@@ -1077,14 +1113,34 @@ mod tests {
     }
 
     #[test]
+    fn a_process_has_one_replica_id_and_another_process_another() {
+        let store = MapStore::default();
+        let first = Replica::of_this_process(&store, &mut rand_core::OsRng).unwrap();
+        // Every later ask (any worker of the process) gets the same id.
+        for _ in 0..3 {
+            assert_eq!(
+                Replica::of_this_process(&store, &mut rand_core::OsRng),
+                Some(first)
+            );
+        }
+        let other = MapStore::default();
+        assert_ne!(
+            Replica::of_this_process(&other, &mut rand_core::OsRng),
+            Some(first)
+        );
+    }
+
+    #[test]
     fn sealed_state_opens_only_for_its_upload_and_key() {
         let store = MapStore::default();
         let (_, record) = push(&store, &[3u8; 5000], &[]);
         let key = [7u8; 32];
-        let token = seal(&key, "u1", &record, &mut rand_core::OsRng);
-        let back = unseal(&key, "u1", &token).unwrap();
+        let replica = Replica::of_this_process(&store, &mut rand_core::OsRng).unwrap();
+        let token = seal(&key, "u1", &record, replica, &mut rand_core::OsRng);
+        let (back, sealed_by) = unseal(&key, "u1", &token).unwrap();
         assert_eq!(back.offset, 5000);
         assert_eq!(back.to_bytes(), record.to_bytes());
+        assert_eq!(sealed_by, replica);
         assert!(
             unseal(&key, "u2", &token).is_none(),
             "moved to another upload"

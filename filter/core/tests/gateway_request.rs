@@ -850,7 +850,8 @@ fn sealed_state_is_opened_and_stripped() {
     let mut world = World::with(true);
     let record = encrypted_record(&mut world, LAYER);
     let key = world.config.state_key.as_ref().unwrap().0.clone();
-    let sealed = upload::seal(&key, UUID, &record, &mut world.rng);
+    let here = upload::Replica::of_this_process(&world.store, &mut world.rng).unwrap();
+    let sealed = upload::seal(&key, UUID, &record, here, &mut world.rng);
     let offset = LAYER.len() as u64;
     let path = upload_path(
         "demo/app",
@@ -882,6 +883,31 @@ fn sealed_state_is_opened_and_stripped() {
     assert_refused(&out, Code::BlobUploadInvalid, "");
 }
 
+/// Replicas: a state another replica sealed is taken (the session moved here: a replica went
+/// away, or the balancer does not keep sessions together), and the move is counted.
+#[test]
+fn a_session_moved_from_another_replica_is_counted() {
+    let mut world = World::with(true);
+    let record = encrypted_record(&mut world, LAYER);
+    let key = world.config.state_key.as_ref().unwrap().0.clone();
+    let elsewhere = upload::seal(&key, UUID, &record, upload::Replica(42), &mut world.rng);
+    let offset = LAYER.len() as u64;
+    let moved = upload_path(
+        "demo/app",
+        offset,
+        &format!("&_ocicrypt_session={UUID}&_ocicrypt={elsewhere}"),
+    );
+    let (_, out) = world.send(&req("PATCH", &moved).body(10));
+    assert_eq!(
+        out,
+        vec![
+            Command::Metric(Metric::SessionMoved),
+            set(":path", &upload_path("demo/app", offset, "")),
+            Command::Continue
+        ]
+    );
+}
+
 /// Replicas: a request on a session must name it exactly as the gateway's `Location` did, or a
 /// load balancer hashing on the parameter could send two requests of one session, spelled two
 /// ways, to two replicas that would both encrypt from the same offset.
@@ -890,7 +916,8 @@ fn a_session_is_named_as_the_gateway_named_it() {
     let mut world = World::with(true);
     let record = encrypted_record(&mut world, LAYER);
     let key = world.config.state_key.as_ref().unwrap().0.clone();
-    let sealed = upload::seal(&key, UUID, &record, &mut world.rng);
+    let here = upload::Replica::of_this_process(&world.store, &mut world.rng).unwrap();
+    let sealed = upload::seal(&key, UUID, &record, here, &mut world.rng);
     let offset = LAYER.len() as u64;
     let other = "1b7e5a8c-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
     let spelled_otherwise = UUID.replacen('0', "%30", 1);

@@ -273,6 +273,7 @@ impl Gateway {
                         Metric::ManifestRewritten => self.metrics.manifest_rewritten(),
                         Metric::UploadState(delta) => self.metrics.upload_state(delta),
                         Metric::LedgerCache(change) => self.metrics.ledger_cache(change),
+                        Metric::SessionMoved => self.metrics.session_moved(),
                     }
                     Ok(())
                 }
@@ -545,7 +546,14 @@ impl Gateway {
                             // The state travels with the client, and only there: the next
                             // request of this upload may reach another replica, or this one
                             // after a restart, and no replica keeps anything per upload.
-                            let token = upload::seal(&key.0, &id, &record, &mut OsRng);
+                            let replica = upload::Replica::of_this_process(&SharedData, &mut OsRng)
+                                .ok_or_else(|| {
+                                    OciError::new(
+                                        Code::Unavailable,
+                                        "the gateway could not read its replica id from Envoy's shared data; push again",
+                                    )
+                                })?;
+                            let token = upload::seal(&key.0, &id, &record, replica, &mut OsRng);
                             let location = host::header(MapType::HttpResponseHeaders, "location")
                                 .ok_or_else(|| {
                                 OciError::new(

@@ -18,6 +18,7 @@ pub struct Metrics {
     uploads_in_flight: u32,
     ledger_entries: u32,
     ledger_evictions: u32,
+    sessions_moved: u32,
     layer_size: u32,
     refusals: Vec<(Code, u32)>,
     key_lookups: u32,
@@ -60,6 +61,7 @@ impl Metrics {
             uploads_in_flight: define(MetricType::Gauge, "ocicrypt.uploads_in_flight"),
             ledger_entries: define(MetricType::Gauge, "ocicrypt.ledger_cache_entries"),
             ledger_evictions: define(MetricType::Counter, "ocicrypt.ledger_evictions"),
+            sessions_moved: define(MetricType::Counter, "ocicrypt.upload_sessions_moved"),
             layer_size: define(MetricType::Histogram, "ocicrypt.layer_bytes"),
             key_lookups: define(MetricType::Counter, "ocicrypt.keyservice.project_lookups"),
             key_failures: define(MetricType::Counter, "ocicrypt.keyservice.project_failures"),
@@ -116,6 +118,12 @@ impl Metrics {
     /// A cross-repository mount was turned into an upload.
     pub fn mount_rewritten(&self) {
         Self::add(self.mounts_rewritten, 1);
+    }
+
+    /// An upload session was continued here from a state another replica sealed: counted on
+    /// most requests, sessions are not kept on one replica (operator's guide 6.3).
+    pub fn session_moved(&self) {
+        Self::add(self.sessions_moved, 1);
     }
 
     /// An upload session got (`+1`) or dropped (`-1`) its saved state.

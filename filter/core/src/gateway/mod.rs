@@ -192,6 +192,8 @@ pub enum Metric {
     UploadState(i64),
     /// A write to the ledger cache changed the entries held, and evicted some.
     LedgerCache(crate::ledger_cache::Change),
+    /// A request continued an upload session whose previous request another replica served.
+    SessionMoved,
 }
 
 /// What the host does for the stream, in order.

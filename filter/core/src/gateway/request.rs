@@ -318,7 +318,7 @@ impl Stream {
         let stream = ChunkStream::new(loaded.record, start)?
             .accepting_encrypted(env.config.policy.accepts_encrypted(&at.repository));
         self.claim_session(env, id)?;
-        let mut out = Vec::new();
+        let mut out = moved_metric(loaded.moved);
         // The sealed state and the session parameter are the gateway's, not the registry's.
         let stripped = distribution::rewrite_query(at.path, GATEWAY_PARAMS, &[]);
         if stripped != at.path {
@@ -363,7 +363,8 @@ impl Stream {
                 &["digest", upload::STATE_PARAM, upload::SESSION_PARAM],
                 &[],
             );
-            let mut out = patch_request(new_path);
+            let mut out = moved_metric(loaded.moved);
+            out.extend(patch_request(new_path));
             self.flow = Flow::Chunk(Box::new(ChunkFlow {
                 repository: at.repository,
                 had_state: loaded.had_state,
@@ -379,6 +380,7 @@ impl Stream {
             return Ok(out);
         }
         let mut rng = &mut *env.rng;
+        let moved = moved_metric(loaded.moved);
         let finished = upload::finish(loaded.record, client_digest, &mut rng)?;
         let Some(recipients) = self.recipients(env, &at.repository)? else {
             return Ok(waiting());
@@ -397,10 +399,12 @@ impl Stream {
             completion,
             upload,
         };
-        Ok(vec![
+        let mut out = moved;
+        out.extend([
             Command::SetRequestHeader(":path".into(), new_path),
             Command::Continue,
-        ])
+        ]);
+        Ok(out)
     }
 
     fn blob_head(
@@ -554,6 +558,18 @@ struct Loaded {
     record: UploadRecord,
     /// The store had state for the session (for the in-flight gauge).
     had_state: bool,
+    /// Another replica sealed the state: the session moved (counted, see [`upload::Replica`]).
+    moved: bool,
+}
+
+/// The count of a session continued from another replica's state, for the commands of a
+/// request that goes on.
+fn moved_metric(moved: bool) -> Vec<Command> {
+    if moved {
+        vec![Command::Metric(Metric::SessionMoved)]
+    } else {
+        Vec::new()
+    }
 }
 
 /// The state of upload `id` for this request: sealed in the URL the client echoes (replicas
@@ -561,8 +577,9 @@ struct Loaded {
 /// state must be at the offset the registry's `_state` says it will write at. With replicas,
 /// the request must also name its session the way the gateway's `Location` did, which is what
 /// keeps the session on one replica.
-fn load_record(env: &Env, id: &str, at: &Request) -> Result<Loaded, OciError> {
+fn load_record(env: &mut Env, id: &str, at: &Request) -> Result<Loaded, OciError> {
     let (repository, query) = (at.repository.as_str(), at.query);
+    let mut moved = false;
     if env.config.state_key.is_some() {
         let raw = at.path.split_once('?').map_or("", |(_, q)| q);
         upload::check_session_param(raw, id)?;
@@ -580,17 +597,29 @@ fn load_record(env: &Env, id: &str, at: &Request) -> Result<Loaded, OciError> {
     let token = query.get(upload::STATE_PARAM);
     let (loaded, found) = match (env.config.state_key.as_ref(), token) {
         (Some(key), Some(token)) => {
-            let record = upload::unseal(&key.0, id, token)
-                .filter(|r| r.repository == repository)
+            let (record, sealed_by) = upload::unseal(&key.0, id, token)
+                .filter(|(r, _)| r.repository == repository)
                 .ok_or_else(|| {
                     OciError::new(
                         Code::BlobUploadInvalid,
                         "the gateway's upload state in this URL does not open (another gateway's key, or altered); restart the upload",
                     )
                 })?;
+            let mut rng = &mut *env.rng;
+            let here = upload::Replica::of_this_process(env.store, &mut rng);
+            if here.is_some_and(|here| here != sealed_by) {
+                moved = true;
+            }
             let had_state =
                 upload_table::has_in(env.store, id, env.now, env.config.upload_idle_seconds);
-            (Loaded { record, had_state }, true)
+            (
+                Loaded {
+                    record,
+                    had_state,
+                    moved,
+                },
+                true,
+            )
         }
         _ => {
             let (record, found) = upload_table::load_in(
@@ -604,6 +633,7 @@ fn load_record(env: &Env, id: &str, at: &Request) -> Result<Loaded, OciError> {
                 Loaded {
                     record,
                     had_state: found,
+                    moved: false,
                 },
                 found,
             )

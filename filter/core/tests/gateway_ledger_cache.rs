@@ -191,3 +191,26 @@ fn with_replicas_read_back_entries_outlive_their_eviction() {
         );
     }
 }
+
+/// A `HEAD` answered from the cache (the client skips the upload and names the layer in its
+/// manifest next) makes the entry the most recently written of its slot: the next write evicts
+/// another.
+#[test]
+fn a_head_keeps_its_layer_in_the_cache() {
+    let mut world = World::with_limits(false, json!({"ledger_cache_entries": 2}));
+    let entries: Vec<LedgerEntry> = (0..3).map(|n| entry_for(&mut world, n)).collect();
+    record(&world, 0, &entries[0]);
+    record(&world, 1, &entries[1]);
+    let (_, out) = world.send(&req("HEAD", &format!("/v2/demo/app/blobs/{}", layer(0))));
+    assert_eq!(out.last(), Some(&Command::Continue));
+    assert_eq!(record(&world, 2, &entries[2]).evicted, 1);
+    assert_eq!(
+        ledgered(&world, "demo/app", &layer(0)),
+        Some(entries[0].clone())
+    );
+    assert_eq!(
+        ledgered(&world, "demo/app", &layer(1)),
+        None,
+        "1 went instead"
+    );
+}

@@ -62,7 +62,7 @@ pub(super) fn mountable(
 }
 
 /// Records `entry` for `digest` in `repository` in the process's cache; the commands count
-/// what that changed (entries held, evictions).
+/// what that changed (entries held, evictions), if anything.
 pub(super) fn record(
     env: &Env,
     repository: &str,
@@ -77,6 +77,9 @@ pub(super) fn record(
         entry,
         env.now,
     )?;
+    if change == ledger_cache::Change::default() {
+        return Ok(Vec::new());
+    }
     Ok(vec![Command::Metric(Metric::LedgerCache(change))])
 }
 

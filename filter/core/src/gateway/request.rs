@@ -12,7 +12,7 @@ use crate::session;
 use crate::upload::{self, ChunkStream, UploadRecord};
 use crate::upload_table;
 
-use super::ledgered::{blob_entry, mountable};
+use super::ledgered::{self, blob_entry, mountable};
 use super::{
     ChunkFlow, Command, Env, Finish, Flow, KeyAnswer, Level, Metric, RequestHead, Stream,
     MANIFEST_BUDGET_PER_WORKER,
@@ -447,6 +447,13 @@ impl Stream {
             // to be encrypted to the current ones.
             return Ok(vec![Command::Continue]);
         }
+        // The client skips the upload and names the layer in a manifest soon: make its entry
+        // the most recently written of its cache slot, the last to be evicted (best effort; an
+        // entry just read back from the registry is fresh already).
+        let mut out = Vec::new();
+        if !self.ledger_checked {
+            out = ledgered::record(env, &repository, &client_digest, &entry).unwrap_or_default();
+        }
         let path = format!("/v2/{repository}/blobs/{}", entry.encrypted_digest);
         self.flow = Flow::Known {
             repository,
@@ -454,10 +461,9 @@ impl Stream {
             entry,
             mounted: false,
         };
-        Ok(vec![
-            Command::SetRequestHeader(":path".into(), path),
-            Command::Continue,
-        ])
+        out.push(Command::SetRequestHeader(":path".into(), path));
+        out.push(Command::Continue);
+        Ok(out)
     }
 
     fn manifest_put(

@@ -245,7 +245,7 @@ def auth_stack(tmp_path_factory):
 
 #: The token stack's users (name -> password): AUTH's user may pull, push and delete in demo/
 #: and plain/; a robot account may pull and push in demo/ only; a reader may only pull; team's
-#: developer works in project team/ only; `short`'s tokens expire about 3 s after they are issued
+#: developer works in project team/ only; `short`'s tokens expire about 10 s after they are issued
 #: (distribution accepts a token until 60 s past its exp); `admin` may also list the catalog.
 TOKEN_ROBOT = ("robot$demo+ci", "e2e-robot-pass")
 TOKEN_READER = ("reader", "e2e-reader-pass")
@@ -263,7 +263,7 @@ TOKEN_USERS = [
     {"name": TOKEN_TEAM[0], "password": TOKEN_TEAM[1],
      "access": {"team": ["pull", "push", "delete"]}},
     {"name": TOKEN_SHORT[0], "password": TOKEN_SHORT[1], "access": {"demo": ["pull", "push"]},
-     "ttl_seconds": -57},
+     "ttl_seconds": -50},
     {"name": TOKEN_ADMIN[0], "password": TOKEN_ADMIN[1], "catalog": True,
      "access": {"demo": ["pull", "push", "delete"]}},
 ]

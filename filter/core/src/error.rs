@@ -25,6 +25,9 @@ pub enum Code {
     /// 502: the registry answered something the gateway must not follow (a `Location` out of
     /// the repository or off the gateway, a redirect, a `Range` that is not what was sent).
     BadGateway,
+    /// 401: the registry refused the client's credentials on a callout made for it; the answer
+    /// carries the registry's challenge ([`OciError::challenge`]).
+    Unauthorized,
 }
 
 impl Code {
@@ -40,6 +43,7 @@ impl Code {
             Code::Unsupported => "UNSUPPORTED",
             Code::Unavailable => "UNAVAILABLE",
             Code::Unknown | Code::BadGateway => "UNKNOWN",
+            Code::Unauthorized => "UNAUTHORIZED",
         }
     }
 
@@ -54,6 +58,7 @@ impl Code {
             Code::Unavailable => 503,
             Code::Unknown => 500,
             Code::BadGateway => 502,
+            Code::Unauthorized => 401,
         }
     }
 }
@@ -65,6 +70,9 @@ pub struct OciError {
     pub code: Code,
     /// What went wrong and what to do about it; never contains key material.
     pub message: String,
+    /// The registry's `WWW-Authenticate` challenge, sent with the answer (a `401` to a callout
+    /// made with the client's credentials: how the client learns which token to fetch).
+    pub challenge: Option<String>,
 }
 
 impl OciError {
@@ -73,7 +81,19 @@ impl OciError {
         OciError {
             code,
             message: message.into(),
+            challenge: None,
         }
+    }
+
+    /// With the registry's `WWW-Authenticate` challenge (`Some`): answered `401
+    /// UNAUTHORIZED` with it, as the registry would have (a `401` without a challenge would
+    /// leave the client nothing to act on, so without one the error stays as it is).
+    pub fn with_challenge(mut self, challenge: Option<String>) -> Self {
+        if challenge.is_some() {
+            self.code = Code::Unauthorized;
+            self.challenge = challenge;
+        }
+        self
     }
 
     /// HTTP status of the answer.

@@ -684,7 +684,17 @@ impl Gateway {
                                 self.stream.request
                             ),
                         );
-                        host::reply_raw(code, &body);
+                        // A 401 keeps the registry's challenge: the client needs it to fetch a
+                        // fresh token (one that expired while the body streamed).
+                        let challenge = (code == 401)
+                            .then(|| {
+                                headers
+                                    .iter()
+                                    .find(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
+                            })
+                            .flatten()
+                            .map(|(_, v)| v.as_slice());
+                        host::reply_raw(code, &body, challenge);
                         self.stream.flow = Flow::Refused;
                         return Ok(());
                     }

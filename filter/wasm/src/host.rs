@@ -124,11 +124,14 @@ pub fn plugin_configuration(size: usize) -> Option<Vec<u8>> {
         .flatten()
 }
 
-fn send_reply(status: u32, marker: &[u8], body: &[u8]) {
-    let headers: [(&str, &[u8]); 2] = [
+fn send_reply(status: u32, marker: &[u8], body: &[u8], challenge: Option<&[u8]>) {
+    let mut headers: Vec<(&str, &[u8])> = vec![
         ("content-type", b"application/json"),
         ("x-ocicrypt-filter", marker),
     ];
+    if let Some(c) = challenge {
+        headers.push(("www-authenticate", c));
+    }
     if let Err(s) = abi::send_local_response(status, &headers, body) {
         log(
             LogLevel::Warn,
@@ -139,12 +142,18 @@ fn send_reply(status: u32, marker: &[u8], body: &[u8]) {
 
 /// Sends a local reply carrying an OCI error body.
 pub fn reply_error(err: &OciError) {
-    send_reply(u32::from(err.status()), b"refused", &err.body());
+    send_reply(
+        u32::from(err.status()),
+        b"refused",
+        &err.body(),
+        err.challenge.as_deref().map(str::as_bytes),
+    );
 }
 
-/// Sends a local reply with a body that already is an OCI error document.
-pub fn reply_raw(status: u32, body: &[u8]) {
-    send_reply(status, b"registry-refused", body);
+/// Sends a local reply with a body that already is an OCI error document, and the registry's
+/// `WWW-Authenticate` challenge when it gave one.
+pub fn reply_raw(status: u32, body: &[u8], challenge: Option<&[u8]>) {
+    send_reply(status, b"registry-refused", body, challenge);
 }
 
 /// Lets the paused request go on.

@@ -31,7 +31,7 @@ pub struct Metrics {
     keystream_declined: u32,
 }
 
-const REFUSAL_CODES: [Code; 9] = [
+const REFUSAL_CODES: [Code; 10] = [
     Code::DigestInvalid,
     Code::ManifestInvalid,
     Code::BlobUploadInvalid,
@@ -41,6 +41,7 @@ const REFUSAL_CODES: [Code; 9] = [
     Code::Unsupported,
     Code::Unavailable,
     Code::Unknown,
+    Code::Unauthorized,
 ];
 
 const TUF_ROLES: [&str; 4] = ["root", "timestamp", "snapshot", "targets"];

@@ -115,7 +115,8 @@ impl Stream {
                 ..
             } => {
                 if status != "202" {
-                    return Err(registry_refusal("open an upload session", &status));
+                    return Err(registry_refusal("open an upload session", &status)
+                        .with_challenge(challenge_of(&status, answer)));
                 }
                 let mut out = Vec::new();
                 let location = answer.header("location");
@@ -219,6 +220,14 @@ impl Stream {
             upload::session_location(location, &id, None),
         ))
     }
+}
+
+/// The registry's challenge on a `401` answer to a callout made with the client's
+/// credentials: the client needs it to fetch a token (Harbor, distribution's `auth: token`).
+fn challenge_of(status: &str, answer: &CalloutAnswer) -> Option<String> {
+    (status == "401")
+        .then(|| answer.header("www-authenticate"))
+        .flatten()
 }
 
 /// The refusal when the registry would not do what the gateway asked it on the client's

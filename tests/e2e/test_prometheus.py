@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -94,14 +93,10 @@ class Prometheus:
         return (self.base / "prometheus.log").read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        (self.base / "pids").unlink(missing_ok=True)
+        """Stop the process recorded in <base>/pids (the one this object started)."""
+        conftest.gateway.stop_recorded(self.base, log=lambda m: None, timeout=20)
+        if self.proc:
+            self.proc.wait(5)
 
     def api(self, path: str, **params) -> dict:
         r = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=30)

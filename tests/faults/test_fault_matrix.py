@@ -607,11 +607,11 @@ def test_ledger_read_fails(case_of, secret_image):
     c.check()
 
 
-def _layer_commit(image: helpers.Image):
-    """Matches the commit of one of `image`'s layers (not of its config, which passes through
-    under its own digest): the filter's finishing callout or a chunked client's final PUT."""
+def _of_a_layer(match, image: helpers.Image):
+    """`match`, for requests about one of `image`'s layers only, not about its config (which
+    passes through under its own digest, and is uploaded in the same ways)."""
     config = image.config.digest.split(":", 1)[1]
-    return lambda method, path, headers: commit(method, path, headers) and config not in path
+    return lambda method, path, headers: match(method, path, headers) and config not in path
 
 
 @pytest.mark.parametrize("client", ["oras-mono", "oras-chunked", "docker"])
@@ -623,7 +623,7 @@ def test_layer_commit_answered_503(case_of, client):
     c = case_of("shared", client, "commit-503", small=True)
     # dockerd uploads a blob again after a failure (5 tries, 5 to 20 s apart): the 503 comes
     # once for it, else every time.
-    c.fs.relay.misbehave("503", _layer_commit(c.pusher.image),
+    c.fs.relay.misbehave("503", _of_a_layer(commit, c.pusher.image),
                          times=1 if client == "docker" else None)
     rc, out = c.pusher.push(client, c.repo)
     assert c.fs.relay.misbehaved, "no layer commit came"
@@ -640,9 +640,10 @@ def test_layer_commit_answered_503(case_of, client):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3b. Processes killed while a callout of the filter is at the registry: the relay holds the
-#     request (the finishing PUT of a monolithic upload, or the ledger write with replicas),
-#     kills, then forwards it (the registry acts on a request whose sender is gone) or drops it
+# 3b. Processes killed while a callout of the filter for a layer is at the registry: the relay
+#     holds the request (the finishing PUT of a monolithic upload, or the ledger write with
+#     replicas), kills, then forwards it (the registry acts on a request whose sender is gone)
+#     or drops it
 
 
 CALLOUTS = {"commit": finishing_callout, "ledger": ledger_write}
@@ -654,7 +655,8 @@ CALLOUTS = {"commit": finishing_callout, "ledger": ledger_write}
     ("sealed", "skopeo", "ledger", "release"), ("sealed", "skopeo", "ledger", "reset")])
 def test_envoy_killed_in_callout(case_of, stack_name, client, at, then):
     c = case_of(stack_name, client, f"envoy-kill-{at}-{then}", small=True)
-    c.fs.relay.on_request(CALLOUTS[at], c.killer("envoy"), then=then)
+    c.fs.relay.on_request(_of_a_layer(CALLOUTS[at], c.pusher.image), c.killer("envoy"),
+                          then=then)
     rc, out = c.push_restarting("envoy")
     assert c.fs.relay.held, f"no {at} callout came"
     c.failed(rc, out, answered=False)
@@ -664,7 +666,7 @@ def test_envoy_killed_in_callout(case_of, stack_name, client, at, then):
 @pytest.mark.parametrize("stack_name", ["shared", "sealed"])
 def test_registry_killed_in_finishing_callout(case_of, stack_name):
     c = case_of(stack_name, "ctr", "registry-kill-commit", small=True)
-    c.fs.relay.on_request(finishing_callout, c.killer("registry"))
+    c.fs.relay.on_request(_of_a_layer(finishing_callout, c.pusher.image), c.killer("registry"))
     rc, out = c.push_restarting("registry")
     assert c.fs.relay.held, "no finishing callout came"
     c.failed(rc, out, says="when the gateway tried to commit the encrypted blob")

@@ -103,6 +103,37 @@ def test_sessions_are_hashed_on_the_filters_parameter_to_the_plugins_pods(plugin
     assert "state_key_env" in spec["pluginConfig"]["replicas"]
 
 
+def test_the_edge_routes_everything_to_the_hashed_pods_and_only_it_reaches_them(plugin):
+    """edge-gateway.yaml: the edge's route sends every path of the registry host to the host and
+    port the sessions rule hashes (nothing to harbor-core around the encrypting pods); the
+    edge itself runs no filter (another selector than the WasmPlugin's); the pods take the
+    edge's mTLS and admit only the edge."""
+    docs = list(yaml.safe_load_all((ISTIO / "edge-gateway.yaml").read_text()))
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    dr = load("destinationrule-sessions.yaml")["spec"]
+    (vs,) = by_kind["VirtualService"]
+    (route,) = vs["spec"]["http"]
+    assert "match" not in route, "the edge must route every path, not only some"
+    (dest,) = route["route"]
+    assert dest["destination"]["host"] == dr["host"]
+    assert route["timeout"] == "0s"
+    pods = plugin["spec"]["selector"]["matchLabels"]
+    edge, inner = sorted(by_kind["Gateway"], key=lambda g: g["metadata"]["name"] != "harbor-edge")
+    assert edge["spec"]["selector"] != pods, "the edge must not run the filter"
+    assert inner["spec"]["selector"] == pods
+    (server,) = inner["spec"]["servers"]
+    assert server["tls"]["mode"] == dr["trafficPolicy"]["tls"]["mode"] == "ISTIO_MUTUAL"
+    assert server["port"]["number"] == dest["destination"]["port"]["number"]
+    (authz,) = by_kind["AuthorizationPolicy"]
+    assert authz["spec"]["selector"]["matchLabels"] == pods
+    assert authz["spec"]["action"] == "ALLOW"
+    principals = [p for r in authz["spec"]["rules"] for f in r["from"]
+                  for p in f["source"]["principals"]]
+    assert principals == [f"cluster.local/ns/{edge['metadata']['namespace']}/sa/harbor-edge"]
+
+
 def test_key_service_cluster_is_declared(plugin):
     ks = plugin["spec"]["pluginConfig"]["key_service"]
     port, subset, host = CLUSTER.match(ks["cluster"]).groups()

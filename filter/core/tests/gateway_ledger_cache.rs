@@ -27,10 +27,9 @@ fn layer(n: u8) -> Digest {
 }
 
 /// An entry for layer `n` as the gateway would have recorded it (for the demo recipients).
-fn entry_for(world: &mut World, n: u8) -> LedgerEntry {
+fn entry_for(n: u8) -> LedgerEntry {
     let mut entry = ledger_layer(&mut World::new(), "demo/app", &demo_recipients());
     entry.encrypted_digest = Digest::of(&[0xee, n]);
-    let _ = world;
     entry
 }
 
@@ -82,7 +81,7 @@ fn manifest_put(world: &mut World, body: &[u8]) -> (ocicrypt_core::gateway::Stre
 #[test]
 fn without_replicas_an_evicted_layer_is_unknown() {
     let mut world = World::with_limits(false, json!({"ledger_cache_entries": 2}));
-    let entries: Vec<LedgerEntry> = (0..3).map(|n| entry_for(&mut world, n)).collect();
+    let entries: Vec<LedgerEntry> = (0..3).map(entry_for).collect();
     assert_eq!(record(&world, 0, &entries[0]).evicted, 0);
     assert_eq!(record(&world, 1, &entries[1]).evicted, 0);
     assert_eq!(
@@ -126,7 +125,7 @@ fn without_replicas_an_evicted_layer_is_unknown() {
 fn with_replicas_read_back_entries_outlive_their_eviction() {
     let mut world = World::with_limits(true, json!({"ledger_cache_entries": 1}));
     let key = world.config.state_key.as_ref().unwrap().0.clone();
-    let entries: Vec<LedgerEntry> = (0..3).map(|n| entry_for(&mut world, n)).collect();
+    let entries: Vec<LedgerEntry> = (0..3).map(entry_for).collect();
     let body = manifest(&[0, 1, 2]);
     let (mut stream, out) = manifest_put(&mut world, &body);
     // The config and the three layers are unknown: four reads.
@@ -198,7 +197,7 @@ fn with_replicas_read_back_entries_outlive_their_eviction() {
 #[test]
 fn a_head_keeps_its_layer_in_the_cache() {
     let mut world = World::with_limits(false, json!({"ledger_cache_entries": 2}));
-    let entries: Vec<LedgerEntry> = (0..3).map(|n| entry_for(&mut world, n)).collect();
+    let entries: Vec<LedgerEntry> = (0..3).map(entry_for).collect();
     record(&world, 0, &entries[0]);
     record(&world, 1, &entries[1]);
     let (_, out) = world.send(&req("HEAD", &format!("/v2/demo/app/blobs/{}", layer(0))));

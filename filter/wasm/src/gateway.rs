@@ -18,7 +18,6 @@ use ocicrypt_core::gateway::{
 };
 use ocicrypt_core::keyservice::{Lookup, Next};
 use ocicrypt_core::ledger;
-use ocicrypt_core::session;
 use ocicrypt_core::upload::{self, BodyVerdict, Completion, Store};
 use ocicrypt_core::upload_table;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -519,61 +518,6 @@ impl Gateway {
             }
         }
         match std::mem::replace(&mut self.stream.flow, Flow::Pass) {
-            Flow::Chunk(flow) if flow.finish.is_none() => {
-                if status == "202" {
-                    if let (Some(id), Some(stream)) = (flow.upload_id, flow.stream) {
-                        // The registry must hold exactly the bytes the gateway encrypted: a
-                        // state saved for another offset would reuse keystream.
-                        let range = host::header(MapType::HttpResponseHeaders, "range");
-                        if !range
-                            .as_deref()
-                            .is_some_and(|r| distribution::range_matches(r, stream.offset()))
-                        {
-                            let upstream = self.stream.upstream_path.clone();
-                            let _ = self.registry_call("DELETE", &upstream, None, None);
-                            return Err(OciError::new(
-                                Code::BadGateway,
-                                format!("the registry's Range ({}) does not match the {} bytes the gateway sent for this upload; the upload is abandoned, push again", range.as_deref().unwrap_or("none"), stream.offset()),
-                            ));
-                        }
-                        let record = stream.into_record();
-                        // The registry took the whole chunk: the client's next request of the
-                        // session may come as soon as it sees this answer, on any worker.
-                        if let Some(claimed) = self.stream.claimed.take() {
-                            session::release_in(&SharedData, &claimed);
-                        }
-                        if let Some(key) = self.config.as_ref().and_then(|c| c.state_key.as_ref()) {
-                            // The state travels with the client, and only there: the next
-                            // request of this upload may reach another replica, or this one
-                            // after a restart, and no replica keeps anything per upload.
-                            let replica = upload::Replica::of_this_process(&SharedData, &mut OsRng)
-                                .ok_or_else(|| {
-                                    OciError::new(
-                                        Code::Unavailable,
-                                        "the gateway could not read its replica id from Envoy's shared data; push again",
-                                    )
-                                })?;
-                            let token = upload::seal(&key.0, &id, &record, replica, &mut OsRng);
-                            let location = host::header(MapType::HttpResponseHeaders, "location")
-                                .ok_or_else(|| {
-                                OciError::new(
-                                    Code::Unknown,
-                                    "the registry answered a PATCH without a Location",
-                                )
-                            })?;
-                            let sealed = upload::session_location(&location, &id, Some(&token));
-                            host::set_header(
-                                MapType::HttpResponseHeaders,
-                                "location",
-                                Some(&sealed),
-                            )?;
-                        } else {
-                            uploads::save(&id, &record, self.idle_seconds(), &self.metrics)?;
-                        }
-                    }
-                }
-                Ok(Action::Continue)
-            }
             Flow::Chunk(flow) => {
                 let Some(completion) = flow.finish.and_then(|f| f.completion) else {
                     return Ok(Action::Continue);
@@ -910,10 +854,12 @@ impl HttpContext for Gateway {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if !matches!(
-            self.stream.flow,
-            Flow::Chunk(_) | Flow::Finishing { .. } | Flow::Known { .. }
-        ) {
+        let adapter_flow = match &self.stream.flow {
+            Flow::Chunk(flow) => flow.finish.is_some(),
+            Flow::Finishing { .. } | Flow::Known { .. } => true,
+            _ => false,
+        };
+        if !adapter_flow {
             let head = ResponseHead {
                 headers: host::pairs(MapType::HttpResponseHeaders),
             };

@@ -2,7 +2,6 @@
 //! `replicas` (see `ocicrypt_core::upload_table`): slots read and written with compare-and-set,
 //! as every worker shares them, and swept on the root context's timer.
 use ocicrypt_core::error::OciError;
-use ocicrypt_core::upload::UploadRecord;
 use ocicrypt_core::upload_table as table;
 
 use crate::host::SharedData;
@@ -15,20 +14,6 @@ const SWEEP_PER_TICK: u32 = 256;
 
 fn now() -> u64 {
     keys::now().max(0).unsigned_abs()
-}
-
-/// Saves `record` as `upload_id`'s; a slot full of live sessions refuses (503, retry).
-pub fn save(
-    upload_id: &str,
-    record: &UploadRecord,
-    idle_seconds: u64,
-    metrics: &Metrics,
-) -> Result<(), OciError> {
-    let delta = table::save_in(&SharedData, upload_id, record, now(), idle_seconds)?;
-    if delta != 0 {
-        metrics.upload_state(delta);
-    }
-    Ok(())
 }
 
 /// Drops `upload_id`'s record (the upload finished or was cancelled).

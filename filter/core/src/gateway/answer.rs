@@ -5,10 +5,15 @@ use crate::config::Config;
 use crate::distribution;
 use crate::error::{Code, OciError};
 use crate::ledger;
-use crate::upload::{self, ChunkStream, UploadRecord};
+use crate::session;
+use crate::upload::{self, ChunkStream, Replica, UploadRecord};
+use crate::upload_table;
 
 use super::request::patch_request;
-use super::{CalloutAnswer, CalloutId, ChunkFlow, Command, Env, Finish, Flow, Level, Stream};
+use super::{
+    CalloutAnswer, CalloutId, ChunkFlow, Command, Env, Finish, Flow, Level, Metric, ResponseHead,
+    Stream,
+};
 
 impl Stream {
     /// Whether the stream waits for the answer to callout `id` (an answer nobody waits for is
@@ -200,6 +205,80 @@ impl Stream {
 }
 
 impl Stream {
+    /// The registry's answer to a chunk the gateway encrypted (a `PATCH`, not the last part of
+    /// an upload it finishes itself). On `202` the registry must hold exactly the bytes the
+    /// gateway sent — a state kept for another offset would reuse keystream — and then the
+    /// session's state goes where the next request finds it: sealed into the `Location` the
+    /// client echoes (replicas), or into the store. The session's claim is released first:
+    /// the client's next request may come as soon as it sees this answer, on any worker.
+    pub(super) fn chunk_answered(
+        &mut self,
+        flow: ChunkFlow,
+        head: &ResponseHead,
+        env: &mut Env,
+        out: &mut Vec<Command>,
+    ) -> Result<(), OciError> {
+        let (Some(id), Some(stream)) = (flow.upload_id, flow.stream) else {
+            return Ok(());
+        };
+        if head.status() != "202" {
+            return Ok(());
+        }
+        let range = head.header("range");
+        if !range
+            .as_deref()
+            .is_some_and(|r| distribution::range_matches(r, stream.offset()))
+        {
+            let upstream = self.upstream_path.clone();
+            out.push(Command::Dispatch(
+                self.registry_callout(env.config, "DELETE", &upstream, None, None),
+            ));
+            return Err(OciError::new(
+                Code::BadGateway,
+                format!("the registry's Range ({}) does not match the {} bytes the gateway sent for this upload; the upload is abandoned, push again", range.as_deref().unwrap_or("none"), stream.offset()),
+            ));
+        }
+        let record = stream.into_record();
+        if let Some(claimed) = self.claimed.take() {
+            session::release_in(env.store, &claimed);
+        }
+        let Some(key) = env.config.state_key.as_ref() else {
+            let delta = upload_table::save_in(
+                env.store,
+                &id,
+                &record,
+                env.now,
+                env.config.upload_idle_seconds,
+            )?;
+            if delta != 0 {
+                out.push(Command::Metric(Metric::UploadState(delta)));
+            }
+            return Ok(());
+        };
+        // The state travels with the client, and only there: the next request of this upload
+        // may reach another replica, or this one after a restart, and no replica keeps
+        // anything per upload.
+        let mut rng = &mut *env.rng;
+        let replica = Replica::of_this_process(env.store, &mut rng).ok_or_else(|| {
+            OciError::new(
+                Code::Unavailable,
+                "the gateway could not read its replica id from Envoy's shared data; push again",
+            )
+        })?;
+        let token = upload::seal(&key.0, &id, &record, replica, &mut rng);
+        let location = head.header("location").ok_or_else(|| {
+            OciError::new(
+                Code::Unknown,
+                "the registry answered a PATCH without a Location",
+            )
+        })?;
+        out.push(Command::SetResponseHeader(
+            "location".into(),
+            upload::session_location(&location, &id, Some(&token)),
+        ));
+        Ok(())
+    }
+
     /// A session the registry opened in an encrypted repository (a `POST`, or a mount it could
     /// not do) is named in the `Location` the client gets, for the load balancer in front of
     /// replicas (see [`upload::SESSION_PARAM`]); the chunk flow names it itself, along with the
@@ -210,7 +289,12 @@ impl Stream {
         status: &str,
         location: Option<&str>,
     ) -> Option<Command> {
-        if status != "202" || config.state_key.is_none() || self.encrypted.is_none() {
+        // A chunk's answer names the session along with its sealed state.
+        if status != "202"
+            || config.state_key.is_none()
+            || self.encrypted.is_none()
+            || matches!(self.flow, Flow::Chunk(_))
+        {
             return None;
         }
         let location = location?;

@@ -247,6 +247,13 @@ impl Stream {
             out.extend(self.session_named(env.config, &status, location.as_deref()));
         }
         match std::mem::take(&mut self.flow) {
+            Flow::Chunk(flow) if flow.finish.is_none() => {
+                // A refusal here keeps the cleanup callout it queued.
+                if let Err(e) = self.chunk_answered(*flow, head, env, &mut out) {
+                    out.extend(self.refuse(e));
+                    return Ok(out);
+                }
+            }
             Flow::Manifest {
                 repository,
                 by_digest,

@@ -1,0 +1,167 @@
+//! The registry's answer to a chunk the gateway encrypted, driven natively: on `202` the
+//! registry must hold exactly the bytes sent, and the session's state then goes where the next
+//! request finds it (the store, or sealed into the `Location` with replicas); anything else
+//! keeps nothing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+mod common {
+    pub mod gateway;
+}
+
+use common::gateway::*;
+use ocicrypt_core::error::Code;
+use ocicrypt_core::gateway::{Command, Flow, Metric, ResponseHead, Stream};
+use ocicrypt_core::upload::{self, Replica};
+use ocicrypt_core::upload_table;
+
+/// A first PATCH of the session carrying `LAYER`, encrypted as the adapter would have it; the
+/// stream waits for the registry's answer.
+fn patched(world: &mut World) -> Stream {
+    let extra = if world.config.state_key.is_some() {
+        format!("&_ocicrypt_session={UUID}")
+    } else {
+        String::new()
+    };
+    let patch = req("PATCH", &upload_path("demo/app", 0, &extra)).body(LAYER.len() as u64);
+    let (mut stream, out) = world.send(&patch);
+    assert_eq!(out.last(), Some(&Command::Continue), "{out:?}");
+    let Flow::Chunk(flow) = &mut stream.flow else {
+        panic!("not a chunk")
+    };
+    let mut body = LAYER.to_vec();
+    flow.stream
+        .as_mut()
+        .unwrap()
+        .on_body(&mut body, true, &mut world.rng)
+        .unwrap();
+    stream
+}
+
+fn location(offset: u64) -> String {
+    upload_path("demo/app", offset, "")
+}
+
+fn answer(status: &str, range: Option<String>, offset: u64) -> ResponseHead {
+    let location = location(offset);
+    let mut headers = vec![(":status", status), ("location", location.as_str())];
+    let range = range.unwrap_or_default();
+    if !range.is_empty() {
+        headers.push(("range", range.as_str()));
+    }
+    ResponseHead::new(&headers)
+}
+
+fn held() -> u64 {
+    LAYER.len() as u64
+}
+
+fn took_it() -> ResponseHead {
+    answer("202", Some(format!("0-{}", held() - 1)), held())
+}
+
+#[test]
+fn a_202_saves_the_state_in_the_store_without_replicas() {
+    let mut world = World::new();
+    let mut stream = patched(&mut world);
+    let out = stream.on_response_headers(&took_it(), &mut world.env());
+    assert_eq!(
+        out,
+        vec![Command::Metric(Metric::UploadState(1)), Command::Continue]
+    );
+    assert_eq!(stream.claimed, None, "the claim is released on the 202");
+    let (record, found) = upload_table::load_in(
+        &world.store,
+        UUID,
+        "demo/app",
+        NOW,
+        world.config.upload_idle_seconds,
+    )
+    .unwrap();
+    assert!(found);
+    assert_eq!(record.offset, held());
+}
+
+#[test]
+fn a_202_seals_the_state_into_the_location_with_replicas() {
+    let mut world = World::with(true);
+    let mut stream = patched(&mut world);
+    let out = stream.on_response_headers(&took_it(), &mut world.env());
+    let [Command::SetResponseHeader(name, value), Command::Continue] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(name, "location");
+    let prefix = format!("{}&_ocicrypt_session={UUID}&_ocicrypt=", location(held()));
+    let token = value
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("{value}"));
+    let key = world.config.state_key.as_ref().unwrap().0.clone();
+    let (record, sealed_by) = upload::unseal(&key, UUID, token).unwrap();
+    assert_eq!(record.offset, held());
+    let here = Replica::of_this_process(&world.store, &mut world.rng).unwrap();
+    assert_eq!(sealed_by, here);
+    assert!(
+        !upload_table::has_in(&world.store, UUID, NOW, world.config.upload_idle_seconds),
+        "replicas keep nothing per upload"
+    );
+    assert_eq!(stream.claimed, None);
+}
+
+/// The registry says it holds other bytes than the gateway sent (or says nothing): keeping a
+/// state would encrypt the next chunk at the wrong offset of the keystream. The upload is
+/// abandoned (a DELETE of the session) and nothing is kept.
+#[test]
+fn a_range_other_than_what_was_sent_abandons_the_upload() {
+    for replicas in [false, true] {
+        for range in [
+            Some(format!("0-{}", held() - 2)),
+            Some(format!("0-{}", held())),
+            Some("bytes".to_string()),
+            None,
+        ] {
+            let mut world = World::with(replicas);
+            let mut stream = patched(&mut world);
+            let out =
+                stream.on_response_headers(&answer("202", range.clone(), held()), &mut world.env());
+            let Command::Dispatch(callout) = &out[0] else {
+                panic!("{range:?}: no cleanup: {out:?}")
+            };
+            assert!(
+                callout
+                    .headers
+                    .contains(&(":method".into(), "DELETE".into())),
+                "{callout:?}"
+            );
+            assert_refused(&out, Code::BadGateway, "does not match");
+            assert!(!out
+                .iter()
+                .any(|c| matches!(c, Command::SetResponseHeader(n, _) if n == "location")));
+            assert!(!upload_table::has_in(
+                &world.store,
+                UUID,
+                NOW,
+                world.config.upload_idle_seconds
+            ));
+        }
+    }
+}
+
+#[test]
+fn an_answer_other_than_202_keeps_nothing() {
+    for replicas in [false, true] {
+        let mut world = World::with(replicas);
+        let mut stream = patched(&mut world);
+        let out = stream.on_response_headers(&answer("400", None, held()), &mut world.env());
+        assert_eq!(out, vec![Command::Continue]);
+        assert!(!upload_table::has_in(
+            &world.store,
+            UUID,
+            NOW,
+            world.config.upload_idle_seconds
+        ));
+    }
+}

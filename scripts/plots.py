@@ -124,10 +124,11 @@ def memory(path: Path, title: str, timeline: Timeline, note: str = "") -> Option
     top = max((m for _, v in timeline.samples for m in v.values()), default=0)
     for t, label in timeline.marks:
         ax.axvline(t, color="grey", lw=0.6, ls=":")
-        ax.text(t, top * 1.02, label, rotation=90, fontsize=6, va="bottom", ha="right")
+        # Inside the axes, along the line's foot: the curves run above.
+        ax.text(t, top * 0.02, label, rotation=90, fontsize=6, va="bottom", ha="right")
     ax.set_xlabel("seconds")
     ax.set_ylabel("Envoy RSS (MiB)")
-    ax.set_ylim(bottom=0, top=top * 1.35 if top else None)
+    ax.set_ylim(bottom=0, top=top * 1.15 if top else None)
     ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -845,19 +845,27 @@ fn upload_delete_drops_the_gateways_state() {
 
 /// Replicas: the state travels sealed in the URL; the parameter goes no further than the
 /// gateway, and a state that does not open is refused.
-#[test]
-fn sealed_state_is_opened_and_stripped() {
+/// A replicas world, `LAYER` encrypted, and the sealed state of it as `sealed_by` (this
+/// process when `None`) would put it in the next request's path: (world, token, path, offset).
+fn sealed_layer(sealed_by: Option<upload::Replica>) -> (World, String, String, u64) {
     let mut world = World::with(true);
     let record = encrypted_record(&mut world, LAYER);
     let key = world.config.state_key.as_ref().unwrap().0.clone();
-    let here = upload::Replica::of_this_process(&world.store, &mut world.rng).unwrap();
-    let sealed = upload::seal(&key, UUID, &record, here, &mut world.rng);
+    let replica = sealed_by
+        .unwrap_or_else(|| upload::Replica::of_this_process(&world.store, &mut world.rng).unwrap());
+    let sealed = upload::seal(&key, UUID, &record, replica, &mut world.rng);
     let offset = LAYER.len() as u64;
     let path = upload_path(
         "demo/app",
         offset,
         &format!("&_ocicrypt_session={UUID}&_ocicrypt={sealed}"),
     );
+    (world, sealed, path, offset)
+}
+
+#[test]
+fn sealed_state_is_opened_and_stripped() {
+    let (mut world, sealed, path, offset) = sealed_layer(None);
     let (stream, out) = world.send(&req("PATCH", &path).body(10));
     assert_eq!(
         out,
@@ -887,16 +895,7 @@ fn sealed_state_is_opened_and_stripped() {
 /// away, or the balancer does not keep sessions together), and the move is counted.
 #[test]
 fn a_session_moved_from_another_replica_is_counted() {
-    let mut world = World::with(true);
-    let record = encrypted_record(&mut world, LAYER);
-    let key = world.config.state_key.as_ref().unwrap().0.clone();
-    let elsewhere = upload::seal(&key, UUID, &record, upload::Replica(42), &mut world.rng);
-    let offset = LAYER.len() as u64;
-    let moved = upload_path(
-        "demo/app",
-        offset,
-        &format!("&_ocicrypt_session={UUID}&_ocicrypt={elsewhere}"),
-    );
+    let (mut world, _, moved, offset) = sealed_layer(Some(upload::Replica(42)));
     let (_, out) = world.send(&req("PATCH", &moved).body(10));
     assert_eq!(
         out,
@@ -913,12 +912,7 @@ fn a_session_moved_from_another_replica_is_counted() {
 /// ways, to two replicas that would both encrypt from the same offset.
 #[test]
 fn a_session_is_named_as_the_gateway_named_it() {
-    let mut world = World::with(true);
-    let record = encrypted_record(&mut world, LAYER);
-    let key = world.config.state_key.as_ref().unwrap().0.clone();
-    let here = upload::Replica::of_this_process(&world.store, &mut world.rng).unwrap();
-    let sealed = upload::seal(&key, UUID, &record, here, &mut world.rng);
-    let offset = LAYER.len() as u64;
+    let (mut world, sealed, _, offset) = sealed_layer(None);
     let other = "1b7e5a8c-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
     let spelled_otherwise = UUID.replacen('0', "%30", 1);
     for (what, extra) in [

@@ -841,27 +841,6 @@ impl Finished {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn session_location_names_the_session_once_in_any_location_form() {
-        let id = "0b7e5a8c-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
-        let path = format!("/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt=old");
-        assert_eq!(
-            session_location(&path, id, Some("new")),
-            format!(
-                "/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt_session={id}&_ocicrypt=new"
-            )
-        );
-        let url = format!(
-            "https://gw.example/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt_session={id}"
-        );
-        let named = session_location(&url, id, None);
-        assert_eq!(named, url);
-        assert_eq!(
-            check_session_param(named.split_once('?').map_or("", |(_, q)| q), id),
-            Ok(())
-        );
-    }
     use super::*;
     use std::cell::RefCell;
     use std::collections::HashMap;
@@ -905,6 +884,27 @@ mod tests {
             pos = end;
         }
         (out, UploadRecord::load(store, "u1", "demo/app").unwrap())
+    }
+
+    #[test]
+    fn session_location_names_the_session_once_in_any_location_form() {
+        let id = "0b7e5a8c-1c2d-4e3f-9a8b-7c6d5e4f3a2b";
+        let path = format!("/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt=old");
+        assert_eq!(
+            session_location(&path, id, Some("new")),
+            format!(
+                "/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt_session={id}&_ocicrypt=new"
+            )
+        );
+        let url = format!(
+            "https://gw.example/v2/demo/app/blobs/uploads/{id}?_state=abc&_ocicrypt_session={id}"
+        );
+        let named = session_location(&url, id, None);
+        assert_eq!(named, url);
+        assert_eq!(
+            check_session_param(named.split_once('?').map_or("", |(_, q)| q), id),
+            Ok(())
+        );
     }
 
     #[test]

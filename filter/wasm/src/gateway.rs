@@ -507,14 +507,12 @@ impl Gateway {
         if !matches!(self.stream.flow, Flow::Refused) {
             let location = host::header(MapType::HttpResponseHeaders, "location");
             self.check_answer(&status, location.as_deref())?;
-            if !matches!(self.stream.flow, Flow::Chunk(_)) {
-                let named = self
-                    .config
-                    .as_ref()
-                    .and_then(|c| self.stream.session_named(c, &status, location.as_deref()));
-                if let Some(Command::SetResponseHeader(name, value)) = named {
-                    host::set_header(MapType::HttpResponseHeaders, &name, Some(&value))?;
-                }
+            let named = self
+                .config
+                .as_ref()
+                .and_then(|c| self.stream.session_named(c, &status, location.as_deref()));
+            if let Some(Command::SetResponseHeader(name, value)) = named {
+                host::set_header(MapType::HttpResponseHeaders, &name, Some(&value))?;
             }
         }
         match std::mem::replace(&mut self.stream.flow, Flow::Pass) {

@@ -32,6 +32,10 @@ const INTERPRETED_PARAMS: &[&str] = &[
 /// The gateway's own parameters: they go no further than the gateway.
 const GATEWAY_PARAMS: &[&str] = &[upload::STATE_PARAM, upload::SESSION_PARAM];
 
+/// What a final `PUT` drops before the registry sees it: the gateway's own parameters and the
+/// client's digest (the plaintext's; the ciphertext's replaces it).
+const FINISH_DROPS: &[&str] = &["digest", upload::STATE_PARAM, upload::SESSION_PARAM];
+
 /// What a decision that waits for the key service answers.
 fn waiting() -> Vec<Command> {
     vec![Command::Pause]
@@ -358,11 +362,7 @@ impl Stream {
                 return Ok(waiting());
             };
             self.claim_session(env, id)?;
-            let new_path = distribution::rewrite_query(
-                at.path,
-                &["digest", upload::STATE_PARAM, upload::SESSION_PARAM],
-                &[],
-            );
+            let new_path = distribution::rewrite_query(at.path, FINISH_DROPS, &[]);
             let mut out = moved_metric(loaded.moved);
             out.extend(patch_request(new_path));
             self.flow = Flow::Chunk(Box::new(ChunkFlow {
@@ -389,11 +389,7 @@ impl Stream {
         let mut rng = &mut *env.rng;
         let completion = finished.wrap(&recipients, &mut rng)?;
         let stored = completion.stored_digest.to_string();
-        let new_path = distribution::rewrite_query(
-            at.path,
-            &["digest", upload::STATE_PARAM, upload::SESSION_PARAM],
-            &[("digest", &stored)],
-        );
+        let new_path = distribution::rewrite_query(at.path, FINISH_DROPS, &[("digest", &stored)]);
         self.flow = Flow::Finishing {
             repository: at.repository,
             completion,

@@ -122,6 +122,16 @@ class Stack:
 
 #: Stacks started in this session (checked after every test by `stacks_stay_healthy`).
 STARTED: List[Stack] = []
+
+
+def stop_stack(s: Stack) -> None:
+    """Stops a stack a fixture started, and takes it out of STARTED (which
+    `stacks_stay_healthy` checks after every test)."""
+    if s in STARTED:
+        STARTED.remove(s)
+    s.gw.stop()
+
+
 #: Lines in Envoy's log that mean the plugin crashed (a panic traps the VM; later requests on
 #: that worker fail) even when the test that caused it passed.
 WASM_FAILURE_SIGNS = ("panicked at", "wasm trap", "Wasm VM failed", "Function: proxy_on_",
@@ -296,9 +306,7 @@ def token_stack(tmp_path_factory):
     s.creds = AUTH
     s.team_key = team_key
     yield s
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
+    stop_stack(s)
 
 
 @pytest.fixture(scope="session")
@@ -600,9 +608,7 @@ def ledger_stack(tmp_path_factory):
     s = _start_stack(tmp_path_factory, "ledger", 50, filter=True, keys_source="inline",
                      state_key=base64.b64encode(os.urandom(32)).decode())
     yield s
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
+    stop_stack(s)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import helpers
-from conftest import STARTED, _start_stack
+from conftest import _start_stack, stop_stack
 from procstat import rss_kib
 
 pytestmark = [pytest.mark.filter]
@@ -35,9 +35,7 @@ def idle_stack(tmp_path_factory):
     s = _start_stack(tmp_path_factory, "abandoned", 95, filter=True, keys_source="inline",
                      upload_idle_seconds=IDLE)
     yield s
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
+    stop_stack(s)
 
 
 def gauge(stack) -> float:

@@ -17,9 +17,7 @@ def down_stack(tmp_path_factory):
     """A filter stack whose registry is stopped once started."""
     s = conftest._start_stack(tmp_path_factory, "replies", 70, filter=True, keys_source="inline")
     yield s
-    if s in conftest.STARTED:
-        conftest.STARTED.remove(s)
-    s.gw.stop()
+    conftest.stop_stack(s)
 
 
 def _errors(body: bytes):

@@ -33,7 +33,7 @@ import pytest
 import requests
 
 import helpers
-from conftest import STARTED, _start_stack
+from conftest import _start_stack, stop_stack
 from hostile_keyservice import FAULTS, HARMLESS, HostileKeyService
 
 pytestmark = [pytest.mark.filter]
@@ -83,9 +83,7 @@ def _hostile_stack(tmp_path_factory, name, offset, **extra):
 
 def _stop(s, served):
     served.stop()
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
+    stop_stack(s)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ import requests
 
 import gateway
 import helpers
-from conftest import STARTED, WASM_OVERRIDE, Stack, _start_stack, _write_owner
+from conftest import STARTED, WASM_OVERRIDE, Stack, _start_stack, stop_stack, _write_owner
 from helpers import MIB, MT_CONFIG, MT_LAYER_TAR, MT_MANIFEST, Answer, sha256_digest
 
 pytestmark = [pytest.mark.filter]
@@ -83,12 +83,6 @@ def envoy_in_front_of(tmp_path_factory, name: str, base: Stack, **extra) -> Stac
     return s
 
 
-def stop(s: Stack) -> None:
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
-
-
 @pytest.fixture(scope="module")
 def ledger_twin(ledger_stack, tmp_path_factory):
     """A second replica beside `ledger_stack`: its own Envoy, the same registry and
@@ -96,7 +90,7 @@ def ledger_twin(ledger_stack, tmp_path_factory):
     s = envoy_in_front_of(tmp_path_factory, "ledger-twin", ledger_stack,
                           state_key=ledger_stack.opts.state_key)
     yield s
-    stop(s)
+    stop_stack(s)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +105,7 @@ def ks_stack(tmp_path_factory):
                                   {"repositories": "remount/**", "action": "encrypt"},
                                   {"repositories": "projects/**", "action": "encrypt"}])
     yield s
-    stop(s)
+    stop_stack(s)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +114,7 @@ def shared_twin(ks_stack, tmp_path_factory):
     keeps upload state in its own shared data)."""
     s = envoy_in_front_of(tmp_path_factory, "ks-twin", ks_stack)
     yield s
-    stop(s)
+    stop_stack(s)
 
 
 def keyservice(stack: Stack, *args: str) -> str:
@@ -445,7 +439,7 @@ def foreign_twin(ledger_stack, tmp_path_factory):
     s = envoy_in_front_of(tmp_path_factory, "foreign-twin", ledger_stack,
                           state_key=base64.b64encode(os.urandom(32)).decode())
     yield s
-    stop(s)
+    stop_stack(s)
 
 
 def test_sealed_state_of_another_key_is_refused(ledger_stack, foreign_twin):
@@ -747,7 +741,7 @@ def session_peers(ledger_stack, tmp_path_factory):
         yield stacks
     finally:
         for s in stacks:
-            stop(s)
+            stop_stack(s)
 
 
 def test_replicas_route_a_session_to_one_filter(session_peers):

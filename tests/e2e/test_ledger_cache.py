@@ -27,7 +27,7 @@ import pytest
 import requests
 
 import helpers
-from conftest import STARTED, _start_stack
+from conftest import _start_stack, stop_stack
 from procstat import rss_kib
 
 pytestmark = [pytest.mark.filter]
@@ -40,9 +40,7 @@ def _stack(tmp_path_factory, name, offset, **extra):
     s = _start_stack(tmp_path_factory, name, offset, filter=True, keys_source="inline",
                      ledger_cache_entries=CAPACITY, **extra)
     yield s
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
+    stop_stack(s)
 
 
 @pytest.fixture(scope="module")

@@ -149,9 +149,7 @@ def prom_stack(tmp_path_factory):
     s = conftest._start_stack(tmp_path_factory, "prometheus", 70, filter=True,
                               keyservice_refresh_seconds=REFRESH)
     yield s
-    if s in conftest.STARTED:
-        conftest.STARTED.remove(s)
-    s.gw.stop()
+    conftest.stop_stack(s)
 
 
 def rules_without_waiting(src: Path, dest: Path) -> Path:

@@ -39,7 +39,7 @@ import pytest
 import requests
 
 import helpers
-from conftest import AUTH, STARTED, Stack, _start_stack
+from conftest import AUTH, Stack, _start_stack, stop_stack
 from helpers import MIB, MT_INDEX, MT_MANIFEST, RegistryLog
 
 pytestmark = [pytest.mark.filter, pytest.mark.clients]
@@ -60,9 +60,7 @@ def rot_stack(tmp_path_factory):
                                   {"repositories": "rotnokey/**", "action": "encrypt"},
                                   {"repositories": "rotresume/**", "action": "encrypt"}])
     yield s
-    if s in STARTED:
-        STARTED.remove(s)
-    s.gw.stop()
+    stop_stack(s)
 
 
 def keyservice(s: Stack, *args: str) -> None:

@@ -34,9 +34,7 @@ def trap_stack(tmp_path_factory):
     s.expected_failures = ("proxy_on_request_headers failed: Uncaught RuntimeError: "
                            "unreachable",)
     yield s
-    if s in conftest.STARTED:
-        conftest.STARTED.remove(s)
-    s.gw.stop()
+    conftest.stop_stack(s)
 
 
 def test_shipped_module_has_no_trap(trap_stack):

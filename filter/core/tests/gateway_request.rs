@@ -15,7 +15,7 @@ mod common {
 use common::gateway::*;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::gateway::{
-    CalloutAnswer, Command, Flow, Level, Metric, MANIFEST_BUDGET_PER_WORKER,
+    Callout, CalloutAnswer, Command, Flow, Level, Metric, Stream, MANIFEST_BUDGET_PER_WORKER,
 };
 use ocicrypt_core::ledger::{self, LedgerEntry};
 use ocicrypt_core::recipients::fingerprint;
@@ -490,6 +490,23 @@ fn post_with_digest_opens_a_session_by_callout() {
     assert_eq!(flow.finish.as_ref().unwrap().client_digest, gz_digest());
 }
 
+/// A `POST ?digest=` with a 3-byte body in a fresh world: the stream waits for the callout
+/// that opens its session.
+fn opening_session() -> (World, Stream, Callout) {
+    let mut world = World::new();
+    let post = req(
+        "POST",
+        &format!("/v2/demo/app/blobs/uploads/?digest={}", gz_digest()),
+    )
+    .body(3);
+    let (stream, out) = world.send(&post);
+    let [Command::Dispatch(callout), Command::Pause] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    let callout = callout.clone();
+    (world, stream, callout)
+}
+
 #[test]
 fn post_with_digest_session_failures() {
     let cases: Vec<(CalloutAnswer, Code, &str)> = vec![
@@ -512,31 +529,12 @@ fn post_with_digest_session_failures() {
         ),
     ];
     for (answer, code, needle) in cases {
-        let mut world = World::new();
-        let post = req(
-            "POST",
-            &format!("/v2/demo/app/blobs/uploads/?digest={}", gz_digest()),
-        )
-        .body(3);
-        let (mut stream, out) = world.send(&post);
-        let Command::Dispatch(callout) = &out[0] else {
-            panic!()
-        };
+        let (mut world, mut stream, callout) = opening_session();
         let out = stream.on_callout(callout.id, &answer, &mut world.env());
         assert_refused(&out, code, needle);
     }
     // A session opened in another repository is deleted where the gateway reaches it.
-    let mut world = World::new();
-    let (mut stream, out) = world.send(
-        &req(
-            "POST",
-            &format!("/v2/demo/app/blobs/uploads/?digest={}", gz_digest()),
-        )
-        .body(3),
-    );
-    let Command::Dispatch(callout) = &out[0] else {
-        panic!()
-    };
+    let (mut world, mut stream, callout) = opening_session();
     let answer = CalloutAnswer::new(202, &[("location", "/v2/demo/other/blobs/uploads/x")], b"");
     let out = stream.on_callout(callout.id, &answer, &mut world.env());
     let Command::Dispatch(delete) = &out[0] else {
@@ -552,17 +550,7 @@ fn post_with_digest_session_failures() {
     // Its failure to dispatch is silent (nobody waits for it); the refusal stands.
     assert!(stream.on_dispatch_failed(delete.id).is_empty());
     // An unreachable registry refuses the waiting request.
-    let mut world = World::new();
-    let (mut stream, out) = world.send(
-        &req(
-            "POST",
-            &format!("/v2/demo/app/blobs/uploads/?digest={}", gz_digest()),
-        )
-        .body(3),
-    );
-    let Command::Dispatch(callout) = &out[0] else {
-        panic!()
-    };
+    let (_world, mut stream, callout) = opening_session();
     assert_refused(
         &stream.on_dispatch_failed(callout.id),
         Code::Unavailable,

@@ -790,11 +790,25 @@ class H2Client:
                     self.ended[s] = True
         self._flush()
 
+    def _wait(self, sid: int, seconds: float) -> None:
+        """Reads what the server sends for `seconds`, or until stream `sid` ends."""
+        import select
+
+        deadline = time.monotonic() + seconds
+        while not self.ended[sid] and not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                return
+            self._pump()
+
     def request(self, method: str, path: str, body: bytes = b"",
                 headers: Optional[Dict[str, str]] = None,
-                trailers: Optional[Dict[str, str]] = None) -> Answer:
+                trailers: Optional[Dict[str, str]] = None,
+                trailers_after: float = 0.0) -> Answer:
         """One request; `trailers` are sent as a HEADERS frame ending the stream after the
-        body. Returns the answer (status 0 if the stream was reset before one)."""
+        body, `trailers_after` seconds after its last byte (reading the server meanwhile, so
+        an answer that comes before the trailers is seen). Returns the answer (status 0 if the
+        stream was reset before one)."""
         import h2.exceptions
 
         sid = self.conn.get_next_available_stream_id()
@@ -818,6 +832,8 @@ class H2Client:
                 self.conn.send_data(sid, bytes(view[off:off + room]), end_stream=last)
                 self._flush()
                 off += room
+            if trailers and trailers_after:
+                self._wait(sid, trailers_after)
             if trailers and not self.ended[sid]:
                 self.conn.send_headers(sid, [(k.lower(), v) for k, v in trailers.items()],
                                        end_stream=True)

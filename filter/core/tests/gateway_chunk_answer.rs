@@ -136,6 +136,13 @@ fn a_range_other_than_what_was_sent_abandons_the_upload() {
                     .contains(&(":method".into(), "DELETE".into())),
                 "{callout:?}"
             );
+            // At the registry's own offset: distribution refuses a stale `_state` (v3 without
+            // cancelling the session).
+            let at = location(held());
+            assert!(
+                callout.headers.contains(&(":path".into(), at)),
+                "{callout:?}"
+            );
             assert_refused(&out, Code::BadGateway, "does not match");
             assert!(!out
                 .iter()

@@ -517,12 +517,28 @@ impl Gateway {
         }
         match std::mem::replace(&mut self.stream.flow, Flow::Pass) {
             Flow::Chunk(flow) => {
-                let Some(completion) = flow.finish.and_then(|f| f.completion) else {
+                let Some(finish) = flow.finish else {
                     return Ok(Action::Continue);
                 };
                 if status != "202" {
                     return Ok(Action::Continue);
                 }
+                let Some(completion) = finish.completion else {
+                    // The registry took the declared length before the body ended here: over
+                    // HTTP/2, request trailers follow it. What it holds is an unfinished
+                    // encryption; the session goes, and nothing is finished.
+                    let config = self
+                        .config
+                        .clone()
+                        .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
+                    let location = host::header(MapType::HttpResponseHeaders, "location");
+                    let abandon = self.stream.abandon_session(&config, location.as_deref());
+                    self.apply(vec![abandon], Callback::Other);
+                    return Err(OciError::new(
+                        Code::BlobUploadInvalid,
+                        "the upload's body did not end where the registry's did (request trailers are refused on writes to an encrypted repository); the upload is abandoned, push again without trailers",
+                    ));
+                };
                 let location = host::header(MapType::HttpResponseHeaders, "location")
                     .and_then(|l| distribution::location_path(&l))
                     .ok_or_else(|| {

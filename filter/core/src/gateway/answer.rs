@@ -229,10 +229,7 @@ impl Stream {
             .as_deref()
             .is_some_and(|r| distribution::range_matches(r, stream.offset()))
         {
-            let upstream = self.upstream_path.clone();
-            out.push(Command::Dispatch(
-                self.registry_callout(env.config, "DELETE", &upstream, None, None),
-            ));
+            out.push(self.abandon_session(env.config, head.header("location").as_deref()));
             return Err(OciError::new(
                 Code::BadGateway,
                 format!("the registry's Range ({}) does not match the {} bytes the gateway sent for this upload; the upload is abandoned, push again", range.as_deref().unwrap_or("none"), stream.offset()),
@@ -277,6 +274,17 @@ impl Stream {
             upload::session_location(&location, &id, Some(&token)),
         ));
         Ok(())
+    }
+
+    /// A best-effort `DELETE` of this request's upload session, whose bytes at the registry
+    /// no longer match the gateway's state. Sent to the `Location` the registry just answered
+    /// when there is one: its `_state` names the registry's offset, and distribution (v3)
+    /// refuses a `_state` at another offset without cancelling anything.
+    pub fn abandon_session(&mut self, config: &Config, location: Option<&str>) -> Command {
+        let path = location
+            .and_then(distribution::location_path)
+            .unwrap_or_else(|| self.upstream_path.clone());
+        Command::Dispatch(self.registry_callout(config, "DELETE", &path, None, None))
     }
 
     /// A session the registry opened in an encrypted repository (a `POST`, or a mount it could

@@ -290,7 +290,7 @@ mod tests {
 
     #[test]
     fn reads_without_a_host_are_absent_never_a_panic() {
-        // Native builds answer NotFound to everything (abi.rs): the same paths as a host that
+        // Native builds answer NotFound to everything (abi/native_stubs.rs): the same paths as a host that
         // has no such header, map or answer.
         assert_eq!(header(MapType::HttpRequestHeaders, "content-type"), None);
         assert_eq!(

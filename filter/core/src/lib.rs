@@ -28,6 +28,7 @@ pub mod ledger;
 pub mod ledger_cache;
 pub mod manifest;
 pub mod policy;
+pub mod prefetch;
 pub mod recipients;
 pub mod session;
 pub mod sha256;

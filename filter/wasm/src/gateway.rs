@@ -18,7 +18,8 @@ use ocicrypt_core::gateway::{
 };
 use ocicrypt_core::keyservice::{Lookup, Next};
 use ocicrypt_core::ledger;
-use ocicrypt_core::upload::{self, BodyVerdict, Completion, Store};
+use ocicrypt_core::prefetch::Keystream;
+use ocicrypt_core::upload::{Completion, Store};
 use ocicrypt_core::upload_table;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
@@ -28,7 +29,7 @@ use crate::host::{self, SharedData};
 use crate::keys::{self, Resolution};
 use crate::ledgered;
 use crate::metrics::Metrics;
-use crate::prefetch::{RequestPrefetch, SharedWorker};
+use crate::prefetch::{HostQueues, SharedWorker};
 use crate::uploads;
 
 /// The per-stream context.
@@ -44,8 +45,6 @@ pub struct Gateway {
     metrics: Rc<Metrics>,
     /// Keystream prefetch of this worker.
     worker: SharedWorker,
-    /// This request's part in it.
-    prefetch: RequestPrefetch,
 }
 
 thread_local! {
@@ -56,7 +55,9 @@ thread_local! {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.prefetch.end(&self.worker, &self.metrics);
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            self.metrics.keystream(self.stream.end_keystream(&mut worker));
+        }
         let stream = &mut self.stream;
         HELD_MANIFEST_BYTES.with(|held| stream.on_end(&SharedData, held));
     }
@@ -159,7 +160,6 @@ impl Gateway {
             config,
             metrics,
             worker,
-            prefetch: RequestPrefetch::default(),
         }
     }
 
@@ -187,7 +187,15 @@ impl Gateway {
         let mut rng = OsRng;
         let stream = &mut self.stream;
         let keys = &mut self.keys;
+        // A stream's events never nest (no host call runs another callback of this VM), so the
+        // worker is free; were it not, the body is encrypted locally: the same bytes.
+        let mut worker = self.worker.try_borrow_mut().ok();
+        let mut queues = HostQueues;
         HELD_MANIFEST_BYTES.with(|held| {
+            let keystream = worker.as_deref_mut().map(|worker| Keystream {
+                worker,
+                queues: &mut queues,
+            });
             let mut env = Env {
                 config: &config,
                 store: &SharedData,
@@ -195,6 +203,7 @@ impl Gateway {
                 held_manifest_bytes: held,
                 now,
                 rng: &mut rng,
+                keystream,
             };
             event(stream, &mut env)
         })
@@ -273,6 +282,7 @@ impl Gateway {
                         Metric::UploadState(delta) => self.metrics.upload_state(delta),
                         Metric::LedgerCache(change) => self.metrics.ledger_cache(change),
                         Metric::SessionMoved => self.metrics.session_moved(),
+                        Metric::Keystream(report) => self.metrics.keystream(report),
                     }
                     Ok(())
                 }
@@ -290,44 +300,6 @@ impl Gateway {
             }
         }
         action
-    }
-
-    fn on_chunk_body(&mut self, body_size: usize, end_of_stream: bool) -> Result<Action, OciError> {
-        let Flow::Chunk(flow) = &mut self.stream.flow else {
-            return Ok(Action::Continue);
-        };
-        let Some(stream) = flow.stream.as_mut() else {
-            return Ok(Action::Continue);
-        };
-        let mut buf = host::body(BufferType::HttpRequestBody, body_size)?;
-        let verdict = self.prefetch.encrypt(
-            &self.worker,
-            stream,
-            &mut buf,
-            end_of_stream,
-            self.stream.content_length,
-        )?;
-        if end_of_stream {
-            self.prefetch.end(&self.worker, &self.metrics);
-        }
-        match verdict {
-            BodyVerdict::Replaced => host::set_body(BufferType::HttpRequestBody, body_size, &buf)?,
-            BodyVerdict::Unchanged => {}
-        }
-        if end_of_stream {
-            if let Some(finish) = flow.finish.as_mut() {
-                if let Some(stream) = flow.stream.take() {
-                    let completion = upload::complete(
-                        stream.into_record(),
-                        finish.client_digest,
-                        &finish.recipients,
-                        &mut OsRng,
-                    )?;
-                    finish.completion = Some(completion);
-                }
-            }
-        }
-        Ok(Action::Continue)
     }
 
     /// Whether the ledger is kept in the registry too (replicas share `replicas.state_key`).
@@ -850,12 +822,6 @@ impl HttpContext for Gateway {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if let Flow::Chunk(_) = self.stream.flow {
-            return match self.on_chunk_body(body_size, end_of_stream) {
-                Ok(action) => action,
-                Err(e) => self.refuse(&e),
-            };
-        }
         let read = || host::body(BufferType::HttpRequestBody, body_size);
         let commands = self
             .with_env(|stream, env| stream.on_request_body(body_size, end_of_stream, &read, env));

@@ -30,6 +30,7 @@ use ocicrypt_core::config::{Config, KeyServiceConfig};
 use ocicrypt_core::keyservice::{Lookup, Next};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
+use rand_core::OsRng;
 
 // The macro defines the module's `_start`; it cannot carry a doc comment.
 #[allow(missing_docs)]
@@ -98,8 +99,8 @@ impl Context for Root {
 impl RootContext for Root {
     fn on_queue_ready(&mut self, queue_id: u32) {
         if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            worker.on_queue_ready(queue_id);
-            worker.report(&self.metrics);
+            worker.on_queue_ready(queue_id, &mut prefetch::HostQueues);
+            self.metrics.keystream(worker.report());
         }
     }
 
@@ -117,16 +118,14 @@ impl RootContext for Root {
             Ok(config) => {
                 host::log(LogLevel::Info, "ocicrypt-filter: configuration loaded");
                 if let Ok(mut worker) = self.worker.try_borrow_mut() {
-                    worker
-                        .prefetcher
-                        .set_budget(config.keystream_prefetch_bytes);
+                    worker.set_budget(config.keystream_prefetch_bytes);
                 }
                 self.config = Some(Rc::new(config));
                 self.metrics = Rc::new(metrics::Metrics::define());
                 // Ticks renew this worker's line in the keystream helper list, and drive the
                 // key-service refresh (leased: one refresh per period over all workers).
                 let refresh = self.config.as_ref().and_then(|c| c.key_service.as_ref());
-                let heartbeat = prefetch::HEARTBEAT_SECS.unsigned_abs();
+                let heartbeat = ocicrypt_core::prefetch::HEARTBEAT_SECS;
                 let seconds = refresh.map_or(heartbeat, |ks| ks.refresh_seconds.min(heartbeat));
                 {
                     let period = Duration::from_secs(seconds.max(1));
@@ -152,8 +151,11 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            worker.enlist(keys::now());
-            worker.heartbeat(keys::now());
+            let now = keys::now().max(0).unsigned_abs();
+            let queues = &mut prefetch::HostQueues;
+            if let Some(warning) = worker.on_tick(now, &host::SharedData, queues, &mut OsRng) {
+                host::log(LogLevel::Warn, warning);
+            }
         }
         // Without replicas, upload records live here: drop the abandoned ones.
         if let Some(config) = self.config.as_ref().filter(|c| c.state_key.is_none()) {
@@ -183,7 +185,11 @@ impl RootContext for Root {
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Only worker threads create streams.
         if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            worker.on_stream(keys::now());
+            let now = keys::now().max(0).unsigned_abs();
+            let queues = &mut prefetch::HostQueues;
+            if let Some(warning) = worker.on_stream(now, &host::SharedData, queues, &mut OsRng) {
+                host::log(LogLevel::Warn, warning);
+            }
         }
         Some(Box::new(gateway::Gateway::new(
             context_id,

@@ -3,6 +3,7 @@
 //! (`wasmcustom_ocicrypt_…` on `/stats/prometheus`).
 use ocicrypt_core::error::Code;
 use ocicrypt_core::keyservice::{KeyRecord, TrustedMetadata};
+use ocicrypt_core::prefetch::Report;
 use proxy_wasm::types::MetricType;
 
 use crate::host;
@@ -165,16 +166,14 @@ impl Metrics {
         }
     }
 
-    /// Keystream prefetch since the last report: bytes this worker asked helpers for, bytes it
-    /// encrypted with their keystream, segments it refused, bytes it computed for others,
-    /// requests it declined (busy with its own streams).
-    pub fn keystream(&self, asked: u64, used: u64, refused: u64, served: u64, declined: u64) {
+    /// Keystream prefetch since the last report.
+    pub fn keystream(&self, report: Report) {
         for (id, n) in [
-            (self.keystream_asked, asked),
-            (self.keystream_used, used),
-            (self.keystream_refused, refused),
-            (self.keystream_served, served),
-            (self.keystream_declined, declined),
+            (self.keystream_asked, report.asked),
+            (self.keystream_used, report.used),
+            (self.keystream_refused, report.refused),
+            (self.keystream_served, report.served),
+            (self.keystream_declined, report.declined),
         ] {
             if n > 0 {
                 Self::add(id, i64::try_from(n).unwrap_or(i64::MAX));

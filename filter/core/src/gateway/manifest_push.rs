@@ -25,6 +25,7 @@ impl Stream {
     ) -> Vec<Command> {
         let result = match &self.flow {
             Flow::Manifest { .. } => self.manifest_body(size, end_of_stream, read, env),
+            Flow::Chunk(_) => Ok(self.chunk_body(size, end_of_stream, read, env)),
             Flow::Refused => Ok(vec![Command::Pause]),
             Flow::Draining(e) if end_of_stream => Err(e.clone()),
             Flow::Draining(_) => Ok(vec![

@@ -100,6 +100,7 @@
 //! is still decided in the adapter (`filter/wasm/src/gateway.rs`) on the [`Flow`] this machine
 //! sets (issue 16).
 mod answer;
+mod body;
 mod flow;
 mod head;
 mod ledgered;
@@ -134,6 +135,9 @@ pub struct Env<'a> {
     pub now: u64,
     /// Randomness (layer keys, nonces, key wrapping).
     pub rng: &'a mut dyn CryptoRngCore,
+    /// The worker's keystream prefetch, when the host lends it (without, upload bodies are
+    /// encrypted locally: the same bytes).
+    pub keystream: Option<crate::prefetch::Keystream<'a>>,
 }
 
 /// A project's recipients, as far as the host can tell now.
@@ -194,6 +198,8 @@ pub enum Metric {
     LedgerCache(crate::ledger_cache::Change),
     /// A request continued an upload session whose previous request another replica served.
     SessionMoved,
+    /// The worker's keystream prefetch since its last report.
+    Keystream(crate::prefetch::Report),
 }
 
 /// What the host does for the stream, in order.
@@ -263,6 +269,8 @@ pub struct Stream {
     /// The manifest body held while its ledger entries are read from the registry.
     held_manifest: Option<Vec<u8>>,
     next_callout: u32,
+    /// The upload body's part in the worker's keystream prefetch.
+    prefetch: crate::prefetch::RequestPrefetch,
 }
 
 impl Stream {

@@ -129,6 +129,7 @@ impl World {
             held_manifest_bytes: &self.held,
             now: NOW,
             rng: &mut self.rng,
+            keystream: None,
         }
     }
     pub fn headers(&mut self, stream: &mut Stream, req: &Req) -> Vec<Command> {

@@ -56,7 +56,8 @@ thread_local! {
 impl Drop for Gateway {
     fn drop(&mut self) {
         if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            self.metrics.keystream(self.stream.end_keystream(&mut worker));
+            self.metrics
+                .keystream(self.stream.end_keystream(&mut worker));
         }
         let stream = &mut self.stream;
         HELD_MANIFEST_BYTES.with(|held| stream.on_end(&SharedData, held));

@@ -1,9 +1,10 @@
 //! One HTTP stream through the gateway: the host side of [`ocicrypt_core::gateway::Stream`].
 //!
 //! The request line (which flow a request is, every refusal before the body, the key lookup
-//! after everything else) is decided by the core's machine; this file turns host callbacks into
-//! its events and carries out its commands. The body, response and finishing/ledger callout
-//! steps of each flow are still here, on the core's [`Flow`] (issue 16, next increments).
+//! after everything else) and the request bodies are decided by the core's machine; this file
+//! turns host callbacks into its events and carries out its commands. The response and
+//! finishing/ledger callout steps of uploads are still here, on the core's [`Flow`] (issue 16,
+//! next increments).
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;

@@ -13,9 +13,9 @@ use super::request::too_large;
 use super::{CalloutAnswer, CalloutId, Command, Env, Flow, Level, Metric, ResponseHead, Stream};
 
 impl Stream {
-    /// Request body bytes arrived for a flow the machine carries past the request line (a
-    /// manifest being pushed, a refusal being drained): `size` bytes are buffered by the host,
-    /// `read` copies them out when the machine needs them.
+    /// Request body bytes arrived for a flow the machine carries past the request line (an
+    /// upload chunk, a manifest being pushed, a refusal being drained): `size` bytes are
+    /// buffered by the host, `read` copies them out when the machine needs them.
     pub fn on_request_body(
         &mut self,
         size: usize,

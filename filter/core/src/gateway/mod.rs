@@ -13,7 +13,7 @@
 //! | the key lookup the request waited for is finished | [`Stream::on_keys_ready`] |
 //! | a callout the machine dispatched is answered (or failed: an answer without `:status`) | [`Stream::on_callout`] |
 //! | a callout could not be dispatched | [`Stream::on_dispatch_failed`] |
-//! | request body bytes (a manifest, a refusal being drained) | [`Stream::on_request_body`] |
+//! | request body bytes (an upload chunk, a manifest, a refusal being drained) | [`Stream::on_request_body`] |
 //! | request trailers | [`Stream::on_request_trailers`] |
 //! | response headers (a manifest push, passthrough, refusals) | [`Stream::on_response_headers`] |
 //! | the stream ends | [`Stream::on_end`] |
@@ -96,9 +96,20 @@
 //! or a `Location` out of the repository or off the gateway, is refused `502` (a session opened
 //! elsewhere is deleted where the gateway reaches it).
 //!
-//! What the upload bodies, their responses and the finishing and ledger-recording callouts do
-//! is still decided in the adapter (`filter/wasm/src/gateway.rs`) on the [`Flow`] this machine
-//! sets (issue 16).
+//! # An upload body, after its request line
+//!
+//! Each chunk is encrypted as it streams and replaces itself (CTR keeps the length); the blob's
+//! first 512 bytes are held until they decide its treatment (JSON passes, ciphertext passes
+//! where the policy accepts it, judged window by window, anything else is encrypted), and a
+//! blob taken for JSON that turns binary, or for ciphertext that turns plaintext, is refused
+//! before that chunk goes on. The keystream may come from another worker
+//! ([`crate::prefetch`], lent through [`Env::keystream`]): the bytes are the same. At the end of
+//! a monolithic body the blob is completed (its plaintext checked against the client's digest,
+//! its key wrapped to the recipients resolved before the body); a mismatch is refused there.
+//!
+//! What the upload responses and the finishing and ledger-recording callouts do is still
+//! decided in the adapter (`filter/wasm/src/gateway.rs`) on the [`Flow`] this machine sets
+//! (issue 16).
 mod answer;
 mod body;
 mod flow;

@@ -57,8 +57,14 @@ const ROWS: &[Row] = &[
             "gateway_chunk_answer::a_202_seals_the_state_into_the_location_with_replicas",
             "gateway_chunk_answer::a_range_other_than_what_was_sent_abandons_the_upload",
             "gateway_chunk_answer::an_answer_other_than_202_keeps_nothing",
+            "gateway_body::patch_chunks_go_on_as_the_ciphertext_of_the_whole_however_cut",
+            "gateway_body::the_first_window_is_held_until_it_decides",
+            "gateway_body::blobs_are_told_apart_by_their_first_window",
+            "gateway_body::a_blob_that_began_like_json_and_turns_binary_is_refused",
+            "gateway_body::ciphertext_that_goes_on_as_plaintext_is_refused",
+            "prefetch_planning::a_helped_stream_writes_the_local_ciphertext_and_the_tallies_add_up",
         ],
-        in_adapter: Some(("the body: each chunk encrypted in place", &["on_chunk_body"])),
+        in_adapter: None,
     },
     Row {
         request: "`PUT …/uploads/<id>?digest=D` (empty body)",
@@ -67,8 +73,13 @@ const ROWS: &[Row] = &[
     },
     Row {
         request: "`PUT …?digest=D` with a body (monolithic: `ctr`, BuildKit, oras)",
-        tests: &["gateway_request::ctr_monolithic_put_becomes_a_patch"],
-        in_adapter: Some(("the body, and the finishing PUT ?digest=E by callout on the 202", &["on_chunk_body", "on_response", "on_callout"])),
+        tests: &[
+            "gateway_request::ctr_monolithic_put_becomes_a_patch",
+            "gateway_body::a_monolithic_body_completes_with_the_clients_digest",
+            "gateway_body::a_monolithic_body_of_another_digest_is_refused_at_its_end",
+            "gateway_body::an_empty_body_forwards_nothing_and_completes_as_the_empty_blob",
+        ],
+        in_adapter: Some(("the finishing PUT ?digest=E by callout on the 202", &["on_response", "on_callout"])),
     },
     Row {
         request: "`POST …/uploads/?digest=D` with a body",
@@ -78,7 +89,7 @@ const ROWS: &[Row] = &[
             "gateway_request::post_with_digest_without_body",
             "gateway_challenge::a_401_to_the_session_callout_carries_the_registrys_challenge",
         ],
-        in_adapter: Some(("after the session is open: as the monolithic PUT", &["on_chunk_body", "on_response", "on_callout"])),
+        in_adapter: Some(("after the session is open: the finishing PUT as the monolithic PUT's", &["on_response", "on_callout"])),
     },
     Row {
         request: "`PUT /v2/<name>/manifests/<tag>`",

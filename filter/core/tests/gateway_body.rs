@@ -11,15 +11,19 @@
 
 mod common {
     pub mod gateway;
+    pub mod queues;
 }
 
 use common::gateway::*;
+use common::queues::Queues;
 use ocicrypt_core::blockcipher::LayerEncryptor;
 use ocicrypt_core::config::Config;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::{Code, OciError};
-use ocicrypt_core::gateway::{Command, Flow, Stream};
+use ocicrypt_core::gateway::{Command, Env, Flow, Metric, Stream};
+use ocicrypt_core::prefetch::{Keystream, Report, Worker};
 use ocicrypt_core::recipients::fingerprint;
+use rand::SeedableRng;
 use serde_json::json;
 
 /// A gzip-looking layer of `n` bytes (what the gateway encrypts).
@@ -133,7 +137,7 @@ fn accepting_encrypted() -> World {
 
 /// Bytes that look like ciphertext (a pipeline's encrypted layer).
 fn random_bytes(n: usize) -> Vec<u8> {
-    use rand::{RngCore, SeedableRng};
+    use rand::RngCore;
     let mut out = vec![0u8; n];
     rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut out);
     out
@@ -409,4 +413,61 @@ fn bodies_of_flows_that_do_not_encrypt_go_on_untouched() {
         body(&mut world, &mut stream, b"data", true),
         vec![Command::Continue]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// With the worker's keystream prefetch lent: the same bytes, and its tally at the body's end.
+
+#[test]
+fn a_body_helped_by_another_worker_goes_on_as_the_same_ciphertext() {
+    let blob = layer(3 << 20);
+    let mut world = World::new();
+    let mut queues = Queues::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut mine = Worker::default();
+    let mut helper = Worker::default();
+    for w in [&mut mine, &mut helper] {
+        w.on_stream(NOW, &world.store, &mut queues, &mut rng);
+    }
+    let mut stream = patch(&mut world, "demo/app", blob.len() as u64);
+    let expected = reference_ciphertext(&world, &blob);
+    let pieces = cut(&blob, &[256 << 10; 11]);
+    let mut sent = Vec::new();
+    let mut last = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        let bytes = piece.to_vec();
+        let mut q = queues.clone();
+        let mut env = Env {
+            keystream: Some(Keystream {
+                worker: &mut mine,
+                queues: &mut q,
+            }),
+            ..world.env()
+        };
+        last = stream.on_request_body(
+            piece.len(),
+            i + 1 == pieces.len(),
+            &|| Ok(bytes.clone()),
+            &mut env,
+        );
+        sent.extend(forwarded(piece, &last));
+        // The helper's VM serves what was asked, one request per queue event.
+        let requests = helper.queues().unwrap().requests;
+        while queues.waiting(requests) > 0 {
+            helper.on_queue_ready(requests, &mut queues);
+        }
+    }
+    assert!(
+        sent == expected,
+        "helped bytes differ from the layer cipher"
+    );
+    // The end of the body ends the job and reports what this worker's prefetch did.
+    let Some(Command::Metric(Metric::Keystream(report))) = last.first() else {
+        panic!("no tally at the end: {last:?}")
+    };
+    assert!(report.used > 0 && report.used <= report.asked, "{report:?}");
+    assert_eq!(mine.jobs(), 0);
+    assert_eq!(helper.report().served, report.asked);
+    // The stream's end finds nothing more to report.
+    assert_eq!(stream.end_keystream(&mut mine), Report::default());
 }

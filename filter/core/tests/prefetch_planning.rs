@@ -12,73 +12,21 @@
 
 mod common {
     pub mod gateway;
+    pub mod queues;
 }
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
-use std::rc::Rc;
-
 use common::gateway::{MapStore, NOW};
+use common::queues::Queues;
 use ocicrypt_core::keystream::{SEGMENT_BYTES, WINDOW_BYTES};
 use ocicrypt_core::prefetch::{
-    parse_helpers, pick, Helper, Keystream, Report, RequestPrefetch, SharedQueues, Worker,
-    FRESH_SECS, HELPERS_KEY, MAX_LISTED, NO_QUEUES,
+    parse_helpers, pick, Helper, Keystream, Report, RequestPrefetch, Worker, FRESH_SECS,
+    HELPERS_KEY, MAX_LISTED, NO_QUEUES,
 };
 use ocicrypt_core::upload::{ChunkStream, Store, UploadRecord};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 const MIB: usize = 1 << 20;
-
-/// The host's queues of one process: any VM enqueues to any queue.
-#[derive(Default)]
-struct Process {
-    queues: BTreeMap<u32, VecDeque<Vec<u8>>>,
-    next: u32,
-    /// The host refuses registrations.
-    refuse: bool,
-    /// Applied to every message enqueued (a helper that answers wrong keystream).
-    tamper: Option<fn(&mut Vec<u8>)>,
-}
-
-#[derive(Clone, Default)]
-struct Queues(Rc<RefCell<Process>>);
-
-impl SharedQueues for Queues {
-    fn register(&mut self, _name: &str) -> Option<u32> {
-        let mut p = self.0.borrow_mut();
-        if p.refuse {
-            return None;
-        }
-        p.next += 1;
-        let id = p.next;
-        p.queues.insert(id, VecDeque::new());
-        Some(id)
-    }
-    fn enqueue(&mut self, queue: u32, message: &[u8]) -> bool {
-        let mut p = self.0.borrow_mut();
-        let mut message = message.to_vec();
-        if let Some(tamper) = p.tamper {
-            tamper(&mut message);
-        }
-        match p.queues.get_mut(&queue) {
-            Some(q) => {
-                q.push_back(message);
-                true
-            }
-            None => false,
-        }
-    }
-    fn dequeue(&mut self, queue: u32) -> Option<Vec<u8>> {
-        self.0.borrow_mut().queues.get_mut(&queue)?.pop_front()
-    }
-}
-
-impl Queues {
-    fn waiting(&self, queue: u32) -> usize {
-        self.0.borrow().queues.get(&queue).map_or(0, VecDeque::len)
-    }
-}
 
 fn rng() -> StdRng {
     StdRng::seed_from_u64(5)

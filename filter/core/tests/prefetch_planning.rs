@@ -528,3 +528,49 @@ fn prefetch_off_asks_nothing() {
     assert!(sent == local(&blob));
     assert_eq!(request.end(&mut a), Report::default());
 }
+
+/// A store where other workers win every compare-and-set for a while.
+struct Contended<'a> {
+    store: &'a MapStore,
+    losses: std::cell::Cell<u32>,
+}
+
+impl Store for Contended<'_> {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.store.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), ocicrypt_core::error::OciError> {
+        self.store.set(key, value)
+    }
+    fn get_cas(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
+        self.store.get_cas(key)
+    }
+    fn set_cas(&self, key: &str, value: &[u8], cas: u32) -> bool {
+        if self.losses.get() > 0 {
+            self.losses.set(self.losses.get() - 1);
+            return false;
+        }
+        self.store.set_cas(key, value, cas)
+    }
+}
+
+#[test]
+fn a_heartbeat_lost_to_other_writers_is_tried_again_at_the_next_tick() {
+    let inner = MapStore::default();
+    let mut queues = Queues::default();
+    // The enlisting tick renews twice (on enlisting, then as a tick), four tries each: eight
+    // lost rounds and it gives up, without counting as a beat.
+    let store = Contended {
+        store: &inner,
+        losses: std::cell::Cell::new(8),
+    };
+    let mut w = Worker::default();
+    w.on_tick(NOW, &store, &mut queues, &mut rng());
+    assert!(w.queues().is_some());
+    assert_eq!(store.get(HELPERS_KEY), None);
+    // Three lost rounds: the fourth try of the next tick, within the period, writes.
+    store.losses.set(3);
+    w.on_tick(NOW + 1, &store, &mut queues, &mut rng());
+    let mine = w.queues().unwrap().requests;
+    assert_eq!(listed(&inner), vec![h(mine, NOW + 1, false)]);
+}

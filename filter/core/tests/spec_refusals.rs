@@ -364,6 +364,20 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
             Box::new(ciphertext_then_plaintext),
         ),
         (
+            "the blob began like JSON but holds binary data; nothing was stored, push it again",
+            None,
+            Box::new(|| {
+                let mut world = World::new();
+                let request = req("PATCH", &upload_path("demo/app", 0, "")).body(1024);
+                let (mut stream, _) = world.send(&request);
+                let json = br#"{"name": "a tar whose first member is named like JSON"}"#.repeat(10);
+                let out = stream.on_request_body(json.len(), false, &|| Ok(json.clone()), &mut world.env());
+                assert_eq!(out.last(), Some(&Command::Continue), "{out:?}");
+                let binary = vec![0u8; 512];
+                stream.on_request_body(512, true, &|| Ok(binary.clone()), &mut world.env())
+            }),
+        ),
+        (
             "upload requests with a form Content-Type are refused on encrypted repositories",
             None,
             Box::new(|| {

@@ -63,10 +63,10 @@ fn check_read(repository: &str, plaintext: &Digest, body: &[u8]) {
                 "a manifest entry does not describe the stored manifest itself: {entry:?}"
             );
         }
-        Err(StoredEntryError::Unauthenticated) => {
+        Err(StoredEntryError::Unauthenticated | StoredEntryError::Superseded) => {
             check!(
                 is_ledger_record(body),
-                "Unauthenticated for a manifest that does not look like a ledger record"
+                "refused as a record a manifest that does not look like a ledger record"
             );
         }
         Err(StoredEntryError::NotJson) => {

@@ -148,6 +148,16 @@ fn rsplit_marker(rest: &str, marker: &str) -> Option<(String, String)> {
     None
 }
 
+/// The repository of `GET /v2/<name>/tags/list` (with or without a query).
+pub fn tags_list_repository(path: &str) -> Option<String> {
+    let name = path
+        .split('?')
+        .next()?
+        .strip_prefix("/v2/")?
+        .strip_suffix("/tags/list")?;
+    is_repository_name(name).then(|| name.to_string())
+}
+
 /// Distribution's repository name grammar, loosely: lowercase path components.
 pub fn is_repository_name(name: &str) -> bool {
     !name.is_empty()

@@ -19,8 +19,10 @@
 //!
 //! - **Blob records**, written by the gateway itself straight to the registry after it
 //!   committed an encrypted blob ([`ledger_manifest_authenticated`]): `artifactType`
-//!   [`LEDGER_ARTIFACT_TYPE`], one layer (the ciphertext, with the `enc.*` annotations and the
-//!   recipients fingerprint), and an annotation [`ANNOTATION_MAC`]: HMAC-SHA256 under the
+//!   [`LEDGER_ARTIFACT_TYPE`], the OCI empty descriptor as config and as its one layer, that
+//!   layer annotated with the ciphertext's digest and size, the `enc.*` annotations and the
+//!   recipients fingerprint (the ciphertext is never a descriptor of the record, so garbage
+//!   collection keeps it only for the manifests that name it), and an annotation [`ANNOTATION_MAC`]: HMAC-SHA256 under the
 //!   *ledger key* over a canonical encoding of the repository, the plaintext digest and every
 //!   field of the entry. The ledger key is HMAC-SHA256(state key, `"ocicrypt-filter ledger
 //!   v1"`): only holders of the replicas' state key can make one, and the key that seals upload
@@ -176,10 +178,19 @@ fn percent_decode(s: &str) -> Vec<u8> {
 /// reserved tag [`ledger_tag`] of the plaintext digest: every gateway replica, and a restarted
 /// one, can read what another encrypted.
 pub const LEDGER_ARTIFACT_TYPE: &str = "application/vnd.ocicrypt-filter.ledger.v1";
-/// Media type of the ciphertext layer a ledger manifest points at (keeps the blob alive too).
+/// Media type of the ciphertext layer the records of earlier builds pointed at, which kept the
+/// ciphertext from garbage collection for as long as the record's tag existed. Such a record
+/// reads as superseded ([`StoredEntryError::Superseded`]): the layer is uploaded again and
+/// recorded anew.
 pub const LEDGER_LAYER_TYPE: &str = "application/vnd.ocicrypt-filter.ciphertext";
-/// The OCI empty descriptor's content, the ledger manifests' config.
+/// The OCI empty descriptor's content: the ledger manifests' config, and their one layer.
 pub const EMPTY_CONFIG: &[u8] = b"{}";
+/// Media type of the OCI empty descriptor.
+const MEDIA_TYPE_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// Annotation of a ledger record's layer naming the ciphertext's digest.
+const ANNOTATION_CIPHERTEXT: &str = "org.ocicrypt-filter.ciphertext";
+/// Annotation of a ledger record's layer giving the ciphertext's size in decimal.
+const ANNOTATION_SIZE: &str = "org.ocicrypt-filter.size";
 const ANNOTATION_PLAINTEXT: &str = "org.ocicrypt-filter.plaintext";
 const ANNOTATION_RECIPIENTS: &str = "org.ocicrypt-filter.recipients";
 
@@ -190,12 +201,27 @@ pub fn ledger_manifest(plaintext: &Digest, entry: &LedgerEntry) -> Vec<u8> {
 }
 
 /// The JSON document of a ledger manifest, with the MAC annotation when one is given.
+///
+/// The record names the ciphertext in annotations of its one layer, the OCI empty descriptor,
+/// never as a descriptor of its own: the registry's garbage collection then keeps a ciphertext
+/// only while a manifest a client pushed names it, and the empty config is the record's only
+/// blob. A record can so outlive its ciphertext; the gateway checks the ciphertext is there
+/// before it reuses one (a `HEAD` asks the registry about it, a mount of a gone blob is an
+/// upload, a manifest naming a gone blob is refused by the registry).
 fn ledger_document(
     plaintext: &Digest,
     entry: &LedgerEntry,
     mac: Option<&[u8; 32]>,
 ) -> serde_json::Value {
     let mut layer_annotations = serde_json::Map::new();
+    layer_annotations.insert(
+        ANNOTATION_CIPHERTEXT.to_string(),
+        serde_json::Value::String(entry.encrypted_digest.to_string()),
+    );
+    layer_annotations.insert(
+        ANNOTATION_SIZE.to_string(),
+        serde_json::Value::String(entry.size.to_string()),
+    );
     for (k, v) in &entry.annotations {
         layer_annotations.insert(k.clone(), serde_json::Value::String(v.clone()));
     }
@@ -205,24 +231,28 @@ fn ledger_document(
             serde_json::Value::String(r.clone()),
         );
     }
-    let doc = serde_json::json!({
+    let empty = || {
+        serde_json::json!({
+            "mediaType": MEDIA_TYPE_EMPTY,
+            "digest": Digest::of(EMPTY_CONFIG).to_string(),
+            "size": EMPTY_CONFIG.len(),
+        })
+    };
+    let mut layer = empty();
+    if let Some(fields) = layer.as_object_mut() {
+        fields.insert(
+            "annotations".to_string(),
+            serde_json::Value::Object(layer_annotations),
+        );
+    }
+    let mut doc = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": crate::spec::MEDIA_TYPE_OCI_MANIFEST,
         "artifactType": LEDGER_ARTIFACT_TYPE,
-        "config": {
-            "mediaType": "application/vnd.oci.empty.v1+json",
-            "digest": Digest::of(EMPTY_CONFIG).to_string(),
-            "size": EMPTY_CONFIG.len(),
-        },
-        "layers": [{
-            "mediaType": LEDGER_LAYER_TYPE,
-            "digest": entry.encrypted_digest.to_string(),
-            "size": entry.size,
-            "annotations": layer_annotations,
-        }],
+        "config": empty(),
+        "layers": [layer],
         "annotations": { ANNOTATION_PLAINTEXT: plaintext.to_string() },
     });
-    let mut doc = doc;
     if let (Some(mac), Some(annotations)) = (
         mac,
         doc.get_mut("annotations")
@@ -336,6 +366,11 @@ pub enum StoredEntryError {
     /// ledger for this request.
     #[error("the stored ledger record is not authentic")]
     Unauthenticated,
+    /// A record in the format of earlier builds, whose layer was the ciphertext itself (kept
+    /// from garbage collection for good). Not read: the blob counts as unknown, is uploaded
+    /// again, and its new record replaces this one.
+    #[error("the stored ledger record is in a superseded format")]
+    Superseded,
 }
 
 /// True when a manifest looks like one of the gateway's ledger records: its `artifactType` or
@@ -379,6 +414,9 @@ pub fn read_stored(
     if !looks_like_ledger(&doc) {
         return Ok(manifest_entry_of(&doc, body));
     }
+    if is_superseded(&doc) {
+        return Err(StoredEntryError::Superseded);
+    }
     let entry = blob_entry_of(&doc).ok_or(StoredEntryError::Unauthenticated)?;
     let expected = ledger_manifest_authenticated(state_key, repository, plaintext, &entry);
     if expected.is_empty() || !bool::from(expected.as_slice().ct_eq(body)) {
@@ -398,6 +436,17 @@ pub fn entry_from_stored_authenticated(
     read_stored(state_key, repository, plaintext, body).ok()
 }
 
+/// Whether a ledger-looking document is a record of the superseded format (its one layer is
+/// the ciphertext, of type [`LEDGER_LAYER_TYPE`]).
+fn is_superseded(doc: &serde_json::Value) -> bool {
+    doc.get("layers")
+        .and_then(serde_json::Value::as_array)
+        .and_then(|layers| layers.first())
+        .and_then(|layer| layer.get("mediaType"))
+        .and_then(serde_json::Value::as_str)
+        == Some(LEDGER_LAYER_TYPE)
+}
+
 /// The blob entry a ledger record's fields describe (not yet authenticated).
 fn blob_entry_of(doc: &serde_json::Value) -> Option<LedgerEntry> {
     let layers = doc.get("layers")?.as_array()?;
@@ -406,6 +455,8 @@ fn blob_entry_of(doc: &serde_json::Value) -> Option<LedgerEntry> {
     };
     let mut annotations = BTreeMap::new();
     let mut recipients = None;
+    let mut ciphertext = None;
+    let mut size = None;
     for (k, v) in layer
         .get("annotations")
         .and_then(|a| a.as_object())
@@ -413,15 +464,18 @@ fn blob_entry_of(doc: &serde_json::Value) -> Option<LedgerEntry> {
         .flatten()
     {
         let v = v.as_str()?.to_string();
-        if k == ANNOTATION_RECIPIENTS {
-            recipients = Some(v);
-        } else {
-            annotations.insert(k.clone(), v);
+        match k.as_str() {
+            ANNOTATION_RECIPIENTS => recipients = Some(v),
+            ANNOTATION_CIPHERTEXT => ciphertext = Some(Digest::parse(&v).ok()?),
+            ANNOTATION_SIZE => size = Some(v.parse::<u64>().ok()?),
+            _ => {
+                annotations.insert(k.clone(), v);
+            }
         }
     }
     Some(LedgerEntry {
-        encrypted_digest: Digest::parse(layer.get("digest")?.as_str()?).ok()?,
-        size: layer.get("size")?.as_u64()?,
+        encrypted_digest: ciphertext?,
+        size: size?,
         annotations,
         media_type: None,
         recipients,
@@ -453,29 +507,7 @@ fn manifest_entry_of(doc: &serde_json::Value, body: &[u8]) -> LedgerEntry {
 pub fn entry_from_stored(body: &[u8]) -> Option<LedgerEntry> {
     let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
     if doc.get("artifactType").and_then(|v| v.as_str()) == Some(LEDGER_ARTIFACT_TYPE) {
-        let layer = doc.get("layers")?.as_array()?.first()?;
-        let mut annotations = BTreeMap::new();
-        let mut recipients = None;
-        for (k, v) in layer
-            .get("annotations")
-            .and_then(|a| a.as_object())
-            .into_iter()
-            .flatten()
-        {
-            let v = v.as_str()?.to_string();
-            if k == ANNOTATION_RECIPIENTS {
-                recipients = Some(v);
-            } else if k.starts_with(crate::spec::ANNOTATION_ENC_PREFIX) {
-                annotations.insert(k.clone(), v);
-            }
-        }
-        return Some(LedgerEntry {
-            encrypted_digest: Digest::parse(layer.get("digest")?.as_str()?).ok()?,
-            size: layer.get("size")?.as_u64()?,
-            annotations,
-            media_type: None,
-            recipients,
-        });
+        return blob_entry_of(&doc);
     }
     let media_type = doc
         .get("mediaType")
@@ -730,7 +762,9 @@ mod tests {
         };
         let body = ledger_manifest(&plain, &entry);
         assert_eq!(entry_from_stored(&body), Some(entry));
-        assert_eq!(referenced_digests(&body).len(), 2);
+        // The record's only blob is the empty descriptor: garbage collection never keeps the
+        // ciphertext for its sake.
+        assert_eq!(referenced_digests(&body), [Digest::of(EMPTY_CONFIG)]);
         let other = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
         let e = entry_from_stored(other).unwrap();
         assert_eq!(e.encrypted_digest, Digest::of(other));

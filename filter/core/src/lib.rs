@@ -35,6 +35,7 @@ pub mod sha256;
 pub mod simd;
 pub mod slots;
 pub mod spec;
+pub mod tags_list;
 pub mod tuf;
 pub mod upload;
 pub mod upload_table;

@@ -15,8 +15,9 @@ use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::Code;
 use ocicrypt_core::ledger::{
     entry_from_stored, entry_from_stored_authenticated, is_ledger_record, ledger_manifest,
-    ledger_manifest_authenticated, read_stored, referenced_digests_bounded, LedgerEntry,
-    StoredEntryError, ANNOTATION_MAC, DEFAULT_MAX_LEDGER_LOOKUPS, LEDGER_ARTIFACT_TYPE,
+    ledger_manifest_authenticated, read_stored, referenced_digests, referenced_digests_bounded,
+    LedgerEntry, StoredEntryError, ANNOTATION_MAC, DEFAULT_MAX_LEDGER_LOOKUPS,
+    LEDGER_ARTIFACT_TYPE, LEDGER_LAYER_TYPE,
 };
 use ocicrypt_core::manifest::ManifestError;
 use serde_json::{json, Value};
@@ -62,12 +63,28 @@ fn authentic_records_round_trip() {
     assert_eq!(read_stored(&KEY, REPO, &plaintext(), &body), Ok(entry()));
     assert!(is_ledger_record(&body));
 
-    // Still an OCI manifest the registry accepts, naming the ciphertext (kept from GC).
+    // Still an OCI manifest the registry accepts, whose only blob is the empty descriptor: it
+    // names the ciphertext in annotations, so garbage collection keeps the ciphertext only for
+    // the images that use it (issue 19).
     let doc: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(doc["artifactType"], LEDGER_ARTIFACT_TYPE);
+    let empty = json!({"mediaType": "application/vnd.oci.empty.v1+json",
+                       "digest": Digest::of(b"{}").to_string(), "size": 2});
+    assert_eq!(doc["config"], empty);
+    let layers = doc["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1);
+    for field in ["mediaType", "digest", "size"] {
+        assert_eq!(layers[0][field], empty[field], "{field}");
+    }
     assert_eq!(
-        doc["layers"][0]["digest"],
+        layers[0]["annotations"][CIPHERTEXT],
         entry().encrypted_digest.to_string()
+    );
+    assert_eq!(layers[0]["annotations"][SIZE], "4242");
+    assert_eq!(
+        referenced_digests(&body),
+        [Digest::of(b"{}")],
+        "the record names no blob but the empty descriptor"
     );
     let mac = doc["annotations"][ANNOTATION_MAC].as_str().unwrap();
     assert_eq!(mac.len(), 64);
@@ -114,6 +131,8 @@ const JWE: &str = "org.opencontainers.image.enc.keys.jwe";
 const PUBOPTS: &str = "org.opencontainers.image.enc.pubopts";
 const RECIPIENTS: &str = "org.ocicrypt-filter.recipients";
 const PLAINTEXT: &str = "org.ocicrypt-filter.plaintext";
+const CIPHERTEXT: &str = "org.ocicrypt-filter.ciphertext";
+const SIZE: &str = "org.ocicrypt-filter.size";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// An authentic record with one layer annotation set.
@@ -175,11 +194,20 @@ fn everything_the_gateway_did_not_write_is_refused() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "ciphertext digest changed",
-            tampered(|d| d["layers"][0]["digest"] = json!(Digest::of(b"x").to_string())),
+            with_layer_annotation(CIPHERTEXT, &Digest::of(b"x").to_string()),
         ),
+        ("size changed", with_layer_annotation(SIZE, "4243")),
         (
-            "size changed",
-            tampered(|d| d["layers"][0]["size"] = json!(4243)),
+            "size with a leading zero",
+            with_layer_annotation(SIZE, "04242"),
+        ),
+        ("ciphertext removed", without_layer_annotation(CIPHERTEXT)),
+        (
+            "the layer made the ciphertext itself",
+            tampered(|d| {
+                d["layers"][0]["digest"] = json!(entry().encrypted_digest.to_string());
+                d["layers"][0]["size"] = json!(4242);
+            }),
         ),
         ("keys.jwe changed", with_layer_annotation(JWE, "eHh4")),
         (
@@ -290,6 +318,31 @@ fn everything_the_gateway_did_not_write_is_refused() {
     // What the unauthenticated reader made of a forged record: a blob entry (finding 5).
     let forged = ledger_manifest(&plaintext(), &entry());
     assert_eq!(entry_from_stored(&forged), Some(entry()));
+}
+
+#[test]
+fn records_of_the_superseded_format_read_as_unknown() {
+    // What earlier builds wrote: the ciphertext itself as the record's layer, which kept it
+    // from garbage collection for as long as the tag existed. The MAC covers the same fields,
+    // so the record is authentic; it is still not read, and the layer counts as unknown (it
+    // is uploaded again and its new record replaces this one).
+    let legacy = tampered(|d| {
+        let mut annotations = d["layers"][0]["annotations"].as_object().unwrap().clone();
+        annotations.shift_remove(CIPHERTEXT);
+        annotations.shift_remove(SIZE);
+        d["layers"][0] = json!({
+            "mediaType": LEDGER_LAYER_TYPE,
+            "digest": entry().encrypted_digest.to_string(),
+            "size": 4242,
+            "annotations": annotations,
+        });
+    });
+    assert!(is_ledger_record(&legacy));
+    assert_eq!(
+        read_stored(&KEY, REPO, &plaintext(), &legacy),
+        Err(StoredEntryError::Superseded)
+    );
+    assert_eq!(read(&legacy), None);
 }
 
 #[test]

@@ -107,7 +107,12 @@ impl Stream {
                                 format!("{repository}: ledger record for {digest} is not the gateway's; ignored"),
                             ));
                         }
-                        Err(ledger::StoredEntryError::NotJson) => {}
+                        // An earlier build's record: unknown, so the blob is uploaded again
+                        // and its new record replaces the old one.
+                        Err(
+                            ledger::StoredEntryError::NotJson
+                            | ledger::StoredEntryError::Superseded,
+                        ) => {}
                     }
                 }
                 out.extend(self.redecide(env));

@@ -81,6 +81,18 @@ pub enum Flow {
         /// A mount (answer 201, record the blob in this repository) rather than a `HEAD`.
         mounted: bool,
     },
+    /// `GET …/tags/list` in an encrypted repository: its answer is read for the gateway's
+    /// reserved tags.
+    TagsList {
+        /// Repository name.
+        repository: String,
+    },
+    /// The tags list answer's body, held until its end, then sent without the reserved tags
+    /// ([`crate::tags_list`]).
+    HoldingTags {
+        /// Repository name.
+        repository: String,
+    },
     /// `PUT` of a manifest: buffered, then rewritten.
     Manifest {
         /// Repository name.

@@ -144,7 +144,11 @@ impl Stream {
                             format!("the registry's ledger record for {digest} in {repository} was not written by this gateway (or was altered); nothing was stored"),
                         ));
                     }
-                    Err(ledger::StoredEntryError::NotJson) => {}
+                    // An earlier build's record (its layer kept the ciphertext from garbage
+                    // collection): unknown; the client uploads the layer again.
+                    Err(
+                        ledger::StoredEntryError::NotJson | ledger::StoredEntryError::Superseded,
+                    ) => {}
                 }
             }
         }
@@ -248,6 +252,7 @@ impl Stream {
             out.extend(self.session_named(env.config, &status, location.as_deref()));
         }
         match std::mem::take(&mut self.flow) {
+            Flow::TagsList { repository } => return self.tags_answer(head, repository, env, out),
             Flow::Chunk(flow) if flow.finish.is_none() => {
                 // A refusal here keeps the cleanup callout it queued.
                 if let Err(e) = self.chunk_answered(*flow, head, env, &mut out) {

@@ -15,7 +15,8 @@
 //! | a callout could not be dispatched | [`Stream::on_dispatch_failed`] |
 //! | request body bytes (an upload chunk, a manifest, a refusal being drained) | [`Stream::on_request_body`] |
 //! | request trailers | [`Stream::on_request_trailers`] |
-//! | response headers (a manifest push, passthrough, refusals) | [`Stream::on_response_headers`] |
+//! | response headers (a manifest push, a tags list, passthrough, refusals) | [`Stream::on_response_headers`] |
+//! | response body bytes (a tags list being read) | [`Stream::on_response_body`] |
 //! | the stream ends | [`Stream::on_end`] |
 //!
 //! # Commands
@@ -43,7 +44,9 @@
 //!    (`plain/x/../../demo/y` routes as a passthrough name).
 //! 4. A `DELETE` of a manifest by digest in an encrypted repository reads the manifest first
 //!    (callout with the client's credentials); a ledger record is refused `403`, anything else
-//!    goes on. Any other request the distribution routes do not name passes.
+//!    goes on. A `GET` of a tags list in an encrypted repository goes on without
+//!    `Accept-Encoding`, and its answer loses the reserved tags on the way back
+//!    ([`crate::tags_list`]). Any other request the distribution routes do not name passes.
 //! 5. A request in a repository the policy does not encrypt passes untouched.
 //! 6. Upload requests are read as the registry reads them: a form `Content-Type` or a query
 //!    the registry could read differently (a parameter it acts on repeated, an encoded
@@ -117,6 +120,7 @@ mod head;
 mod ledgered;
 mod manifest_push;
 mod request;
+mod tags_list;
 
 use std::cell::Cell;
 
@@ -224,6 +228,10 @@ pub enum Command {
     ReplaceRequestBody(usize, Vec<u8>),
     /// Sets a response header (replacing every value).
     SetResponseHeader(String, String),
+    /// Removes a response header.
+    RemoveResponseHeader(String),
+    /// Replaces the first `.0` bytes of the buffered response body with `.1`.
+    ReplaceResponseBody(usize, Vec<u8>),
     /// Drops whatever request body the host buffers (best effort: a request refused at its
     /// trailers may have none left to drop).
     DropRequestBody,

@@ -106,6 +106,16 @@ impl Stream {
             | Route::BlobHead { repository, .. }
             | Route::ManifestPut { repository, .. } => repository.clone(),
             Route::Other => {
+                if let Some(repository) = distribution::tags_list_repository(&path)
+                    .filter(|r| method == "GET" && config.policy.action(r) == PolicyAction::Encrypt)
+                {
+                    self.flow = Flow::TagsList { repository };
+                    // The answer is read and rewritten: it must come unencoded.
+                    return Ok(vec![
+                        Command::RemoveRequestHeader("accept-encoding".into()),
+                        Command::Continue,
+                    ]);
+                }
                 if let Some(repository) = manifest_delete(&method, &path)
                     .filter(|r| config.policy.action(r) == PolicyAction::Encrypt)
                 {
@@ -656,7 +666,7 @@ pub(super) fn patch_request(path: String) -> Vec<Command> {
 }
 
 /// Whether the worker's manifest budget has room for `bytes` more.
-fn budget_room(env: &Env, bytes: usize, limit: usize) -> Result<(), OciError> {
+pub(super) fn budget_room(env: &Env, bytes: usize, limit: usize) -> Result<(), OciError> {
     let budget = MANIFEST_BUDGET_PER_WORKER.max(limit.saturating_mul(2));
     let now = env.held_manifest_bytes.get();
     if now.saturating_add(bytes) > budget {

@@ -118,6 +118,20 @@ const ROWS: &[Row] = &[
         in_adapter: None,
     },
     Row {
+        request: "`GET /v2/<name>/tags/list`",
+        tests: &[
+            "gateway_tags_list::answers_lose_their_reserved_tags_and_nothing_else",
+            "gateway_tags_list::answers_that_are_not_a_tags_list_are_not_read",
+            "gateway_tags_list::a_client_following_link_sees_every_user_tag_once",
+            "gateway_tags_list::the_answer_is_held_and_sent_without_reserved_tags",
+            "gateway_tags_list::answers_the_gateway_does_not_read_pass_as_they_came",
+            "gateway_tags_list::only_reads_of_encrypted_repositories_are_filtered",
+            "gateway_tags_list::answers_over_the_limit_pass_as_they_came",
+            "gateway_tags_list::a_full_budget_refuses_the_read_until_there_is_room",
+        ],
+        in_adapter: None,
+    },
+    Row {
         request: "`DELETE /v2/<name>/manifests/sha256:D`",
         tests: &[
             "gateway_request::manifest_delete_by_digest",

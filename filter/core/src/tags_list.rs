@@ -3,11 +3,12 @@
 //! ([`crate::ledger::is_reserved_tag`]).
 //!
 //! Only tags are removed; every other member of the answer is copied as the registry wrote it,
-//! and pagination is left to the registry: a page it answered with `n` tags may hold fewer
-//! once the reserved ones are gone (none at all, when every tag of the page was reserved), and
-//! its `Link` header still names the next page after the last tag *the registry* listed, so a
-//! client that follows `Link` sees every user tag exactly once. Rewriting `last` to the last
-//! tag kept would loop on a page of reserved tags only.
+//! and pagination stays the registry's: a page it answered with `n` tags may hold fewer once
+//! the reserved ones are gone, and its `Link` names the next page after the last tag *the
+//! registry* listed, so a client that follows `Link` sees every user tag exactly once
+//! (rewriting `last` to the last tag kept would loop on a page of reserved tags only). A page
+//! left with no tag while a `Link` follows is not shown at all: the gateway reads the next one
+//! instead (oras-py stops at an empty page).
 //!
 //! The answer is read without a document tree: tags are filtered as they are parsed, each
 //! borrowed from the body where it has no escape, so the memory held is the answer and its
@@ -23,21 +24,48 @@ use crate::ledger::is_reserved_tag;
 /// The answer without reserved tags: `Ok(None)` when it holds none (send it as it is); an
 /// error when it is not a JSON object whose `tags` is an array of strings or `null`.
 pub fn without_reserved(body: &[u8]) -> Result<Option<Vec<u8>>, serde_json::Error> {
+    shown(body).map(|page| page.body)
+}
+
+/// A page of the tags list as the gateway shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shown {
+    /// The answer without reserved tags; `None` when it held none (send it as it is).
+    pub body: Option<Vec<u8>>,
+    /// Tags left in it.
+    pub kept: usize,
+    /// Reserved tags left out.
+    pub removed: usize,
+}
+
+/// Reads a tags list answer: what to show, and how many tags it keeps and leaves out. An error
+/// when it is not a JSON object whose `tags` is an array of strings or `null`.
+pub fn shown(body: &[u8]) -> Result<Shown, serde_json::Error> {
     let mut out = Vec::with_capacity(body.len());
-    let mut removed = 0usize;
+    let mut counts = Counts::default();
     let mut de = serde_json::Deserializer::from_slice(body);
     de.deserialize_map(Answer {
         out: &mut out,
-        removed: &mut removed,
+        counts: &mut counts,
     })?;
     de.end()?;
-    Ok((removed > 0).then_some(out))
+    Ok(Shown {
+        body: (counts.removed > 0).then_some(out),
+        kept: counts.kept,
+        removed: counts.removed,
+    })
+}
+
+#[derive(Default)]
+struct Counts {
+    kept: usize,
+    removed: usize,
 }
 
 /// The top-level object, copied member by member.
 struct Answer<'w> {
     out: &'w mut Vec<u8>,
-    removed: &'w mut usize,
+    counts: &'w mut Counts,
 }
 
 impl<'de> Visitor<'de> for Answer<'_> {
@@ -60,7 +88,7 @@ impl<'de> Visitor<'de> for Answer<'_> {
             if key.0 == "tags" {
                 map.next_value_seed(Tags {
                     out: &mut *self.out,
-                    removed: &mut *self.removed,
+                    counts: &mut *self.counts,
                 })?;
             } else {
                 let raw: &RawValue = map.next_value()?;
@@ -97,7 +125,7 @@ impl<'de> de::Deserialize<'de> for Text<'de> {
 /// The `tags` member: an array written back without its reserved tags, or `null`.
 struct Tags<'w> {
     out: &'w mut Vec<u8>,
-    removed: &'w mut usize,
+    counts: &'w mut Counts,
 }
 
 impl<'de> DeserializeSeed<'de> for Tags<'_> {
@@ -125,9 +153,10 @@ impl<'de> Visitor<'de> for Tags<'_> {
         let mut first = true;
         while let Some(tag) = seq.next_element::<Text<'de>>()? {
             if is_reserved_tag(&tag.0) {
-                *self.removed = self.removed.saturating_add(1);
+                self.counts.removed = self.counts.removed.saturating_add(1);
                 continue;
             }
+            self.counts.kept = self.counts.kept.saturating_add(1);
             if !first {
                 self.out.push(b',');
             }

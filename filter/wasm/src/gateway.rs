@@ -228,11 +228,13 @@ impl Gateway {
                 Command::SetResponseHeader(name, value) => {
                     host::set_header(MapType::HttpResponseHeaders, &name, Some(&value))
                 }
-                Command::RemoveResponseHeader(name) => {
-                    host::set_header(MapType::HttpResponseHeaders, &name, None)
-                }
-                Command::ReplaceResponseBody(len, body) => {
-                    host::set_body(BufferType::HttpResponseBody, len, &body)
+                Command::Respond {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    host::respond(status, &headers, &body);
+                    Ok(())
                 }
                 Command::DropRequestBody => {
                     // Host contract: over HTTP/2 the body may be gone by the trailers
@@ -841,7 +843,7 @@ impl HttpContext for Gateway {
         self.apply(commands, Callback::Stream)
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let adapter_flow = match &self.stream.flow {
             Flow::Chunk(flow) => flow.finish.is_some(),
             Flow::Finishing { .. } | Flow::Known { .. } => true,
@@ -850,7 +852,6 @@ impl HttpContext for Gateway {
         if !adapter_flow {
             let head = ResponseHead {
                 headers: host::pairs(MapType::HttpResponseHeaders),
-                end_of_stream,
             };
             let commands = self.with_env(|stream, env| stream.on_response_headers(&head, env));
             return self.apply(commands, Callback::Stream);
@@ -859,17 +860,5 @@ impl HttpContext for Gateway {
             Ok(action) => action,
             Err(e) => self.refuse(&e),
         }
-    }
-
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        // Blobs being pulled pass by the gigabyte: only a held tags list goes to the machine.
-        if !matches!(self.stream.flow, Flow::HoldingTags { .. }) {
-            return Action::Continue;
-        }
-        // Host contract: returning Pause buffers the body; `body_size` is all of it so far.
-        let read = || host::body(BufferType::HttpResponseBody, body_size);
-        let commands = self
-            .with_env(|stream, env| stream.on_response_body(body_size, end_of_stream, &read, env));
-        self.apply(commands, Callback::Stream)
     }
 }

@@ -140,6 +140,19 @@ fn send_reply(status: u32, marker: &[u8], body: &[u8], challenge: Option<&[u8]>)
     }
 }
 
+/// Answers the client with `status`, `headers` and `body` (a local reply the gateway makes on
+/// the registry's behalf, such as a tags list without the reserved tags).
+pub fn respond(status: u16, headers: &[(String, String)], body: &[u8]) {
+    let mut all: Vec<(&str, &[u8])> = vec![("x-ocicrypt-filter", b"answered")];
+    all.extend(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+    if let Err(s) = abi::send_local_response(u32::from(status), &all, body) {
+        log(
+            LogLevel::Warn,
+            &format!("ocicrypt-filter: the local answer {status} was not sent ({s})"),
+        );
+    }
+}
+
 /// Sends a local reply carrying an OCI error body.
 pub fn reply_error(err: &OciError) {
     send_reply(

@@ -22,7 +22,8 @@ impl Stream {
         match &self.flow {
             Flow::DeleteCheck { callout, .. }
             | Flow::HeadLookup { callout, .. }
-            | Flow::OpeningSession { callout, .. } => *callout == id,
+            | Flow::OpeningSession { callout, .. }
+            | Flow::TagsList { callout, .. } => *callout == id,
             _ => self.reads_ledger(id),
         }
     }
@@ -38,7 +39,8 @@ impl Stream {
         let waited = match &self.flow {
             Flow::DeleteCheck { callout, .. }
             | Flow::HeadLookup { callout, .. }
-            | Flow::OpeningSession { callout, .. } => *callout == id,
+            | Flow::OpeningSession { callout, .. }
+            | Flow::TagsList { callout, .. } => *callout == id,
             _ => false,
         };
         let read = if waited {
@@ -86,6 +88,11 @@ impl Stream {
                     )),
                 }
             }
+            Flow::TagsList {
+                repository,
+                skipped,
+                ..
+            } => self.tags_page(answer, repository, skipped, env),
             Flow::HeadLookup {
                 repository, digest, ..
             } => {

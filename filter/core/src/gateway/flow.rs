@@ -81,17 +81,15 @@ pub enum Flow {
         /// A mount (answer 201, record the blob in this repository) rather than a `HEAD`.
         mounted: bool,
     },
-    /// `GET …/tags/list` in an encrypted repository: its answer is read for the gateway's
-    /// reserved tags.
+    /// `GET …/tags/list` in an encrypted repository, paused while the gateway reads the list by
+    /// callout: it answers the client itself, without its reserved tags.
     TagsList {
+        /// The read.
+        callout: CalloutId,
         /// Repository name.
         repository: String,
-    },
-    /// The tags list answer's body, held until its end, then sent without the reserved tags
-    /// ([`crate::tags_list`]).
-    HoldingTags {
-        /// Repository name.
-        repository: String,
+        /// Pages of reserved tags only skipped so far.
+        skipped: u32,
     },
     /// `PUT` of a manifest: buffered, then rewritten.
     Manifest {

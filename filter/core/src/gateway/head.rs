@@ -81,19 +81,16 @@ impl RequestHead {
 pub struct ResponseHead {
     /// Every header in order, `:status` included.
     pub headers: Vec<(String, Vec<u8>)>,
-    /// Whether the answer ends with its headers (no body follows).
-    pub end_of_stream: bool,
 }
 
 impl ResponseHead {
-    /// Headers from `(name, value)` pairs, a body to follow.
+    /// Headers from `(name, value)` pairs.
     pub fn new(headers: &[(&str, &str)]) -> Self {
         ResponseHead {
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec()))
                 .collect(),
-            end_of_stream: false,
         }
     }
 

@@ -252,7 +252,6 @@ impl Stream {
             out.extend(self.session_named(env.config, &status, location.as_deref()));
         }
         match std::mem::take(&mut self.flow) {
-            Flow::TagsList { repository } => return self.tags_answer(head, repository, env, out),
             Flow::Chunk(flow) if flow.finish.is_none() => {
                 // A refusal here keeps the cleanup callout it queued.
                 if let Err(e) = self.chunk_answered(*flow, head, env, &mut out) {

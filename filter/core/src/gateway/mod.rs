@@ -15,8 +15,7 @@
 //! | a callout could not be dispatched | [`Stream::on_dispatch_failed`] |
 //! | request body bytes (an upload chunk, a manifest, a refusal being drained) | [`Stream::on_request_body`] |
 //! | request trailers | [`Stream::on_request_trailers`] |
-//! | response headers (a manifest push, a tags list, passthrough, refusals) | [`Stream::on_response_headers`] |
-//! | response body bytes (a tags list being read) | [`Stream::on_response_body`] |
+//! | response headers (a manifest push, passthrough, refusals) | [`Stream::on_response_headers`] |
 //! | the stream ends | [`Stream::on_end`] |
 //!
 //! # Commands
@@ -44,8 +43,8 @@
 //!    (`plain/x/../../demo/y` routes as a passthrough name).
 //! 4. A `DELETE` of a manifest by digest in an encrypted repository reads the manifest first
 //!    (callout with the client's credentials); a ledger record is refused `403`, anything else
-//!    goes on. A `GET` of a tags list in an encrypted repository goes on without
-//!    `Accept-Encoding`, and its answer loses the reserved tags on the way back
+//!    goes on. A `GET` of a tags list in an encrypted repository is read by callout (with the
+//!    client's credentials) and answered by the gateway without its reserved tags
 //!    ([`crate::tags_list`]). Any other request the distribution routes do not name passes.
 //! 5. A request in a repository the policy does not encrypt passes untouched.
 //! 6. Upload requests are read as the registry reads them: a form `Content-Type` or a query
@@ -135,6 +134,7 @@ pub use answer::registry_refusal;
 pub use flow::{ChunkFlow, Finish, Flow, RecordingStage};
 pub use head::{CalloutAnswer, RequestHead, ResponseHead};
 pub use request::too_large;
+pub use tags_list::MAX_SKIPPED_PAGES;
 
 /// What the machine reads and writes outside itself, lent for one event.
 pub struct Env<'a> {
@@ -228,10 +228,16 @@ pub enum Command {
     ReplaceRequestBody(usize, Vec<u8>),
     /// Sets a response header (replacing every value).
     SetResponseHeader(String, String),
-    /// Removes a response header.
-    RemoveResponseHeader(String),
-    /// Replaces the first `.0` bytes of the buffered response body with `.1`.
-    ReplaceResponseBody(usize, Vec<u8>),
+    /// Answers the client with this status, these headers and body (local reply); the request
+    /// goes no further.
+    Respond {
+        /// HTTP status.
+        status: u16,
+        /// Headers besides the gateway's own marker.
+        headers: Vec<(String, String)>,
+        /// Body.
+        body: Vec<u8>,
+    },
     /// Drops whatever request body the host buffers (best effort: a request refused at its
     /// trailers may have none left to drop).
     DropRequestBody,
@@ -416,6 +422,7 @@ impl Stream {
             Flow::DeleteCheck { callout, .. }
             | Flow::HeadLookup { callout, .. }
             | Flow::OpeningSession { callout, .. }
+            | Flow::TagsList { callout, .. }
                 if *callout == id =>
             {
                 self.refuse(unreachable_registry())

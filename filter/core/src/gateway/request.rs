@@ -109,12 +109,11 @@ impl Stream {
                 if let Some(repository) = distribution::tags_list_repository(&path)
                     .filter(|r| method == "GET" && config.policy.action(r) == PolicyAction::Encrypt)
                 {
-                    self.flow = Flow::TagsList { repository };
-                    // The answer is read and rewritten: it must come unencoded.
-                    return Ok(vec![
-                        Command::RemoveRequestHeader("accept-encoding".into()),
-                        Command::Continue,
-                    ]);
+                    // Credentials the gateway cannot carry: the registry answers the read itself.
+                    if self.read_credentials(head).is_err() {
+                        return Ok(vec![Command::Continue]);
+                    }
+                    return Ok(self.read_tags(config, repository, &path, 0));
                 }
                 if let Some(repository) = manifest_delete(&method, &path)
                     .filter(|r| config.policy.action(r) == PolicyAction::Encrypt)

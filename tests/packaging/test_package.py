@@ -234,10 +234,14 @@ def gateway_stack(tmp_path_factory):
     from conftest import WASM_OVERRIDE
 
     extra = {"wasm_path": WASM_OVERRIDE} if WASM_OVERRIDE is not None else {}
+    # Every address picked at once (distinct), the key service's too: its default (the
+    # gateway's port + 3) may be anyone's port on a busy machine.
+    gw_port, registry_port, admin_port, keyservice_port = helpers.free_ports(4)
     opts = gateway.Options(state_dir=tmp_path_factory.mktemp("pkg-gateway"),
-                           gateway_addr=f"127.0.0.1:{free_port()}",
-                           registry_addr=f"127.0.0.1:{free_port()}",
-                           admin_addr=f"127.0.0.1:{free_port()}", **extra)
+                           gateway_addr=f"127.0.0.1:{gw_port}",
+                           registry_addr=f"127.0.0.1:{registry_port}",
+                           admin_addr=f"127.0.0.1:{admin_port}",
+                           keyservice_addr=f"127.0.0.1:{keyservice_port}", **extra)
     gw = gateway.Gateway(opts, log=lambda m: print(m, file=sys.stderr))
     try:
         gw.start()

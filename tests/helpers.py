@@ -422,7 +422,11 @@ def scan_for(storage: Path, needles: Iterable[bytes]) -> List[Tuple[Path, bytes]
         for name in files:
             path = Path(dirpath) / name
             tail = b""
-            with open(path, "rb") as f:
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                continue  # removed since the walk listed it (an upload the registry purged)
+            with f:
                 while True:
                     chunk = f.read(8 * MIB)
                     if not chunk:

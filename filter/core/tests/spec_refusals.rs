@@ -337,6 +337,20 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
     let other = Digest::of(b"another body").to_string();
     vec![
         (
+            "the registry's tags list of <repo> is <n> bytes, over the <limit> bytes the gateway reads to leave out its own tags (limits.max_manifest_bytes); ask for it in pages (?n=) or raise the limit",
+            None,
+            Box::new(|| {
+                let mut world = World::new();
+                let (mut stream, out) = world.send(&req("GET", "/v2/demo/app/tags/list"));
+                let [Command::Dispatch(read), Command::Pause] = out.as_slice() else {
+                    panic!("{out:?}")
+                };
+                let big = format!(r#"{{"name":"demo/app","tags":["{}"]}}"#, "x".repeat(5000));
+                let answer = CalloutAnswer::new(200, &[], big.as_bytes());
+                stream.on_callout(read.id, &answer, &mut world.env())
+            }),
+        ),
+        (
             "tag \"<tag>\" is reserved for the encrypting gateway's ledger",
             None,
             Box::new(|| {

@@ -2,7 +2,9 @@
 annotations (their one blob is the OCI empty descriptor), so the registry's real garbage
 collection (`docker-registry garbage-collect --delete-untagged`) keeps a ciphertext exactly as
 long as a manifest a client pushed names it. A ledger record that outlives its ciphertext is
-detected: the layer is uploaded and encrypted again, and the image decrypts.
+detected: the layer is uploaded and encrypted again, and the image decrypts. The platform
+manifests of a multi-platform image stay under the gateway's reserved tags, so a collection
+keeps them (distribution 2.8 collects untagged index children, layers and all).
 
 The stack keeps the ledger in the registry (`replicas.state_key`), where the records live.
 Garbage collection runs with the registry stopped (as distribution asks: a running registry
@@ -15,6 +17,7 @@ import pytest
 
 import helpers
 from conftest import _start_stack, stop_stack
+from test_multiplatform import multi_layout  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.filter, pytest.mark.clients]
 
@@ -188,3 +191,29 @@ def test_a_mount_of_a_gone_ciphertext_becomes_an_encrypted_upload(gc_stack, tmp_
     assert uploaded_layer_bytes(entries) >= big.size, helpers.AccessLog.summary(entries)
     helpers.check_stored_encrypted_and_decrypts(s, "demo/gc-mount-dst", img, tmp_path / "out",
                                                 s.keys["ec"]["private"])
+
+
+def test_a_collection_keeps_every_platform_of_a_stored_multi_platform_image(gc_stack,
+                                                                          multi_layout,
+                                                                          tmp_path):
+    """Platform manifests pushed by digest stay under the gateway's reserved tags: distribution
+    2.8's `--delete-untagged` deletes every untagged manifest, the children of a tagged index
+    included, and their layers with them (measured without the gateway). Under their tags they
+    and their ciphertext survive a collection, and every platform decrypts."""
+    s = gc_stack
+    layout, images = multi_layout
+    helpers.run(["skopeo", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                 f"oci:{layout}:v1", f"docker://{s.addr}/demo/gc-multi:v1"],
+                timeout=helpers.CLIENT_TIMEOUT)
+    index = s.direct().get_manifest("demo/gc-multi", "v1").json()
+    children = [c["digest"] for c in index["manifests"]]
+    blobs = []
+    for child in children:
+        blobs += [layer["digest"] for layer in
+                  s.direct().get_manifest("demo/gc-multi", child).json()["layers"]]
+    collect_garbage(s)
+    for child in children:
+        assert s.direct().get_manifest("demo/gc-multi", child).status_code == 200, child
+    assert all(blob_stored(s, d) for d in blobs), blobs
+    helpers.skopeo_pull_all(f"{s.registry_addr}/demo/gc-multi:v1", tmp_path / "out",
+                            s.keys["rsa"]["private"], images)

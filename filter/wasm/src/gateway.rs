@@ -1,37 +1,28 @@
 //! One HTTP stream through the gateway: the host side of [`ocicrypt_core::gateway::Stream`].
 //!
-//! The request line (which flow a request is, every refusal before the body, the key lookup
-//! after everything else) and the request bodies are decided by the core's machine; this file
-//! turns host callbacks into its events and carries out its commands. The response and
-//! finishing/ledger callout steps of uploads are still here, on the core's [`Flow`] (issue 16,
-//! next increments).
+//! The core's machine decides every flow (the request line, the bodies, the responses, the
+//! finishing and ledger callouts); this file turns host callbacks into its events and carries
+//! out its commands.
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
 use ocicrypt_core::config::{Config, KeyServiceConfig};
-use ocicrypt_core::digest::Digest;
-use ocicrypt_core::distribution;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::gateway::{
-    registry_refusal, CalloutAnswer, CalloutId, Command, Env, Flow, KeyAnswer, Keys, Level, Metric,
-    RecordingStage, RequestHead, ResponseHead, Stream,
+    CalloutAnswer, CalloutId, Command, Env, KeyAnswer, Keys, Level, Metric, RequestHead,
+    ResponseHead, Stream,
 };
 use ocicrypt_core::keyservice::{Lookup, Next};
-use ocicrypt_core::ledger;
 use ocicrypt_core::prefetch::Keystream;
-use ocicrypt_core::upload::{Completion, Store};
-use ocicrypt_core::upload_table;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use rand_core::OsRng;
 
 use crate::host::{self, SharedData};
 use crate::keys::{self, Resolution};
-use crate::ledgered;
 use crate::metrics::Metrics;
 use crate::prefetch::{HostQueues, SharedWorker};
-use crate::uploads;
 
 /// The per-stream context.
 pub struct Gateway {
@@ -236,6 +227,9 @@ impl Gateway {
                     host::respond(status, &headers, &body);
                     Ok(())
                 }
+                Command::RemoveResponseHeader(name) => {
+                    host::set_header(MapType::HttpResponseHeaders, &name, None)
+                }
                 Command::DropRequestBody => {
                     // Host contract: over HTTP/2 the body may be gone by the trailers
                     // (BadArgument); the refusal that follows stands either way.
@@ -272,6 +266,15 @@ impl Gateway {
                     host::reply_error(&err);
                     Ok(())
                 }
+                Command::Relay {
+                    status,
+                    body,
+                    challenge,
+                } => {
+                    host::reply_raw(u32::from(status), &body, challenge.as_deref());
+                    Ok(())
+                }
+                Command::ResumeResponse => host::resume_response(),
                 Command::Continue => {
                     action = Action::Continue;
                     if callback == Callback::Other {
@@ -293,6 +296,8 @@ impl Gateway {
                         Metric::LedgerCache(change) => self.metrics.ledger_cache(change),
                         Metric::SessionMoved => self.metrics.session_moved(),
                         Metric::Keystream(report) => self.metrics.keystream(report),
+                        Metric::LayerEncrypted(size) => self.metrics.layer_encrypted(size),
+                        Metric::BlobPassed => self.metrics.blob_passed(),
                     }
                     Ok(())
                 }
@@ -311,457 +316,6 @@ impl Gateway {
         }
         action
     }
-
-    /// Whether the ledger is kept in the registry too (replicas share `replicas.state_key`).
-    fn durable(&self) -> bool {
-        self.config.as_ref().is_some_and(|c| c.state_key.is_some())
-    }
-
-    /// A callout to the registry with the client's credentials, whose answer comes to
-    /// [`Gateway::on_callout`] by its token.
-    fn registry_call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-        content_type: Option<&str>,
-    ) -> Result<u32, OciError> {
-        let config = self
-            .config
-            .clone()
-            .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
-        let callout = self
-            .stream
-            .registry_callout(&config, method, path, body, content_type);
-        let headers = callout
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        host::dispatch(
-            &callout.cluster,
-            headers,
-            callout.body.as_deref(),
-            Duration::from_millis(callout.timeout_ms),
-        )
-        .map_err(|()| ocicrypt_core::gateway::unreachable_registry())
-    }
-
-    /// Starts recording an encrypted blob in the registry's ledger (replicas): the empty config
-    /// the ledger manifests share, then the ledger manifest. The client's answer waits.
-    fn start_recording(
-        &mut self,
-        repository: String,
-        completion: Completion,
-        upload: Option<(String, bool)>,
-    ) -> Result<(), OciError> {
-        let stage = if SharedData
-            .get(&empty_config_key(&repository))
-            .is_some_and(|v| !v.is_empty())
-        {
-            // The empty config is in this repository already: straight to the ledger manifest.
-            self.put_ledger_manifest(&repository, &completion)?;
-            RecordingStage::Manifest
-        } else {
-            self.registry_call(
-                "POST",
-                &format!("/v2/{repository}/blobs/uploads/"),
-                None,
-                None,
-            )?;
-            RecordingStage::ConfigSession
-        };
-        self.stream.flow = Flow::Recording {
-            repository,
-            completion,
-            upload,
-            stage,
-        };
-        Ok(())
-    }
-
-    fn put_ledger_manifest(
-        &mut self,
-        repository: &str,
-        completion: &Completion,
-    ) -> Result<u32, OciError> {
-        let entry = completion.ledger.as_ref().ok_or_else(|| {
-            OciError::new(Code::Unknown, "recording a blob without a ledger entry")
-        })?;
-        let key = self
-            .config
-            .as_ref()
-            .and_then(|c| c.state_key.as_ref())
-            .ok_or_else(|| OciError::new(Code::Unknown, "ledger write without a state key"))?;
-        let body = ledger::ledger_manifest_authenticated(
-            &key.0,
-            repository,
-            &completion.client_digest,
-            entry,
-        );
-        let path = format!(
-            "/v2/{repository}/manifests/{}",
-            ledger::ledger_tag(&completion.client_digest)
-        );
-        self.registry_call(
-            "PUT",
-            &path,
-            Some(&body),
-            Some(ocicrypt_core::spec::MEDIA_TYPE_OCI_MANIFEST),
-        )
-    }
-
-    fn drop_state(&self, upload_id: &str, had_state: bool) -> Result<(), OciError> {
-        if had_state {
-            uploads::remove(upload_id, self.idle_seconds(), &self.metrics)?;
-        }
-        Ok(())
-    }
-
-    /// `limits.upload_idle_seconds`: how long an upload's record waits for its next request.
-    fn idle_seconds(&self) -> u64 {
-        self.config
-            .as_ref()
-            .map_or(upload_table::DEFAULT_IDLE_SECONDS, |c| {
-                c.upload_idle_seconds
-            })
-    }
-
-    /// Records an encrypted blob and makes the answer speak of the client's digest.
-    fn commit(
-        &self,
-        repository: &str,
-        completion: &Completion,
-        upload: Option<&(String, bool)>,
-    ) -> Result<(), OciError> {
-        if let Some((id, had_state)) = upload {
-            self.drop_state(id, *had_state)?;
-        }
-        if let Some(entry) = &completion.ledger {
-            let config = self.config.as_deref();
-            ledgered::record(
-                config,
-                repository,
-                &completion.client_digest,
-                entry,
-                &self.metrics,
-            )?;
-            // Also under the ciphertext's digest: a re-push (or re-tag) of the image as stored
-            // names the ciphertext, which the rewrite then recognises as the gateway's own.
-            ledgered::record(
-                config,
-                repository,
-                &entry.encrypted_digest,
-                entry,
-                &self.metrics,
-            )?;
-            self.log(
-                LogLevel::Info,
-                &format!(
-                    "{repository}: blob {} stored encrypted as {} ({} bytes)",
-                    completion.client_digest, entry.encrypted_digest, entry.size
-                ),
-            );
-            self.metrics.layer_encrypted(entry.size);
-        } else {
-            self.metrics.blob_passed();
-        }
-        answer_as_pushed("blobs", repository, &completion.client_digest, true)?;
-        Ok(())
-    }
-
-    /// The core's check of a registry answer in an encrypted repository (see
-    /// [`Stream::check_answer`]); its best-effort cleanup callout is dispatched here.
-    fn check_answer(&mut self, status: &str, location: Option<&str>) -> Result<(), OciError> {
-        let Some(config) = self.config.clone() else {
-            return Ok(());
-        };
-        let mut cleanup = Vec::new();
-        let checked = self
-            .stream
-            .check_answer(&config, status, location, &mut cleanup);
-        self.apply(cleanup, Callback::Other);
-        checked
-    }
-
-    fn on_response(&mut self) -> Result<Action, OciError> {
-        let status = host::header(MapType::HttpResponseHeaders, ":status").unwrap_or_default();
-        if !matches!(self.stream.flow, Flow::Refused) {
-            let location = host::header(MapType::HttpResponseHeaders, "location");
-            self.check_answer(&status, location.as_deref())?;
-            let named = self
-                .config
-                .as_ref()
-                .and_then(|c| self.stream.session_named(c, &status, location.as_deref()));
-            if let Some(Command::SetResponseHeader(name, value)) = named {
-                host::set_header(MapType::HttpResponseHeaders, &name, Some(&value))?;
-            }
-        }
-        match std::mem::replace(&mut self.stream.flow, Flow::Pass) {
-            Flow::Chunk(flow) => {
-                let Some(finish) = flow.finish else {
-                    return Ok(Action::Continue);
-                };
-                if status != "202" {
-                    return Ok(Action::Continue);
-                }
-                let Some(completion) = finish.completion else {
-                    // The registry took the declared length before the body ended here: over
-                    // HTTP/2, request trailers follow it. What it holds is an unfinished
-                    // encryption; the session goes, and nothing is finished.
-                    let config = self
-                        .config
-                        .clone()
-                        .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
-                    let location = host::header(MapType::HttpResponseHeaders, "location");
-                    let abandon = self.stream.abandon_session(&config, location.as_deref());
-                    self.apply(vec![abandon], Callback::Other);
-                    return Err(OciError::new(
-                        Code::BlobUploadInvalid,
-                        "the upload's body did not end where the registry's did (request trailers are refused on writes to an encrypted repository); the upload is abandoned, push again without trailers",
-                    ));
-                };
-                let location = host::header(MapType::HttpResponseHeaders, "location")
-                    .and_then(|l| distribution::location_path(&l))
-                    .ok_or_else(|| {
-                        OciError::new(
-                            Code::Unknown,
-                            "the registry answered the upload without a Location",
-                        )
-                    })?;
-                let stored = completion.stored_digest.to_string();
-                let path =
-                    distribution::rewrite_query(&location, &["digest"], &[("digest", &stored)]);
-                self.registry_call("PUT", &path, None, None)?;
-                self.stream.flow = Flow::Finishing {
-                    repository: flow.repository,
-                    completion,
-                    upload: flow.upload_id.map(|id| (id, flow.had_state)),
-                };
-                // Held until the finishing PUT answers; then turned into the client's 201.
-                Ok(Action::Pause)
-            }
-            Flow::Finishing {
-                repository,
-                completion,
-                upload,
-            } => {
-                if status == "201" {
-                    if self.durable() && completion.ledger.is_some() {
-                        self.start_recording(repository, completion, upload)?;
-                        return Ok(Action::Pause);
-                    }
-                    self.commit(&repository, &completion, upload.as_ref())?;
-                }
-                Ok(Action::Continue)
-            }
-            Flow::Known {
-                repository,
-                client_digest,
-                entry,
-                mounted,
-            } => {
-                let ok = if mounted {
-                    status == "201"
-                } else {
-                    status == "200"
-                };
-                if ok {
-                    if mounted && self.durable() {
-                        // Ledgered in the registry like an upload, so any replica finishes the
-                        // push; the client's 201 waits for it.
-                        let completion = Completion {
-                            client_digest,
-                            stored_digest: entry.encrypted_digest,
-                            ledger: Some(entry),
-                        };
-                        self.start_recording(repository, completion, None)?;
-                        return Ok(Action::Pause);
-                    }
-                    if mounted {
-                        ledgered::record(
-                            self.config.as_deref(),
-                            &repository,
-                            &client_digest,
-                            &entry,
-                            &self.metrics,
-                        )?;
-                    }
-                    answer_as_pushed("blobs", &repository, &client_digest, mounted)?;
-                }
-                Ok(Action::Continue)
-            }
-            _ => Ok(Action::Continue),
-        }
-    }
-
-    /// An answer to a callout the adapter made (finishing and ledger-recording steps), matched
-    /// by the flow that waits for it.
-    fn on_callout(&mut self, body_size: usize) -> Result<(), OciError> {
-        // Registry answers are read as bytes: a header that is not UTF-8 reads as absent.
-        let headers = host::pairs(MapType::HttpCallResponseHeaders);
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
-        };
-        let status = get(":status").unwrap_or_else(|| "503".to_string());
-        match std::mem::replace(&mut self.stream.flow, Flow::Pass) {
-            Flow::Finishing {
-                repository,
-                completion,
-                upload,
-            } => {
-                if status != "201" {
-                    if let Some((code, body)) = registry_error(&status, body_size) {
-                        // The registry's own refusal (e.g. DIGEST_INVALID for a JSON blob whose
-                        // digest the client got wrong) is the client's answer, as without us.
-                        self.log(
-                            LogLevel::Warn,
-                            &format!(
-                                "refused {}: the registry answered {code}",
-                                self.stream.request
-                            ),
-                        );
-                        // A 401 keeps the registry's challenge: the client needs it to fetch a
-                        // fresh token (one that expired while the body streamed).
-                        let challenge = (code == 401)
-                            .then(|| {
-                                headers
-                                    .iter()
-                                    .find(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
-                            })
-                            .flatten()
-                            .map(|(_, v)| v.as_slice());
-                        host::reply_raw(code, &body, challenge);
-                        self.stream.flow = Flow::Refused;
-                        return Ok(());
-                    }
-                    return Err(registry_refusal("commit the encrypted blob", &status));
-                }
-                host::set_header(MapType::HttpResponseHeaders, ":status", Some("201"))?;
-                host::set_header(MapType::HttpResponseHeaders, "range", None)?;
-                host::set_header(MapType::HttpResponseHeaders, "docker-upload-uuid", None)?;
-                host::set_header(MapType::HttpResponseHeaders, "content-length", Some("0"))?;
-                if self.durable() && completion.ledger.is_some() {
-                    return self.start_recording(repository, completion, upload);
-                }
-                self.commit(&repository, &completion, upload.as_ref())?;
-                host::resume_response()?;
-                Ok(())
-            }
-            Flow::Recording {
-                repository,
-                completion,
-                upload,
-                stage,
-            } => {
-                let next = match stage {
-                    RecordingStage::ConfigSession => {
-                        self.check_answer(&status, get("location").as_deref())?;
-                        let location = get("location")
-                            .filter(|_| status == "202")
-                            .and_then(|l| distribution::location_path(&l))
-                            .ok_or_else(|| {
-                                ledger_refusal(
-                                    "open a session for the ledger's empty config",
-                                    &status,
-                                )
-                            })?;
-                        let empty = Digest::of(ledger::EMPTY_CONFIG).to_string();
-                        let path = distribution::rewrite_query(
-                            &location,
-                            &["digest"],
-                            &[("digest", &empty)],
-                        );
-                        self.registry_call(
-                            "PUT",
-                            &path,
-                            Some(ledger::EMPTY_CONFIG),
-                            Some("application/octet-stream"),
-                        )?;
-                        RecordingStage::Config
-                    }
-                    RecordingStage::Config => {
-                        if status != "201" {
-                            return Err(ledger_refusal("store the ledger's empty config", &status));
-                        }
-                        SharedData.set(&empty_config_key(&repository), b"1")?;
-                        self.put_ledger_manifest(&repository, &completion)?;
-                        RecordingStage::Manifest
-                    }
-                    RecordingStage::Manifest => {
-                        if status != "201" {
-                            return Err(ledger_refusal(
-                                "record the encrypted blob in the registry's ledger",
-                                &status,
-                            ));
-                        }
-                        self.commit(&repository, &completion, upload.as_ref())?;
-                        return host::resume_response();
-                    }
-                };
-                self.stream.flow = Flow::Recording {
-                    repository,
-                    completion,
-                    upload,
-                    stage: next,
-                };
-                Ok(())
-            }
-            other => {
-                self.stream.flow = other;
-                Ok(())
-            }
-        }
-    }
-}
-
-/// A 4xx answer of the registry carrying an OCI error body, to hand to the client as it is.
-fn registry_error(status: &str, body_size: usize) -> Option<(u32, Vec<u8>)> {
-    let code: u32 = status.parse().ok().filter(|c| (400..500).contains(c))?;
-    let body = host::call_body(body_size)?;
-    let doc: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    doc.get("errors")?.as_array()?;
-    Some((code, body))
-}
-
-/// Makes the held answer speak of what the client pushed: `Docker-Content-Digest` is the
-/// client's digest (containerd refuses any other) and, when `location`, so is the `Location`.
-fn answer_as_pushed(
-    kind: &str,
-    repository: &str,
-    digest: &Digest,
-    location: bool,
-) -> Result<(), OciError> {
-    let digest = digest.to_string();
-    host::set_header(
-        MapType::HttpResponseHeaders,
-        "docker-content-digest",
-        Some(&digest),
-    )?;
-    if location {
-        let path = format!("/v2/{repository}/{kind}/{digest}");
-        host::set_header(MapType::HttpResponseHeaders, "location", Some(&path))?;
-    }
-    Ok(())
-}
-
-/// A failure while recording a committed blob in the registry's ledger: the ciphertext is
-/// stored (orphaned until garbage collection), so "nothing was stored" would mislead.
-fn ledger_refusal(what: &str, status: &str) -> OciError {
-    OciError::new(
-        registry_refusal(what, status).code,
-        format!(
-            "the registry answered {status} when the gateway tried to {what}; the encrypted blob was stored but not recorded, push again"
-        ),
-    )
-}
-
-/// Shared-data key marking that a repository holds the ledger manifests' empty config.
-fn empty_config_key(repository: &str) -> String {
-    format!("ocicrypt/ledger-config/{repository}")
 }
 
 impl Context for Gateway {
@@ -809,10 +363,6 @@ impl Context for Gateway {
             };
             let commands = self.with_env(|stream, env| stream.on_callout(id, &answer, env));
             self.apply(commands, Callback::Other);
-            return;
-        }
-        if let Err(e) = self.on_callout(body_size) {
-            self.refuse(&e);
         }
     }
 }
@@ -844,21 +394,10 @@ impl HttpContext for Gateway {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let adapter_flow = match &self.stream.flow {
-            Flow::Chunk(flow) => flow.finish.is_some(),
-            Flow::Finishing { .. } | Flow::Known { .. } => true,
-            _ => false,
+        let head = ResponseHead {
+            headers: host::pairs(MapType::HttpResponseHeaders),
         };
-        if !adapter_flow {
-            let head = ResponseHead {
-                headers: host::pairs(MapType::HttpResponseHeaders),
-            };
-            let commands = self.with_env(|stream, env| stream.on_response_headers(&head, env));
-            return self.apply(commands, Callback::Stream);
-        }
-        match self.on_response() {
-            Ok(action) => action,
-            Err(e) => self.refuse(&e),
-        }
+        let commands = self.with_env(|stream, env| stream.on_response_headers(&head, env));
+        self.apply(commands, Callback::Stream)
     }
 }

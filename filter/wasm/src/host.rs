@@ -33,25 +33,6 @@ pub fn header_bytes(map: MapType, name: &str) -> Option<Vec<u8>> {
     abi::header_map_value(map, name).ok().flatten()
 }
 
-/// A request or response header as text: `None` when absent, when not valid UTF-8, or on any
-/// host error. For headers whose content decides what the gateway does, use
-/// `ocicrypt_core::gateway::RequestHead::strict`, which tells "absent" from "not UTF-8".
-///
-/// Except the pseudo-headers (`:path`, `:method`, …), which are never `None` for a value that
-/// is not UTF-8: they are decoded with U+FFFD in place of the bad bytes. Host contract: Envoy's
-/// HTTP/1 codec refuses such a request line, but over HTTP/2 it forwards a `:path` holding
-/// 0xFF; a caller that took a missing `:path` for an empty one would route a write as "not an
-/// upload" and let its body through unencrypted. Decoded, the request still routes by its
-/// repository (bad bytes in the query), or names no repository, tag, digest or upload the
-/// registry accepts (bad bytes in the path: the registry answers 404).
-pub fn header(map: MapType, name: &str) -> Option<String> {
-    let bytes = header_bytes(map, name)?;
-    if name.starts_with(':') {
-        return Some(String::from_utf8_lossy(&bytes).into_owned());
-    }
-    String::from_utf8(bytes).ok()
-}
-
 /// Every header of `map` in order: names lowercased (Envoy's HTTP/1 and HTTP/2 codecs already
 /// give them so), values as bytes; a name that is not UTF-8 is skipped. Empty when the host
 /// cannot read that map now.
@@ -305,7 +286,6 @@ mod tests {
     fn reads_without_a_host_are_absent_never_a_panic() {
         // Native builds answer NotFound to everything (abi/native_stubs.rs): the same paths as a host that
         // has no such header, map or answer.
-        assert_eq!(header(MapType::HttpRequestHeaders, "content-type"), None);
         assert_eq!(
             header_bytes(MapType::HttpRequestHeaders, "content-type"),
             None

@@ -17,7 +17,6 @@ mod abi;
 mod gateway;
 mod host;
 mod keys;
-mod ledgered;
 mod metrics;
 mod prefetch;
 mod uploads;

@@ -1,7 +1,6 @@
 //! The gateway's table of upload records in Envoy shared data, for a gateway without
 //! `replicas` (see `ocicrypt_core::upload_table`): slots read and written with compare-and-set,
 //! as every worker shares them, and swept on the root context's timer.
-use ocicrypt_core::error::OciError;
 use ocicrypt_core::upload_table as table;
 
 use crate::host::SharedData;
@@ -14,15 +13,6 @@ const SWEEP_PER_TICK: u32 = 256;
 
 fn now() -> u64 {
     keys::now().max(0).unsigned_abs()
-}
-
-/// Drops `upload_id`'s record (the upload finished or was cancelled).
-pub fn remove(upload_id: &str, idle_seconds: u64, metrics: &Metrics) -> Result<(), OciError> {
-    let gone = table::remove_in(&SharedData, upload_id, now(), idle_seconds)?;
-    if gone != 0 {
-        metrics.upload_state(-gone);
-    }
-    Ok(())
 }
 
 fn count(n: usize) -> i64 {

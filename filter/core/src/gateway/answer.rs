@@ -19,13 +19,7 @@ impl Stream {
     /// Whether the stream waits for the answer to callout `id` (an answer nobody waits for is
     /// dropped unread).
     pub fn awaits(&self, id: CalloutId) -> bool {
-        match &self.flow {
-            Flow::DeleteCheck { callout, .. }
-            | Flow::HeadLookup { callout, .. }
-            | Flow::OpeningSession { callout, .. }
-            | Flow::TagsList { callout, .. } => *callout == id,
-            _ => self.reads_ledger(id),
-        }
+        self.flow.callout() == Some(id) || self.reads_ledger(id)
     }
 
     /// A callout this machine dispatched is answered. An answer nobody waits for (a
@@ -36,14 +30,7 @@ impl Stream {
         answer: &CalloutAnswer,
         env: &mut Env,
     ) -> Vec<Command> {
-        let waited = match &self.flow {
-            Flow::DeleteCheck { callout, .. }
-            | Flow::HeadLookup { callout, .. }
-            | Flow::OpeningSession { callout, .. }
-            | Flow::TagsList { callout, .. } => *callout == id,
-            _ => false,
-        };
-        let read = if waited {
+        let read = if self.flow.callout() == Some(id) {
             self.on_answer(answer, env)
         } else if self.reads_ledger(id) {
             self.on_ledger_read(id, answer, env)
@@ -167,6 +154,9 @@ impl Stream {
                 }));
                 out.push(Command::Continue);
                 Ok(out)
+            }
+            flow @ (Flow::Finishing { .. } | Flow::Recording { .. }) => {
+                Ok(self.on_finishing_answer(flow, answer, env))
             }
             other => {
                 self.flow = other;

@@ -30,8 +30,12 @@ pub enum Flow {
         /// The project's recipients, resolved before the body.
         recipients: Vec<Recipient>,
     },
-    /// `PUT ?digest=` with no body: the request line now names the ciphertext.
+    /// An upload being finished: a `PUT ?digest=` with no body whose request line now names the
+    /// ciphertext (the registry's answer finishes it), or a monolithic upload whose finishing
+    /// `PUT` the gateway sent itself while the registry's `202` is held.
     Finishing {
+        /// The finishing `PUT` the gateway sent, if it sent one.
+        callout: Option<CalloutId>,
         /// Repository name.
         repository: String,
         /// What to record once the registry committed it.
@@ -52,6 +56,8 @@ pub enum Flow {
         upload: Option<(String, bool)>,
         /// Where the recording stands.
         stage: RecordingStage,
+        /// The callout of that stage.
+        callout: CalloutId,
     },
     /// A `HEAD` paused while the registry's ledger is read.
     HeadLookup {
@@ -108,6 +114,21 @@ pub enum Flow {
         /// recipients (before a rotation) must be pushed again.
         recipients: String,
     },
+}
+
+impl Flow {
+    /// The callout whose answer the flow waits for, if it waits for one.
+    pub fn callout(&self) -> Option<CalloutId> {
+        match self {
+            Flow::DeleteCheck { callout, .. }
+            | Flow::HeadLookup { callout, .. }
+            | Flow::OpeningSession { callout, .. }
+            | Flow::TagsList { callout, .. }
+            | Flow::Recording { callout, .. } => Some(*callout),
+            Flow::Finishing { callout, .. } => *callout,
+            _ => None,
+        }
+    }
 }
 
 /// An upload request's body in flight.

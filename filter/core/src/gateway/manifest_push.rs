@@ -8,6 +8,7 @@ use crate::ledger::{self, LedgerEntry};
 use crate::manifest;
 use crate::policy::project_of;
 
+use super::finish::{Answer, Committing};
 use super::ledgered::{self, ledger_entry};
 use super::request::too_large;
 use super::{CalloutAnswer, CalloutId, Command, Env, Flow, Level, Metric, ResponseHead, Stream};
@@ -251,48 +252,84 @@ impl Stream {
             }
             out.extend(self.session_named(env.config, &status, location.as_deref()));
         }
-        match std::mem::take(&mut self.flow) {
-            Flow::Chunk(flow) if flow.finish.is_none() => {
-                // A refusal here keeps the cleanup callout it queued.
-                if let Err(e) = self.chunk_answered(*flow, head, env, &mut out) {
-                    out.extend(self.refuse(e));
-                    return Ok(out);
-                }
+        let answered = match std::mem::take(&mut self.flow) {
+            Flow::Chunk(flow) if flow.finish.is_none() => self
+                .chunk_answered(*flow, head, env, &mut out)
+                .map(|()| Answer::Now),
+            Flow::Chunk(flow) => self.monolithic_answered(*flow, head, env, &mut out),
+            Flow::Finishing {
+                repository,
+                completion,
+                upload,
+                ..
+            } if status == "201" => {
+                let committing = Committing {
+                    repository,
+                    completion,
+                    upload,
+                };
+                self.blob_committed(committing, env, &mut out)
             }
+            known @ Flow::Known { .. } => self.known_answered(known, &status, env, &mut out),
             Flow::Manifest {
                 repository,
                 by_digest,
                 client_digest: Some(client_digest),
                 entry,
                 ..
-            } if status == "201" => {
-                // Every stored manifest is ledgered, so an index naming it as a child, or a
-                // referrer naming it as `subject`, can be rewritten to what was stored.
-                if let Some(entry) = &entry {
-                    out.extend(ledgered::record(env, &repository, &client_digest, entry)?);
-                }
-                // What was stored has another digest; say it in a header of our own, and keep
-                // the client's in Docker-Content-Digest (containerd refuses any other).
-                if let Some(stored) = head.header("docker-content-digest") {
-                    out.push(Command::SetResponseHeader(
-                        "x-ocicrypt-stored-digest".into(),
-                        stored,
-                    ));
-                }
-                out.push(Command::SetResponseHeader(
-                    "docker-content-digest".into(),
-                    client_digest.to_string(),
-                ));
-                if by_digest.is_some() {
-                    out.push(Command::SetResponseHeader(
-                        "location".into(),
-                        format!("/v2/{repository}/manifests/{client_digest}"),
-                    ));
-                }
-            }
-            _ => {}
+            } if status == "201" => manifest_stored(
+                &repository,
+                by_digest.is_some(),
+                &client_digest,
+                entry.as_ref(),
+                head,
+                env,
+                &mut out,
+            )
+            .map(|()| Answer::Now),
+            _ => Ok(Answer::Now),
+        };
+        // A refusal here keeps the cleanup callout queued before it.
+        match answered {
+            Ok(Answer::Now) => out.push(Command::Continue),
+            Ok(Answer::Held) => out.push(Command::Pause),
+            Err(e) => out.extend(self.refuse(e)),
         }
-        out.push(Command::Continue);
         Ok(out)
     }
+}
+
+/// The registry stored a pushed manifest: every stored manifest is ledgered, so an index naming
+/// it as a child, or a referrer naming it as `subject`, can be rewritten to what was stored.
+fn manifest_stored(
+    repository: &str,
+    by_digest: bool,
+    client_digest: &Digest,
+    entry: Option<&LedgerEntry>,
+    head: &ResponseHead,
+    env: &Env,
+    out: &mut Vec<Command>,
+) -> Result<(), OciError> {
+    if let Some(entry) = entry {
+        out.extend(ledgered::record(env, repository, client_digest, entry)?);
+    }
+    // What was stored has another digest; say it in a header of our own, and keep the
+    // client's in Docker-Content-Digest (containerd refuses any other).
+    if let Some(stored) = head.header("docker-content-digest") {
+        out.push(Command::SetResponseHeader(
+            "x-ocicrypt-stored-digest".into(),
+            stored,
+        ));
+    }
+    out.push(Command::SetResponseHeader(
+        "docker-content-digest".into(),
+        client_digest.to_string(),
+    ));
+    if by_digest {
+        out.push(Command::SetResponseHeader(
+            "location".into(),
+            format!("/v2/{repository}/manifests/{client_digest}"),
+        ));
+    }
+    Ok(())
 }

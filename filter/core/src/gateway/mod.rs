@@ -15,18 +15,20 @@
 //! | a callout could not be dispatched | [`Stream::on_dispatch_failed`] |
 //! | request body bytes (an upload chunk, a manifest, a refusal being drained) | [`Stream::on_request_body`] |
 //! | request trailers | [`Stream::on_request_trailers`] |
-//! | response headers (a manifest push, passthrough, refusals) | [`Stream::on_response_headers`] |
+//! | response headers (every flow: uploads, mounts, `HEAD`s, manifests, passthrough) | [`Stream::on_response_headers`] |
 //! | the stream ends | [`Stream::on_end`] |
 //!
 //! # Commands
 //!
-//! Set or remove a request header, replace or drop the buffered request body, set a response
-//! header, dispatch a callout (its
-//! [`CalloutId`] comes back with the answer), answer the client with an OCI error, let the
+//! Set or remove a request header, replace or drop the buffered request body, set or remove a
+//! response header, dispatch a callout (its
+//! [`CalloutId`] comes back with the answer), answer the client with an OCI error
+//! ([`Command::Reply`]) or with the registry's own refusal ([`Command::Relay`]), let the
 //! request go on ([`Command::Continue`]: in a headers callback, continue; after a pause,
-//! resume) or keep it waiting ([`Command::Pause`]), count a metric, log a line. Commands are
-//! carried out in order; a refusal always ends with [`Command::Reply`] then
-//! [`Command::Pause`]. Shared state (upload records, session claims, the ledger cache) is read
+//! resume the request) or keep it waiting ([`Command::Pause`]; in the response headers
+//! callback, the response waits), resume a held response ([`Command::ResumeResponse`]), count
+//! a metric, log a line. Commands are carried out in order; a refusal always ends with
+//! [`Command::Reply`] then [`Command::Pause`]. Shared state (upload records, session claims, the ledger cache) is read
 //! and written through the [`Store`] in the [`Env`], synchronously, as Envoy's shared data is;
 //! the ledger cache is bounded ([`crate::ledger_cache`]), and the entries a request reads back
 //! from the registry's ledger stay with the request until it ends.
@@ -109,15 +111,38 @@
 //! a monolithic body the blob is completed (its plaintext checked against the client's digest,
 //! its key wrapped to the recipients resolved before the body); a mismatch is refused there.
 //!
-//! What the upload responses and the finishing and ledger-recording callouts do is still
-//! decided in the adapter (`filter/wasm/src/gateway.rs`) on the [`Flow`] this machine sets
-//! (issue 16).
+//! # An upload's end, after its body
+//!
+//! - A monolithic body (sent as a `PATCH`) answered `202`: the response is held and the
+//!   gateway finishes the upload by callout, `PUT <Location>&digest=<ciphertext>`. A body that
+//!   had not ended here when the registry answered (HTTP/2 trailers) has no ciphertext digest:
+//!   the session is deleted at the answer's `Location` and the request refused `400`. No
+//!   `Location` in the `202`: refused `500`. Any other answer goes to the client as it is.
+//! - The finishing `PUT` answered `201`: the held `202` becomes the client's `201` (`:status`,
+//!   `Content-Length: 0`; `Range` and `Docker-Upload-UUID` removed) and the blob is committed.
+//!   A 4xx with an OCI error body is the client's answer as the registry gave it (a `401`
+//!   with its challenge); anything else, a failed callout included, is refused (`503`, or
+//!   `403` for a `401`/`403` without such a body).
+//! - A `PUT ?digest=` without a body answered `201` is committed; any other answer passes.
+//! - Committing: the upload's saved state is dropped, an encrypted blob ledgered under the
+//!   client's digest and the ciphertext's, and `Docker-Content-Digest` and `Location` name the
+//!   client's digest. With replicas an encrypted blob is first recorded in the registry's
+//!   ledger while the answer waits, in up to three callouts: a session for the repository's
+//!   empty config (skipped once the store marks it uploaded), the empty config, the
+//!   authenticated ledger manifest. A stage answered otherwise than expected (`202`, `201`,
+//!   `201`), or failed, refuses the request saying the blob was stored but not recorded.
+//! - A mount of a blob the ledger knows answered `201`: ledgered in this repository (with
+//!   replicas: recorded in the registry's ledger first, as above) and answered in the client's
+//!   digest and `Location`. A `HEAD` of one answered `200`: `Docker-Content-Digest` names the
+//!   client's digest. Other answers pass.
 mod answer;
 mod body;
+mod finish;
 mod flow;
 mod head;
 mod ledgered;
 mod manifest_push;
+mod recording;
 mod request;
 mod tags_list;
 
@@ -133,6 +158,7 @@ use crate::upload::Store;
 pub use answer::registry_refusal;
 pub use flow::{ChunkFlow, Finish, Flow, RecordingStage};
 pub use head::{CalloutAnswer, RequestHead, ResponseHead};
+pub use recording::empty_config_key;
 pub use request::too_large;
 pub use tags_list::MAX_SKIPPED_PAGES;
 
@@ -215,6 +241,10 @@ pub enum Metric {
     SessionMoved,
     /// The worker's keystream prefetch since its last report.
     Keystream(crate::prefetch::Report),
+    /// A blob was committed encrypted: its size in bytes.
+    LayerEncrypted(u64),
+    /// A blob (a config, a JSON artifact) was committed as pushed.
+    BlobPassed,
 }
 
 /// What the host does for the stream, in order.
@@ -238,6 +268,8 @@ pub enum Command {
         /// Body.
         body: Vec<u8>,
     },
+    /// Removes a response header.
+    RemoveResponseHeader(String),
     /// Drops whatever request body the host buffers (best effort: a request refused at its
     /// trailers may have none left to drop).
     DropRequestBody,
@@ -247,8 +279,23 @@ pub enum Command {
     Reply(OciError),
     /// The request goes on: a headers callback continues; a paused request is resumed.
     Continue,
-    /// The request waits (for a callout, a key lookup, or for good after a reply).
+    /// The request waits (for a callout, a key lookup, or for good after a reply); in a
+    /// response headers callback, the response waits (for the finishing and recording
+    /// callouts).
     Pause,
+    /// The response held in its headers callback goes on (after the callouts it waited for).
+    ResumeResponse,
+    /// Answers the client with the registry's own refusal of a callout made on its behalf, as
+    /// the registry gave it (a 4xx whose body is an OCI error document, with the registry's
+    /// `WWW-Authenticate` challenge on a 401); the request goes no further.
+    Relay {
+        /// The registry's status.
+        status: u16,
+        /// The registry's body.
+        body: Vec<u8>,
+        /// The registry's challenge, as its bytes.
+        challenge: Option<Vec<u8>>,
+    },
     /// Counts a metric.
     Metric(Metric),
     /// Logs a line (the host prefixes the stream's id).
@@ -418,17 +465,10 @@ impl Stream {
     /// A callout the machine asked for could not be dispatched: the registry is unreachable.
     /// (A best-effort callout nobody waits for fails silently.)
     pub fn on_dispatch_failed(&mut self, id: CalloutId) -> Vec<Command> {
-        match &self.flow {
-            Flow::DeleteCheck { callout, .. }
-            | Flow::HeadLookup { callout, .. }
-            | Flow::OpeningSession { callout, .. }
-            | Flow::TagsList { callout, .. }
-                if *callout == id =>
-            {
-                self.refuse(unreachable_registry())
-            }
-            _ if self.reads_ledger(id) => self.refuse(unreachable_registry()),
-            _ => Vec::new(),
+        if self.awaits(id) {
+            self.refuse(unreachable_registry())
+        } else {
+            Vec::new()
         }
     }
 

@@ -400,6 +400,7 @@ impl Stream {
         let stored = completion.stored_digest.to_string();
         let new_path = distribution::rewrite_query(at.path, FINISH_DROPS, &[("digest", &stored)]);
         self.flow = Flow::Finishing {
+            callout: None,
             repository: at.repository,
             completion,
             upload,

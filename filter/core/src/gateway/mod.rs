@@ -28,10 +28,11 @@
 //! resume the request) or keep it waiting ([`Command::Pause`]; in the response headers
 //! callback, the response waits), resume a held response ([`Command::ResumeResponse`]), count
 //! a metric, log a line. Commands are carried out in order; a refusal always ends with
-//! [`Command::Reply`] then [`Command::Pause`]. Shared state (upload records, session claims, the ledger cache) is read
-//! and written through the [`Store`] in the [`Env`], synchronously, as Envoy's shared data is;
-//! the ledger cache is bounded ([`crate::ledger_cache`]), and the entries a request reads back
-//! from the registry's ledger stay with the request until it ends.
+//! [`Command::Reply`] (or [`Command::Relay`]) then [`Command::Pause`]. Shared state (upload
+//! records, session claims, the ledger cache, the ledger's empty-config marks) is read and
+//! written through the [`Store`] in the [`Env`], synchronously, as Envoy's shared data is; the
+//! ledger cache is bounded ([`crate::ledger_cache`]), and the entries a request reads back from
+//! the registry's ledger stay with the request until it ends.
 //!
 //! # The request line (what a request is, decided before any byte of its body)
 //!

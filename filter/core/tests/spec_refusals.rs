@@ -6,8 +6,9 @@
 //! message reworded on one side only, fails this test.
 //!
 //! Rows not provoked here are listed in [`NOT_HERE`], each with the reason: the host's own
-//! failures (the adapter raises them around host calls), and the flows that still run in the
-//! wasm adapter while issue 16 moves them into the core.
+//! failures (the adapter raises them around host calls), the registry's own refusals relayed
+//! as they are, and the flows that still run in the wasm adapter while issue 16 moves them into
+//! the core.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -16,9 +17,11 @@
 )]
 
 mod common {
+    pub mod finish;
     pub mod gateway;
 }
 
+use common::finish::{finishing, monolithic};
 use common::gateway::*;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::{Code, OciError};
@@ -795,6 +798,27 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
             Box::new(|| single_post(CalloutAnswer::new(202, &[], b""))),
         ),
         (
+            "the registry answered the upload without a Location",
+            None,
+            Box::new(|| {
+                let mut world = World::new();
+                let mut stream = monolithic(&mut world);
+                let head = ResponseHead::new(&[(":status", "202")]);
+                stream.on_response_headers(&head, &mut world.env())
+            }),
+        ),
+        (
+            "… commit the encrypted blob; nothing was stored",
+            Some("the registry answered <status> when the gateway tried to commit the encrypted blob; nothing was stored"),
+            Box::new(|| {
+                let mut world = World::new();
+                let mut stream = monolithic(&mut world);
+                let put = finishing(&mut world, &mut stream);
+                let answer = CalloutAnswer::new(500, &[], b"");
+                stream.on_callout(put.id, &answer, &mut world.env())
+            }),
+        ),
+        (
             "no verified recipient keys for project \"<p>\": <reason>; nothing was stored",
             Some("no verified recipient keys for project \"<p>\": <reason>; nothing was stored"),
             Box::new(|| refused_by_keys("no verified recipient keys for project \"demo\": the key service has no recipients for this project; nothing was stored")),
@@ -813,13 +837,11 @@ const NOT_HERE: &[(&str, &str)] = &[
     ("could not resume the response", "an Envoy host call failing"),
     ("no configuration", "a stream of a plugin without configuration (the adapter answers before the core)"),
     ("the gateway has no valid configuration", "the adapter answers before the core: no configuration to run it with"),
+    ("authentication required", "the registry's own body, relayed as it is (Command::Relay: gateway_finish::the_finishing_put_refused)"),
     // Unreachable with valid inputs: the guide lists them for completeness.
     ("could not wrap the layer key", "wrapping to recipients the configuration already parsed does not fail"),
     ("the rewritten manifest could not be serialized", "serializing a JSON value the rewrite built does not fail"),
-    // Still in the wasm adapter (issue 16, moving now): finishing callouts, keys.
-    ("authentication required", "the finishing PUT's answer (adapter: on_callout)"),
-    ("… commit the encrypted blob; nothing was stored", "the finishing PUT's answer (adapter: on_callout)"),
-    ("the registry answered the upload without a Location", "the monolithic upload's 202 (adapter: on_response)"),
+    // Still in the wasm adapter (issue 16, moving now): keys.
     ("key lookup without a key service", "key records (adapter: keys.rs)"),
     ("the gateway has no key service and no inline recipients for it", "key records (adapter: keys.rs)"),
     ("the key service has no recipients for this project", "key records (adapter: keys.rs)"),

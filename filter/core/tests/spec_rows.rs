@@ -35,8 +35,12 @@ const ROWS: &[Row] = &[
     },
     Row {
         request: "`POST …/uploads/?mount=D&from=R`",
-        tests: &["gateway_request::docker_mount_attempts"],
-        in_adapter: Some(("the registry's 201 to a mount of the ciphertext: ledgered and answered in D", &["on_response"])),
+        tests: &[
+            "gateway_request::docker_mount_attempts",
+            "gateway_finish::a_mount_of_a_known_blob",
+            "gateway_recording::a_mount_is_recorded_before_its_201",
+        ],
+        in_adapter: None,
     },
     Row {
         request: "`HEAD /v2/<name>/blobs/D`",
@@ -44,8 +48,10 @@ const ROWS: &[Row] = &[
             "gateway_request::head_dedupe",
             "gateway_request::head_reads_the_registrys_ledger_with_replicas",
             "gateway_ledger_cache::a_head_keeps_its_layer_in_the_cache",
+            "gateway_finish::a_head_of_a_known_blob",
+            "gateway_finish::known_blob_answers_are_checked_first",
         ],
-        in_adapter: Some(("the registry's 200 answered in D", &["on_response"])),
+        in_adapter: None,
     },
     Row {
         request: "`PATCH …/uploads/<id>`",
@@ -68,8 +74,14 @@ const ROWS: &[Row] = &[
     },
     Row {
         request: "`PUT …/uploads/<id>?digest=D` (empty body)",
-        tests: &["gateway_request::skopeo_chunked_upload"],
-        in_adapter: Some(("the registry's 201: ledgered, answered in D", &["on_response", "commit"])),
+        tests: &[
+            "gateway_request::skopeo_chunked_upload",
+            "gateway_finish::a_bodiless_put_is_committed_on_the_registrys_201",
+            "gateway_recording::a_bodiless_put_is_recorded_before_its_201",
+            "gateway_recording::a_blob_is_recorded_in_three_stages_then_committed",
+            "gateway_recording::a_failed_stage_refuses_the_request",
+        ],
+        in_adapter: None,
     },
     Row {
         request: "`PUT …?digest=D` with a body (monolithic: `ctr`, BuildKit, oras)",
@@ -78,8 +90,15 @@ const ROWS: &[Row] = &[
             "gateway_body::a_monolithic_body_completes_with_the_clients_digest",
             "gateway_body::a_monolithic_body_of_another_digest_is_refused_at_its_end",
             "gateway_body::an_empty_body_forwards_nothing_and_completes_as_the_empty_blob",
+            "gateway_finish::a_monolithic_body_is_finished_by_callout_and_answered_201",
+            "gateway_finish::the_registrys_answer_to_a_monolithic_body",
+            "gateway_finish::a_202_before_the_body_ended_abandons_the_session",
+            "gateway_finish::the_finishing_put_refused",
+            "gateway_finish::a_finishing_put_not_dispatched_is_refused",
+            "gateway_finish::a_json_blob_is_committed_as_pushed",
+            "gateway_finish::with_replicas_the_finishing_201_starts_the_recording",
         ],
-        in_adapter: Some(("the finishing PUT ?digest=E by callout on the 202", &["on_response", "on_callout"])),
+        in_adapter: None,
     },
     Row {
         request: "`POST …/uploads/?digest=D` with a body",
@@ -89,7 +108,7 @@ const ROWS: &[Row] = &[
             "gateway_request::post_with_digest_without_body",
             "gateway_challenge::a_401_to_the_session_callout_carries_the_registrys_challenge",
         ],
-        in_adapter: Some(("after the session is open: the finishing PUT as the monolithic PUT's", &["on_response", "on_callout"])),
+        in_adapter: None,
     },
     Row {
         request: "`PUT /v2/<name>/manifests/<tag>`",

@@ -6,7 +6,6 @@ use ocicrypt_core::digest::Digest;
 use ocicrypt_core::gateway::{Callout, Command, Flow, Level, Metric, ResponseHead, Stream};
 use ocicrypt_core::ledger::LedgerEntry;
 use ocicrypt_core::ledger_cache::Change;
-use ocicrypt_core::upload;
 
 use super::gateway::*;
 
@@ -25,23 +24,17 @@ pub fn monolithic(world: &mut World) -> Stream {
     stream
 }
 
-/// The monolithic body ends: encrypted and completed (the adapter's part, until it moves).
+/// The monolithic body arrives in one piece, is encrypted and, at its end, completed.
 pub fn body_ends(world: &mut World, stream: &mut Stream) {
-    let Flow::Chunk(flow) = &mut stream.flow else {
-        panic!("not a chunk")
-    };
-    let mut chunk = flow.stream.take().unwrap();
-    let mut body = LAYER.to_vec();
-    chunk.on_body(&mut body, true, &mut world.rng).unwrap();
-    let finish = flow.finish.as_mut().unwrap();
-    let completion = upload::complete(
-        chunk.into_record(),
-        finish.client_digest,
-        &finish.recipients,
-        &mut world.rng,
-    )
-    .unwrap();
-    finish.completion = Some(completion);
+    send_body(world, stream, LAYER);
+}
+
+/// `body`, the whole of an upload's body, in one body event: what the stream answered.
+pub fn send_body(world: &mut World, stream: &mut Stream, body: &[u8]) -> Vec<Command> {
+    let owned = body.to_vec();
+    let out = stream.on_request_body(body.len(), true, &|| Ok(owned.clone()), &mut world.env());
+    assert_eq!(out.last(), Some(&Command::Continue), "{out:?}");
+    out
 }
 
 pub fn len() -> u64 {

@@ -936,9 +936,12 @@ class Gateway:
             argv += ["--component-log-level", o.envoy_component_log_level]
         secrets = {STATE_KEY_ENV: o.state_key} if o.state_key else None
         env = self._spawn("envoy", argv, envoy_log, env=secrets)
-        # Answered through Envoy by the registry (200/401), not a local 5xx of Envoy's.
-        self._wait("envoy", env, f"{self.gateway_url}/v2/", lambda s: s in (200, 401),
-                   envoy_log)
+        # Answered through Envoy by the registry (200/401), not a local 5xx of Envoy's. In a
+        # replica set, asked on this replica's filter listener: the client-facing one may hash
+        # `/v2/` to a replica not started yet (the ring keeps choosing it, retries included).
+        url = f"http://{o.inner_addr}/v2/" if o.peers and o.inner_addr else \
+            f"{self.gateway_url}/v2/"
+        self._wait("envoy", env, url, lambda s: s in (200, 401), envoy_log)
 
     def pid(self, name: str) -> Optional[int]:
         """The pid of the running process `name` this Gateway started (None if none runs)."""

@@ -21,6 +21,7 @@ pub mod error;
 pub mod form;
 pub mod gateway;
 pub mod index;
+pub mod key_records;
 pub mod keyservice;
 pub mod keystream;
 pub mod keywrap;

@@ -7,20 +7,20 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use ocicrypt_core::config::{Config, KeyServiceConfig};
+use ocicrypt_core::config::Config;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::gateway::{
     CalloutAnswer, CalloutId, Command, Env, KeyAnswer, Keys, Level, Metric, RequestHead,
     ResponseHead, Stream,
 };
-use ocicrypt_core::keyservice::{Lookup, Next};
+use ocicrypt_core::key_records::{KeyStep, StreamLookup};
 use ocicrypt_core::prefetch::Keystream;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use rand_core::OsRng;
 
 use crate::host::{self, SharedData};
-use crate::keys::{self, Resolution};
+use crate::keys;
 use crate::metrics::Metrics;
 use crate::prefetch::{HostQueues, SharedWorker};
 
@@ -56,16 +56,16 @@ impl Drop for Gateway {
     }
 }
 
-/// Where a stream's recipients come from: the worker's verified records, or a key-service
-/// lookup run for the stream (one per request: after it, the record decides).
+/// Where a stream's recipients come from: the worker's key memory ([`keys::with_worker`]),
+/// and the key-service lookup the stream runs when it decides so.
 struct StreamKeys {
-    id: u32,
+    /// Log prefix of the stream's key lines.
+    prefix: String,
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
-    /// The lookup the paused request waits for, with its callout token.
-    lookup: Option<(Lookup, u32)>,
-    /// Whether this request already ran a lookup.
-    looked_up: bool,
+    lookup: StreamLookup,
+    /// The callout token of the lookup's fetch the paused request waits for.
+    token: Option<u32>,
 }
 
 impl Keys for StreamKeys {
@@ -74,52 +74,62 @@ impl Keys for StreamKeys {
             .config
             .clone()
             .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
+        let lookup = &mut self.lookup;
+        let mut step = keys::with_worker(&self.prefix, &self.metrics, |w| {
+            w.recipients(&config, &SharedData, project, keys::now(), lookup)
+        })
+        .ok_or_else(key_memory_busy)??;
         loop {
-            match keys::resolve(&config, project, keys::now(), self.looked_up)? {
-                Resolution::Ready(r) => return Ok(KeyAnswer::Ready(r)),
-                Resolution::LookUp => {
-                    let Some(ks) = &config.key_service else {
-                        return Err(OciError::new(
-                            Code::Unknown,
-                            "key lookup without a key service",
-                        ));
-                    };
-                    self.looked_up = true;
-                    let (lookup, next) = keys::start(ks, vec![project.to_string()], keys::now());
-                    if self.drive(ks, lookup, next) {
-                        return Ok(KeyAnswer::Waiting);
-                    }
-                }
+            let req = match step {
+                KeyStep::Ready(r) => return Ok(KeyAnswer::Ready(r)),
+                KeyStep::Fetch(req) => req,
+            };
+            if let Ok(token) = keys::dispatch(&config, &req) {
+                self.token = Some(token);
+                return Ok(KeyAnswer::Waiting);
             }
+            let lookup = &mut self.lookup;
+            step = keys::with_worker(&self.prefix, &self.metrics, |w| {
+                w.on_stream_dispatch_failed(&config, &SharedData, project, keys::now(), lookup)
+            })
+            .ok_or_else(key_memory_busy)??;
         }
     }
 }
 
+fn key_memory_busy() -> OciError {
+    OciError::new(Code::Unknown, "the worker's key memory is in use")
+}
+
 impl StreamKeys {
-    /// Runs a lookup until it waits on a callout (`true`) or is finished and published.
-    fn drive(&mut self, ks: &KeyServiceConfig, lookup: Lookup, next: Next) -> bool {
-        match keys::drive(ks, lookup, next) {
-            keys::Driven::Waiting(lookup, token) => {
-                self.lookup = Some((*lookup, token));
-                true
-            }
-            keys::Driven::Done(records, metadata) => {
-                for (project, record) in &records {
-                    if let Some(error) = &record.error {
-                        host::log(
-                            LogLevel::Warn,
-                            &format!(
-                                "[ocicrypt #{}] key service: project {project}: {error}",
-                                self.id
-                            ),
-                        );
-                    }
-                }
-                self.metrics.key_lookup(&records, metadata.as_ref());
-                keys::publish(&records, metadata);
-                false
-            }
+    /// The answer to the lookup's fetch: `Some(true)` while the lookup goes on, `Some(false)`
+    /// when it is over, `None` when `token` is not the lookup's.
+    fn on_answer(&mut self, token: u32, body_size: usize) -> Option<bool> {
+        if self.token != Some(token) {
+            return None;
         }
+        self.token = None;
+        let Some(config) = self.config.clone() else {
+            return Some(false);
+        };
+        let (status, body) = keys::response(body_size);
+        let lookup = &mut self.lookup;
+        let mut fetch = keys::with_worker(&self.prefix, &self.metrics, |w| {
+            w.on_stream_answer(&config, &SharedData, lookup, status, &body, keys::now())
+        })
+        .flatten();
+        while let Some(req) = fetch {
+            if let Ok(token) = keys::dispatch(&config, &req) {
+                self.token = Some(token);
+                return Some(true);
+            }
+            let lookup = &mut self.lookup;
+            fetch = keys::with_worker(&self.prefix, &self.metrics, |w| {
+                w.on_stream_answer(&config, &SharedData, lookup, 0, &[], keys::now())
+            })
+            .flatten();
+        }
+        Some(false)
     }
 }
 
@@ -143,11 +153,11 @@ impl Gateway {
             id,
             stream: Stream::new(),
             keys: StreamKeys {
-                id,
+                prefix: format!("[ocicrypt #{id}] "),
                 config: config.clone(),
                 metrics: metrics.clone(),
-                lookup: None,
-                looked_up: false,
+                lookup: StreamLookup::default(),
+                token: None,
             },
             callouts: Vec::new(),
             config,
@@ -326,21 +336,12 @@ impl Context for Gateway {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if let Some((mut lookup, expected)) = self.keys.lookup.take() {
-            if token == expected {
-                let (status, body) = keys::response(body_size);
-                let next = lookup.on_response(status, &body);
-                let pending = match self.config.clone().and_then(|c| c.key_service.clone()) {
-                    Some(ks) => self.keys.drive(&ks, lookup, next),
-                    None => false,
-                };
-                if !pending {
-                    let commands = self.with_env(|stream, env| stream.on_keys_ready(env));
-                    self.apply(commands, Callback::Other);
-                }
-                return;
+        if let Some(pending) = self.keys.on_answer(token, body_size) {
+            if !pending {
+                let commands = self.with_env(|stream, env| stream.on_keys_ready(env));
+                self.apply(commands, Callback::Other);
             }
-            self.keys.lookup = Some((lookup, expected));
+            return;
         }
         if let Some(i) = self.callouts.iter().position(|(t, _)| *t == token) {
             let (_, id) = self.callouts.swap_remove(i);

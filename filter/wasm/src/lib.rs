@@ -25,8 +25,9 @@ use std::rc::Rc;
 
 use std::time::Duration;
 
-use ocicrypt_core::config::{Config, KeyServiceConfig};
-use ocicrypt_core::keyservice::{Lookup, Next};
+use host::SharedData;
+use ocicrypt_core::config::Config;
+use ocicrypt_core::keyservice::Request;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use rand_core::OsRng;
@@ -45,28 +46,30 @@ mod entry {
 struct Root {
     config: Option<Rc<Config>>,
     metrics: Rc<metrics::Metrics>,
-    /// The timer's key-service refresh in progress, with its callout token.
-    refresh: Option<(Lookup, u32)>,
+    /// The callout token of the timer's key-service refresh in flight.
+    refresh: Option<u32>,
     /// Keystream prefetch: this worker's queues, jobs and segments.
     worker: prefetch::SharedWorker,
     /// The last slot of the upload-record table this worker swept.
     sweep_cursor: u32,
 }
 
+/// Log prefix of the timer's key lines.
+const TIMER_PREFIX: &str = "ocicrypt-filter: ";
+
 impl Root {
-    fn drive(&mut self, ks: &KeyServiceConfig, lookup: Lookup, next: Next) {
-        match keys::drive(ks, lookup, next) {
-            keys::Driven::Waiting(lookup, token) => self.refresh = Some((*lookup, token)),
-            keys::Driven::Done(records, metadata) => {
-                for (project, record) in &records {
-                    match &record.error {
-                        Some(e) => host::log(LogLevel::Warn, &format!("ocicrypt-filter: key service refresh: project {project}: {e}")),
-                        None => host::log(LogLevel::Info, &format!("ocicrypt-filter: key service refresh: project {project}: verified ({:?})", record.versions)),
-                    }
-                }
-                self.metrics.key_lookup(&records, metadata.as_ref());
-                keys::publish(&records, metadata);
+    /// Dispatches the timer refresh's fetch; one the host refuses is an unanswered fetch.
+    fn fetch(&mut self, config: &Config, mut fetch: Option<Request>) {
+        self.refresh = None;
+        while let Some(req) = fetch.take() {
+            if let Ok(token) = keys::dispatch(config, &req) {
+                self.refresh = Some(token);
+                return;
             }
+            fetch = keys::with_worker(TIMER_PREFIX, &self.metrics, |w| {
+                w.on_timer_answer(&SharedData, 0, &[], keys::now())
+            })
+            .flatten();
         }
     }
 }
@@ -79,19 +82,18 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let Some((mut lookup, expected)) = self.refresh.take() else {
-            return;
-        };
-        if token != expected {
-            self.refresh = Some((lookup, expected));
+        if self.refresh != Some(token) {
             return;
         }
-        let Some(ks) = self.config.as_ref().and_then(|c| c.key_service.clone()) else {
-            return;
-        };
+        self.refresh = None;
         let (status, body) = keys::response(body_size);
-        let next = lookup.on_response(status, &body);
-        self.drive(&ks, lookup, next);
+        let fetch = keys::with_worker(TIMER_PREFIX, &self.metrics, |w| {
+            w.on_timer_answer(&SharedData, status, &body, keys::now())
+        })
+        .flatten();
+        if let Some(config) = self.config.clone() {
+            self.fetch(&config, fetch);
+        }
     }
 }
 
@@ -164,21 +166,19 @@ impl RootContext for Root {
                 &self.metrics,
             );
         }
-        let Some(ks) = self.config.as_ref().and_then(|c| c.key_service.clone()) else {
+        let Some(config) = self.config.clone() else {
             return;
         };
-        if self.refresh.is_some() {
+        let Some(ks) = &config.key_service else {
             return;
+        };
+        let fetch = keys::with_worker(TIMER_PREFIX, &self.metrics, |w| {
+            w.on_tick(ks, &SharedData, keys::now())
+        })
+        .flatten();
+        if fetch.is_some() {
+            self.fetch(&config, fetch);
         }
-        let now = keys::now();
-        let period = i64::try_from(ks.refresh_seconds).unwrap_or(i64::MAX);
-        // Every worker ticks; one per period refreshes, and publishes for all.
-        let projects = keys::projects();
-        if projects.is_empty() || !keys::take_lease(now, period.saturating_sub(1).max(1)) {
-            return;
-        }
-        let (lookup, next) = keys::start(&ks, projects, now);
-        self.drive(&ks, lookup, next);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

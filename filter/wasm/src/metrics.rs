@@ -2,7 +2,6 @@
 //! name, so counters and gauges add up across workers. Envoy prefixes them `wasmcustom.`
 //! (`wasmcustom_ocicrypt_…` on `/stats/prometheus`).
 use ocicrypt_core::error::Code;
-use ocicrypt_core::keyservice::{KeyRecord, TrustedMetadata};
 use ocicrypt_core::prefetch::Report;
 use proxy_wasm::types::MetricType;
 
@@ -146,22 +145,21 @@ impl Metrics {
         }
     }
 
-    /// A key-service lookup finished: per project a success or a failure, and the versions
-    /// of the metadata it verified.
-    pub fn key_lookup(&self, records: &[(String, KeyRecord)], metadata: Option<&TrustedMetadata>) {
-        for (_, record) in records {
-            Self::add(self.key_lookups, 1);
-            if record.error.is_some() {
-                Self::add(self.key_failures, 1);
-            }
-            if metadata.is_some() {
-                for (role, version) in &record.versions {
-                    if let Some(i) = TUF_ROLES.iter().position(|r| r == role) {
-                        if let Some(&id) = self.tuf_versions.get(i) {
-                            host::record_metric(id, *version);
-                        }
-                    }
-                }
+    /// A key-service lookup finished for a project.
+    pub fn key_lookup(&self) {
+        Self::add(self.key_lookups, 1);
+    }
+
+    /// A key-service lookup failed for a project.
+    pub fn key_failure(&self) {
+        Self::add(self.key_failures, 1);
+    }
+
+    /// A refresh verified this version of a TUF role (other roles are not gauged).
+    pub fn tuf_version(&self, role: &str, version: u64) {
+        if let Some(i) = TUF_ROLES.iter().position(|r| *r == role) {
+            if let Some(&id) = self.tuf_versions.get(i) {
+                host::record_metric(id, version);
             }
         }
     }

@@ -10,17 +10,15 @@ use std::time::Duration;
 use ocicrypt_core::config::Config;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::gateway::{
-    CalloutAnswer, CalloutId, Command, Env, KeyAnswer, Keys, Level, Metric, RequestHead,
-    ResponseHead, Stream,
+    CalloutAnswer, CalloutId, Command, Env, Level, Metric, RequestHead, ResponseHead, Stream,
 };
-use ocicrypt_core::key_records::{KeyStep, StreamLookup};
 use ocicrypt_core::prefetch::Keystream;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use rand_core::OsRng;
 
 use crate::host::{self, SharedData};
-use crate::keys;
+use crate::keys::{self, StreamKeys};
 use crate::metrics::Metrics;
 use crate::prefetch::{HostQueues, SharedWorker};
 
@@ -56,83 +54,6 @@ impl Drop for Gateway {
     }
 }
 
-/// Where a stream's recipients come from: the worker's key memory ([`keys::with_worker`]),
-/// and the key-service lookup the stream runs when it decides so.
-struct StreamKeys {
-    /// Log prefix of the stream's key lines.
-    prefix: String,
-    config: Option<Rc<Config>>,
-    metrics: Rc<Metrics>,
-    lookup: StreamLookup,
-    /// The callout token of the lookup's fetch the paused request waits for.
-    token: Option<u32>,
-}
-
-impl Keys for StreamKeys {
-    fn recipients(&mut self, project: &str) -> Result<KeyAnswer, OciError> {
-        let config = self
-            .config
-            .clone()
-            .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
-        let lookup = &mut self.lookup;
-        let mut step = keys::with_worker(&self.prefix, &self.metrics, |w| {
-            w.recipients(&config, &SharedData, project, keys::now(), lookup)
-        })
-        .ok_or_else(key_memory_busy)??;
-        loop {
-            let req = match step {
-                KeyStep::Ready(r) => return Ok(KeyAnswer::Ready(r)),
-                KeyStep::Fetch(req) => req,
-            };
-            if let Ok(token) = keys::dispatch(&config, &req) {
-                self.token = Some(token);
-                return Ok(KeyAnswer::Waiting);
-            }
-            let lookup = &mut self.lookup;
-            step = keys::with_worker(&self.prefix, &self.metrics, |w| {
-                w.on_stream_dispatch_failed(&config, &SharedData, project, keys::now(), lookup)
-            })
-            .ok_or_else(key_memory_busy)??;
-        }
-    }
-}
-
-fn key_memory_busy() -> OciError {
-    OciError::new(Code::Unknown, "the worker's key memory is in use")
-}
-
-impl StreamKeys {
-    /// The answer to the lookup's fetch: `Some(true)` while the lookup goes on, `Some(false)`
-    /// when it is over, `None` when `token` is not the lookup's.
-    fn on_answer(&mut self, token: u32, body_size: usize) -> Option<bool> {
-        if self.token != Some(token) {
-            return None;
-        }
-        self.token = None;
-        let Some(config) = self.config.clone() else {
-            return Some(false);
-        };
-        let (status, body) = keys::response(body_size);
-        let lookup = &mut self.lookup;
-        let mut fetch = keys::with_worker(&self.prefix, &self.metrics, |w| {
-            w.on_stream_answer(&config, &SharedData, lookup, status, &body, keys::now())
-        })
-        .flatten();
-        while let Some(req) = fetch {
-            if let Ok(token) = keys::dispatch(&config, &req) {
-                self.token = Some(token);
-                return Some(true);
-            }
-            let lookup = &mut self.lookup;
-            fetch = keys::with_worker(&self.prefix, &self.metrics, |w| {
-                w.on_stream_answer(&config, &SharedData, lookup, 0, &[], keys::now())
-            })
-            .flatten();
-        }
-        Some(false)
-    }
-}
-
 /// Where the machine's commands are carried out: `Continue` means "return Continue" in a
 /// stream callback (headers, body, trailers) and "resume the request" in a callout's.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -152,13 +73,7 @@ impl Gateway {
         Gateway {
             id,
             stream: Stream::new(),
-            keys: StreamKeys {
-                prefix: format!("[ocicrypt #{id}] "),
-                config: config.clone(),
-                metrics: metrics.clone(),
-                lookup: StreamLookup::default(),
-                token: None,
-            },
+            keys: StreamKeys::new(id, config.clone(), metrics.clone()),
             callouts: Vec::new(),
             config,
             metrics,

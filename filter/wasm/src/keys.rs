@@ -3,12 +3,17 @@
 //! metrics and log lines. Both the root context's timer and a stream that finds no usable
 //! record drive lookups.
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::time::Duration;
 
-use crate::host;
+use crate::host::{self, SharedData};
 use crate::metrics::Metrics;
 use ocicrypt_core::config::Config;
-use ocicrypt_core::key_records::{KeyCommand, KeyLevel, KeyMetric, KeyWorker};
+use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::gateway::{KeyAnswer, Keys};
+use ocicrypt_core::key_records::{
+    KeyCommand, KeyLevel, KeyMetric, KeyStep, KeyWorker, StreamLookup,
+};
 use ocicrypt_core::keyservice::Request;
 use proxy_wasm::types::{LogLevel, MetricType};
 
@@ -126,4 +131,90 @@ pub fn response(body_size: usize) -> (u16, Vec<u8>) {
         host::call_body(body_size).unwrap_or_default()
     };
     (status, body)
+}
+
+/// A stream's recipients: the worker's key memory, and the lookup the stream runs when the
+/// memory says so.
+pub struct StreamKeys {
+    /// Log prefix of the stream's key lines.
+    prefix: String,
+    config: Option<Rc<Config>>,
+    metrics: Rc<Metrics>,
+    lookup: StreamLookup,
+    /// The callout token of the lookup's fetch the paused request waits for.
+    token: Option<u32>,
+}
+
+impl Keys for StreamKeys {
+    fn recipients(&mut self, project: &str) -> Result<KeyAnswer, OciError> {
+        let config = self
+            .config
+            .clone()
+            .ok_or_else(|| OciError::new(Code::Unknown, "no configuration"))?;
+        let lookup = &mut self.lookup;
+        let step = with_worker(&self.prefix, &self.metrics, |w| {
+            w.recipients(&config, &SharedData, project, now(), lookup)
+        })
+        .ok_or_else(|| OciError::new(Code::Unknown, "the worker's key memory is in use"))??;
+        match step {
+            KeyStep::Ready(r) => Ok(KeyAnswer::Ready(r)),
+            KeyStep::Fetch(req) => {
+                if self.send(&config, Some(req)) {
+                    return Ok(KeyAnswer::Waiting);
+                }
+                // Over before any fetch could be sent: its result decides (never a second
+                // lookup, so this asks once more at most).
+                self.recipients(project)
+            }
+        }
+    }
+}
+
+impl StreamKeys {
+    /// The keys of stream `id`.
+    pub fn new(id: u32, config: Option<Rc<Config>>, metrics: Rc<Metrics>) -> Self {
+        StreamKeys {
+            prefix: format!("[ocicrypt #{id}] "),
+            config,
+            metrics,
+            lookup: StreamLookup::default(),
+            token: None,
+        }
+    }
+
+    /// The answer to a callout: `None` when `token` is not the lookup's fetch, else whether the
+    /// lookup goes on (`Some(false)`: it is over, ask for the recipients again).
+    pub fn on_answer(&mut self, token: u32, body_size: usize) -> Option<bool> {
+        if self.token != Some(token) {
+            return None;
+        }
+        self.token = None;
+        let Some(config) = self.config.clone() else {
+            return Some(false);
+        };
+        let (status, body) = response(body_size);
+        let fetch = self.answer(&config, status, &body);
+        Some(self.send(&config, fetch))
+    }
+
+    /// Dispatches the lookup's fetch; one the host refuses goes back as unanswered. Whether a
+    /// fetch is in flight.
+    fn send(&mut self, config: &Config, mut fetch: Option<Request>) -> bool {
+        while let Some(req) = fetch {
+            if let Ok(token) = dispatch(config, &req) {
+                self.token = Some(token);
+                return true;
+            }
+            fetch = self.answer(config, 0, &[]);
+        }
+        false
+    }
+
+    fn answer(&mut self, config: &Config, status: u16, body: &[u8]) -> Option<Request> {
+        let lookup = &mut self.lookup;
+        with_worker(&self.prefix, &self.metrics, |w| {
+            w.on_stream_answer(config, &SharedData, lookup, status, body, now())
+        })
+        .flatten()
+    }
 }

@@ -47,8 +47,8 @@ pub enum KeyStep {
     /// Encrypt to these.
     Ready(Vec<Recipient>),
     /// Fetch this for the stream's lookup: its answer goes to
-    /// [`KeyWorker::on_stream_answer`]; a fetch the host cannot dispatch to
-    /// [`KeyWorker::on_stream_dispatch_failed`].
+    /// [`KeyWorker::on_stream_answer`], and so does a fetch the host cannot dispatch (as no
+    /// answer, status 0).
     Fetch(Request),
 }
 
@@ -179,22 +179,6 @@ impl KeyWorker {
                 Some(req)
             }
             Step::Done => None,
-        }
-    }
-
-    /// The host could not dispatch the stream lookup's fetch: an unanswered fetch (the lookup
-    /// fails closed), then where the stream stands.
-    pub fn on_stream_dispatch_failed(
-        &mut self,
-        config: &Config,
-        store: &dyn Store,
-        project: &str,
-        now: i64,
-        stream: &mut StreamLookup,
-    ) -> Result<KeyStep, OciError> {
-        match self.on_stream_answer(config, store, stream, 0, &[], now) {
-            Some(req) => Ok(KeyStep::Fetch(req)),
-            None => self.recipients(config, store, project, now, stream),
         }
     }
 

@@ -13,7 +13,7 @@ use super::{unavailable, KeyCommand, KeyLevel, KeyMetric, KeyWorker, Resolution,
 
 /// Who a lookup runs for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Purpose {
+enum Purpose {
     /// The timer, having taken its lease: a full refresh of the projects in use.
     Timer,
     /// A request that found no usable record.
@@ -21,16 +21,9 @@ pub enum Purpose {
 }
 
 /// A lookup in flight.
-pub struct KeyLookup {
+pub(super) struct KeyLookup {
     lookup: Lookup,
     purpose: Purpose,
-}
-
-impl KeyLookup {
-    /// Who it runs for.
-    pub fn purpose(&self) -> Purpose {
-        self.purpose
-    }
 }
 
 /// What a lookup needs next.

@@ -29,7 +29,8 @@ use crate::recipients::Recipient;
 use crate::tuf::Updater;
 use crate::upload::Store;
 
-pub use lookups::{KeyLookup, KeyStep, Purpose, StreamLookup};
+use lookups::KeyLookup;
+pub use lookups::{KeyStep, StreamLookup};
 pub use shared::{last_failure, read_table, Lease, FAILURE_KEY, TABLE_KEY};
 
 /// Answers a worker keeps for the requests that waited for its lookups.

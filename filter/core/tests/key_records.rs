@@ -597,3 +597,29 @@ fn known_projects_in_use_are_never_dropped_for_new_ones() {
         Ok(Resolution::LookUp)
     ));
 }
+
+#[test]
+fn a_record_from_a_later_refresh_is_never_replaced_by_an_earlier_one() {
+    let store = MapStore::default();
+    let config = config();
+    let ks = config.key_service.clone().unwrap();
+    let mut worker = KeyWorker::new();
+    let (keys, _) = stream_keys(&mut worker, &config, &store, "demo", NOW, Service::Good);
+    assert!(keys.is_ok());
+    // Another worker published a later refresh meanwhile (a rotation).
+    let key = keyservice::record_key("demo");
+    let mut later = KeyRecord::from_bytes(&store.get(&key).unwrap()).unwrap();
+    later.checked_at = NOW + 100;
+    store.set(&key, &later.to_bytes()).unwrap();
+    // This worker's timer refresh finishes with an earlier one: the later record stays.
+    let mut fetch = worker.on_tick(&ks, &store, NOW + 1);
+    assert!(fetch.is_some());
+    while let Some(req) = fetch {
+        let (status, body) = Service::Good.answer(&req.path);
+        fetch = worker.on_timer_answer(&store, status, &body, NOW + 1);
+    }
+    assert_eq!(
+        KeyRecord::from_bytes(&store.get(&key).unwrap()),
+        Some(later)
+    );
+}

@@ -23,9 +23,12 @@ mod common {
 
 use common::finish::{finishing, monolithic};
 use common::gateway::*;
+use ocicrypt_core::config::KeyServiceConfig;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::gateway::{CalloutAnswer, Command, Flow, ResponseHead};
+use ocicrypt_core::key_records::KeyWorker;
+use ocicrypt_core::keyservice::{self, KeyRecord};
 use ocicrypt_core::ledger;
 use ocicrypt_core::upload::Store as _;
 use serde_json::{json, Value};
@@ -300,6 +303,61 @@ fn chunk_answered_with_range(range: &str) -> Vec<Command> {
 fn refused_by_keys(reason: &str) -> Vec<Command> {
     let mut world = World::new();
     world.keys.answer = Err(OciError::new(Code::Unavailable, reason));
+    world.send(&req("POST", "/v2/demo/app/blobs/uploads/")).1
+}
+
+/// A push to `demo` refused with the reason the core's key records give for `project`: the
+/// worker's memory over the world's store, `record` stored for the project first (if any),
+/// after the request's lookup when `looked_up`.
+fn refused_by_key_records(
+    project: &str,
+    key_service: bool,
+    record: Option<KeyRecord>,
+    looked_up: bool,
+) -> Vec<Command> {
+    let mut world = World::new();
+    if key_service {
+        world.config.key_service = Some(KeyServiceConfig {
+            cluster: "keyservice".into(),
+            authority: "keys".into(),
+            metadata_path: "/metadata".into(),
+            targets_path: "/targets".into(),
+            trusted_root: Vec::new(),
+            refresh_seconds: 60,
+            timeout_ms: 1000,
+            max_age_seconds: 180,
+            max_projects: 1024,
+        });
+    }
+    if let Some(record) = record {
+        world
+            .store
+            .set(&keyservice::record_key(project), &record.to_bytes())
+            .unwrap();
+    }
+    let now = i64::try_from(NOW).unwrap();
+    let answer = KeyWorker::new().resolve(&world.config, &world.store, project, now, looked_up);
+    let Err(err) = answer else {
+        panic!("{project}: the key records did not refuse")
+    };
+    refused_by_keys_with(world, err)
+}
+
+/// A record of `demo` verified `age` seconds ago, valid until `expires_in` from now.
+fn demo_record(document: &str, age: i64, expires_in: i64) -> Option<KeyRecord> {
+    let now = i64::try_from(NOW).unwrap();
+    Some(KeyRecord {
+        checked_at: now - age,
+        expires_at: now + expires_in,
+        document: Some(document.to_string()),
+        error: None,
+        versions: Vec::new(),
+        unknown: false,
+    })
+}
+
+fn refused_by_keys_with(mut world: World, err: OciError) -> Vec<Command> {
+    world.keys.answer = Err(err);
     world.send(&req("POST", "/v2/demo/app/blobs/uploads/")).1
 }
 
@@ -819,6 +877,36 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
             }),
         ),
         (
+            "the gateway has no key service and no inline recipients for it",
+            Some("no verified recipient keys for project \"demo\": the gateway has no key service and no inline recipients for it; nothing was stored"),
+            Box::new(|| refused_by_key_records("demo", false, None, false)),
+        ),
+        (
+            "it is not a project name",
+            Some("no verified recipient keys for project \"Demo\": it is not a project name (…); nothing was stored"),
+            Box::new(|| refused_by_key_records("Demo", true, None, false)),
+        ),
+        (
+            "the recipients were last verified <n>s ago (limit <m>s)",
+            Some("no verified recipient keys for project \"demo\": the recipients were last verified <n>s ago (limit <m>s); nothing was stored"),
+            Box::new(|| refused_by_key_records("demo", true, demo_record("{}", 181, 3600), true)),
+        ),
+        (
+            "the key service metadata has expired",
+            Some("no verified recipient keys for project \"demo\": the key service metadata has expired; nothing was stored"),
+            Box::new(|| refused_by_key_records("demo", true, demo_record("{}", 1, 0), true)),
+        ),
+        (
+            "the verified recipients document of project \"<p>\" is invalid:",
+            Some("no verified recipient keys for project \"demo\": the verified recipients document of project \"demo\" is invalid: …; nothing was stored"),
+            Box::new(|| refused_by_key_records("demo", true, demo_record("not json", 1, 3600), true)),
+        ),
+        (
+            "the key service lookup gave no answer",
+            Some("no verified recipient keys for project \"demo\": the key service lookup gave no answer; nothing was stored"),
+            Box::new(|| refused_by_key_records("demo", true, None, true)),
+        ),
+        (
             "no verified recipient keys for project \"<p>\": <reason>; nothing was stored",
             Some("no verified recipient keys for project \"<p>\": <reason>; nothing was stored"),
             Box::new(|| refused_by_keys("no verified recipient keys for project \"demo\": the key service has no recipients for this project; nothing was stored")),
@@ -841,20 +929,14 @@ const NOT_HERE: &[(&str, &str)] = &[
     // Unreachable with valid inputs: the guide lists them for completeness.
     ("could not wrap the layer key", "wrapping to recipients the configuration already parsed does not fail"),
     ("the rewritten manifest could not be serialized", "serializing a JSON value the rewrite built does not fail"),
-    // Key refusals: the core's key_records answers them through the adapter's `Keys`, which the
-    // streams here fake; provoked in key_records.rs and keyservice_lookup.rs.
+    // Key refusals that need a key service's answers (the TUF fixtures) or cannot happen
+    // (a lookup without a key service): provoked in key_records.rs and keyservice_lookup.rs.
     ("key lookup without a key service", "key records (key_records.rs)"),
-    ("the gateway has no key service and no inline recipients for it", "key records (key_records.rs)"),
     ("the key service has no recipients for this project", "key records (key_records.rs)"),
     ("key service unreachable or failing (HTTP <status> for <path>)", "key lookups (key_records.rs, keyservice_lookup.rs)"),
     ("key service answer too large (<n> bytes for <path>, at most <m> accepted)", "key lookups (key_records.rs, keyservice_lookup.rs)"),
-    ("it is not a project name", "key records (key_records.rs)"),
     ("the gateway already keeps the keys of key_service.max_projects (<n>) projects in use; raise the limit", "key records (key_records.rs)"),
     ("key service metadata did not verify:", "key lookups (key_records.rs, keyservice_lookup.rs)"),
-    ("the key service metadata has expired", "key records (key_records.rs)"),
-    ("the recipients were last verified <n>s ago (limit <m>s)", "key records (key_records.rs)"),
-    ("the verified recipients document of project \"<p>\" is invalid:", "key lookups (key_records.rs, keyservice_lookup.rs)"),
-    ("the key service lookup gave no answer", "key records (key_records.rs)"),
 ];
 
 #[test]

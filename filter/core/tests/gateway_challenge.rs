@@ -11,29 +11,15 @@
 
 mod common {
     pub mod gateway;
+    pub mod scenarios;
 }
 
 use common::gateway::*;
+use common::scenarios::single_post;
 use ocicrypt_core::error::Code;
-use ocicrypt_core::gateway::{CalloutAnswer, Command};
+use ocicrypt_core::gateway::CalloutAnswer;
 
 const CHALLENGE: &str = "Bearer realm=\"https://harbor.example/service/token\",service=\"harbor-registry\",scope=\"repository:demo/app:pull,push\"";
-
-/// A `POST ?digest=` with a body (the filter opens the session by callout) whose callout gets
-/// `answer`.
-fn single_post(answer: CalloutAnswer) -> Vec<Command> {
-    let mut world = World::new();
-    let post = req(
-        "POST",
-        &format!("/v2/demo/app/blobs/uploads/?digest={}", gz_digest()),
-    )
-    .body(3);
-    let (mut stream, out) = world.send(&post);
-    let Command::Dispatch(callout) = &out[0] else {
-        panic!("{out:?}")
-    };
-    stream.on_callout(callout.id, &answer, &mut world.env())
-}
 
 #[test]
 fn a_401_to_the_session_callout_carries_the_registrys_challenge() {

@@ -11,34 +11,21 @@
 
 mod common {
     pub mod gateway;
+    pub mod scenarios;
 }
 
 use common::gateway::*;
+use common::scenarios::chunk_sent;
 use ocicrypt_core::error::Code;
-use ocicrypt_core::gateway::{Command, Flow, Metric, ResponseHead, Stream};
+use ocicrypt_core::gateway::{Command, Metric, ResponseHead, Stream};
 use ocicrypt_core::upload::{self, Replica};
 use ocicrypt_core::upload_table;
 
 /// A first PATCH of the session carrying `LAYER`, encrypted as the adapter would have it; the
 /// stream waits for the registry's answer.
 fn patched(world: &mut World) -> Stream {
-    let extra = if world.config.state_key.is_some() {
-        format!("&_ocicrypt_session={UUID}")
-    } else {
-        String::new()
-    };
-    let patch = req("PATCH", &upload_path("demo/app", 0, &extra)).body(LAYER.len() as u64);
-    let (mut stream, out) = world.send(&patch);
+    let (stream, out) = chunk_sent(world);
     assert_eq!(out.last(), Some(&Command::Continue), "{out:?}");
-    let Flow::Chunk(flow) = &mut stream.flow else {
-        panic!("not a chunk")
-    };
-    let mut body = LAYER.to_vec();
-    flow.stream
-        .as_mut()
-        .unwrap()
-        .on_body(&mut body, true, &mut world.rng)
-        .unwrap();
     stream
 }
 

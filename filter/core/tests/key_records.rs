@@ -14,10 +14,8 @@ mod common {
     pub mod tuf;
 }
 
-use std::fs;
-
 use common::gateway::{demo_recipients, MapStore};
-use common::tuf::{initial_root, overlay, NOW};
+use common::tuf::{key_service, serve, NOW};
 use ocicrypt_core::config::{Config, KeyServiceConfig};
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::key_records::{
@@ -26,20 +24,6 @@ use ocicrypt_core::key_records::{
 };
 use ocicrypt_core::keyservice::{self, KeyRecord, RETRY_AFTER_FAILURE_SECS};
 use ocicrypt_core::upload::Store;
-
-fn key_service(max_projects: usize) -> KeyServiceConfig {
-    KeyServiceConfig {
-        cluster: "keyservice".into(),
-        authority: "keys".into(),
-        metadata_path: "/metadata".into(),
-        targets_path: "/targets".into(),
-        trusted_root: initial_root(),
-        refresh_seconds: 60,
-        timeout_ms: 1000,
-        max_age_seconds: 180,
-        max_projects,
-    }
-}
 
 fn config_with(ks: Option<KeyServiceConfig>) -> Config {
     let mut config = Config::parse(br#"{"registry":{"cluster":"registry"}}"#).unwrap();
@@ -62,15 +46,7 @@ impl Service {
     fn answer(self, path: &str) -> (u16, Vec<u8>) {
         match self {
             Service::Down => (0, Vec::new()),
-            Service::Good => {
-                let rel = path.trim_start_matches('/');
-                for d in overlay(&[]) {
-                    if let Ok(bytes) = fs::read(d.join(rel)) {
-                        return (200, bytes);
-                    }
-                }
-                (404, Vec::new())
-            }
+            Service::Good => serve(&[], path),
         }
     }
 }
@@ -108,6 +84,29 @@ fn stream_keys(
         }
     }
     panic!("the lookup did not finish");
+}
+
+/// A stream looked `demo` up at `NOW` against the good key service: its keys are known.
+fn demo_looked_up(worker: &mut KeyWorker, config: &Config, store: &MapStore) {
+    let (keys, _) = stream_keys(worker, config, store, "demo", NOW, Service::Good);
+    assert!(keys.is_ok());
+}
+
+/// Answers a timer refresh's fetches from the good key service, starting with `fetch`, until it
+/// ends; the paths fetched.
+fn run_timer_refresh(
+    worker: &mut KeyWorker,
+    store: &MapStore,
+    mut fetch: Option<keyservice::Request>,
+    at: i64,
+) -> Vec<String> {
+    let mut paths = Vec::new();
+    while let Some(req) = fetch {
+        let (status, body) = Service::Good.answer(&req.path);
+        paths.push(req.path);
+        fetch = worker.on_timer_answer(store, status, &body, at);
+    }
+    paths
 }
 
 fn metrics(commands: &[KeyCommand]) -> Vec<KeyMetric> {
@@ -238,8 +237,7 @@ fn a_stale_record_is_looked_up_again_and_resumes_from_recent_metadata() {
     let store = MapStore::default();
     let config = config();
     let mut worker = KeyWorker::new();
-    let (keys, _) = stream_keys(&mut worker, &config, &store, "demo", NOW, Service::Good);
-    assert!(keys.is_ok());
+    demo_looked_up(&mut worker, &config, &store);
     worker.take_commands();
     // Within max_age_seconds (180): fresh.
     assert!(matches!(
@@ -460,12 +458,11 @@ fn one_worker_per_period_refreshes_the_projects_in_use() {
         a.take_commands(),
         vec![KeyCommand::Metric(KeyMetric::Remembered(0))]
     );
-    let (keys, _) = stream_keys(&mut b, &config, &store, "demo", NOW, Service::Good);
-    assert!(keys.is_ok());
+    demo_looked_up(&mut b, &config, &store);
     b.take_commands();
 
     let tick = NOW + 1;
-    let mut fetch = a.on_tick(&ks, &store, tick);
+    let fetch = a.on_tick(&ks, &store, tick);
     assert!(fetch.is_some());
     assert!(a.timer_waiting());
     assert_eq!(b.on_tick(&ks, &store, tick), None, "the lease is taken");
@@ -474,12 +471,7 @@ fn one_worker_per_period_refreshes_the_projects_in_use() {
         None,
         "its refresh is in flight"
     );
-    let mut paths = Vec::new();
-    while let Some(req) = fetch {
-        let (status, body) = Service::Good.answer(&req.path);
-        paths.push(req.path);
-        fetch = a.on_timer_answer(&store, status, &body, tick);
-    }
+    let paths = run_timer_refresh(&mut a, &store, fetch, tick);
     assert!(!a.timer_waiting());
     // A full refresh: the next root, the timestamp, then the target (snapshot unchanged).
     assert_eq!(paths.len(), 3, "{paths:?}");
@@ -505,8 +497,7 @@ fn a_timer_refresh_that_gets_no_answer_logs_and_remembers_the_failure() {
     let config = config();
     let ks = config.key_service.clone().unwrap();
     let mut worker = KeyWorker::new();
-    let (keys, _) = stream_keys(&mut worker, &config, &store, "demo", NOW, Service::Good);
-    assert!(keys.is_ok());
+    demo_looked_up(&mut worker, &config, &store);
     worker.take_commands();
     assert!(worker.on_tick(&ks, &store, NOW + 1).is_some());
     // Timed out (Envoy calls back with no answer).
@@ -526,8 +517,7 @@ fn a_flood_of_unknown_projects_stays_within_max_projects() {
     let store = MapStore::default();
     let config = config_with(Some(key_service(4)));
     let mut worker = KeyWorker::new();
-    let (keys, _) = stream_keys(&mut worker, &config, &store, "demo", NOW, Service::Good);
-    assert!(keys.is_ok());
+    demo_looked_up(&mut worker, &config, &store);
     let mut refused_for_room = 0;
     for i in 0..40 {
         let project = format!("flood-{i}");
@@ -604,20 +594,16 @@ fn a_record_from_a_later_refresh_is_never_replaced_by_an_earlier_one() {
     let config = config();
     let ks = config.key_service.clone().unwrap();
     let mut worker = KeyWorker::new();
-    let (keys, _) = stream_keys(&mut worker, &config, &store, "demo", NOW, Service::Good);
-    assert!(keys.is_ok());
+    demo_looked_up(&mut worker, &config, &store);
     // Another worker published a later refresh meanwhile (a rotation).
     let key = keyservice::record_key("demo");
     let mut later = KeyRecord::from_bytes(&store.get(&key).unwrap()).unwrap();
     later.checked_at = NOW + 100;
     store.set(&key, &later.to_bytes()).unwrap();
     // This worker's timer refresh finishes with an earlier one: the later record stays.
-    let mut fetch = worker.on_tick(&ks, &store, NOW + 1);
+    let fetch = worker.on_tick(&ks, &store, NOW + 1);
     assert!(fetch.is_some());
-    while let Some(req) = fetch {
-        let (status, body) = Service::Good.answer(&req.path);
-        fetch = worker.on_timer_answer(&store, status, &body, NOW + 1);
-    }
+    run_timer_refresh(&mut worker, &store, fetch, NOW + 1);
     assert_eq!(
         KeyRecord::from_bytes(&store.get(&key).unwrap()),
         Some(later)

@@ -13,36 +13,13 @@ mod common {
     pub mod tuf;
 }
 
-use std::fs;
-
-use common::tuf::{initial_root, overlay, NOW};
+use common::tuf::{initial_root, key_service, serve, NOW};
 use ocicrypt_core::config::KeyServiceConfig;
 use ocicrypt_core::keyservice::{KeyRecord, Lookup, Next, TrustedMetadata};
 use ocicrypt_core::tuf::MetadataCache;
 
 fn config() -> KeyServiceConfig {
-    KeyServiceConfig {
-        cluster: "keyservice".into(),
-        authority: "keys".into(),
-        metadata_path: "/metadata".into(),
-        targets_path: "/targets".into(),
-        trusted_root: initial_root(),
-        refresh_seconds: 60,
-        timeout_ms: 1000,
-        max_age_seconds: 180,
-        max_projects: 1024,
-    }
-}
-
-/// Serves the good repository with `variants` layered on top; `None` = key service down.
-fn serve(variants: &[&str], path: &str) -> (u16, Vec<u8>) {
-    let rel = path.trim_start_matches('/');
-    for d in overlay(variants) {
-        if let Ok(bytes) = fs::read(d.join(rel)) {
-            return (200, bytes);
-        }
-    }
-    (404, Vec::new())
+    key_service(1024)
 }
 
 fn run(

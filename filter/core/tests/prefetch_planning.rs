@@ -105,6 +105,50 @@ fn push(
     (sent, request)
 }
 
+/// One process: its workers' shared store (the helper list) and the host's queues.
+#[derive(Default)]
+struct World {
+    store: MapStore,
+    queues: Queues,
+}
+
+impl World {
+    /// A worker that enlisted on a tick (`stream`: and served a stream since).
+    fn worker(&mut self, stream: bool) -> Worker {
+        worker(&self.store, &mut self.queues, stream)
+    }
+
+    /// [`push`] in 256 KiB host chunks, no length declared.
+    fn push(
+        &mut self,
+        asker: &mut Worker,
+        helpers: &mut [&mut Worker],
+        blob: &[u8],
+    ) -> (Vec<u8>, RequestPrefetch) {
+        self.push_in(asker, helpers, blob, 256 * 1024, None)
+    }
+
+    /// [`push`] in `chunk`-sized host chunks, `declared` the request's length if any.
+    fn push_in(
+        &mut self,
+        asker: &mut Worker,
+        helpers: &mut [&mut Worker],
+        blob: &[u8],
+        chunk: usize,
+        declared: Option<u64>,
+    ) -> (Vec<u8>, RequestPrefetch) {
+        push(
+            asker,
+            helpers,
+            &self.store,
+            &mut self.queues,
+            blob,
+            chunk,
+            declared,
+        )
+    }
+}
+
 /// The same blob encrypted with no worker at all: the local path.
 fn local(blob: &[u8]) -> Vec<u8> {
     let mut stream = ChunkStream::new(UploadRecord::new("demo/app"), Some(0)).unwrap();
@@ -268,31 +312,28 @@ fn the_list_keeps_the_newest_lines() {
 
 #[test]
 fn a_worker_without_queues_stays_local_and_says_so_once() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    queues.0.borrow_mut().refuse = true;
+    let mut world = World::default();
+    world.queues.0.borrow_mut().refuse = true;
     let mut w = Worker::default();
     assert_eq!(
-        w.on_tick(NOW, &store, &mut queues, &mut rng()),
+        w.on_tick(NOW, &world.store, &mut world.queues, &mut rng()),
         Some(NO_QUEUES)
     );
-    assert_eq!(w.on_stream(NOW, &store, &mut queues, &mut rng()), None);
-    assert_eq!(w.on_tick(NOW + 5, &store, &mut queues, &mut rng()), None);
-    assert!(w.queues().is_none());
-    assert_eq!(store.get(HELPERS_KEY), None, "never listed");
-    // Its streams encrypt locally, however many helpers the others list.
-    queues.0.borrow_mut().refuse = false;
-    let _b = worker(&store, &mut queues, true);
-    let blob = layer(3 * MIB);
-    let (sent, _) = push(
-        &mut w,
-        &mut [],
-        &store,
-        &mut queues,
-        &blob,
-        256 * 1024,
-        None,
+    assert_eq!(
+        w.on_stream(NOW, &world.store, &mut world.queues, &mut rng()),
+        None
     );
+    assert_eq!(
+        w.on_tick(NOW + 5, &world.store, &mut world.queues, &mut rng()),
+        None
+    );
+    assert!(w.queues().is_none());
+    assert_eq!(world.store.get(HELPERS_KEY), None, "never listed");
+    // Its streams encrypt locally, however many helpers the others list.
+    world.queues.0.borrow_mut().refuse = false;
+    let _b = world.worker(true);
+    let blob = layer(3 * MIB);
+    let (sent, _) = world.push(&mut w, &mut [], &blob);
     assert!(sent == local(&blob));
     assert_eq!(w.report(), Report::default());
 }
@@ -302,20 +343,11 @@ fn a_worker_without_queues_stays_local_and_says_so_once() {
 
 #[test]
 fn a_helped_stream_writes_the_local_ciphertext_and_the_tallies_add_up() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    let mut a = worker(&store, &mut queues, true);
-    let mut b = worker(&store, &mut queues, true);
+    let mut world = World::default();
+    let mut a = world.worker(true);
+    let mut b = world.worker(true);
     let blob = layer(10 * MIB);
-    let (sent, mut request) = push(
-        &mut a,
-        &mut [&mut b],
-        &store,
-        &mut queues,
-        &blob,
-        256 * 1024,
-        None,
-    );
+    let (sent, mut request) = world.push(&mut a, &mut [&mut b], &blob);
     assert!(
         sent == local(&blob),
         "helped bytes differ from the local path"
@@ -337,22 +369,14 @@ fn a_helped_stream_writes_the_local_ciphertext_and_the_tallies_add_up() {
 
 #[test]
 fn a_declared_length_bounds_what_is_asked() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    let mut a = worker(&store, &mut queues, true);
-    let mut b = worker(&store, &mut queues, true);
+    let mut world = World::default();
+    let mut a = world.worker(true);
+    let mut b = world.worker(true);
     let blob = layer(5 * MIB + 1234);
     // The body is longer than it declared (3 MiB + 10): nothing is asked past that end.
     let declared = 3 * MIB as u64 + 10;
-    let (sent, mut request) = push(
-        &mut a,
-        &mut [&mut b],
-        &store,
-        &mut queues,
-        &blob,
-        64 * 1024,
-        Some(declared),
-    );
+    let (sent, mut request) =
+        world.push_in(&mut a, &mut [&mut b], &blob, 64 * 1024, Some(declared));
     assert!(sent == local(&blob));
     let report = request.end(&mut a);
     // From the end of the first chunk (which decided the treatment, encrypted before the job
@@ -362,39 +386,22 @@ fn a_declared_length_bounds_what_is_asked() {
 
 #[test]
 fn a_busy_helper_declines_and_the_asker_stops_asking() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    let mut a = worker(&store, &mut queues, true);
-    let mut b = worker(&store, &mut queues, true);
+    let mut world = World::default();
+    let mut a = world.worker(true);
+    let mut b = world.worker(true);
     // b encrypts a stream of its own: a job of its own in progress.
-    let mut c = worker(&store, &mut queues, true);
-    let (_, _b_request) = push(
-        &mut b,
-        &mut [&mut c],
-        &store,
-        &mut queues,
-        &layer(2 * MIB),
-        MIB,
-        None,
-    );
+    let mut c = world.worker(true);
+    let (_, _b_request) = world.push_in(&mut b, &mut [&mut c], &layer(2 * MIB), MIB, None);
     assert_eq!(b.jobs(), 1);
     // a is helped by b only (c is gone: its line is stale).
-    let list: String = listed(&store)
+    let list: String = listed(&world.store)
         .into_iter()
         .filter(|l| l.queue != c.queues().unwrap().requests)
         .map(|l| l.line())
         .collect();
-    store.set(HELPERS_KEY, list.as_bytes()).unwrap();
+    world.store.set(HELPERS_KEY, list.as_bytes()).unwrap();
     let blob = layer(20 * MIB);
-    let (_, mut request) = push(
-        &mut a,
-        &mut [&mut b],
-        &store,
-        &mut queues,
-        &blob,
-        512 * 1024,
-        None,
-    );
+    let (_, mut request) = world.push_in(&mut a, &mut [&mut b], &blob, 512 * 1024, None);
     let report = request.end(&mut a);
     let b_report = b.report();
     assert_eq!(report.used, 0);
@@ -407,20 +414,11 @@ fn a_busy_helper_declines_and_the_asker_stops_asking() {
 
 #[test]
 fn a_single_worker_gets_no_help_from_the_main_threads_vm() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    let mut a = worker(&store, &mut queues, true);
-    let mut main_thread = worker(&store, &mut queues, false);
+    let mut world = World::default();
+    let mut a = world.worker(true);
+    let mut main_thread = world.worker(false);
     let blob = layer(3 * MIB);
-    let (sent, mut request) = push(
-        &mut a,
-        &mut [&mut main_thread],
-        &store,
-        &mut queues,
-        &blob,
-        256 * 1024,
-        None,
-    );
+    let (sent, mut request) = world.push(&mut a, &mut [&mut main_thread], &blob);
     assert!(sent == local(&blob));
     assert_eq!(request.end(&mut a), Report::default());
     assert_eq!(main_thread.report(), Report::default());
@@ -429,21 +427,12 @@ fn a_single_worker_gets_no_help_from_the_main_threads_vm() {
 
 #[test]
 fn two_idle_vms_help_a_stream_when_no_other_worker_served_one() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    let mut a = worker(&store, &mut queues, true);
-    let mut b = worker(&store, &mut queues, false);
-    let mut main_thread = worker(&store, &mut queues, false);
+    let mut world = World::default();
+    let mut a = world.worker(true);
+    let mut b = world.worker(false);
+    let mut main_thread = world.worker(false);
     let blob = layer(3 * MIB);
-    let (sent, mut request) = push(
-        &mut a,
-        &mut [&mut b, &mut main_thread],
-        &store,
-        &mut queues,
-        &blob,
-        256 * 1024,
-        None,
-    );
+    let (sent, mut request) = world.push(&mut a, &mut [&mut b, &mut main_thread], &blob);
     assert!(sent == local(&blob));
     let report = request.end(&mut a);
     let (b, m) = (b.report(), main_thread.report());
@@ -453,27 +442,18 @@ fn two_idle_vms_help_a_stream_when_no_other_worker_served_one() {
 
 #[test]
 fn wrong_keystream_is_refused_and_the_bytes_are_still_right() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    let mut a = worker(&store, &mut queues, true);
-    let mut b = worker(&store, &mut queues, true);
+    let mut world = World::default();
+    let mut a = world.worker(true);
+    let mut b = world.worker(true);
     // Every segment's first keystream byte (after the tag, job and offset) is flipped on its
     // way back.
-    queues.0.borrow_mut().tamper = Some(|m| {
+    world.queues.0.borrow_mut().tamper = Some(|m| {
         if m.first() == Some(&b'S') {
             m[17] ^= 1;
         }
     });
     let blob = layer(3 * MIB);
-    let (sent, mut request) = push(
-        &mut a,
-        &mut [&mut b],
-        &store,
-        &mut queues,
-        &blob,
-        256 * 1024,
-        None,
-    );
+    let (sent, mut request) = world.push(&mut a, &mut [&mut b], &blob);
     assert!(sent == local(&blob));
     let report = request.end(&mut a);
     assert_eq!(report.used, 0);
@@ -482,49 +462,31 @@ fn wrong_keystream_is_refused_and_the_bytes_are_still_right() {
 
 #[test]
 fn segments_of_an_ended_job_are_dropped() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    let mut a = worker(&store, &mut queues, true);
-    let mut b = worker(&store, &mut queues, true);
+    let mut world = World::default();
+    let mut a = world.worker(true);
+    let mut b = world.worker(true);
     let blob = layer(3 * MIB);
     // b answers only after the request ended (no serving between chunks).
-    let (_, mut request) = push(
-        &mut a,
-        &mut [],
-        &store,
-        &mut queues,
-        &blob,
-        256 * 1024,
-        None,
-    );
+    let (_, mut request) = world.push(&mut a, &mut [], &blob);
     let asked = request.end(&mut a).asked;
     assert!(asked > 0);
-    serve_all(&mut b, &mut queues);
+    serve_all(&mut b, &mut world.queues);
     assert_eq!(b.report().served, asked);
     let replies = a.queues().unwrap().replies;
-    assert!(queues.waiting(replies) > 0);
-    a.on_queue_ready(replies, &mut queues);
-    assert_eq!(queues.waiting(replies), 0, "collected");
+    assert!(world.queues.waiting(replies) > 0);
+    a.on_queue_ready(replies, &mut world.queues);
+    assert_eq!(world.queues.waiting(replies), 0, "collected");
     assert_eq!(a.report(), Report::default(), "and dropped: nothing used");
 }
 
 #[test]
 fn prefetch_off_asks_nothing() {
-    let store = MapStore::default();
-    let mut queues = Queues::default();
-    let mut a = worker(&store, &mut queues, true);
+    let mut world = World::default();
+    let mut a = world.worker(true);
     a.set_budget(0);
-    let mut b = worker(&store, &mut queues, true);
+    let mut b = world.worker(true);
     let blob = layer(3 * MIB);
-    let (sent, mut request) = push(
-        &mut a,
-        &mut [&mut b],
-        &store,
-        &mut queues,
-        &blob,
-        256 * 1024,
-        None,
-    );
+    let (sent, mut request) = world.push(&mut a, &mut [&mut b], &blob);
     assert!(sent == local(&blob));
     assert_eq!(request.end(&mut a), Report::default());
 }

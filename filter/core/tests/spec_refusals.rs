@@ -19,14 +19,16 @@
 mod common {
     pub mod finish;
     pub mod gateway;
+    pub mod scenarios;
 }
 
 use common::finish::{finishing, monolithic};
 use common::gateway::*;
+use common::scenarios::{chunk_sent, single_post};
 use ocicrypt_core::config::KeyServiceConfig;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::{Code, OciError};
-use ocicrypt_core::gateway::{CalloutAnswer, Command, Flow, ResponseHead};
+use ocicrypt_core::gateway::{CalloutAnswer, Command, ResponseHead};
 use ocicrypt_core::key_records::KeyWorker;
 use ocicrypt_core::keyservice::{self, KeyRecord};
 use ocicrypt_core::ledger;
@@ -194,21 +196,6 @@ fn push_unknown_layers(layers: Value) -> Vec<Command> {
     push_manifest(&mut world, "v1", OCI_MANIFEST, &oci_manifest(layers))
 }
 
-/// A `POST ?digest=` with a body, whose session-opening callout gets `answer`.
-fn single_post(answer: CalloutAnswer) -> Vec<Command> {
-    let mut world = World::new();
-    let post = req(
-        "POST",
-        &format!("/v2/demo/app/blobs/uploads/?digest={}", gz_digest()),
-    )
-    .body(3);
-    let (mut stream, out) = world.send(&post);
-    let Command::Dispatch(callout) = &out[0] else {
-        panic!("{out:?}")
-    };
-    stream.on_callout(callout.id, &answer, &mut world.env())
-}
-
 /// A `POST` that opens a session, answered by the registry with `status` and `location`.
 fn post_answered(status: &str, location: &str) -> Vec<Command> {
     let mut world = World::new();
@@ -280,17 +267,7 @@ fn concurrent_patches() -> Vec<Command> {
 /// A chunk the registry answered with a `Range` other than the bytes the gateway sent.
 fn chunk_answered_with_range(range: &str) -> Vec<Command> {
     let mut world = World::new();
-    let patch = req("PATCH", &upload_path("demo/app", 0, "")).body(LAYER.len() as u64);
-    let (mut stream, _) = world.send(&patch);
-    let Flow::Chunk(flow) = &mut stream.flow else {
-        panic!("not a chunk")
-    };
-    let mut body = LAYER.to_vec();
-    flow.stream
-        .as_mut()
-        .unwrap()
-        .on_body(&mut body, true, &mut world.rng)
-        .unwrap();
+    let (mut stream, _) = chunk_sent(&mut world);
     let location = upload_path("demo/app", LAYER.len() as u64, "");
     let head = ResponseHead::new(&[
         (":status", "202"),

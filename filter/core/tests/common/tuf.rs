@@ -6,6 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use ocicrypt_core::config::KeyServiceConfig;
 use ocicrypt_core::tuf::{Fetch, Outcome, Progress, RepositoryError, TufError, Updater};
 
 /// 2030-01-01T00:00:00Z, the time the fixtures are made for (manifest.json `test_now`).
@@ -31,6 +32,33 @@ pub fn overlay(variants: &[&str]) -> Vec<PathBuf> {
 pub fn initial_root() -> Vec<u8> {
     fs::read(fixtures().join("good/metadata/1.root.json"))
         .expect("fixtures: run scripts/tuf-fixtures")
+}
+
+/// A key service at the fixtures' repository, keeping at most `max_projects` projects.
+pub fn key_service(max_projects: usize) -> KeyServiceConfig {
+    KeyServiceConfig {
+        cluster: "keyservice".into(),
+        authority: "keys".into(),
+        metadata_path: "/metadata".into(),
+        targets_path: "/targets".into(),
+        trusted_root: initial_root(),
+        refresh_seconds: 60,
+        timeout_ms: 1000,
+        max_age_seconds: 180,
+        max_projects,
+    }
+}
+
+/// The key service's answer to `path`: the good repository with `variants` overlaid, `404`
+/// where none of them holds the file.
+pub fn serve(variants: &[&str], path: &str) -> (u16, Vec<u8>) {
+    let rel = path.trim_start_matches('/');
+    for d in overlay(variants) {
+        if let Ok(bytes) = fs::read(d.join(rel)) {
+            return (200, bytes);
+        }
+    }
+    (404, Vec::new())
 }
 
 /// Runs the updater from `start` to its outcome, answering each request with `get`, which also

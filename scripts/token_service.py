@@ -39,6 +39,7 @@ import hmac
 import json
 import os
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -208,14 +209,24 @@ class Handler(BaseHTTPRequestHandler):
         now = time.time()
         token = sign_token(key, cfg["issuer"], service, (user or {}).get("name", ""), access,
                            ttl, now)
-        print(json.dumps({"time": round(now, 3), "user": (user or {}).get("name", ""),
-                          "requested": scopes, "granted": access, "ttl_seconds": ttl}),
-              flush=True)
+        log_line({"time": round(now, 3), "user": (user or {}).get("name", ""),
+                  "requested": scopes, "granted": access, "ttl_seconds": ttl})
         issued = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
         self._reply(200, {"token": token, "access_token": token,
                           # What the client is told: at least 60 s (what clients assume anyway).
                           "expires_in": max(ttl, 60),
                           "issued_at": issued.isoformat().replace("+00:00", "Z")})
+
+
+#: One log line at a time: the server answers on threads, and print() writes a line and its
+#: newline separately (two tokens at once made one line of two JSON objects).
+LOG_LOCK = threading.Lock()
+
+
+def log_line(record: dict) -> None:
+    with LOG_LOCK:
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -125,9 +125,7 @@ impl Worker {
             self.streams = true;
             self.last_beat = None;
         }
-        let warning = self.enlist(now, store, queues, rng);
-        self.heartbeat(now, store);
-        warning
+        self.on_tick(now, store, queues, rng)
     }
 
     /// A timer tick: enlists this VM if not yet, and renews its line when due. Answers the

@@ -10,6 +10,9 @@ manifest"); a newer CLI (28.2, tried by hand) reads them, but its list names the
 which the gateway refuses (400, "was not pushed through the encrypting gateway"), failing closed.
 The Docker manifest list here comes from skopeo (`copy --all --format v2s2`).
 
+With Harbor-style bearer tokens (`token_stack`) docker logs in to the gateway and pushes; the
+image decrypts the same way.
+
 dockerd runs as root with vfs storage, no iptables and no bridge, on a socket of its own; 127.0.0.1
 registries are insecure (plain HTTP) for it by default. Missing dockerd fails the test
 (OCICRYPT_ALLOW_MISSING_TOOLS=1 turns that into a skip for a local run; CI never sets it)."""
@@ -182,3 +185,36 @@ def test_docker_manifest_list_from_skopeo_is_stored_as_an_encrypted_index(stack,
             [helpers.MT_LAYER_GZIP + "+encrypted"] * len(image.layers), got.text[:500]
         oracle(stack, f"demo/docker-list@{children[arch]['digest']}", image,
                tmp_path / f"out-{arch}")
+
+
+def test_docker_push_with_bearer_tokens(token_stack, dockerd, tmp_path):
+    """docker as Harbor users run it: `docker login` to the gateway, then `docker push`. The
+    registry's `401` names the token service behind the gateway; dockerd fetches a token per
+    repository with the login's credentials and pushes every request with it, the filter's
+    callouts included. A two-layer image decrypts with skopeo to the original layers, and the
+    token service issued dockerd's tokens for `pull,push` on the pushed repository."""
+    from conftest import AUTH
+    from test_token_auth import decrypts, demo_keys, token_log
+
+    image = helpers.build_image(tmp_path / "layout", "v1", 4 * MIB, marker=helpers.new_marker())
+    dockerd.load(image, "e2e/docker-tok:v1")
+    repo = "demo/docker-tok"
+    ref = f"{token_stack.addr}/{repo}:v1"
+    dockerd.docker("tag", "e2e/docker-tok:v1", ref)
+    # Without a login dockerd follows the challenge to an anonymous token, which grants
+    # nothing: the registry refuses, and nothing is stored.
+    refused = dockerd.docker("push", ref, check=False)
+    assert refused.returncode != 0
+    assert "requested access to the resource is denied" in refused.stderr, refused.stderr
+    assert not (token_stack.storage / "docker/registry/v2/repositories" / repo).exists()
+    helpers.run([dockerd.cli, "login", "-u", AUTH[0], "--password-stdin", token_stack.addr],
+                env=dockerd.env, input=AUTH[1], timeout=helpers.CLIENT_TIMEOUT)
+    try:
+        dockerd.docker("push", ref)
+    finally:
+        dockerd.docker("logout", token_stack.addr, check=False)
+    granted = [t for t in token_log(token_stack) if t["user"] == AUTH[0] and any(
+        a["name"] == repo and {"pull", "push"} <= set(a["actions"]) for a in t["granted"])]
+    assert granted, token_log(token_stack)[-5:]
+    decrypts(token_stack, repo, image, tmp_path, demo_keys(token_stack), exact=False)
+    assert not helpers.scan_for(token_stack.storage, [image.marker.encode()])

@@ -15,9 +15,17 @@ Stacks (session-scoped, each on its own loopback ports and temporary state direc
 Tests that need the filter are marked ``filter``; harness checks are marked ``harness``.
 When the filter cannot be built or loaded, the ``stack`` fixtures fail (error) with the reason:
 nothing is skipped silently. Ports are picked free unless E2E_PORT_BASE fixes them.
+
+One suite, both builds: ``--build wasm`` (the default; the proxy-wasm plugin) or ``--build
+native`` (the Envoy dynamic module ``libocicrypt_filter.so``), or OCICRYPT_BUILD. The choice is
+put in this process's OCICRYPT_BUILD, which every ``gateway.Options`` reads when it is not told
+a build (the stacks here, the tests' own gateways, scripts/replicaset.py, and the scripts the
+tests start, which inherit it). A test that only means something for one build says so with
+``@pytest.mark.only_build("wasm", reason=...)`` and is skipped, with that reason, on the other.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,8 +55,16 @@ from helpers import MIB, AccessLog, Image, Registry  # noqa: E402
 PORT_BASE = int(os.environ["E2E_PORT_BASE"]) if os.environ.get("E2E_PORT_BASE") else None
 BIG_LAYER_BYTES = int(os.environ.get("E2E_BIG_LAYER_MIB", "64")) * MIB
 #: E2E_WASM_PATH=<file>: the filter stacks load this plugin as it is (nothing is built), e.g. a
-#: copy of an earlier build, to check which tests fail on it.
+#: copy of an earlier build, to check which tests fail on it. Ignored by a native run
+#: (pytest_configure clears it).
 WASM_OVERRIDE = Path(os.environ["E2E_WASM_PATH"]) if os.environ.get("E2E_WASM_PATH") else None
+#: The builds of the filter the suite runs against (see the module's docstring).
+BUILDS = ("wasm", "native")
+#: This session's build (pytest_configure sets it from --build or OCICRYPT_BUILD).
+BUILD = "wasm"
+#: Envoy's log component the filter's own log lines go to, per build: wasm plugins log under
+#: `wasm`, dynamic modules under `dynamic_modules`; the filter stacks run it at debug level.
+FILTER_LOG_COMPONENT = {"wasm": "wasm", "native": "dynamic_modules"}
 AUTH = ("e2e-user", "e2e-s3cret-pass")
 
 #: Extra configuration of the filter stacks: project `nokeys` is covered by an encrypt rule but
@@ -179,6 +195,52 @@ def stacks_stay_healthy(request):
         pytest.fail("\n".join(problems), pytrace=False)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--build", choices=BUILDS, default=None,
+        help="the filter build every stack loads: wasm (the proxy-wasm plugin) or native (the "
+             "Envoy dynamic module); default: $OCICRYPT_BUILD, else wasm")
+
+
+def pytest_configure(config):
+    global BUILD, WASM_OVERRIDE
+    build = config.getoption("--build") or os.environ.get("OCICRYPT_BUILD") or "wasm"
+    if build not in BUILDS:
+        raise pytest.UsageError(f"OCICRYPT_BUILD={build!r}: choose one of {', '.join(BUILDS)}")
+    if "build" not in {f.name for f in dataclasses.fields(gateway.Options)}:
+        if build != "wasm":
+            # Running the wasm suite under a native label would be a green run that tested
+            # nothing of the native build.
+            raise pytest.UsageError(f"--build {build}: this checkout's scripts/gateway.py "
+                                    "starts only the wasm build (no Options.build)")
+    BUILD = build
+    # Read by gateway.Options in this process and by every script a test starts.
+    os.environ["OCICRYPT_BUILD"] = build
+    if build != "wasm":
+        WASM_OVERRIDE = None
+
+
+def pytest_report_header(config):
+    return f"ocicrypt build: {BUILD}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip, with their reason, the tests marked for the other build."""
+    for item in items:
+        for mark in item.iter_markers("only_build"):
+            (wanted,) = mark.args
+            if wanted not in BUILDS:
+                raise pytest.UsageError(f"{item.nodeid}: only_build({wanted!r}) names no build")
+            if wanted != BUILD:
+                why = mark.kwargs.get("reason", "")
+                item.add_marker(pytest.mark.skip(reason=f"{wanted} build only: {why}"))
+
+
+def filter_debug_log() -> str:
+    """Envoy's --component-log-level that puts the filter's own log lines at debug."""
+    return f"{FILTER_LOG_COMPONENT[BUILD]}:debug"
+
+
 def _write_owner(state: Path) -> None:
     """Mark a state directory as belonging to this pytest process (see pytest_sessionstart)."""
     state.mkdir(parents=True, exist_ok=True)
@@ -221,7 +283,7 @@ def _start_stack(tmp_path_factory, name: str, port_offset: int, *, filter: bool,
         keyservice_addr=f"127.0.0.1:{ports[3]}",
         filter=filter,
         htpasswd=creds,
-        envoy_component_log_level="wasm:debug" if filter else "",
+        envoy_component_log_level=filter_debug_log() if filter else "",
         **extra,
     )
     gw = gateway.Gateway(opts, log=lambda m: print(m, file=sys.stderr))
@@ -672,7 +734,7 @@ def lying_stack(tmp_path_factory):
         state_dir=state, gateway_addr=f"127.0.0.1:{ports[3]}",
         registry_addr=f"127.0.0.1:{ports[1]}", admin_addr=f"127.0.0.1:{ports[4]}",
         keyservice_addr=f"127.0.0.1:{ports[5]}", filter=True, start_registry=False,
-        keys_source="inline", envoy_component_log_level="wasm:debug", **extra),
+        keys_source="inline", envoy_component_log_level=filter_debug_log(), **extra),
         log=lambda m: print(m, file=sys.stderr))
     try:
         gw.start()

@@ -42,6 +42,7 @@ def test_gateway_answers_through_envoy(plain_stack):
     assert "per_connection_buffer_limit_bytes: 4194304" in cfg
 
 
+@pytest.mark.only_build("wasm", reason="the rendering of the wasm filter (vm_config, FAIL_RELOAD)")
 def test_rendered_config_with_filter(tmp_path):
     """Rendering (no processes): the wasm filter sits before the router, fail-closed (a VM that
     traps is reloaded: FAIL_RELOAD), with the plugin configuration JSON naming both demo
@@ -84,6 +85,7 @@ def test_rendered_config_with_filter(tmp_path):
     assert tmpl["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 4194304
 
 
+@pytest.mark.only_build("wasm", reason="the wasm filter's rendering, loaded with a minimal proxy-wasm module")
 def test_envoy_validates_rendered_config(tmp_path):
     """Envoy itself accepts the rendered configuration with the filter on (loaded with a
     minimal proxy-wasm module, so this does not depend on the real filter)."""

@@ -43,7 +43,8 @@ import requests
 
 import gateway
 import helpers
-from conftest import STARTED, WASM_OVERRIDE, Stack, _start_stack, stop_stack, _write_owner
+from conftest import (STARTED, WASM_OVERRIDE, Stack, _start_stack, _write_owner,
+                      filter_debug_log, stop_stack)
 from helpers import MIB, MT_CONFIG, MT_LAYER_TAR, MT_MANIFEST, Answer, sha256_digest
 
 pytestmark = [pytest.mark.filter]
@@ -72,7 +73,7 @@ def envoy_in_front_of(tmp_path_factory, name: str, base: Stack, **extra) -> Stac
         state_dir=state, gateway_addr=f"127.0.0.1:{ports[0]}",
         registry_addr=base.registry_addr, admin_addr=f"127.0.0.1:{ports[1]}",
         keyservice_addr=f"127.0.0.1:{ports[2]}", filter=True, keys_source="inline",
-        start_registry=False, envoy_component_log_level="wasm:debug", **extra),
+        start_registry=False, envoy_component_log_level=filter_debug_log(), **extra),
         log=lambda m: print(m, file=sys.stderr))
     try:
         gw.start()

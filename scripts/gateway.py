@@ -46,6 +46,13 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = REPO / ".run"
 ENVOY_TEMPLATE = REPO / "envoy" / "envoy.yaml"
 WASM_PATH = REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm"
+#: The Envoy dynamic module (filter/native), built with the `native` profile (unwinds on a
+#: panic, so a panic fails one request instead of aborting Envoy).
+NATIVE_PATH = REPO / "target" / "native" / "libocicrypt_filter.so"
+#: The Envoy stats prefix of the filter's metrics, per build: proxy-wasm puts `wasmcustom.`
+#: before a plugin's metrics; the dynamic module's filter names its `metrics_namespace`
+#: (native_filter renders the same one, so dashboards and alerts read one set of names).
+METRICS_NAMESPACE = "wasmcustom"
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
 DEFAULT_RULES: List[Dict[str, str]] = [
@@ -163,6 +170,12 @@ class Options:
     wasm_path: Path = WASM_PATH
     #: Build the wasm when it is missing or older than the sources (False: use it as it is).
     build_wasm: bool = True
+    #: Which build of the filter Envoy loads: "wasm" (proxy-wasm, envoy.filters.http.wasm) or
+    #: "native" (the dynamic module libocicrypt_filter.so, envoy.filters.http.dynamic_modules),
+    #: with the same plugin configuration.
+    build: str = "wasm"
+    #: The dynamic module for build "native" (built like the wasm when missing or stale).
+    native_path: Path = NATIVE_PATH
     envoy_log_level: str = "info"
     #: Extra --component-log-level for Envoy (e.g. "wasm:debug"); empty for none.
     envoy_component_log_level: str = ""
@@ -200,6 +213,9 @@ class Options:
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
         self.wasm_path = Path(self.wasm_path)
+        self.native_path = Path(self.native_path)
+        if self.build not in ("wasm", "native"):
+            raise GatewayError(f"build must be 'wasm' or 'native', not {self.build!r}")
         if self.keys_source not in ("tuf", "inline"):
             raise GatewayError(f"keys_source must be 'tuf' or 'inline', not {self.keys_source!r}")
         if self.keyservice_addr is None:
@@ -400,6 +416,15 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
     wasm = [f for f in filters if f["name"] == "envoy.filters.http.wasm"]
     if plugin_cfg is None:
         hcm_cfg["http_filters"] = [f for f in filters if f["name"] != "envoy.filters.http.wasm"]
+    if plugin_cfg is not None and opts.max_manifest_bytes > BUFFER_LIMIT:
+        raise GatewayError(
+            "max_manifest_bytes exceeds Envoy's per_connection_buffer_limit_bytes "
+            f"({BUFFER_LIMIT}): a manifest the filter must buffer would not fit"
+        )
+    elif opts.build == "native":
+        (wasm_filter,) = wasm
+        hcm_cfg["http_filters"] = [native_filter(opts, plugin_cfg) if f is wasm_filter else f
+                                   for f in filters]
     else:
         (wasm_filter,) = wasm
         plugin = wasm_filter["typed_config"]["config"]
@@ -407,11 +432,6 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
         plugin["configuration"]["value"] = json.dumps(plugin_cfg, indent=2)
         if opts.state_key:
             plugin["vm_config"]["environment_variables"] = {"host_env_keys": [STATE_KEY_ENV]}
-        if opts.max_manifest_bytes > BUFFER_LIMIT:
-            raise GatewayError(
-                "max_manifest_bytes exceeds Envoy's per_connection_buffer_limit_bytes "
-                f"({BUFFER_LIMIT}): a manifest the filter must buffer would not fit"
-            )
 
     clusters = cfg["static_resources"]["clusters"]
     if opts.token_auth:
@@ -451,6 +471,30 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
             raise GatewayError("peers must list this replica's inner_addr")
         add_session_router(cfg, listener, opts)
     return cfg
+
+
+def native_filter(opts: Options, plugin_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The HTTP filter entry that loads the dynamic module in place of the wasm plugin, with the
+    same plugin configuration. Envoy opens lib<name>.so from ENVOY_DYNAMIC_MODULES_SEARCH_PATH
+    (start_envoy sets it to the module's directory). Native code runs in Envoy's process: a
+    module that fails to load or refuses its configuration fails the configuration (Envoy does
+    not start), never a filter chain without it. The state key, as for the wasm VM, is read
+    from Envoy's environment, never from this configuration."""
+    stem = opts.native_path.name
+    if not (stem.startswith("lib") and stem.endswith(".so")):
+        raise GatewayError(f"native_path must name lib<name>.so, not {opts.native_path}")
+    return {
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+                     "DynamicModuleFilter",
+            "dynamic_module_config": {"name": stem[len("lib"):-len(".so")],
+                                      "metrics_namespace": METRICS_NAMESPACE},
+            "filter_name": "ocicrypt",
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                              "value": json.dumps(plugin_cfg, indent=2)},
+        },
+    }
 
 
 #: How the client-facing listener of a replica set picks the replica for a request: a
@@ -663,6 +707,25 @@ def _newest_source_mtime() -> float:
     return newest
 
 
+def ensure_native(opts: Options, log=print) -> Path:
+    """Build the dynamic module when it is missing or older than any source; return its path."""
+    path = opts.native_path
+    stale = not path.exists() or path.stat().st_mtime < _newest_source_mtime()
+    if stale and opts.build_wasm and path == NATIVE_PATH:
+        cmd = ["cargo", "build", "-p", "ocicrypt-filter-native", "--profile", "native"]
+        log(f"gateway: building the filter ({' '.join(cmd)})")
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+        if proc.returncode != 0:
+            raise GatewayError(f"the filter does not build ({' '.join(cmd)}):\n"
+                               + proc.stdout[-6000:])
+        if path.exists():
+            path.touch()  # cargo leaves a fresh-enough artifact untouched
+    if not path.exists():
+        raise GatewayError(f"no filter at {path}: build it or run with --no-filter")
+    return path
+
+
 def ensure_wasm(opts: Options, log=print) -> Path:
     """Build the plugin when it is missing or older than any source; return its path."""
     path = opts.wasm_path
@@ -799,6 +862,11 @@ class Gateway:
     def admin_url(self) -> str:
         return f"http://{self.opts.admin_addr}"
 
+    @property
+    def filter_path(self) -> Path:
+        """The build of the filter Envoy loads."""
+        return self.opts.native_path if self.opts.build == "native" else self.opts.wasm_path
+
     # lifecycle --------------------------------------------------------------------------
     def prepare(self) -> None:
         """Write every configuration file (keys, registry, plugin, Envoy) without starting."""
@@ -818,7 +886,7 @@ class Gateway:
             write_token_service_config(o)
         (o.state_dir / "registry.yml").write_text(yaml.safe_dump(registry_config(o), sort_keys=False))
         if o.filter:
-            ensure_wasm(o, self.log)
+            ensure_native(o, self.log) if o.build == "native" else ensure_wasm(o, self.log)
             root = None
             if o.keys_source == "tuf":
                 root = ensure_keyservice(o, self.log)
@@ -830,7 +898,7 @@ class Gateway:
             self.plugin_cfg = None
         header = (
             "# Rendered by scripts/gateway.py from envoy/envoy.yaml (see the comments there).\n"
-            f"# filter: {'on, ' + str(o.wasm_path) if o.filter else 'off (no wasm filter)'}\n"
+            f"# filter: {'on, ' + str(self.filter_path) if o.filter else 'off (no filter)'}\n"
         )
         (o.state_dir / "envoy.yaml").write_text(
             header + yaml.safe_dump(envoy_config(o, self.plugin_cfg), sort_keys=False, width=4096)
@@ -934,8 +1002,10 @@ class Gateway:
                 "--disable-hot-restart", "--log-level", o.envoy_log_level]
         if o.envoy_component_log_level:
             argv += ["--component-log-level", o.envoy_component_log_level]
-        secrets = {STATE_KEY_ENV: o.state_key} if o.state_key else None
-        env = self._spawn("envoy", argv, envoy_log, env=secrets)
+        env_vars = {STATE_KEY_ENV: o.state_key} if o.state_key else {}
+        if o.build == "native":
+            env_vars["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(o.native_path.parent)
+        env = self._spawn("envoy", argv, envoy_log, env=env_vars or None)
         # Answered through Envoy by the registry (200/401), not a local 5xx of Envoy's. In a
         # replica set, asked on this replica's filter listener: the client-facing one may hash
         # `/v2/` to a replica not started yet (the ring keeps choosing it, retries included).
@@ -1041,7 +1111,8 @@ class Gateway:
             creds_push = f" --dest-creds '{first[0]}:{first[1]}'"
             creds_pull = f" --src-creds '{first[0]}:{first[1]}'"
         lines = [
-            f"gateway:   http://{gw}  (Envoy, filter {'on' if o.filter else 'OFF'}; "
+            f"gateway:   http://{gw}  (Envoy, filter "
+            f"{('on, ' + o.build + ' build') if o.filter else 'OFF'}; "
             f"admin http://{o.admin_addr})",
             f"registry:  http://{o.registry_addr}  (storage {o.registry_dir})"
             + (f"  basic auth user {o.htpasswd[0]}" if o.htpasswd else "")
@@ -1104,6 +1175,7 @@ def _options_from_args(args: argparse.Namespace) -> Options:
         keyservice_addr=args.keyservice_addr,
         state_key=None if args.no_state_key else _state_key(Path(args.state)),
         keystream_prefetch_bytes=args.keystream_prefetch_bytes,
+        build="native" if args.native else "wasm",
     )
 
 
@@ -1129,7 +1201,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--gateway-addr", default=os.environ.get("GATEWAY_ADDR", "127.0.0.1:5000"))
     p.add_argument("--registry-addr", default=os.environ.get("REGISTRY_ADDR", "127.0.0.1:5001"))
     p.add_argument("--admin-addr", default=os.environ.get("ENVOY_ADMIN_ADDR", "127.0.0.1:9901"))
-    p.add_argument("--no-filter", action="store_true", help="run Envoy without the wasm filter")
+    p.add_argument("--no-filter", action="store_true", help="run Envoy without the filter")
+    p.add_argument("--native", action="store_true",
+                   help="load the filter as an Envoy dynamic module (target/native/"
+                        "libocicrypt_filter.so, built when stale) instead of the wasm plugin")
     p.add_argument("--keyservice-addr", default=os.environ.get("KEYSERVICE_ADDR"),
                    help="key service (nginx) address (default: the gateway's port + 3)")
     p.add_argument("--no-state-key", action="store_true",

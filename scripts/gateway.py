@@ -172,8 +172,9 @@ class Options:
     build_wasm: bool = True
     #: Which build of the filter Envoy loads: "wasm" (proxy-wasm, envoy.filters.http.wasm) or
     #: "native" (the dynamic module libocicrypt_filter.so, envoy.filters.http.dynamic_modules),
-    #: with the same plugin configuration.
-    build: str = "wasm"
+    #: with the same plugin configuration. None: $OCICRYPT_BUILD, else "wasm" (the e2e suite
+    #: sets it once for every stack and script it starts).
+    build: Optional[str] = None
     #: The dynamic module for build "native" (built like the wasm when missing or stale).
     native_path: Path = NATIVE_PATH
     envoy_log_level: str = "info"
@@ -214,6 +215,8 @@ class Options:
         self.state_dir = Path(self.state_dir).resolve()
         self.wasm_path = Path(self.wasm_path)
         self.native_path = Path(self.native_path)
+        if self.build is None:
+            self.build = os.environ.get("OCICRYPT_BUILD") or "wasm"
         if self.build not in ("wasm", "native"):
             raise GatewayError(f"build must be 'wasm' or 'native', not {self.build!r}")
         if self.keys_source not in ("tuf", "inline"):
@@ -1175,7 +1178,7 @@ def _options_from_args(args: argparse.Namespace) -> Options:
         keyservice_addr=args.keyservice_addr,
         state_key=None if args.no_state_key else _state_key(Path(args.state)),
         keystream_prefetch_bytes=args.keystream_prefetch_bytes,
-        build="native" if args.native else "wasm",
+        build="native" if args.native else None,
     )
 
 
@@ -1204,7 +1207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-filter", action="store_true", help="run Envoy without the filter")
     p.add_argument("--native", action="store_true",
                    help="load the filter as an Envoy dynamic module (target/native/"
-                        "libocicrypt_filter.so, built when stale) instead of the wasm plugin")
+                        "libocicrypt_filter.so, built when stale) instead of the wasm plugin "
+                        "(default: $OCICRYPT_BUILD, else wasm)")
     p.add_argument("--keyservice-addr", default=os.environ.get("KEYSERVICE_ADDR"),
                    help="key service (nginx) address (default: the gateway's port + 3)")
     p.add_argument("--no-state-key", action="store_true",

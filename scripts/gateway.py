@@ -417,13 +417,13 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
     hcm_cfg["access_log"][0]["typed_config"]["path"] = str(opts.access_log)
     filters = hcm_cfg["http_filters"]
     wasm = [f for f in filters if f["name"] == "envoy.filters.http.wasm"]
-    if plugin_cfg is None:
-        hcm_cfg["http_filters"] = [f for f in filters if f["name"] != "envoy.filters.http.wasm"]
     if plugin_cfg is not None and opts.max_manifest_bytes > BUFFER_LIMIT:
         raise GatewayError(
             "max_manifest_bytes exceeds Envoy's per_connection_buffer_limit_bytes "
             f"({BUFFER_LIMIT}): a manifest the filter must buffer would not fit"
         )
+    if plugin_cfg is None:
+        hcm_cfg["http_filters"] = [f for f in filters if f["name"] != "envoy.filters.http.wasm"]
     elif opts.build == "native":
         (wasm_filter,) = wasm
         hcm_cfg["http_filters"] = [native_filter(opts, plugin_cfg) if f is wasm_filter else f

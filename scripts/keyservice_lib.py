@@ -74,7 +74,7 @@ KEY_TYPES = ("ed25519", "ecdsa", "ecdsa-p384", "rsa")
 PROJECT_PREFIX = "projects/"
 PROJECT_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,253}[a-z0-9])?$")
 ROLE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62}[a-z0-9])?$")
-#: Recipient key limits: what the filter accepts (filter/core/src/recipients.rs).
+#: Recipient key limits: what the filter accepts (filter/core/src/format/recipients.rs).
 RSA_MIN_BITS = 2048
 RSA_MAX_BITS = 4096
 EC_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}

@@ -18,9 +18,9 @@
 use fuzz_support::{check, TestRng};
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
-use ocicrypt_core::blockcipher::{self, LayerEncryptor};
-use ocicrypt_core::keystream::{Prefetcher, Segment, SegmentRequest, SEGMENT_BYTES};
-use ocicrypt_core::upload::{BodyVerdict, ChunkStream, Treatment, UploadRecord};
+use ocicrypt_core::distribution::upload::{BodyVerdict, ChunkStream, Treatment, UploadRecord};
+use ocicrypt_core::format::blockcipher::{self, LayerEncryptor};
+use ocicrypt_core::format::keystream::{Prefetcher, Segment, SegmentRequest, SEGMENT_BYTES};
 
 /// Wire layout of a request: tag, job, reply_to, symkey, nonce, offset, len.
 const REQUEST_LEN: usize = 1 + 8 + 4 + 32 + 16 + 8 + 4;

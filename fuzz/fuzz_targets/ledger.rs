@@ -1,6 +1,6 @@
 //! The ledger kept in the registry: `ledger::read_stored` / `entry_from_stored_authenticated`
 //! under a fixed state key, `LedgerEntry::from_bytes` / `to_bytes`, and
-//! `ledger::referenced_digests_bounded`.
+//! `manifest::referenced_digests_bounded`.
 //!
 //! Modes (first byte):
 //! - 0: the rest as a manifest read from under a ledger tag (repository and digest fixed):
@@ -19,10 +19,11 @@ use fuzz_support::{check, STATE_KEY};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::ledger::{
+use ocicrypt_core::distribution::ledger::{
     entry_from_stored_authenticated, is_ledger_record, ledger_manifest_authenticated, read_stored,
-    referenced_digests, referenced_digests_bounded, LedgerEntry, StoredEntryError,
+    LedgerEntry, StoredEntryError,
 };
+use ocicrypt_core::distribution::manifest::{referenced_digests, referenced_digests_bounded};
 
 const REPOSITORY: &str = "demo/app";
 

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use fuzz_support::check;
 use libfuzzer_sys::fuzz_target;
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::ledger_cache::{find, held, put};
+use ocicrypt_core::distribution::ledger::LedgerEntry;
+use ocicrypt_core::distribution::ledger_cache::{find, held, put};
 
 fuzz_target!(|data: &[u8]| {
     // [per_slot][digest seed][repository length][repository][slot value...]

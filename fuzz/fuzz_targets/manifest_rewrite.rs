@@ -25,8 +25,10 @@ use std::collections::{BTreeMap, HashMap};
 use fuzz_support::check;
 use libfuzzer_sys::fuzz_target;
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::ledger::{referenced_digests, LedgerEntry};
-use ocicrypt_core::manifest::{rewrite_with, stored_content_type, RewriteOptions};
+use ocicrypt_core::distribution::ledger::LedgerEntry;
+use ocicrypt_core::distribution::manifest::{
+    referenced_digests, rewrite_with, stored_content_type, RewriteOptions,
+};
 use ocicrypt_core::spec::{self, LayerRule};
 use serde_json::{Map, Value};
 

@@ -12,7 +12,7 @@
 use base64::Engine as _;
 use fuzz_support::check;
 use libfuzzer_sys::fuzz_target;
-use ocicrypt_core::recipients::{fingerprint, Recipient};
+use ocicrypt_core::format::recipients::{fingerprint, Recipient};
 use p256::pkcs8::EncodePublicKey as _;
 use rsa::traits::PublicKeyParts as _;
 use serde_json::json;

@@ -8,11 +8,11 @@
 
 use fuzz_support::{check, go_parse_content_range, go_parse_query, go_query_unescape, text};
 use libfuzzer_sys::fuzz_target;
-use ocicrypt_core::distribution::{
+use ocicrypt_core::distribution::form::{unescape, Query};
+use ocicrypt_core::distribution::route::{
     content_range_start, is_ambiguous_write, is_repository_name, location_path, location_stays,
     range_matches, registry_upload_state, rewrite_query, route, upload_id_of_location, Route,
 };
-use ocicrypt_core::form::{unescape, Query};
 
 const METHODS: [&str; 8] = [
     "POST", "PUT", "PATCH", "DELETE", "GET", "HEAD", "OPTIONS", "put",
@@ -142,13 +142,14 @@ fn check_query(raw: &str) {
                 // The helper the adapter reads single parameters with agrees once strict
                 // accepted the query.
                 check!(
-                    ocicrypt_core::distribution::query_param(raw, key).as_deref() == query.get(key),
+                    ocicrypt_core::distribution::route::query_param(raw, key).as_deref()
+                        == query.get(key),
                     "query_param({raw:?}, {key:?}) disagrees with Query::strict"
                 );
             }
         }
         Err(e) => {
-            use ocicrypt_core::form::QueryError;
+            use ocicrypt_core::distribution::form::QueryError;
             match &e {
                 QueryError::Semicolon => check!(raw.contains(';'), "Semicolon error for {raw:?}"),
                 QueryError::EncodedKey(k) => {

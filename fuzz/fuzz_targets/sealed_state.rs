@@ -13,8 +13,8 @@
 use fuzz_support::{check, TestRng, STATE_KEY};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use ocicrypt_core::blockcipher::LayerEncryptor;
-use ocicrypt_core::upload::{seal, unseal, Replica, Treatment, UploadRecord};
+use ocicrypt_core::distribution::upload::{seal, unseal, Replica, Treatment, UploadRecord};
+use ocicrypt_core::format::blockcipher::LayerEncryptor;
 
 fn built(u: &mut Unstructured) -> Result<UploadRecord> {
     let repo_len = u.int_in_range(0..=64)?;

@@ -4,7 +4,7 @@
 
 use fuzz_support::check;
 use libfuzzer_sys::fuzz_target;
-use ocicrypt_core::session::{claim, release, MAX_CLAIMS_PER_SLOT, STALE_AFTER_SECS};
+use ocicrypt_core::distribution::session::{claim, release, MAX_CLAIMS_PER_SLOT, STALE_AFTER_SECS};
 
 /// Live claims in a slot value at `now`, as the core counts them.
 fn live(value: &[u8], now: u64) -> Vec<(String, u64)> {

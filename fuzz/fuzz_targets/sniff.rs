@@ -21,12 +21,12 @@
 
 use fuzz_support::{check, TestRng};
 use libfuzzer_sys::fuzz_target;
-use ocicrypt_core::blockcipher::{decrypt_layer, LayerEncryptor};
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::upload::{
+use ocicrypt_core::distribution::upload::{
     is_json_like, looks_encrypted, window_looks_encrypted, BodyVerdict, ChunkStream, Treatment,
     UploadRecord, PASS_WINDOW, SNIFF_WINDOW,
 };
+use ocicrypt_core::format::blockcipher::{decrypt_layer, LayerEncryptor};
 
 const MAGIC: [&[u8]; 10] = [
     b"\x1f\x8b",
@@ -172,11 +172,20 @@ fuzz_target!(|data: &[u8]| {
             );
         }
         Treatment::Json => {
-            check!(starts_json, "a blob that does not open as JSON passed as JSON");
-            check!(out == blob && !blob.contains(&0), "a JSON blob was changed or held NUL");
+            check!(
+                starts_json,
+                "a blob that does not open as JSON passed as JSON"
+            );
+            check!(
+                out == blob && !blob.contains(&0),
+                "a JSON blob was changed or held NUL"
+            );
         }
         Treatment::Passthrough => {
-            check!(passes, "a blob passed as ciphertext without the policy or the look");
+            check!(
+                passes,
+                "a blob passed as ciphertext without the policy or the look"
+            );
             check!(out == blob, "a blob passed as ciphertext was changed");
             check!(
                 blob.chunks(PASS_WINDOW).all(window_looks_encrypted),

@@ -317,7 +317,7 @@ def _scan_file(path: Path, needles: List[bytes]) -> List[bytes]:
             tail = window[-keep:]
 
 
-#: The gateway's ledger records (filter/core/src/ledger.rs): their artifact type, and the OCI
+#: The gateway's ledger records (filter/core/src/distribution/ledger.rs): their artifact type, and the OCI
 #: empty descriptor that is their config and only layer.
 LEDGER_ARTIFACT_TYPE = "application/vnd.ocicrypt-filter.ledger.v1"
 MT_EMPTY = "application/vnd.oci.empty.v1+json"

@@ -14,12 +14,12 @@
 )]
 
 use aes::cipher::{KeyIvInit, StreamCipher};
-use ocicrypt_core::blockcipher::LayerEncryptor;
-use ocicrypt_core::keystream::{SegmentRequest, Wiped};
-use ocicrypt_core::sha256::Sha256State;
-use ocicrypt_core::simd::aes256x8::Aes256x8;
-use ocicrypt_core::simd::sha256x4::{Schedule, Sha256x4};
-use ocicrypt_core::simd::U32x4;
+use ocicrypt_core::format::blockcipher::LayerEncryptor;
+use ocicrypt_core::format::keystream::{SegmentRequest, Wiped};
+use ocicrypt_core::format::sha256::Sha256State;
+use ocicrypt_core::format::simd::aes256x8::Aes256x8;
+use ocicrypt_core::format::simd::sha256x4::{Schedule, Sha256x4};
+use ocicrypt_core::format::simd::U32x4;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -122,7 +122,7 @@ fn main() {
 
     // Keystream prefetch: what the stream's worker does with a helper's keystream, what the
     // helper does to produce it, and what wiping a segment costs.
-    let given = ocicrypt_core::blockcipher::keystream(&key, &nonce, 0, MIB);
+    let given = ocicrypt_core::format::blockcipher::keystream(&key, &nonce, 0, MIB);
     b.case("layer encrypt, given keystream, 1 MiB chunks", MIB, || {
         // A fresh stream each time, so the keystream matches its position (key expansion is
         // microseconds against a megabyte of hashing).
@@ -165,7 +165,7 @@ fn main() {
             s.update(black_box(&buf));
         }
     });
-    let lanes = if ocicrypt_core::simd::HARDWARE {
+    let lanes = if ocicrypt_core::format::simd::HARDWARE {
         "simd128"
     } else {
         "portable"

@@ -7,9 +7,9 @@
     clippy::panic
 )]
 
+use ocicrypt_core::config::policy::{Action, PatternError};
 use ocicrypt_core::config::{Config, ConfigError, DEFAULT_MAX_MANIFEST_BYTES, DEFAULT_TIMEOUT_MS};
-use ocicrypt_core::policy::{Action, PatternError};
-use ocicrypt_core::recipients::RecipientError;
+use ocicrypt_core::format::recipients::RecipientError;
 use serde_json::{json, Value};
 
 /// Test keys made with OpenSSL 3 for these tests only.

@@ -14,8 +14,10 @@ mod common {
 
 use aes::cipher::{BlockEncrypt, KeyInit};
 use common::crypto::{hmac_ref, seeded_rng, sp800_38a_f55};
-use ocicrypt_core::blockcipher::{decrypt_layer, CipherError, EncryptedLayer, LayerEncryptor};
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::format::blockcipher::{
+    decrypt_layer, CipherError, EncryptedLayer, LayerEncryptor,
+};
 use rand::{Rng, RngCore};
 
 fn one_shot(key: [u8; 32], nonce: [u8; 16], plain: &[u8]) -> (Vec<u8>, EncryptedLayer) {
@@ -298,7 +300,7 @@ fn lanes_and_scalar_paths_agree_on_random_splits() {
 /// changed.
 #[test]
 fn given_keystream_agrees_with_local_on_random_splits() {
-    use ocicrypt_core::blockcipher::keystream;
+    use ocicrypt_core::format::blockcipher::keystream;
     let (seed, mut rng) = seeded_rng();
     for round in 0..30 {
         let key: [u8; 32] = rng.gen();

@@ -21,9 +21,11 @@ use base64::Engine as _;
 #[cfg(not(target_family = "wasm"))]
 use common::tempdir::TempDir;
 use fixtures::*;
-use ocicrypt_core::blockcipher::{decrypt_layer, EncryptedLayer, LayerEncryptor};
-use ocicrypt_core::keywrap::{layer_annotations, unwrap_private_options, KeyWrapError, PrivateKey};
-use ocicrypt_core::recipients::Recipient;
+use ocicrypt_core::format::blockcipher::{decrypt_layer, EncryptedLayer, LayerEncryptor};
+use ocicrypt_core::format::keywrap::{
+    layer_annotations, unwrap_private_options, KeyWrapError, PrivateKey,
+};
+use ocicrypt_core::format::recipients::Recipient;
 use ocicrypt_core::spec::{ANNOTATION_KEYS_JWE, ANNOTATION_PUBOPTS};
 use rand::RngCore;
 use serde_json::Value;

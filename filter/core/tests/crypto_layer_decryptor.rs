@@ -7,11 +7,13 @@
     clippy::panic
 )]
 
-use ocicrypt_core::blockcipher::{decrypt_layer, CipherError, LayerDecryptor, LayerEncryptor};
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::format::blockcipher::{
+    decrypt_layer, CipherError, LayerDecryptor, LayerEncryptor,
+};
 use rand::{Rng, SeedableRng};
 
-fn encrypted(plain: &[u8]) -> (Vec<u8>, ocicrypt_core::blockcipher::EncryptedLayer) {
+fn encrypted(plain: &[u8]) -> (Vec<u8>, ocicrypt_core::format::blockcipher::EncryptedLayer) {
     let mut data = plain.to_vec();
     let mut enc = LayerEncryptor::new([7u8; 32], [0xfe; 16]);
     enc.encrypt_in_place(&mut data);
@@ -24,7 +26,7 @@ fn decrypt_split(
     nonce: [u8; 16],
     hmac: &[u8; 32],
     cuts: &[usize],
-) -> Result<(Vec<u8>, ocicrypt_core::blockcipher::DecryptedLayer), CipherError> {
+) -> Result<(Vec<u8>, ocicrypt_core::format::blockcipher::DecryptedLayer), CipherError> {
     let mut dec = LayerDecryptor::new(key, nonce);
     let mut out = Vec::new();
     let mut at = 0;

@@ -11,7 +11,7 @@
 mod fixtures;
 
 use fixtures::*;
-use ocicrypt_core::recipients::{Recipient, RecipientError};
+use ocicrypt_core::format::recipients::{Recipient, RecipientError};
 use serde_json::json;
 
 fn jwk(s: &str) -> serde_json::Value {

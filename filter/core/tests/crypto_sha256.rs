@@ -12,7 +12,7 @@ mod common {
 }
 
 use common::crypto::{hmac_ref, seeded_rng, unhex};
-use ocicrypt_core::sha256::{hmac_finish, hmac_init, Sha256State};
+use ocicrypt_core::format::sha256::{hmac_finish, hmac_init, Sha256State};
 use rand::{Rng, RngCore};
 use sha2::Digest as _;
 

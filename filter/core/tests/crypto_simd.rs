@@ -1,4 +1,4 @@
-//! The data-parallel primitives of `ocicrypt_core::simd` against known answers (FIPS 197,
+//! The data-parallel primitives of `ocicrypt_core::format::simd` against known answers (FIPS 197,
 //! NIST SP 800-38A, FIPS 180-4) and against the RustCrypto crates on random inputs. Natively
 //! this checks the portable twin; `scripts/bench-micro --test` runs it as wasm with simd128,
 //! where the vector code is checked.
@@ -15,9 +15,9 @@ mod common {
 
 use aes::cipher::{BlockEncrypt, KeyInit, KeyIvInit, StreamCipher, StreamCipherSeek};
 use common::crypto::{seeded_rng, sp800_38a_f55, unhex};
-use ocicrypt_core::simd::aes256x8::Aes256x8;
-use ocicrypt_core::simd::sha256x4::{Schedule, Sha256x4};
-use ocicrypt_core::simd::U32x4;
+use ocicrypt_core::format::simd::aes256x8::Aes256x8;
+use ocicrypt_core::format::simd::sha256x4::{Schedule, Sha256x4};
+use ocicrypt_core::format::simd::U32x4;
 use rand::{Rng, RngCore};
 use sha2::digest::generic_array::GenericArray;
 

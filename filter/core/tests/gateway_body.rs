@@ -16,13 +16,13 @@ mod common {
 
 use common::gateway::*;
 use common::queues::Queues;
-use ocicrypt_core::blockcipher::LayerEncryptor;
 use ocicrypt_core::config::Config;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::format::blockcipher::LayerEncryptor;
+use ocicrypt_core::format::recipients::fingerprint;
+use ocicrypt_core::gateway::prefetch::{Keystream, Report, Worker};
 use ocicrypt_core::gateway::{Command, Env, Flow, Metric, Stream};
-use ocicrypt_core::prefetch::{Keystream, Report, Worker};
-use ocicrypt_core::recipients::fingerprint;
 use rand::SeedableRng;
 use serde_json::json;
 

@@ -16,10 +16,10 @@ mod common {
 
 use common::gateway::*;
 use common::scenarios::chunk_sent;
+use ocicrypt_core::distribution::upload::{self, Replica};
+use ocicrypt_core::distribution::upload_table;
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::{Command, Metric, ResponseHead, Stream};
-use ocicrypt_core::upload::{self, Replica};
-use ocicrypt_core::upload_table;
 
 /// A first PATCH of the session carrying `LAYER`, encrypted as the adapter would have it; the
 /// stream waits for the registry's answer.

@@ -17,12 +17,12 @@ mod common {
 use common::finish::*;
 use common::gateway::*;
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger_cache::Change;
+use ocicrypt_core::distribution::upload_table;
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::{
     CalloutAnswer, Command, Flow, Level, Metric, RecordingStage, ResponseHead,
 };
-use ocicrypt_core::ledger_cache::Change;
-use ocicrypt_core::upload_table;
 
 #[test]
 fn a_monolithic_body_is_finished_by_callout_and_answered_201() {

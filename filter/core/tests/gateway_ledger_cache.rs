@@ -14,10 +14,10 @@ mod common {
 
 use common::gateway::*;
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger::{self, LedgerEntry};
+use ocicrypt_core::distribution::ledger_cache::{self, Change};
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::{CalloutAnswer, Command, Metric};
-use ocicrypt_core::ledger::{self, LedgerEntry};
-use ocicrypt_core::ledger_cache::{self, Change};
 use serde_json::{json, Value};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

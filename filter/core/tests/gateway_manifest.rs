@@ -15,10 +15,10 @@ mod common {
 
 use common::gateway::*;
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger::{self, LedgerEntry};
+use ocicrypt_core::distribution::ledger_cache::Change;
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::{CalloutAnswer, Command, Flow, Level, Metric, ResponseHead, Stream};
-use ocicrypt_core::ledger::{self, LedgerEntry};
-use ocicrypt_core::ledger_cache::Change;
 use serde_json::{json, Value};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -17,14 +17,14 @@ mod common {
 use common::finish::*;
 use common::gateway::*;
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger::{self, LedgerEntry};
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::{
     empty_config_key, Callout, CalloutAnswer, CalloutId, Command, Flow, RecordingStage,
     ResponseHead, Stream,
 };
-use ocicrypt_core::ledger::{self, LedgerEntry};
 use ocicrypt_core::spec;
-use ocicrypt_core::upload::Store;
+use ocicrypt_core::store::Store;
 
 fn header<'a>(callout: &'a Callout, name: &str) -> Option<&'a str> {
     callout
@@ -301,8 +301,10 @@ fn a_bodiless_put_is_recorded_before_its_201() {
     let record = encrypted_record(&mut world, LAYER);
     let key = world.config.state_key.as_ref().unwrap().0.clone();
     let replica =
-        ocicrypt_core::upload::Replica::of_this_process(&world.store, &mut world.rng).unwrap();
-    let token = ocicrypt_core::upload::seal(&key, UUID, &record, replica, &mut world.rng);
+        ocicrypt_core::distribution::upload::Replica::of_this_process(&world.store, &mut world.rng)
+            .unwrap();
+    let token =
+        ocicrypt_core::distribution::upload::seal(&key, UUID, &record, replica, &mut world.rng);
     let put = req(
         "PUT",
         &upload_path(

@@ -13,14 +13,14 @@ mod common {
 }
 
 use common::gateway::*;
+use ocicrypt_core::distribution::ledger::{self, LedgerEntry};
+use ocicrypt_core::distribution::upload::{self, UploadRecord};
+use ocicrypt_core::distribution::upload_table;
 use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::format::recipients::fingerprint;
 use ocicrypt_core::gateway::{
     Callout, CalloutAnswer, Command, Flow, Level, Metric, Stream, MANIFEST_BUDGET_PER_WORKER,
 };
-use ocicrypt_core::ledger::{self, LedgerEntry};
-use ocicrypt_core::recipients::fingerprint;
-use ocicrypt_core::upload::{self, UploadRecord};
-use ocicrypt_core::upload_table;
 
 // ---------------------------------------------------------------------------------------------
 // Every refusal before the body, and what it cost the key service: nothing.
@@ -709,10 +709,12 @@ fn head_reads_the_registrys_ledger_with_replicas() {
             assert_eq!(
                 out,
                 vec![
-                    Command::Metric(Metric::LedgerCache(ocicrypt_core::ledger_cache::Change {
-                        entries: 1,
-                        evicted: 0
-                    })),
+                    Command::Metric(Metric::LedgerCache(
+                        ocicrypt_core::distribution::ledger_cache::Change {
+                            entries: 1,
+                            evicted: 0
+                        }
+                    )),
                     set(
                         ":path",
                         &format!("/v2/demo/app/blobs/{}", record.encrypted_digest)

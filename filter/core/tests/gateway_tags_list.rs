@@ -15,10 +15,10 @@ mod common {
 }
 
 use common::gateway::*;
+use ocicrypt_core::distribution::ledger::ledger_tag;
+use ocicrypt_core::distribution::tags_list::without_reserved;
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::{Callout, CalloutAnswer, Command, Stream, MAX_SKIPPED_PAGES};
-use ocicrypt_core::ledger::ledger_tag;
-use ocicrypt_core::tags_list::without_reserved;
 
 fn reserved(n: u8) -> String {
     ledger_tag(&ocicrypt_core::digest::Digest::of(&[n]))

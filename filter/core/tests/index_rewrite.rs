@@ -15,11 +15,11 @@ use std::collections::BTreeMap;
 
 use common::manifest::*;
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::error::Code;
-use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::manifest::{
+use ocicrypt_core::distribution::ledger::LedgerEntry;
+use ocicrypt_core::distribution::manifest::{
     rewrite, stored_content_type, verify_pushed_digest, ManifestError, Rewritten,
 };
+use ocicrypt_core::error::Code;
 use serde_json::{json, Value};
 
 const IN_TOTO: &str = "application/vnd.in-toto+json";

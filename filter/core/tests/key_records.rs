@@ -18,12 +18,12 @@ use common::gateway::{demo_recipients, MapStore};
 use common::tuf::{key_service, serve, NOW};
 use ocicrypt_core::config::{Config, KeyServiceConfig};
 use ocicrypt_core::error::{Code, OciError};
-use ocicrypt_core::key_records::{
+use ocicrypt_core::keys::keyservice::{self, KeyRecord, RETRY_AFTER_FAILURE_SECS};
+use ocicrypt_core::keys::records::{
     last_failure, read_table, KeyCommand, KeyLevel, KeyMetric, KeyStep, KeyWorker, Lease,
     Resolution, StreamLookup, FAILURE_KEY,
 };
-use ocicrypt_core::keyservice::{self, KeyRecord, RETRY_AFTER_FAILURE_SECS};
-use ocicrypt_core::upload::Store;
+use ocicrypt_core::store::Store;
 
 fn config_with(ks: Option<KeyServiceConfig>) -> Config {
     let mut config = Config::parse(br#"{"registry":{"cluster":"registry"}}"#).unwrap();
@@ -61,7 +61,7 @@ fn stream_keys(
     now: i64,
     service: Service,
 ) -> (
-    Result<Vec<ocicrypt_core::recipients::Recipient>, OciError>,
+    Result<Vec<ocicrypt_core::format::recipients::Recipient>, OciError>,
     usize,
 ) {
     let mut lookup = StreamLookup::default();
@@ -123,7 +123,7 @@ fn count(commands: &[KeyCommand], metric: &KeyMetric) -> usize {
     metrics(commands).iter().filter(|m| *m == metric).count()
 }
 
-fn refusal(result: Result<Vec<ocicrypt_core::recipients::Recipient>, OciError>) -> String {
+fn refusal(result: Result<Vec<ocicrypt_core::format::recipients::Recipient>, OciError>) -> String {
     let Err(err) = result else {
         panic!("not refused")
     };

@@ -15,7 +15,7 @@ mod common {
 
 use common::tuf::{initial_root, key_service, serve, NOW};
 use ocicrypt_core::config::KeyServiceConfig;
-use ocicrypt_core::keyservice::{KeyRecord, Lookup, Next, TrustedMetadata};
+use ocicrypt_core::keys::keyservice::{KeyRecord, Lookup, Next, TrustedMetadata};
 use ocicrypt_core::tuf::MetadataCache;
 
 fn config() -> KeyServiceConfig {

@@ -20,12 +20,12 @@ use std::collections::BTreeMap;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use common::manifest::*;
-use ocicrypt_core::blockcipher::LayerEncryptor;
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::keywrap::layer_annotations;
-use ocicrypt_core::ledger::{self, LedgerEntry, LEDGER_ARTIFACT_TYPE};
-use ocicrypt_core::manifest::{ManifestError, RewriteOptions, Rewritten};
-use ocicrypt_core::recipients::Recipient;
+use ocicrypt_core::distribution::ledger::{self, LedgerEntry, LEDGER_ARTIFACT_TYPE};
+use ocicrypt_core::distribution::manifest::{ManifestError, RewriteOptions, Rewritten};
+use ocicrypt_core::format::blockcipher::LayerEncryptor;
+use ocicrypt_core::format::keywrap::layer_annotations;
+use ocicrypt_core::format::recipients::Recipient;
 use ocicrypt_core::spec::{self, LayerRule};
 use serde_json::{json, Value};
 

@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 
 use common::manifest::*;
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger::LedgerEntry;
+use ocicrypt_core::distribution::manifest::{ManifestError, Rewritten};
 use ocicrypt_core::error::Code;
-use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::manifest::{ManifestError, Rewritten};
 use serde_json::{json, Value};
 
 const EMPTY: &str = "application/vnd.oci.empty.v1+json";

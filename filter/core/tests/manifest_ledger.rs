@@ -12,14 +12,15 @@
 use std::collections::BTreeMap;
 
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::error::Code;
-use ocicrypt_core::ledger::{
+use ocicrypt_core::distribution::ledger::{
     entry_from_stored, entry_from_stored_authenticated, is_ledger_record, ledger_manifest,
-    ledger_manifest_authenticated, read_stored, referenced_digests, referenced_digests_bounded,
-    LedgerEntry, StoredEntryError, ANNOTATION_MAC, DEFAULT_MAX_LEDGER_LOOKUPS,
-    LEDGER_ARTIFACT_TYPE, LEDGER_LAYER_TYPE,
+    ledger_manifest_authenticated, read_stored, LedgerEntry, StoredEntryError, ANNOTATION_MAC,
+    DEFAULT_MAX_LEDGER_LOOKUPS, LEDGER_ARTIFACT_TYPE, LEDGER_LAYER_TYPE,
 };
-use ocicrypt_core::manifest::ManifestError;
+use ocicrypt_core::distribution::manifest::{
+    referenced_digests, referenced_digests_bounded, ManifestError,
+};
+use ocicrypt_core::error::Code;
 use serde_json::{json, Value};
 
 const KEY: [u8; 32] = [0x5a; 32];

@@ -14,8 +14,10 @@ use std::collections::BTreeMap;
 
 use common::manifest::*;
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::manifest::{stored_content_type, ManifestError, RewriteOptions, Rewritten};
+use ocicrypt_core::distribution::ledger::LedgerEntry;
+use ocicrypt_core::distribution::manifest::{
+    stored_content_type, ManifestError, RewriteOptions, Rewritten,
+};
 use serde_json::{json, Value};
 
 const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -723,7 +725,9 @@ fn refusal_messages_name_the_digest() {
 
 #[test]
 fn manifests_with_too_many_json_values_are_refused_before_parsing() {
-    use ocicrypt_core::manifest::{check_value_count, ManifestError, MAX_JSON_VALUES};
+    use ocicrypt_core::distribution::manifest::{
+        check_value_count, ManifestError, MAX_JSON_VALUES,
+    };
     // 4 MiB of `{}` objects: what grew a worker VM by ≈ 150 MiB for good when parsed.
     let objects = "{},".repeat(MAX_JSON_VALUES);
     let body = format!("{{\"schemaVersion\":2,\"x\":[{objects}{{}}]}}");
@@ -731,7 +735,7 @@ fn manifests_with_too_many_json_values_are_refused_before_parsing() {
         check_value_count(body.as_bytes(), MAX_JSON_VALUES),
         Err(ManifestError::TooManyValues { .. })
     ));
-    let err = ocicrypt_core::manifest::rewrite(
+    let err = ocicrypt_core::distribution::manifest::rewrite(
         body.as_bytes(),
         ocicrypt_core::spec::MEDIA_TYPE_OCI_MANIFEST,
         &|_| None,

@@ -17,12 +17,13 @@ mod common {
 
 use common::gateway::{MapStore, NOW};
 use common::queues::Queues;
-use ocicrypt_core::keystream::{SEGMENT_BYTES, WINDOW_BYTES};
-use ocicrypt_core::prefetch::{
+use ocicrypt_core::distribution::upload::{ChunkStream, UploadRecord};
+use ocicrypt_core::format::keystream::{SEGMENT_BYTES, WINDOW_BYTES};
+use ocicrypt_core::gateway::prefetch::{
     parse_helpers, pick, Helper, Keystream, Report, RequestPrefetch, Worker, FRESH_SECS,
     HELPERS_KEY, MAX_LISTED, NO_QUEUES,
 };
-use ocicrypt_core::upload::{ChunkStream, Store, UploadRecord};
+use ocicrypt_core::store::Store;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 

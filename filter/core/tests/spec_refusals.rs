@@ -27,12 +27,12 @@ use common::gateway::*;
 use common::scenarios::{chunk_sent, single_post};
 use ocicrypt_core::config::KeyServiceConfig;
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::gateway::{CalloutAnswer, Command, ResponseHead};
-use ocicrypt_core::key_records::KeyWorker;
-use ocicrypt_core::keyservice::{self, KeyRecord};
-use ocicrypt_core::ledger;
-use ocicrypt_core::upload::Store as _;
+use ocicrypt_core::keys::keyservice::{self, KeyRecord};
+use ocicrypt_core::keys::records::KeyWorker;
+use ocicrypt_core::store::Store as _;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
             None,
             Box::new(|| {
                 let mut world = World::new();
-                let rotated = vec![ocicrypt_core::recipients::Recipient::from_jwk(&json!({
+                let rotated = vec![ocicrypt_core::format::recipients::Recipient::from_jwk(&json!({
                     "kty": "EC", "crv": "P-256",
                     "x": "gI0GAILBdu7T53akrFmMyGcsF3n5dO7MmwNBHKW5SV0",
                     "y": "SLW_xSffzlPWrHEVI30DHM_4egVwt3NQqeUD7nMFpps"}))
@@ -635,7 +635,7 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
                 // A record another module version wrote: the same bytes under another version.
                 let record = encrypted_record(&mut world, LAYER);
                 save_record(&world, &record);
-                let key = ocicrypt_core::upload_table::slot_key(UUID);
+                let key = ocicrypt_core::distribution::upload_table::slot_key(UUID);
                 let mut slot = world.store.get(&key).unwrap();
                 let saved = record.to_bytes();
                 let at = slot.windows(saved.len()).position(|w| w == &saved[..]).unwrap();

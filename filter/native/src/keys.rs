@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use ocicrypt_core::error::OciError;
 use ocicrypt_core::gateway::{KeyAnswer, Keys};
-use ocicrypt_core::key_records::{KeyStep, StreamLookup};
-use ocicrypt_core::keyservice::Request;
+use ocicrypt_core::keys::keyservice::Request;
+use ocicrypt_core::keys::records::{KeyStep, StreamLookup};
 
 use crate::ffi::{Answer, StreamHost};
 use crate::module::{now, Shared};

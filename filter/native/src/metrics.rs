@@ -2,7 +2,7 @@
 //! them with the filter's `metrics_namespace`, `dynamicmodulescustom` by default).
 use ocicrypt_core::error::Code;
 use ocicrypt_core::gateway::Metric;
-use ocicrypt_core::key_records::KeyMetric;
+use ocicrypt_core::keys::records::KeyMetric;
 
 use crate::ffi::{ConfigHost, MetricKind};
 

@@ -9,9 +9,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ocicrypt_core::config::Config;
-use ocicrypt_core::key_records::{KeyCommand, KeyLevel, KeyWorker};
-use ocicrypt_core::keyservice::Request;
-use ocicrypt_core::upload_table as table;
+use ocicrypt_core::distribution::upload_table as table;
+use ocicrypt_core::keys::keyservice::Request;
+use ocicrypt_core::keys::records::{KeyCommand, KeyLevel, KeyWorker};
 
 use crate::ffi::{self, Answer, ConfigHost, LogLevel, Scheduler};
 use crate::metrics::Metrics;
@@ -143,13 +143,13 @@ impl Shared {
         for _ in 0..SWEEP_PER_TICK {
             *cursor = (*cursor + 1) % table::SLOTS;
             let key = table::slot_key_of(*cursor);
-            let Some((Some(value), cas)) = ocicrypt_core::upload::Store::get_cas(&*STORE, &key)
+            let Some((Some(value), cas)) = ocicrypt_core::store::Store::get_cas(&*STORE, &key)
             else {
                 continue;
             };
             if let Some((next, gone)) = table::sweep(&value, now, self.config.upload_idle_seconds) {
                 // Lost to a concurrent write: that write dropped the idle records itself.
-                if ocicrypt_core::upload::Store::set_cas(&*STORE, &key, &next, cas) {
+                if ocicrypt_core::store::Store::set_cas(&*STORE, &key, &next, cas) {
                     self.metrics.uploads_dropped(gone);
                 }
             }
@@ -216,7 +216,7 @@ impl Module {
             }
         };
         ffi::log(LogLevel::Info, &format!("{PREFIX}configuration loaded"));
-        let heartbeat = ocicrypt_core::prefetch::HEARTBEAT_SECS;
+        let heartbeat = ocicrypt_core::gateway::prefetch::HEARTBEAT_SECS;
         let seconds = config
             .key_service
             .as_ref()

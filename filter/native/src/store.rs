@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex, PoisonError};
 
 use ocicrypt_core::error::OciError;
-use ocicrypt_core::upload::Store;
+use ocicrypt_core::store::Store;
 
 /// Values with their versions (1 for a key's first write, then one more per write).
 #[derive(Default)]

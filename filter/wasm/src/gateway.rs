@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use ocicrypt_core::config::Config;
 use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::gateway::prefetch::Keystream;
 use ocicrypt_core::gateway::{
     CalloutAnswer, CalloutId, Command, Env, Level, Metric, RequestHead, ResponseHead, Stream,
 };
-use ocicrypt_core::prefetch::Keystream;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 use rand_core::OsRng;

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use ocicrypt_core::error::{Code, OciError};
-use ocicrypt_core::upload::Store;
+use ocicrypt_core::store::Store;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
 

@@ -11,10 +11,10 @@ use crate::metrics::Metrics;
 use ocicrypt_core::config::Config;
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::gateway::{KeyAnswer, Keys};
-use ocicrypt_core::key_records::{
+use ocicrypt_core::keys::keyservice::Request;
+use ocicrypt_core::keys::records::{
     KeyCommand, KeyLevel, KeyMetric, KeyStep, KeyWorker, StreamLookup,
 };
-use ocicrypt_core::keyservice::Request;
 use proxy_wasm::types::{LogLevel, MetricType};
 
 /// Unix seconds from the host clock.

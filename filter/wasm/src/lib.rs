@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use host::SharedData;
 use ocicrypt_core::config::Config;
-use ocicrypt_core::keyservice::Request;
+use ocicrypt_core::keys::keyservice::Request;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use rand_core::OsRng;
@@ -126,7 +126,7 @@ impl RootContext for Root {
                 // Ticks renew this worker's line in the keystream helper list, and drive the
                 // key-service refresh (leased: one refresh per period over all workers).
                 let refresh = self.config.as_ref().and_then(|c| c.key_service.as_ref());
-                let heartbeat = ocicrypt_core::prefetch::HEARTBEAT_SECS;
+                let heartbeat = ocicrypt_core::gateway::prefetch::HEARTBEAT_SECS;
                 let seconds = refresh.map_or(heartbeat, |ks| ks.refresh_seconds.min(heartbeat));
                 {
                     let period = Duration::from_secs(seconds.max(1));

@@ -2,7 +2,7 @@
 //! name, so counters and gauges add up across workers. Envoy prefixes them `wasmcustom.`
 //! (`wasmcustom_ocicrypt_…` on `/stats/prometheus`).
 use ocicrypt_core::error::Code;
-use ocicrypt_core::prefetch::Report;
+use ocicrypt_core::gateway::prefetch::Report;
 use proxy_wasm::types::MetricType;
 
 use crate::host;
@@ -133,7 +133,7 @@ impl Metrics {
     }
 
     /// A write to the ledger cache: entries held changed, some evicted.
-    pub fn ledger_cache(&self, change: ocicrypt_core::ledger_cache::Change) {
+    pub fn ledger_cache(&self, change: ocicrypt_core::distribution::ledger_cache::Change) {
         if change.entries != 0 {
             Self::add(self.ledger_entries, change.entries);
         }

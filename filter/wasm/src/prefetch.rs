@@ -1,10 +1,10 @@
 //! Keystream prefetch across Envoy workers, host side: the worker's planning is
-//! [`ocicrypt_core::prefetch`]'s; this file lends it proxy-wasm's shared queues and the
+//! [`ocicrypt_core::gateway::prefetch`]'s; this file lends it proxy-wasm's shared queues and the
 //! worker VM's state, shared by its root context (ticks, queue events) and its streams.
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use ocicrypt_core::prefetch::{SharedQueues, Worker};
+use ocicrypt_core::gateway::prefetch::{SharedQueues, Worker};
 
 use crate::host;
 

@@ -1,7 +1,7 @@
 //! The gateway's table of upload records in Envoy shared data, for a gateway without
-//! `replicas` (see `ocicrypt_core::upload_table`): slots read and written with compare-and-set,
-//! as every worker shares them, and swept on the root context's timer.
-use ocicrypt_core::upload_table as table;
+//! `replicas` (see `ocicrypt_core::distribution::upload_table`): slots read and written with
+//! compare-and-set, as every worker shares them, and swept on the root context's timer.
+use ocicrypt_core::distribution::upload_table as table;
 
 use crate::host::SharedData;
 use crate::keys;

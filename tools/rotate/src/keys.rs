@@ -1,5 +1,5 @@
 //! The target recipient set: the project's recipients as the gateway itself would verify them
-//! (`ocicrypt_core::keyservice::Lookup`: the whole TUF client workflow from the pinned root,
+//! (`ocicrypt_core::keys::keyservice::Lookup`: the whole TUF client workflow from the pinned root,
 //! then the project's target through the delegations that cover it). Nothing typed on the
 //! command line can add a key to it.
 
@@ -7,8 +7,8 @@ use std::io::Read;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ocicrypt_core::config::KeyServiceConfig;
-use ocicrypt_core::keyservice::{Lookup, Next};
-use ocicrypt_core::recipients::Recipient;
+use ocicrypt_core::format::recipients::Recipient;
+use ocicrypt_core::keys::keyservice::{Lookup, Next};
 use ocicrypt_core::tuf::MetadataCache;
 use ureq::Agent;
 

@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use ocicrypt_core::keywrap::PrivateKey;
+use ocicrypt_core::format::keywrap::PrivateKey;
 use zeroize::Zeroizing;
 
 use crate::registry::{Credentials, Registry};

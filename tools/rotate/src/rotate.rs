@@ -24,14 +24,14 @@ use std::io::Read;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use hmac::Mac as _;
-use ocicrypt_core::blockcipher::{EncryptedLayer, LayerDecryptor, LayerEncryptor};
 use ocicrypt_core::digest::Digest;
-use ocicrypt_core::keywrap::{layer_annotations, unwrap_private_options, PrivateKey};
-use ocicrypt_core::ledger::{
+use ocicrypt_core::distribution::ledger::{
     digest_of_ledger_tag, is_ledger_record, ledger_manifest_authenticated, ledger_tag, read_stored,
     LedgerEntry,
 };
-use ocicrypt_core::recipients::{fingerprint, Recipient};
+use ocicrypt_core::format::blockcipher::{EncryptedLayer, LayerDecryptor, LayerEncryptor};
+use ocicrypt_core::format::keywrap::{layer_annotations, unwrap_private_options, PrivateKey};
+use ocicrypt_core::format::recipients::{fingerprint, Recipient};
 use ocicrypt_core::spec::{
     ANNOTATION_ENC_PREFIX, ANNOTATION_KEYS_JWE, ANNOTATION_PUBOPTS, ENCRYPTED_SUFFIX,
     MEDIA_TYPE_OCI_MANIFEST,
@@ -159,7 +159,7 @@ enum Plan {
 /// One layer as planned: its descriptor, opened key material and what to do.
 struct Planned {
     descriptor: Value,
-    private: ocicrypt_core::keywrap::PrivateOptions,
+    private: ocicrypt_core::format::keywrap::PrivateOptions,
     hmac: [u8; 32],
     plan: Plan,
 }

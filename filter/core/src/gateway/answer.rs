@@ -2,12 +2,12 @@
 //! before a delete, a ledger read for a `HEAD`, a session opened for a `POST ?digest=`), and
 //! the check every answer in an encrypted repository passes before the client sees it.
 use crate::config::Config;
-use crate::distribution;
+use crate::distribution::ledger;
+use crate::distribution::route;
+use crate::distribution::session;
+use crate::distribution::upload::{self, ChunkStream, Replica, UploadRecord};
+use crate::distribution::upload_table;
 use crate::error::{Code, OciError};
-use crate::ledger;
-use crate::session;
-use crate::upload::{self, ChunkStream, Replica, UploadRecord};
-use crate::upload_table;
 
 use super::request::patch_request;
 use super::{
@@ -130,15 +130,16 @@ impl Stream {
                     out.extend(self.refuse(e));
                     return Ok(out);
                 }
-                let location = location
-                    .and_then(|l| distribution::location_path(&l))
-                    .ok_or_else(|| {
-                        OciError::new(
-                            Code::Unknown,
-                            "the registry opened a session without a Location",
-                        )
-                    })?;
-                let id = distribution::upload_id_of_location(&location);
+                let location =
+                    location
+                        .and_then(|l| route::location_path(&l))
+                        .ok_or_else(|| {
+                            OciError::new(
+                                Code::Unknown,
+                                "the registry opened a session without a Location",
+                            )
+                        })?;
+                let id = route::upload_id_of_location(&location);
                 let stream = ChunkStream::new(UploadRecord::new(&repository), None)?;
                 out.extend(patch_request(location));
                 self.flow = Flow::Chunk(Box::new(ChunkFlow {
@@ -187,8 +188,8 @@ impl Stream {
             ));
         }
         match location {
-            Some(l) if !distribution::location_stays(l, &self.authority, &repository) => {
-                if let Some(path) = distribution::location_path(l).filter(|_| {
+            Some(l) if !route::location_stays(l, &self.authority, &repository) => {
+                if let Some(path) = route::location_path(l).filter(|_| {
                     l.starts_with('/') || l.contains(&format!("://{}/", self.authority))
                 }) {
                     // Best effort: nothing was sent to that session.
@@ -229,7 +230,7 @@ impl Stream {
         let range = head.header("range");
         if !range
             .as_deref()
-            .is_some_and(|r| distribution::range_matches(r, stream.offset()))
+            .is_some_and(|r| route::range_matches(r, stream.offset()))
         {
             out.push(self.abandon_session(env.config, head.header("location").as_deref()));
             return Err(OciError::new(
@@ -284,7 +285,7 @@ impl Stream {
     /// refuses a `_state` at another offset without cancelling anything.
     pub fn abandon_session(&mut self, config: &Config, location: Option<&str>) -> Command {
         let path = location
-            .and_then(distribution::location_path)
+            .and_then(route::location_path)
             .unwrap_or_else(|| self.upstream_path.clone());
         Command::Dispatch(self.registry_callout(config, "DELETE", &path, None, None))
     }
@@ -308,7 +309,7 @@ impl Stream {
             return None;
         }
         let location = location?;
-        let id = distribution::upload_id_of_location(location)?;
+        let id = route::upload_id_of_location(location)?;
         Some(Command::SetResponseHeader(
             "location".into(),
             upload::session_location(location, &id, None),

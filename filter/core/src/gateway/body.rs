@@ -4,9 +4,9 @@
 //! monolithic body the blob is completed: its plaintext checked against the client's digest
 //! and its key wrapped to the recipients resolved before the body (a body callback cannot wait
 //! for the key service).
+use crate::distribution::upload::{self, BodyVerdict};
 use crate::error::OciError;
-use crate::prefetch::{Report, Worker};
-use crate::upload::{self, BodyVerdict};
+use crate::gateway::prefetch::{Report, Worker};
 
 use super::{Command, Env, Flow, Metric, Stream};
 

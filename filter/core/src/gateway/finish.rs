@@ -4,10 +4,10 @@
 //! body, and the commit: the upload's state dropped, the blob ledgered, and the answer speaking
 //! of the digest the client pushed.
 use crate::digest::Digest;
-use crate::distribution;
+use crate::distribution::route;
+use crate::distribution::upload::Completion;
+use crate::distribution::upload_table;
 use crate::error::{Code, OciError};
-use crate::upload::Completion;
-use crate::upload_table;
 
 use super::answer::registry_refusal;
 use super::ledgered;
@@ -56,7 +56,7 @@ impl Stream {
         };
         let location = head
             .header("location")
-            .and_then(|l| distribution::location_path(&l))
+            .and_then(|l| route::location_path(&l))
             .ok_or_else(|| {
                 OciError::new(
                     Code::Unknown,
@@ -64,7 +64,7 @@ impl Stream {
                 )
             })?;
         let stored = completion.stored_digest.to_string();
-        let path = distribution::rewrite_query(&location, &["digest"], &[("digest", &stored)]);
+        let path = route::rewrite_query(&location, &["digest"], &[("digest", &stored)]);
         let callout = self.registry_callout(env.config, "PUT", &path, None, None);
         self.flow = Flow::Finishing {
             callout: Some(callout.id),

@@ -1,9 +1,9 @@
 //! The states of a stream, named for what each waits on.
 use crate::digest::Digest;
+use crate::distribution::ledger::LedgerEntry;
+use crate::distribution::upload::{ChunkStream, Completion};
 use crate::error::OciError;
-use crate::ledger::LedgerEntry;
-use crate::recipients::Recipient;
-use crate::upload::{ChunkStream, Completion};
+use crate::format::recipients::Recipient;
 
 use super::CalloutId;
 

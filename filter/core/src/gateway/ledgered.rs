@@ -1,14 +1,15 @@
 //! What the stream reads from and writes to the ledger: the process's bounded cache
-//! ([`crate::ledger_cache`]) and the entries this request read back from the registry's ledger.
+//! ([`crate::distribution::ledger_cache`]) and the entries this request read back from the
+//! registry's ledger.
 //!
 //! A request keeps the entries it read back itself (at most `limits.max_ledger_lookups` of
 //! them), so that a small or busy cache cannot evict one between its read and the rewrite that
 //! needs it.
+use crate::config::policy::project_of;
 use crate::digest::Digest;
+use crate::distribution::ledger::LedgerEntry;
+use crate::distribution::ledger_cache;
 use crate::error::OciError;
-use crate::ledger::LedgerEntry;
-use crate::ledger_cache;
-use crate::policy::project_of;
 
 use super::{Command, Env, Metric};
 
@@ -53,7 +54,8 @@ pub(super) fn mountable(
     mount: &str,
     from: &str,
 ) -> Option<(Digest, LedgerEntry)> {
-    if project_of(from) != project_of(repository) || !crate::distribution::is_repository_name(from)
+    if project_of(from) != project_of(repository)
+        || !crate::distribution::route::is_repository_name(from)
     {
         return None;
     }

@@ -2,11 +2,11 @@
 //! the digest it was pushed by, rewritten with the ledger (with replicas, the records this
 //! process lacks are read from the registry first, a bounded number), and the registry's `201`
 //! answered in the client's digest and ledgered.
+use crate::config::policy::project_of;
 use crate::digest::Digest;
+use crate::distribution::ledger::{self, LedgerEntry};
+use crate::distribution::manifest;
 use crate::error::{Code, OciError};
-use crate::ledger::{self, LedgerEntry};
-use crate::manifest;
-use crate::policy::project_of;
 
 use super::finish::{Answer, Committing};
 use super::ledgered::{self, ledger_entry};
@@ -89,7 +89,7 @@ impl Stream {
             // Bounded: a manifest naming many unknown digests is refused before any lookup.
             let known = |d: &Digest| ledger_entry(env, &[], &repo, d).is_some();
             let missing =
-                ledger::referenced_digests_bounded(&body, &known, env.config.max_ledger_lookups)
+                manifest::referenced_digests_bounded(&body, &known, env.config.max_ledger_lookups)
                     .map_err(|e| e.to_oci())?;
             if !missing.is_empty() {
                 let mut out = Vec::new();

@@ -31,8 +31,8 @@
 //! [`Command::Reply`] (or [`Command::Relay`]) then [`Command::Pause`]. Shared state (upload
 //! records, session claims, the ledger cache, the ledger's empty-config marks) is read and
 //! written through the [`Store`] in the [`Env`], synchronously, as Envoy's shared data is; the
-//! ledger cache is bounded ([`crate::ledger_cache`]), and the entries a request reads back from
-//! the registry's ledger stay with the request until it ends.
+//! ledger cache is bounded ([`crate::distribution::ledger_cache`]), and the entries a request reads
+//! back from the registry's ledger stay with the request until it ends.
 //!
 //! # The request line (what a request is, decided before any byte of its body)
 //!
@@ -48,7 +48,8 @@
 //!    (callout with the client's credentials); a ledger record is refused `403`, anything else
 //!    goes on. A `GET` of a tags list in an encrypted repository is read by callout (with the
 //!    client's credentials) and answered by the gateway without its reserved tags
-//!    ([`crate::tags_list`]). Any other request the distribution routes do not name passes.
+//!    ([`crate::distribution::tags_list`]). Any other request the distribution routes do not name
+//!    passes.
 //! 5. A request in a repository the policy does not encrypt passes untouched.
 //! 6. Upload requests are read as the registry reads them: a form `Content-Type` or a query
 //!    the registry could read differently (a parameter it acts on repeated, an encoded
@@ -108,9 +109,10 @@
 //! where the policy accepts it, judged window by window, anything else is encrypted), and a
 //! blob taken for JSON that turns binary, or for ciphertext that turns plaintext, is refused
 //! before that chunk goes on. The keystream may come from another worker
-//! ([`crate::prefetch`], lent through [`Env::keystream`]): the bytes are the same. At the end of
-//! a monolithic body the blob is completed (its plaintext checked against the client's digest,
-//! its key wrapped to the recipients resolved before the body); a mismatch is refused there.
+//! ([`crate::gateway::prefetch`], lent through [`Env::keystream`]): the bytes are the same. At the
+//! end of a monolithic body the blob is completed (its plaintext checked against the client's
+//! digest, its key wrapped to the recipients resolved before the body); a mismatch is refused
+//! there.
 //!
 //! # An upload's end, after its body
 //!
@@ -136,6 +138,8 @@
 //!   replicas: recorded in the registry's ledger first, as above) and answered in the client's
 //!   digest and `Location`. A `HEAD` of one answered `200`: `Docker-Content-Digest` names the
 //!   client's digest. Other answers pass.
+pub mod prefetch;
+
 mod answer;
 mod body;
 mod finish;
@@ -153,8 +157,8 @@ use rand_core::CryptoRngCore;
 
 use crate::config::Config;
 use crate::error::{Code, OciError};
-use crate::recipients::Recipient;
-use crate::upload::Store;
+use crate::format::recipients::Recipient;
+use crate::store::Store;
 
 pub use answer::registry_refusal;
 pub use flow::{ChunkFlow, Finish, Flow, RecordingStage};
@@ -179,7 +183,7 @@ pub struct Env<'a> {
     pub rng: &'a mut dyn CryptoRngCore,
     /// The worker's keystream prefetch, when the host lends it (without, upload bodies are
     /// encrypted locally: the same bytes).
-    pub keystream: Option<crate::prefetch::Keystream<'a>>,
+    pub keystream: Option<crate::gateway::prefetch::Keystream<'a>>,
 }
 
 /// A project's recipients, as far as the host can tell now.
@@ -237,11 +241,11 @@ pub enum Metric {
     /// Upload records kept in the store changed by this much.
     UploadState(i64),
     /// A write to the ledger cache changed the entries held, and evicted some.
-    LedgerCache(crate::ledger_cache::Change),
+    LedgerCache(crate::distribution::ledger_cache::Change),
     /// A request continued an upload session whose previous request another replica served.
     SessionMoved,
     /// The worker's keystream prefetch since its last report.
-    Keystream(crate::prefetch::Report),
+    Keystream(crate::gateway::prefetch::Report),
     /// A blob was committed encrypted: its size in bytes.
     LayerEncrypted(u64),
     /// A blob (a config, a JSON artifact) was committed as pushed.
@@ -343,7 +347,7 @@ pub struct Stream {
     held_manifest: Option<Vec<u8>>,
     next_callout: u32,
     /// The upload body's part in the worker's keystream prefetch.
-    prefetch: crate::prefetch::RequestPrefetch,
+    prefetch: crate::gateway::prefetch::RequestPrefetch,
 }
 
 impl Stream {
@@ -395,7 +399,7 @@ impl Stream {
     /// budget it holds are given back.
     pub fn on_end(&mut self, store: &dyn Store, held_manifest_bytes: &Cell<usize>) {
         if let Some(id) = self.claimed.take() {
-            crate::session::release_in(store, &id);
+            crate::distribution::session::release_in(store, &id);
         }
         let reserved = std::mem::take(&mut self.manifest_reserved);
         held_manifest_bytes.set(held_manifest_bytes.get().saturating_sub(reserved));

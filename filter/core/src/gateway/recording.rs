@@ -4,9 +4,9 @@
 //! repository, then marked in the store. The client's answer waits for the recording, so a
 //! push another replica finishes finds every blob it names.
 use crate::digest::Digest;
-use crate::distribution;
+use crate::distribution::ledger;
+use crate::distribution::route;
 use crate::error::{Code, OciError};
-use crate::ledger;
 use crate::spec;
 
 use super::answer::registry_refusal;
@@ -75,13 +75,12 @@ impl Stream {
                 self.check_answer(env.config, &status, location.as_deref(), out)?;
                 let location = location
                     .filter(|_| status == "202")
-                    .and_then(|l| distribution::location_path(&l))
+                    .and_then(|l| route::location_path(&l))
                     .ok_or_else(|| {
                         ledger_refusal("open a session for the ledger's empty config", &status)
                     })?;
                 let empty = Digest::of(ledger::EMPTY_CONFIG).to_string();
-                let path =
-                    distribution::rewrite_query(&location, &["digest"], &[("digest", &empty)]);
+                let path = route::rewrite_query(&location, &["digest"], &[("digest", &empty)]);
                 let put = self.registry_callout(
                     env.config,
                     "PUT",

@@ -1,16 +1,16 @@
 //! The request-line decision: which flow a request is, every check that needs no key first,
 //! the project's recipients last (see the module doc of [`super`] for the order).
+use crate::config::policy::{project_of, Action as PolicyAction};
 use crate::digest::Digest;
-use crate::distribution::{self, Route, UploadMethod};
+use crate::distribution::form::{self, Query};
+use crate::distribution::ledger;
+use crate::distribution::manifest;
+use crate::distribution::route::{self, Route, UploadMethod};
+use crate::distribution::session;
+use crate::distribution::upload::{self, ChunkStream, UploadRecord};
+use crate::distribution::upload_table;
 use crate::error::{Code, OciError};
-use crate::form::{self, Query};
-use crate::ledger;
-use crate::manifest;
-use crate::policy::{project_of, Action as PolicyAction};
-use crate::recipients::{fingerprint, Recipient};
-use crate::session;
-use crate::upload::{self, ChunkStream, UploadRecord};
-use crate::upload_table;
+use crate::format::recipients::{fingerprint, Recipient};
 
 use super::ledgered::{self, blob_entry, mountable};
 use super::{
@@ -84,7 +84,7 @@ impl Stream {
                 }
             }
         }
-        if distribution::is_ambiguous_write(&method, &path) {
+        if route::is_ambiguous_write(&method, &path) {
             // The registry may decode `%2F`, collapse `//` or clean `..` into a repository name
             // other than the one routed here (`plain/x/../../demo/y` routes as a passthrough
             // name): such a write could land in an encrypted repository unencrypted.
@@ -93,12 +93,12 @@ impl Stream {
                 "write request with an encoded or non-canonical path; use the plain /v2/<name>/... form",
             ));
         }
-        let route = distribution::route(&method, &path);
+        let route = route::route(&method, &path);
         // Upload state stays out of log lines: distribution's `_state` and the gateway's sealed
         // state (a Location read from a log must not continue anyone's upload).
         self.request = format!(
             "{method} {}",
-            distribution::rewrite_query(&path, &["_state", upload::STATE_PARAM], &[])
+            route::rewrite_query(&path, &["_state", upload::STATE_PARAM], &[])
         );
         let repository = match &route {
             Route::UploadStart { repository, .. }
@@ -106,7 +106,7 @@ impl Stream {
             | Route::BlobHead { repository, .. }
             | Route::ManifestPut { repository, .. } => repository.clone(),
             Route::Other => {
-                if let Some(repository) = distribution::tags_list_repository(&path)
+                if let Some(repository) = route::tags_list_repository(&path)
                     .filter(|r| method == "GET" && config.policy.action(r) == PolicyAction::Encrypt)
                 {
                     // Credentials the gateway cannot carry: the registry answers the read itself.
@@ -256,7 +256,7 @@ impl Stream {
                 // Both repositories belong to one project (so one set of recipients) and the
                 // gateway encrypted that blob in `from`: mount the ciphertext instead.
                 let encrypted = entry.encrypted_digest.to_string();
-                let new_path = distribution::rewrite_query(
+                let new_path = route::rewrite_query(
                     path,
                     &["mount", "from", "digest"],
                     &[("mount", &encrypted), ("from", from)],
@@ -279,7 +279,7 @@ impl Stream {
         if mount.is_some() {
             // A mount would make the source repository's blob appear here as it is: a
             // plaintext blob in an encrypted repository. A normal upload instead.
-            let new_path = distribution::rewrite_query(path, &["mount", "from"], &[]);
+            let new_path = route::rewrite_query(path, &["mount", "from"], &[]);
             out.push(Command::Log(
                 Level::Info,
                 format!("{repository}: cross-repository mount turned into an upload"),
@@ -307,8 +307,7 @@ impl Stream {
             }
             None => {
                 if digest.is_some() {
-                    let new_path =
-                        distribution::rewrite_query(path, &["digest", "mount", "from"], &[]);
+                    let new_path = route::rewrite_query(path, &["digest", "mount", "from"], &[]);
                     out.push(Command::SetRequestHeader(":path".into(), new_path));
                 }
                 out.push(Command::Continue);
@@ -327,13 +326,13 @@ impl Stream {
         let start = at
             .head
             .strict("content-range", Code::BlobUploadInvalid)?
-            .and_then(|v| distribution::content_range_start(&v));
+            .and_then(|v| route::content_range_start(&v));
         let stream = ChunkStream::new(loaded.record, start)?
             .accepting_encrypted(env.config.policy.accepts_encrypted(&at.repository));
         self.claim_session(env, id)?;
         let mut out = moved_metric(loaded.moved);
         // The sealed state and the session parameter are the gateway's, not the registry's.
-        let stripped = distribution::rewrite_query(at.path, GATEWAY_PARAMS, &[]);
+        let stripped = route::rewrite_query(at.path, GATEWAY_PARAMS, &[]);
         if stripped != at.path {
             out.push(Command::SetRequestHeader(":path".into(), stripped));
         }
@@ -364,14 +363,14 @@ impl Stream {
             let start = at
                 .head
                 .strict("content-range", Code::BlobUploadInvalid)?
-                .and_then(|v| distribution::content_range_start(&v));
+                .and_then(|v| route::content_range_start(&v));
             let stream = ChunkStream::new(loaded.record, start)?
                 .accepting_encrypted(env.config.policy.accepts_encrypted(&at.repository));
             let Some(recipients) = self.recipients(env, &at.repository)? else {
                 return Ok(waiting());
             };
             self.claim_session(env, id)?;
-            let new_path = distribution::rewrite_query(at.path, FINISH_DROPS, &[]);
+            let new_path = route::rewrite_query(at.path, FINISH_DROPS, &[]);
             let mut out = moved_metric(loaded.moved);
             out.extend(patch_request(new_path));
             self.flow = Flow::Chunk(Box::new(ChunkFlow {
@@ -398,7 +397,7 @@ impl Stream {
         let mut rng = &mut *env.rng;
         let completion = finished.wrap(&recipients, &mut rng)?;
         let stored = completion.stored_digest.to_string();
-        let new_path = distribution::rewrite_query(at.path, FINISH_DROPS, &[("digest", &stored)]);
+        let new_path = route::rewrite_query(at.path, FINISH_DROPS, &[("digest", &stored)]);
         self.flow = Flow::Finishing {
             callout: None,
             repository: at.repository,
@@ -545,7 +544,7 @@ impl Stream {
     }
 
     /// Claims upload session `id` for this stream: one request at a time per session, or two
-    /// would encrypt from one offset with one keystream (see [`crate::session`]).
+    /// would encrypt from one offset with one keystream (see [`crate::distribution::session`]).
     fn claim_session(&mut self, env: &Env, id: &str) -> Result<(), OciError> {
         if self.claimed.as_deref() == Some(id) {
             return Ok(());
@@ -598,7 +597,7 @@ fn load_record(env: &mut Env, id: &str, at: &Request) -> Result<Loaded, OciError
     }
     let registry = query
         .get("_state")
-        .and_then(distribution::registry_upload_state)
+        .and_then(route::registry_upload_state)
         .filter(|s| s.name == repository && s.uuid == id)
         .ok_or_else(|| {
             OciError::new(
@@ -688,7 +687,7 @@ fn manifest_delete(method: &str, path: &str) -> Option<String> {
         .next()?
         .strip_prefix("/v2/")?
         .rsplit_once("/manifests/")?;
-    (reference.starts_with("sha256:") && distribution::is_repository_name(repository))
+    (reference.starts_with("sha256:") && route::is_repository_name(repository))
         .then(|| repository.to_string())
 }
 

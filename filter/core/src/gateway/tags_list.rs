@@ -1,6 +1,6 @@
 //! `GET /v2/<name>/tags/list` in an encrypted repository: the gateway reads the list itself, by
 //! callout with the client's credentials and query, and answers the client without its reserved
-//! tags ([`crate::tags_list`]).
+//! tags ([`crate::distribution::tags_list`]).
 //!
 //! Why a callout and a local answer rather than rewriting the registry's answer on its way:
 //! Envoy 1.40 never hands a filter the body of an answer whose headers it holds (the stream
@@ -17,9 +17,9 @@
 //!   client's own request goes on, and the registry answers it as it would without the
 //!   gateway. A callout that fails is refused `503`.
 use crate::config::Config;
-use crate::distribution;
+use crate::distribution::route;
+use crate::distribution::tags_list;
 use crate::error::{Code, OciError};
-use crate::tags_list;
 
 use super::{CalloutAnswer, Command, Env, Flow, Level, Stream};
 
@@ -113,7 +113,7 @@ impl Stream {
 /// repository's tags list: the gateway reads nothing else on a client's behalf.
 fn next_page(link: &str, repository: &str) -> Option<String> {
     let target = link.trim().strip_prefix('<')?.split_once('>')?.0;
-    let path = distribution::location_path(target)?;
+    let path = route::location_path(target)?;
     let expected = format!("/v2/{repository}/tags/list");
     (path.split('?').next() == Some(expected.as_str())).then_some(path)
 }

@@ -3,9 +3,9 @@
 #![allow(dead_code)]
 
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger::LedgerEntry;
+use ocicrypt_core::distribution::ledger_cache::Change;
 use ocicrypt_core::gateway::{Callout, Command, Flow, Level, Metric, ResponseHead, Stream};
-use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::ledger_cache::Change;
 
 use super::gateway::*;
 

@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use base64::Engine as _;
 use ocicrypt_core::config::Config;
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger::LedgerEntry;
+use ocicrypt_core::distribution::upload::{self, ChunkStream, UploadRecord};
 use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::format::recipients::Recipient;
 use ocicrypt_core::gateway::{Command, Env, KeyAnswer, Keys, Level, Metric, RequestHead, Stream};
-use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::recipients::Recipient;
-use ocicrypt_core::upload::{self, ChunkStream, Store, UploadRecord};
+use ocicrypt_core::store::Store;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::json;
@@ -214,7 +215,8 @@ pub fn upload_path(repository: &str, offset: u64, extra: &str) -> String {
 /// Saves `record` as the session's, as the adapter does on the registry's `202`.
 pub fn save_record(world: &World, record: &UploadRecord) {
     let idle = world.config.upload_idle_seconds;
-    ocicrypt_core::upload_table::save_in(&world.store, UUID, record, NOW, idle).unwrap();
+    ocicrypt_core::distribution::upload_table::save_in(&world.store, UUID, record, NOW, idle)
+        .unwrap();
 }
 
 /// The gateway's record after it encrypted `layer` in one PATCH, as the adapter saves it.
@@ -265,13 +267,20 @@ pub fn ledger_layer(world: &mut World, repository: &str, recipients: &[Recipient
     let completion = upload::complete(record, gz_digest(), recipients, &mut world.rng).unwrap();
     let entry = completion.ledger.unwrap();
     let shape = world.config.ledger_cache();
-    ocicrypt_core::ledger_cache::put_in(&world.store, shape, repository, &gz_digest(), &entry, NOW)
-        .unwrap();
+    ocicrypt_core::distribution::ledger_cache::put_in(
+        &world.store,
+        shape,
+        repository,
+        &gz_digest(),
+        &entry,
+        NOW,
+    )
+    .unwrap();
     entry
 }
 
 /// What the gateway's ledger cache holds for `digest` in `repository`.
 pub fn ledgered(world: &World, repository: &str, digest: &Digest) -> Option<LedgerEntry> {
     let shape = world.config.ledger_cache();
-    ocicrypt_core::ledger_cache::get_in(&world.store, shape, repository, digest)
+    ocicrypt_core::distribution::ledger_cache::get_in(&world.store, shape, repository, digest)
 }

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 
 use ocicrypt_core::digest::Digest;
+use ocicrypt_core::distribution::ledger::LedgerEntry;
+use ocicrypt_core::distribution::manifest::{rewrite, ManifestError, RewriteOptions, Rewritten};
 use ocicrypt_core::error::{Code, OciError};
-use ocicrypt_core::ledger::LedgerEntry;
-use ocicrypt_core::manifest::{rewrite, ManifestError, RewriteOptions, Rewritten};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -51,7 +51,7 @@ pub fn rewrite_opts(
     options: &RewriteOptions,
 ) -> Result<Rewritten, ManifestError> {
     let lookup = move |d: &Digest| ledger.get(d).cloned();
-    ocicrypt_core::manifest::rewrite_with(body, content_type, &lookup, options)
+    ocicrypt_core::distribution::manifest::rewrite_with(body, content_type, &lookup, options)
 }
 
 /// What a refusal table case expects of the error.

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
-use ocicrypt_core::prefetch::SharedQueues;
+use ocicrypt_core::gateway::prefetch::SharedQueues;
 
 /// The host's queues of one process: any VM enqueues to any queue.
 #[derive(Default)]

@@ -8,10 +8,10 @@
 //! plaintext digest and name the ciphertext blob by its own digest.
 
 use crate::digest::Digest;
-use crate::sha256::{hmac_finish, hmac_init, Sha256State};
-use crate::simd::aes256x8::Aes256x8;
-use crate::simd::sha256x4::{self, Schedule, Sha256x4};
-use crate::simd::U32x4;
+use crate::format::sha256::{hmac_finish, hmac_init, Sha256State};
+use crate::format::simd::aes256x8::Aes256x8;
+use crate::format::simd::sha256x4::{self, Schedule, Sha256x4};
+use crate::format::simd::U32x4;
 use aes::cipher::{InnerIvInit, KeyInit, KeyIvInit, StreamCipher, StreamCipherSeek};
 use hmac::Mac;
 use std::borrow::Cow;
@@ -169,7 +169,7 @@ impl LayerEncryptor {
     /// On wasm with `simd128` this is [`Self::encrypt_in_place_lanes`], elsewhere
     /// [`Self::encrypt_in_place_scalar`]; both give the same bytes and state.
     pub fn encrypt_in_place(&mut self, chunk: &mut [u8]) {
-        if crate::simd::HARDWARE {
+        if crate::format::simd::HARDWARE {
             self.encrypt_in_place_lanes(chunk);
         } else {
             self.encrypt_in_place_scalar(chunk);
@@ -187,7 +187,7 @@ impl LayerEncryptor {
     }
 
     /// One pass over the data for all four functions, in `simd128` lanes on wasm (see
-    /// [`crate::simd`]): eight AES blocks of keystream at a time, XORed into the data as it
+    /// [`crate::format::simd`]): eight AES blocks of keystream at a time, XORed into the data as it
     /// is loaded for hashing, and the three hashes advancing together in the lanes of one
     /// vector. Whole blocks from a block boundary take this path; the bytes before the first
     /// boundary and after the last one are hashed one state at a time.
@@ -302,7 +302,7 @@ impl LayerEncryptor {
             let mut probe = Zeroizing::new([0u8; 16]);
             let probe = probe.get_mut(..n).unwrap_or_default();
             let offset = self.offset.wrapping_add(at as u64);
-            if crate::simd::HARDWARE {
+            if crate::format::simd::HARDWARE {
                 self.aes_x8().apply_keystream(&self.nonce, offset, probe);
             } else {
                 self.apply_keystream_at(offset, probe);
@@ -311,7 +311,7 @@ impl LayerEncryptor {
                 return Err(KeystreamMismatch);
             }
         }
-        if crate::simd::HARDWARE {
+        if crate::format::simd::HARDWARE {
             self.encrypt_given_lanes(chunk, keystream);
         } else {
             self.encrypt_partial_given(chunk, keystream);
@@ -384,7 +384,7 @@ impl LayerEncryptor {
     }
 
     /// The layer key and initial counter block, for a helper to compute keystream
-    /// ([`crate::keystream::SegmentRequest`]).
+    /// ([`crate::format::keystream::SegmentRequest`]).
     pub(crate) fn key_material(&self) -> (&[u8; 32], &[u8; 16]) {
         (&self.symkey, &self.nonce)
     }
@@ -487,7 +487,7 @@ pub fn keystream(symkey: &[u8; 32], nonce: &[u8; 16], offset: u64, len: usize) -
 /// cannot be positioned, which a 128-bit counter starting at block 0 never hits for a u64
 /// offset.
 pub fn write_keystream(symkey: &[u8; 32], nonce: &[u8; 16], offset: u64, out: &mut [u8]) -> bool {
-    if crate::simd::HARDWARE {
+    if crate::format::simd::HARDWARE {
         Aes256x8::new(symkey).write_keystream(nonce, offset, out);
         true
     } else {

@@ -11,9 +11,9 @@
 //! [`unwrap_private_options`] is the reverse, for tests and tooling: the gateway never holds
 //! private keys.
 
-use crate::blockcipher::EncryptedLayer;
-use crate::recipients::{pem_decode, PemError, Recipient, B64URL};
-use crate::sha256::Sha256State;
+use crate::format::blockcipher::EncryptedLayer;
+use crate::format::recipients::{pem_decode, PemError, Recipient, B64URL};
+use crate::format::sha256::Sha256State;
 use crate::spec::{ANNOTATION_KEYS_JWE, ANNOTATION_PUBOPTS, CIPHER_AES_256_CTR_HMAC_SHA256};
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit};

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
-use crate::blockcipher::{self, LayerEncryptor};
+use crate::format::blockcipher::{self, LayerEncryptor};
 
 /// Size of one keystream segment (one helper callback: ≈ 3 ms of AES under V8).
 pub const SEGMENT_BYTES: u64 = 1 << 20;
@@ -215,7 +215,7 @@ pub enum Supply<'a> {
     Local(usize),
 }
 
-/// Hands [`crate::upload::ChunkStream`] the keystream of its next bytes.
+/// Hands [`crate::distribution::upload::ChunkStream`] the keystream of its next bytes.
 pub trait KeystreamSupply {
     /// Keystream for up to `max` bytes from stream byte `at`.
     fn next(&mut self, at: u64, max: usize) -> Supply<'_>;
@@ -481,7 +481,7 @@ impl KeystreamSupply for JobSupply<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upload::{ChunkStream, Treatment, UploadRecord};
+    use crate::distribution::upload::{ChunkStream, Treatment, UploadRecord};
     use rand::{Rng, SeedableRng};
 
     const M: u64 = SEGMENT_BYTES;

@@ -1,6 +1,6 @@
 //! The distribution API's tag listing (`GET /v2/<name>/tags/list`) as a user of an encrypted
 //! repository sees it: without the tags the gateway reserves for its ledger
-//! ([`crate::ledger::is_reserved_tag`]).
+//! ([`crate::distribution::ledger::is_reserved_tag`]).
 //!
 //! Only tags are removed; every other member of the answer is copied as the registry wrote it,
 //! and pagination stays the registry's: a page it answered with `n` tags may hold fewer once
@@ -19,7 +19,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer as _, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::ledger::is_reserved_tag;
+use crate::distribution::ledger::is_reserved_tag;
 
 /// The answer without reserved tags: `Ok(None)` when it holds none (send it as it is); an
 /// error when it is not a JSON object whose `tags` is an array of strings or `null`.

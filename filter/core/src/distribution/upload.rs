@@ -10,35 +10,17 @@ use std::collections::BTreeMap;
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-use crate::blockcipher::LayerEncryptor;
 use crate::digest::Digest;
+use crate::distribution::ledger::LedgerEntry;
 use crate::error::{Code, OciError};
-use crate::keystream::{KeystreamSupply, LocalOnly, Supply};
-use crate::keywrap;
-use crate::ledger::LedgerEntry;
-use crate::recipients::Recipient;
+use crate::format::blockcipher::LayerEncryptor;
+use crate::format::keystream::{KeystreamSupply, LocalOnly, Supply};
+use crate::format::keywrap;
+use crate::format::recipients::Recipient;
+use crate::store::Store;
 
 /// How many leading bytes decide whether a blob is JSON (passed through) or encrypted.
 pub const SNIFF_WINDOW: usize = 512;
-
-/// Shared key-value storage between requests (Envoy shared data in the adapter, a map in tests).
-pub trait Store {
-    /// Current value of `key`, if any.
-    fn get(&self, key: &str) -> Option<Vec<u8>>;
-    /// Sets `key`; an empty value removes it.
-    fn set(&self, key: &str, value: &[u8]) -> Result<(), OciError>;
-    /// The value of `key` (`None` when absent) with a compare-and-set token for
-    /// [`Store::set_cas`]; `None` when the store fails. A store shared by concurrent writers
-    /// (Envoy's shared data) must override both; the default suits a store nobody else writes.
-    fn get_cas(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
-        Some((self.get(key), 0))
-    }
-    /// Writes `key` if nobody wrote it since `cas` was read (`u32::MAX` for a key read absent:
-    /// only if still absent); `false` when another writer did, or the store failed.
-    fn set_cas(&self, key: &str, value: &[u8], _cas: u32) -> bool {
-        self.set(key, value).is_ok()
-    }
-}
 
 /// Shared-data key of an upload session's record.
 pub fn record_key(upload_id: &str) -> String {
@@ -186,7 +168,7 @@ pub fn session_location(location: &str, id: &str, sealed: Option<&str>) -> Strin
     if let Some(token) = sealed {
         add.push((STATE_PARAM, token));
     }
-    crate::distribution::rewrite_query(location, &[STATE_PARAM, SESSION_PARAM], &add)
+    crate::distribution::route::rewrite_query(location, &[STATE_PARAM, SESSION_PARAM], &add)
 }
 
 /// Checks that a request on upload session `id` names it in [`SESSION_PARAM`] exactly as the
@@ -507,7 +489,7 @@ pub struct ChunkStream {
 pub const PASS_WINDOW: usize = 4096;
 
 /// Checks the gateway's record of an upload against the registry's own reading of the request
-/// (the offset in its `_state`, see [`crate::distribution::registry_upload_state`]).
+/// (the offset in its `_state`, see [`crate::distribution::route::registry_upload_state`]).
 ///
 /// CTR keystream depends only on the layer key and the offset: a record applied at another
 /// offset than the one the registry writes at puts two ciphertexts under one keystream in the
@@ -583,7 +565,7 @@ impl ChunkStream {
     }
 
     /// [`Self::on_body`], taking keystream that another worker computed where `supply` has it
-    /// (see [`crate::keystream`]); the bytes written are the same either way.
+    /// (see [`crate::format::keystream`]); the bytes written are the same either way.
     pub fn on_body_with<R: CryptoRngCore>(
         &mut self,
         buffer: &mut Vec<u8>,
@@ -769,7 +751,7 @@ pub fn complete<R: CryptoRngCore>(
 /// digest check needs no key, so a request that fails it costs the key service nothing.
 pub struct Finished {
     client_digest: Digest,
-    layer: Option<crate::blockcipher::EncryptedLayer>,
+    layer: Option<crate::format::blockcipher::EncryptedLayer>,
 }
 
 /// The first half of [`complete`]: checks that the plaintext hashed to `client_digest`.
@@ -833,7 +815,7 @@ impl Finished {
                 size: layer.size,
                 annotations,
                 media_type: None,
-                recipients: Some(crate::recipients::fingerprint(recipients)),
+                recipients: Some(crate::format::recipients::fingerprint(recipients)),
             }),
         })
     }

@@ -12,12 +12,13 @@
 //! slot full of live records refuses a new session (`503`, retry) instead of growing. The store
 //! is therefore bounded by `SLOTS × RECORDS_PER_SLOT` records, whatever clients do.
 //!
-//! A slot's value is [`crate::slots`]'s. Pure functions over that value; the adapter reads and
-//! writes slots with compare-and-set, as several workers share them.
+//! A slot's value is [`crate::distribution::slots`]'s. Pure functions over that value; the adapter
+//! reads and writes slots with compare-and-set, as several workers share them.
 
+use crate::distribution::slots::{self, encode, entries, Entry};
+use crate::distribution::upload::UploadRecord;
 use crate::error::{Code, OciError};
-use crate::slots::{self, encode, entries, Entry};
-use crate::upload::{Store, UploadRecord};
+use crate::store::Store;
 
 /// Slots the records are spread over: enough that 10 000 sessions in progress fill none
 /// (2.4 per slot on average).

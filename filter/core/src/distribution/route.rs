@@ -172,18 +172,18 @@ pub fn is_repository_name(name: &str) -> bool {
 
 /// Value of the first `name=` parameter, with key and value decoded as Go's `url.ParseQuery`
 /// decodes them (pairs Go would drop — a bad escape, a `;` — are skipped, as Go skips them).
-/// The gateway acts on a query only after [`crate::form::Query::strict`] accepted it.
+/// The gateway acts on a query only after [`crate::distribution::form::Query::strict`] accepted it.
 pub fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         if kv.contains(';') {
             return None;
         }
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        let k = crate::form::unescape(k)?;
+        let k = crate::distribution::form::unescape(k)?;
         if k != name.as_bytes() {
             return None;
         }
-        String::from_utf8(crate::form::unescape(v)?).ok()
+        String::from_utf8(crate::distribution::form::unescape(v)?).ok()
     })
 }
 

@@ -3,10 +3,12 @@
 //! a usable record. Whoever finishes a lookup publishes its result to every worker.
 use crate::config::{Config, KeyServiceConfig};
 use crate::error::{Code, OciError};
-use crate::keyservice::{self, KeyRecord, Lookup, Next, Request, TableLimits, TrustedMetadata};
-use crate::recipients::Recipient;
+use crate::format::recipients::Recipient;
+use crate::keys::keyservice::{
+    self, KeyRecord, Lookup, Next, Request, TableLimits, TrustedMetadata,
+};
+use crate::store::Store;
 use crate::tuf::MetadataCache;
-use crate::upload::Store;
 
 use super::shared::{self, last_failure, read_table, Lease};
 use super::{unavailable, KeyCommand, KeyLevel, KeyMetric, KeyWorker, Resolution, RECENT_ANSWERS};

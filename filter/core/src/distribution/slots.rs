@@ -4,8 +4,8 @@
 //! fixed set of keys ("slots") instead, an item hashing to one of them, and rewrites a slot's
 //! value to add, replace or drop items. Several workers share the slots, so every change is a
 //! compare-and-set that is retried when another worker wrote the slot in between
-//! ([`update`]). Used by the upload records ([`crate::upload_table`]) and the ledger cache
-//! ([`crate::ledger_cache`]).
+//! ([`update`]). Used by the upload records ([`crate::distribution::upload_table`]) and the ledger
+//! cache ([`crate::distribution::ledger_cache`]).
 //!
 //! A slot's value: entries of `[id length: u8][id][written: u64 BE][record length: u32 BE]
 //! [record]`. A value that does not parse to its end is read as empty: its entries are
@@ -14,7 +14,7 @@
 use sha2::{Digest as _, Sha256};
 
 use crate::error::OciError;
-use crate::upload::Store;
+use crate::store::Store;
 
 /// One entry of a slot.
 #[derive(Clone, Copy)]

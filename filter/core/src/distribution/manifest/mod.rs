@@ -17,19 +17,22 @@
 //! let through unencrypted.
 //!
 //! Rewriting changes a manifest's digest, so manifests are ledgered too (see
-//! [`crate::ledger`]): an index (or Docker manifest list, stored as an OCI index) has its
-//! children pointed at the manifests the registry stores, and a `subject` naming a rewritten
-//! manifest is pointed at the stored one (see [`crate::index`]).
+//! [`crate::distribution::ledger`]): an index (or Docker manifest list, stored as an OCI index) has
+//! its children pointed at the manifests the registry stores, and a `subject` naming a rewritten
+//! manifest is pointed at the stored one (see [`crate::distribution::manifest::index`]).
 //!
 //! The JSON is edited in place (`serde_json` with `preserve_order`), so unknown fields,
 //! annotations, `subject` and `artifactType` survive and field order is kept. A manifest that
 //! needs no change is returned byte for byte, so its digest (and any signature over it) stays.
+pub mod index;
+
+use std::collections::BTreeMap;
+
 use serde_json::{Map, Value};
 
 use crate::digest::Digest;
+use crate::distribution::ledger::{self, LedgerEntry};
 use crate::error::{Code, OciError};
-use crate::index;
-use crate::ledger::{self, LedgerEntry};
 use crate::spec;
 
 /// Docker image manifest v2 schema 1 (unsigned).
@@ -462,8 +465,8 @@ pub fn stored_content_type(request_content_type: &str) -> &str {
 
 /// Checks that a manifest pushed by digest (`PUT /v2/<name>/manifests/<digest>`) has that
 /// digest. The registry cannot check it when the gateway stores the rewritten manifest under a
-/// reserved tag ([`crate::ledger::ledger_tag`]) instead, so the gateway must before it ledgers
-/// the manifest under `pushed`.
+/// reserved tag ([`crate::distribution::ledger::ledger_tag`]) instead, so the gateway must before
+/// it ledgers the manifest under `pushed`.
 pub fn verify_pushed_digest(body: &[u8], pushed: &Digest) -> Result<(), ManifestError> {
     let actual = Digest::of(body);
     if actual == *pushed {
@@ -760,7 +763,7 @@ pub fn rewrite(
 ///   no decryptor reads (Helm charts and other artifacts belong in unencrypted repositories).
 ///
 /// A config the ledger knows is refused; so is a manifest whose `artifactType` or config media
-/// type is the ledger's ([`crate::ledger::LEDGER_ARTIFACT_TYPE`]).
+/// type is the ledger's ([`crate::distribution::ledger::LEDGER_ARTIFACT_TYPE`]).
 ///
 /// Indexes (OCI, Docker manifest list → OCI index): every child of `manifests` must be a
 /// manifest the ledger knows, and is pointed at the stored one (digest, size, media type;
@@ -1110,6 +1113,78 @@ fn check_as_stored(
         return Err(differs(format!("it carries {field}")));
     }
     Ok(())
+}
+
+// The ledger keeps entries and knows nothing of manifests; a manifest's entry is made here,
+// from the rewrite that produced it.
+impl LedgerEntry {
+    /// The entry for a manifest once the registry stored it: digest and length of the
+    /// rewritten body, the media type it was stored as, no annotations. Record it under the
+    /// digest the client pushed the manifest under.
+    pub fn for_manifest(rewritten: &Rewritten) -> LedgerEntry {
+        LedgerEntry {
+            encrypted_digest: rewritten.digest(),
+            size: u64::try_from(rewritten.body.len()).unwrap_or(u64::MAX),
+            annotations: BTreeMap::new(),
+            media_type: Some(rewritten.descriptor_media_type().to_string()),
+            recipients: None,
+        }
+    }
+}
+
+/// The digests a manifest or index names that `known` does not know, in order of first
+/// mention: the ledger lookups the rewrite needs. More than `max` of them is refused
+/// ([`ManifestError::TooManyLedgerLookups`]) before any lookup is made, so one request makes a
+/// bounded number of registry requests ([`ledger::DEFAULT_MAX_LEDGER_LOOKUPS`] unless configured).
+pub fn referenced_digests_bounded(
+    body: &[u8],
+    known: &dyn Fn(&Digest) -> bool,
+    max: usize,
+) -> Result<Vec<Digest>, ManifestError> {
+    let unknown: Vec<Digest> = referenced_digests(body)
+        .into_iter()
+        .filter(|d| !known(d))
+        .collect();
+    if unknown.len() > max {
+        return Err(ManifestError::TooManyLedgerLookups {
+            count: unknown.len(),
+            max,
+        });
+    }
+    Ok(unknown)
+}
+
+/// Digests a manifest or index names (config, layers, children, subject): what a manifest
+/// rewrite may need ledger entries for. Unbounded: see [`referenced_digests_bounded`].
+pub fn referenced_digests(body: &[u8]) -> Vec<Digest> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut take = |v: Option<&serde_json::Value>| {
+        if let Some(d) = v
+            .and_then(|d| d.get("digest"))
+            .and_then(|d| d.as_str())
+            .and_then(|d| Digest::parse(d).ok())
+        {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+    };
+    take(doc.get("config"));
+    take(doc.get("subject"));
+    for list in ["layers", "manifests"] {
+        for item in doc
+            .get(list)
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+        {
+            take(Some(item));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

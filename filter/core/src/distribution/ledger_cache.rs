@@ -5,9 +5,9 @@
 //! every stored manifest one, and every record read back from the registry's ledger one more.
 //! Envoy's shared data has no delete, so a key per entry would grow for as long as the process
 //! lives (≈ 6 KiB per encrypted layer with two recipients, measured). The entries are kept in a
-//! fixed set of slots instead ([`crate::slots`]): an entry's key hashes to one slot, a slot
-//! holds at most [`Shape::per_slot`] entries in the order they were last written, and writing
-//! one more to a full slot evicts the least recently written one. The capacity
+//! fixed set of slots instead ([`crate::distribution::slots`]): an entry's key hashes to one slot,
+//! a slot holds at most [`Shape::per_slot`] entries in the order they were last written, and
+//! writing one more to a full slot evicts the least recently written one. The capacity
 //! (`limits.ledger_cache_entries`) bounds the entries held, whatever is pushed; a write is
 //! never refused for room.
 //!
@@ -19,18 +19,18 @@
 //!   refused until it is pushed again.
 //!
 //! An entry is stored as `[key length: u16 BE][key][`[`LedgerEntry::to_bytes`]`]` under the
-//! SHA-256 of its key ([`crate::ledger::key`]: repository and digest) as the slot id. It is
-//! found only when the key stored in it is exactly the one asked for and the entry parses in
+//! SHA-256 of its key ([`crate::distribution::ledger::key`]: repository and digest) as the slot id.
+//! It is found only when the key stored in it is exactly the one asked for and the entry parses in
 //! full: a slot value that does not parse, or an entry that does not, is never trusted (and is
 //! dropped when the slot is next written).
 
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
+use crate::distribution::ledger::{self, LedgerEntry};
+use crate::distribution::slots::{self, encode, entries, Entry};
 use crate::error::{Code, OciError};
-use crate::ledger::{self, LedgerEntry};
-use crate::slots::{self, encode, entries, Entry};
-use crate::upload::Store;
+use crate::store::Store;
 
 /// Entries one slot holds at most: a write copies the slot's value (≤ 16 × 3 KiB) in and out.
 pub const ENTRIES_PER_SLOT: usize = 16;
@@ -566,7 +566,7 @@ wwfVdWGg7PrzkkpecgYh2nKpRxvzOqt3cPIJ91GxxCTnJqoks/ODJIA9sbQTTk4y
     /// the figure the documentation gives per entry.
     #[test]
     fn entry_sizes_with_two_recipients() {
-        use crate::recipients::Recipient;
+        use crate::format::recipients::Recipient;
         let rsa = |bits| {
             Recipient::from_pem(if bits == 2048 {
                 RSA2048_PEM
@@ -576,7 +576,7 @@ wwfVdWGg7PrzkkpecgYh2nKpRxvzOqt3cPIJ91GxxCTnJqoks/ODJIA9sbQTTk4y
             .unwrap()
         };
         let p256 = || Recipient::P256(p256::SecretKey::random(&mut rand_core::OsRng).public_key());
-        let layer = crate::blockcipher::EncryptedLayer {
+        let layer = crate::format::blockcipher::EncryptedLayer {
             plaintext_digest: digest(1),
             encrypted_digest: digest(2),
             size: 123_456_789,
@@ -589,15 +589,18 @@ wwfVdWGg7PrzkkpecgYh2nKpRxvzOqt3cPIJ91GxxCTnJqoks/ODJIA9sbQTTk4y
             ("2 x RSA-2048", vec![rsa(2048), rsa(2048)], 3 << 10),
             ("2 x RSA-4096", vec![rsa(4096), rsa(4096)], 4 << 10),
         ] {
-            let annotations =
-                crate::keywrap::layer_annotations(&layer, &recipients, &mut rand_core::OsRng)
-                    .unwrap();
+            let annotations = crate::format::keywrap::layer_annotations(
+                &layer,
+                &recipients,
+                &mut rand_core::OsRng,
+            )
+            .unwrap();
             let e = LedgerEntry {
                 encrypted_digest: layer.encrypted_digest,
                 size: layer.size,
                 annotations,
                 media_type: None,
-                recipients: Some(crate::recipients::fingerprint(&recipients)),
+                recipients: Some(crate::format::recipients::fingerprint(&recipients)),
             };
             let (slot, _) = put(&[], 16, "tribe-a/some/service", &digest(1), &e, 1).unwrap();
             println!("ledger cache entry, {name}: {} bytes", slot.len());

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ConfigError, KeyServiceConfig};
-use crate::recipients::Recipient;
+use crate::format::recipients::Recipient;
 use crate::tuf::{
     self, DownloadError, FetchBase, MetadataCache, Outcome, Progress, TufError, Updater,
     UpdaterConfig,
@@ -505,9 +505,6 @@ pub fn idle_seconds(cfg: &KeyServiceConfig) -> i64 {
     let refresh = i64::try_from(cfg.refresh_seconds).unwrap_or(i64::MAX);
     refresh.saturating_mul(10).max(3600)
 }
-
-/// Default of `key_service.max_projects`.
-pub const DEFAULT_MAX_PROJECTS: usize = 1024;
 
 /// The message of a remembered "no such project".
 pub const UNKNOWN_PROJECT: &str = "the key service has no recipients for this project \

@@ -24,10 +24,10 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::config::{self, Config};
 use crate::error::{Code, OciError};
-use crate::keyservice::{self, KeyRecord, TableLimits};
-use crate::recipients::Recipient;
+use crate::format::recipients::Recipient;
+use crate::keys::keyservice::{self, KeyRecord, TableLimits};
+use crate::store::Store;
 use crate::tuf::Updater;
-use crate::upload::Store;
 
 use lookups::KeyLookup;
 pub use lookups::{KeyStep, StreamLookup};
@@ -84,8 +84,8 @@ pub enum Resolution {
     LookUp,
 }
 
-/// [`crate::keyservice::TrustedMetadata::stamp`]: root and timestamp versions, time of the full
-/// refresh.
+/// [`crate::keys::keyservice::TrustedMetadata::stamp`]: root and timestamp versions, time of the
+/// full refresh.
 type Stamp = (u64, u64, i64);
 
 /// What one worker keeps of the keys between events, beside the shared store.
@@ -112,7 +112,7 @@ impl Default for KeyWorker {
             recent: VecDeque::new(),
             touched: BTreeMap::new(),
             limits: TableLimits {
-                max_projects: keyservice::DEFAULT_MAX_PROJECTS,
+                max_projects: config::DEFAULT_MAX_PROJECTS,
                 unknown_seconds: 60,
                 failure_seconds: keyservice::RETRY_AFTER_FAILURE_SECS,
                 idle_seconds: 3600,

@@ -11,7 +11,7 @@
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Code, OciError};
-use crate::upload::Store;
+use crate::store::Store;
 
 /// Slots the claims are spread over.
 pub const SLOTS: u32 = 256;

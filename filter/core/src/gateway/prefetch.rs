@@ -1,6 +1,6 @@
 //! Keystream prefetch across Envoy workers: who helps whom, and what a request asks for.
 //!
-//! The why and the bounds of prefetching are in [`crate::keystream`]; this module plans it.
+//! The why and the bounds of prefetching are in [`crate::format::keystream`]; this module plans it.
 //! Each plugin VM (one per Envoy worker) registers two of the host's shared queues, one for
 //! the keystream requests it serves and one for the segments it asked for, and lists itself as
 //! a helper in the shared store. Queue ids are process-wide, so a worker enqueues straight to
@@ -21,10 +21,11 @@
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-use crate::blockcipher::LayerEncryptor;
+use crate::distribution::upload::{BodyVerdict, ChunkStream};
 use crate::error::OciError;
-use crate::keystream::{Prefetcher, Segment, SegmentRequest, Tally};
-use crate::upload::{BodyVerdict, ChunkStream, Store};
+use crate::format::blockcipher::LayerEncryptor;
+use crate::format::keystream::{Prefetcher, Segment, SegmentRequest, Tally};
+use crate::store::Store;
 
 /// Store key of the helper list: one line `<request queue id> <unix seconds> <s|->` per VM,
 /// `s` once the VM has served a stream.

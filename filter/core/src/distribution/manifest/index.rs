@@ -5,12 +5,12 @@
 //! holds it under another digest than the one its index names. The ledger maps the digest the
 //! client pushed a manifest under to the manifest the registry stores
 //! ([`LedgerEntry::media_type`] set); these functions point the references at the stored one.
-//! [`crate::manifest::rewrite`] is the entry point; this module holds its index half.
+//! [`crate::distribution::manifest::rewrite`] is the entry point; this module holds its index half.
 use serde_json::{Map, Value};
 
 use crate::digest::Digest;
-use crate::ledger::LedgerEntry;
-use crate::manifest::{
+use crate::distribution::ledger::LedgerEntry;
+use crate::distribution::manifest::{
     check_spelling, malformed, read_descriptor, ManifestError, DESCRIPTOR_FIELDS,
 };
 use crate::spec;

@@ -1,8 +1,8 @@
 //! What the workers share about keys, in the [`Store`]: the project table, the leases, the last
 //! failed full refresh, the trusted metadata and the projects' records. Envoy cannot delete a
 //! shared-data key: values are overwritten, never removed.
-use crate::keyservice::{self, KeyRecord, ProjectTable, TrustedMetadata};
-use crate::upload::Store;
+use crate::keys::keyservice::{self, KeyRecord, ProjectTable, TrustedMetadata};
+use crate::store::Store;
 
 /// Store key of the [`ProjectTable`]. (The list of the previous versions,
 /// `ocicrypt/keys/projects`, is no longer read.)

@@ -37,10 +37,10 @@
 //!   rewriting it. Read back, such a manifest gives a *manifest* entry for itself (its digest,
 //!   size and media type): what it vouches for is only that the manifest exists in the
 //!   repository, and everything in it was checked when it was pushed. A manifest entry never
-//!   counts for a layer or a config (see [`crate::manifest::rewrite_with`]), so a client's
-//!   manifest can never be read back as a blob record: anything that looks like a blob record
-//!   (its `artifactType` or config media type is [`LEDGER_ARTIFACT_TYPE`], in any letter case)
-//!   is either an authentic record or nothing, and the manifest rewrite refuses client
+//!   counts for a layer or a config (see [`crate::distribution::manifest::rewrite_with`]), so a
+//!   client's manifest can never be read back as a blob record: anything that looks like a blob
+//!   record (its `artifactType` or config media type is [`LEDGER_ARTIFACT_TYPE`], in any letter
+//!   case) is either an authentic record or nothing, and the manifest rewrite refuses client
 //!   manifests that look like one.
 //!
 //! [`ledger_manifest`] and [`entry_from_stored`] are the unauthenticated forms this replaced;
@@ -48,7 +48,7 @@
 //!
 //! Reading the ledger back costs one registry request per unknown digest, so a manifest may
 //! make at most [`DEFAULT_MAX_LEDGER_LOOKUPS`] (configurable) such lookups
-//! ([`referenced_digests_bounded`]).
+//! ([`crate::distribution::manifest::referenced_digests_bounded`]).
 use std::collections::BTreeMap;
 
 use hmac::Mac as _;
@@ -56,7 +56,6 @@ use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
 use crate::digest::Digest;
-use crate::manifest::{ManifestError, Rewritten};
 
 /// Prefix of every tag the gateway reserves for itself.
 pub const RESERVED_TAG_PREFIX: &str = "ocicrypt.";
@@ -83,8 +82,8 @@ pub struct LedgerEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
     /// Fingerprint of the recipients a blob's key was wrapped to
-    /// ([`crate::recipients::fingerprint`]): a re-push may reuse the ciphertext only while the
-    /// project's recipients are the same (after a rotation the layer is encrypted anew).
+    /// ([`crate::format::recipients::fingerprint`]): a re-push may reuse the ciphertext only while
+    /// the project's recipients are the same (after a rotation the layer is encrypted anew).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipients: Option<String>,
 }
@@ -95,19 +94,6 @@ pub fn key(repository: &str, plaintext: &Digest) -> String {
 }
 
 impl LedgerEntry {
-    /// The entry for a manifest once the registry stored it: digest and length of the
-    /// rewritten body, the media type it was stored as, no annotations. Record it under the
-    /// digest the client pushed the manifest under.
-    pub fn for_manifest(rewritten: &Rewritten) -> LedgerEntry {
-        LedgerEntry {
-            encrypted_digest: rewritten.digest(),
-            size: u64::try_from(rewritten.body.len()).unwrap_or(u64::MAX),
-            annotations: BTreeMap::new(),
-            media_type: Some(rewritten.descriptor_media_type().to_string()),
-            recipients: None,
-        }
-    }
-
     /// True when the entry describes a manifest rather than a blob.
     pub fn is_manifest(&self) -> bool {
         self.media_type.is_some()
@@ -376,8 +362,8 @@ pub enum StoredEntryError {
 /// True when a manifest looks like one of the gateway's ledger records: its `artifactType` or
 /// config media type is [`LEDGER_ARTIFACT_TYPE`], without regard to ASCII case or surrounding
 /// blanks. Such manifests are only ever authentic ledger records or nothing
-/// ([`read_stored`]); clients cannot push them ([`crate::manifest::rewrite_with`]) nor delete
-/// them.
+/// ([`read_stored`]); clients cannot push them ([`crate::distribution::manifest::rewrite_with`])
+/// nor delete them.
 pub fn is_ledger_record(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -523,64 +509,10 @@ pub fn entry_from_stored(body: &[u8]) -> Option<LedgerEntry> {
     })
 }
 
-/// The digests a manifest or index names that `known` does not know, in order of first
-/// mention: the ledger lookups the rewrite needs. More than `max` of them is refused
-/// ([`ManifestError::TooManyLedgerLookups`]) before any lookup is made, so one request makes a
-/// bounded number of registry requests ([`DEFAULT_MAX_LEDGER_LOOKUPS`] unless configured).
-pub fn referenced_digests_bounded(
-    body: &[u8],
-    known: &dyn Fn(&Digest) -> bool,
-    max: usize,
-) -> Result<Vec<Digest>, ManifestError> {
-    let unknown: Vec<Digest> = referenced_digests(body)
-        .into_iter()
-        .filter(|d| !known(d))
-        .collect();
-    if unknown.len() > max {
-        return Err(ManifestError::TooManyLedgerLookups {
-            count: unknown.len(),
-            max,
-        });
-    }
-    Ok(unknown)
-}
-
-/// Digests a manifest or index names (config, layers, children, subject): what a manifest
-/// rewrite may need ledger entries for. Unbounded: see [`referenced_digests_bounded`].
-pub fn referenced_digests(body: &[u8]) -> Vec<Digest> {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut take = |v: Option<&serde_json::Value>| {
-        if let Some(d) = v
-            .and_then(|d| d.get("digest"))
-            .and_then(|d| d.as_str())
-            .and_then(|d| Digest::parse(d).ok())
-        {
-            if !out.contains(&d) {
-                out.push(d);
-            }
-        }
-    };
-    take(doc.get("config"));
-    take(doc.get("subject"));
-    for list in ["layers", "manifests"] {
-        for item in doc
-            .get(list)
-            .and_then(|l| l.as_array())
-            .into_iter()
-            .flatten()
-        {
-            take(Some(item));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distribution::manifest::{referenced_digests, Rewritten};
 
     fn blob_entry() -> LedgerEntry {
         LedgerEntry {

@@ -24,13 +24,15 @@
 //!
 //! Only `registry.cluster` is required. A project that an `encrypt` rule covers but that has
 //! no `projects` entry is not an error: its pushes fail closed (503) until keys are configured.
+pub mod policy;
+
 use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::policy::{Action, Pattern, PatternError, Policy, Rule};
-use crate::recipients::{Recipient, RecipientError};
+use crate::format::recipients::{Recipient, RecipientError};
+use policy::{Action, Pattern, PatternError, Policy, Rule};
 
 /// Default time allowed for a callout to the registry, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 60_000;
@@ -48,12 +50,16 @@ pub const MAX_KEYSTREAM_PREFETCH_BYTES: u64 = 256 << 20;
 /// Largest accepted `limits.upload_idle_seconds` (a week, distribution's default purge age).
 pub const MAX_UPLOAD_IDLE_SECONDS: u64 = 7 * 24 * 3600;
 
-/// Default `limits.max_ledger_lookups`: [`crate::ledger::DEFAULT_MAX_LEDGER_LOOKUPS`].
-pub const DEFAULT_MAX_LEDGER_LOOKUPS: usize = crate::ledger::DEFAULT_MAX_LEDGER_LOOKUPS;
+/// Default `limits.max_ledger_lookups`:
+/// [`crate::distribution::ledger::DEFAULT_MAX_LEDGER_LOOKUPS`].
+pub const DEFAULT_MAX_LEDGER_LOOKUPS: usize =
+    crate::distribution::ledger::DEFAULT_MAX_LEDGER_LOOKUPS;
 /// Largest accepted `limits.max_ledger_lookups`.
 pub const MAX_MAX_LEDGER_LOOKUPS: u64 = 1024;
 /// Largest accepted `limits.ledger_cache_entries`.
-pub const MAX_LEDGER_CACHE_ENTRIES: u64 = crate::ledger_cache::MAX_ENTRIES;
+pub const MAX_LEDGER_CACHE_ENTRIES: u64 = crate::distribution::ledger_cache::MAX_ENTRIES;
+/// Default of `key_service.max_projects`.
+pub const DEFAULT_MAX_PROJECTS: usize = 1024;
 
 /// Where the filter finishes uploads and reads what it needs from the registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +91,7 @@ pub struct KeyServiceConfig {
     /// periods): past that, pushes wait for a refresh that succeeds.
     pub max_age_seconds: u64,
     /// Most projects whose lookups the gateway remembers (in use, or answered from memory for
-    /// a while), see [`crate::keyservice::ProjectTable`].
+    /// a while), see [`crate::keys::keyservice::ProjectTable`].
     pub max_projects: usize,
 }
 
@@ -101,16 +107,16 @@ pub struct Config {
     /// Largest manifest body the gateway buffers and rewrites.
     pub max_manifest_bytes: usize,
     /// Keystream a worker may have asked other workers for and not yet used (0: off); see
-    /// [`crate::keystream`].
+    /// [`crate::format::keystream`].
     pub keystream_prefetch_bytes: u64,
     /// Most ledger records one manifest PUT may make the gateway read from the registry
-    /// ([`crate::ledger::referenced_digests_bounded`]).
+    /// ([`crate::distribution::manifest::referenced_digests_bounded`]).
     pub max_ledger_lookups: usize,
     /// Seconds after which an upload session not continued loses its record in the gateway's
-    /// own table (without `replicas`; see [`crate::upload_table`]).
+    /// own table (without `replicas`; see [`crate::distribution::upload_table`]).
     pub upload_idle_seconds: u64,
     /// Ledger entries the process keeps in its shared store at most (see
-    /// [`crate::ledger_cache`]).
+    /// [`crate::distribution::ledger_cache`]).
     pub ledger_cache_entries: usize,
     /// Where recipients come from for projects without inline recipients.
     pub key_service: Option<KeyServiceConfig>,
@@ -541,13 +547,16 @@ impl Config {
     }
 
     /// How the ledger cache is laid out in the shared store.
-    pub fn ledger_cache(&self) -> crate::ledger_cache::Shape {
-        crate::ledger_cache::Shape::for_entries(self.ledger_cache_entries)
+    pub fn ledger_cache(&self) -> crate::distribution::ledger_cache::Shape {
+        crate::distribution::ledger_cache::Shape::for_entries(self.ledger_cache_entries)
     }
 
     /// The manifest rewrite's options for a repository (its policy rule's `accept_encrypted`).
-    pub fn rewrite_options(&self, repository: &str) -> crate::manifest::RewriteOptions {
-        crate::manifest::RewriteOptions {
+    pub fn rewrite_options(
+        &self,
+        repository: &str,
+    ) -> crate::distribution::manifest::RewriteOptions {
+        crate::distribution::manifest::RewriteOptions {
             accept_encrypted: self.policy.accepts_encrypted(repository),
         }
     }
@@ -743,7 +752,7 @@ fn compile_key_service(value: Value) -> Result<KeyServiceConfig, ConfigError> {
     };
     let max_projects = match ks.max_projects {
         Some(v) => integer(&v, "key_service.max_projects", 1, 16_384)?,
-        None => crate::keyservice::DEFAULT_MAX_PROJECTS as u64,
+        None => DEFAULT_MAX_PROJECTS as u64,
     };
     Ok(KeyServiceConfig {
         cluster,
@@ -830,10 +839,10 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
-            keystream_prefetch_bytes: crate::keystream::BUDGET_BYTES,
+            keystream_prefetch_bytes: crate::format::keystream::BUDGET_BYTES,
             max_ledger_lookups: DEFAULT_MAX_LEDGER_LOOKUPS,
-            upload_idle_seconds: crate::upload_table::DEFAULT_IDLE_SECONDS,
-            ledger_cache_entries: crate::ledger_cache::DEFAULT_ENTRIES,
+            upload_idle_seconds: crate::distribution::upload_table::DEFAULT_IDLE_SECONDS,
+            ledger_cache_entries: crate::distribution::ledger_cache::DEFAULT_ENTRIES,
         }
     }
 }
@@ -872,7 +881,7 @@ fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
             0,
             MAX_KEYSTREAM_PREFETCH_BYTES,
         )?,
-        None => crate::keystream::BUDGET_BYTES,
+        None => crate::format::keystream::BUDGET_BYTES,
     };
     let upload_idle_seconds = match limits.upload_idle_seconds {
         Some(value) => integer(
@@ -881,13 +890,13 @@ fn compile_limits(value: Value) -> Result<Limits, ConfigError> {
             1,
             MAX_UPLOAD_IDLE_SECONDS,
         )?,
-        None => crate::upload_table::DEFAULT_IDLE_SECONDS,
+        None => crate::distribution::upload_table::DEFAULT_IDLE_SECONDS,
     };
     let ledger_cache_entries = count_limit(
         limits.ledger_cache_entries,
         "limits.ledger_cache_entries",
         MAX_LEDGER_CACHE_ENTRIES,
-        crate::ledger_cache::DEFAULT_ENTRIES,
+        crate::distribution::ledger_cache::DEFAULT_ENTRIES,
     )?;
     let Some(value) = limits.max_manifest_bytes else {
         return Ok(Limits {

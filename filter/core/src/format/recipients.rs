@@ -1,6 +1,6 @@
 //! Recipient public keys, in the forms ocicrypt accepts for `jwe:` recipients: PKIX PEM
 //! (`-----BEGIN PUBLIC KEY-----`) and public JWK. RSA keys get `RSA-OAEP`, EC keys on P-256,
-//! P-384 and P-521 get `ECDH-ES+A256KW` (see [`crate::keywrap`]).
+//! P-384 and P-521 get `ECDH-ES+A256KW` (see [`crate::format::keywrap`]).
 
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;

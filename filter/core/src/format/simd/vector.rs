@@ -171,8 +171,8 @@ pub(crate) mod imp {
     /// Byte `k` of the result is byte `i_k` of `x` (`i8x16.shuffle` of `x` with itself).
     macro_rules! shuffle {
         ($x:expr; $($i:literal)*) => {{
-            let from = $crate::simd::vector::imp::to_bytes($x);
-            $crate::simd::vector::imp::from_bytes(&[$(from[$i & 15]),*])
+            let from = $crate::format::simd::vector::imp::to_bytes($x);
+            $crate::format::simd::vector::imp::from_bytes(&[$(from[$i & 15]),*])
         }};
     }
     /// Lane `k` of the result is lane `i_k` of `a ++ b` (`i32x4.shuffle`).

@@ -908,8 +908,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(f: *const c_void) 
     })
 }
 
-/// Header statuses: Continue 0, StopIteration 1.
-const HEADERS_STOP: u32 = 1;
+/// Header statuses: Continue 0, StopAllIterationAndWatermark 4 (see `stream.rs`).
+const HEADERS_STOP: u32 = 4;
 /// Body statuses: Continue 0, StopIterationAndBuffer 1.
 const BODY_BUFFER: u32 = 1;
 /// Trailer statuses: Continue 0, StopIteration 1.
@@ -1369,6 +1369,56 @@ mod tests {
         with(|f| {
             assert_eq!(f.replies.len(), 1);
             assert_eq!(f.received, b"late", "the body was left as it came");
+            assert_eq!(f.continued_requests, 0);
+        });
+    }
+
+    #[test]
+    fn a_request_waiting_for_a_callout_stops_everything_until_the_answer() {
+        let s = Stream::open();
+        request(&[
+            (":method", "GET"),
+            (":path", "/v2/demo/app/tags/list"),
+            (":authority", "r"),
+        ]);
+        let status =
+            envoy_dynamic_module_on_http_filter_request_headers(envoy_ptr(), s.filter, true);
+        // StopAllIterationAndWatermark: no body hook may run (and resume the headers by
+        // returning Continue) while the machine waits.
+        assert_eq!(status, 4);
+        let id = with(|f| {
+            assert_eq!(f.callouts.len(), 1);
+            assert_eq!(f.callouts[0].0, "registry");
+            100 + f.callouts.len() as u64
+        });
+        let headers = [(b":status".to_vec(), b"200".to_vec())];
+        let envoy_headers: Vec<EnvoyHeader> = headers
+            .iter()
+            .map(|(k, v)| EnvoyHeader {
+                key_ptr: k.as_ptr(),
+                key_len: k.len(),
+                value_ptr: v.as_ptr(),
+                value_len: v.len(),
+            })
+            .collect();
+        let body = br#"{"name":"demo/app","tags":["v1","ocicrypt.ledger.x"]}"#;
+        let chunks = [buf(body)];
+        envoy_dynamic_module_on_http_filter_http_callout_done(
+            envoy_ptr(),
+            s.filter,
+            id,
+            0,
+            envoy_headers.as_ptr(),
+            envoy_headers.len(),
+            chunks.as_ptr(),
+            chunks.len(),
+        );
+        with(|f| {
+            assert_eq!(f.replies.len(), 1, "answered by the gateway");
+            let (code, _, body) = &f.replies[0];
+            assert_eq!(*code, 200);
+            let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(body["tags"], serde_json::json!(["v1"]));
             assert_eq!(f.continued_requests, 0);
         });
     }

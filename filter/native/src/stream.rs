@@ -36,11 +36,16 @@ thread_local! {
 /// Numbers streams for log lines.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Header statuses.
+/// Header statuses: Continue, and StopAllIterationAndWatermark for a pause. Host contract: the
+/// machine is written for proxy-wasm, whose host turns a headers pause into "stop everything":
+/// no body hook runs until the request is resumed. A plain StopIteration would let body hooks
+/// run, and Envoy resumes the headers as soon as one of them returns Continue.
 const CONTINUE: u32 = 0;
-const STOP: u32 = 1;
+const STOP: u32 = 4;
 /// Body: StopIterationAndBuffer (Envoy keeps what the filter has not let go).
 const BUFFER: u32 = 1;
+/// Trailers: StopIteration.
+const TRAILERS_STOP: u32 = 1;
 
 /// A three-digit `:status` among `headers`.
 pub fn status_of(headers: &[(Vec<u8>, Vec<u8>)]) -> Option<u16> {
@@ -181,11 +186,16 @@ impl Filter {
     /// Request trailers.
     pub fn on_request_trailers(&self, host: &StreamHost) -> u32 {
         if self.replied.get() {
-            return STOP;
+            return TRAILERS_STOP;
         }
-        self.event(host, Hook::Stream, STOP, CONTINUE, STOP, |s, _| {
-            s.on_request_trailers()
-        })
+        self.event(
+            host,
+            Hook::Stream,
+            TRAILERS_STOP,
+            CONTINUE,
+            TRAILERS_STOP,
+            |s, _| s.on_request_trailers(),
+        )
     }
 
     /// Response headers (also those of a local reply, ours or Envoy's).

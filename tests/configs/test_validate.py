@@ -40,7 +40,9 @@ def test_every_shipped_config_validates():
     istio = sorted(str(p.relative_to(REPO)) for p in ISTIO.glob("*.yaml"))
     assert len(istio) >= 3, istio
     for name in ["envoy/envoy.yaml",
+                 "envoy/envoy-native.yaml",
                  "envoy/envoy.yaml rendered by scripts/gateway.py (filter on)",
+                 "envoy/envoy.yaml rendered by scripts/gateway.py (native build, filter on)",
                  "envoy/envoy.yaml rendered by scripts/gateway.py (filter off)",
                  "envoy/observability/alerts.yaml",
                  "envoy/observability/alerts-test.yaml"]:
@@ -52,6 +54,36 @@ def test_every_shipped_config_validates():
     for name in istio + eg:
         mine = [v for what, v in got.items() if what == name or what.startswith(name + " (")]
         assert mine and set(mine) == {"ok"}, f"{name}: {mine}\n{proc.stdout}"
+
+
+def http_filters(cfg: dict) -> list:
+    (listener,) = cfg["static_resources"]["listeners"]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+
+
+def test_native_example_is_the_wasm_example_with_the_module_swapped():
+    """envoy/envoy-native.yaml is envoy/envoy.yaml with the wasm plugin replaced by the dynamic
+    module, the same plugin configuration, and nothing else changed: a fix to one example
+    (a buffer limit, a timeout, the access log) that misses the other fails here."""
+    wasm = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
+    native = yaml.safe_load((REPO / "envoy" / "envoy-native.yaml").read_text())
+    (w,) = [i for i, f in enumerate(http_filters(wasm)) if f["name"] == "envoy.filters.http.wasm"]
+    (n,) = [i for i, f in enumerate(http_filters(native))
+            if f["name"] == "envoy.filters.http.dynamic_modules"]
+    assert w == n, "the module sits where the wasm plugin sits (after set_filter_state)"
+    plugin = http_filters(wasm)[w]["typed_config"]["config"]
+    module = http_filters(native)[n]["typed_config"]
+    assert json.loads(module["filter_config"]["value"]) == \
+        json.loads(plugin["configuration"]["value"])
+    assert module["filter_config"]["@type"] == plugin["configuration"]["@type"]
+    assert module["dynamic_module_config"]["name"] == "ocicrypt_filter"  # libocicrypt_filter.so
+    # The metrics keep the wasm build's names (the histogram buckets match on them).
+    assert module["dynamic_module_config"]["metrics_namespace"] == "wasmcustom"
+    assert any(b["match"]["exact"].startswith("wasmcustom.")
+               for b in native["stats_config"]["histogram_bucket_settings"])
+    http_filters(wasm).pop(w)
+    http_filters(native).pop(n)
+    assert native == wasm
 
 
 def shared_crds() -> Path:
@@ -196,46 +228,55 @@ BROKEN_PLUGIN_CONFIGS = {
 }
 
 
-def envoy_yaml_with_plugin_config(tmp_path, edit) -> Path:
-    """The shipped envoy.yaml loading the built module (E2E_WASM_PATH's when set), with its
+def envoy_yaml_with_plugin_config(tmp_path, edit, build: str = "wasm") -> Path:
+    """The shipped envoy.yaml loading the built wasm module (E2E_WASM_PATH's when set), or
+    envoy-native.yaml (the native module, found by validate-configs' search path), with its
     plugin configuration edited (a function of the parsed JSON) or replaced (a string)."""
     from conftest import WASM_OVERRIDE
 
-    cfg = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
-    (listener,) = cfg["static_resources"]["listeners"]
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
-    plugin = wasm["typed_config"]["config"]
-    plugin["vm_config"]["code"]["local"]["filename"] = str(
-        WASM_OVERRIDE or REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm")
+    name = "envoy-native.yaml" if build == "native" else "envoy.yaml"
+    cfg = yaml.safe_load((REPO / "envoy" / name).read_text())
+    if build == "native":
+        (module,) = [f for f in http_filters(cfg)
+                     if f["name"] == "envoy.filters.http.dynamic_modules"]
+        holder = module["typed_config"]["filter_config"]
+    else:
+        (wasm,) = [f for f in http_filters(cfg) if f["name"] == "envoy.filters.http.wasm"]
+        plugin = wasm["typed_config"]["config"]
+        plugin["vm_config"]["code"]["local"]["filename"] = str(
+            WASM_OVERRIDE or REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm")
+        holder = plugin["configuration"]
     if isinstance(edit, str):
-        plugin["configuration"]["value"] = edit
+        holder["value"] = edit
     elif edit is not None:
-        doc = json.loads(plugin["configuration"]["value"])
+        doc = json.loads(holder["value"])
         edit(doc)
-        plugin["configuration"]["value"] = json.dumps(doc)
-    path = tmp_path / "envoy.yaml"
+        holder["value"] = json.dumps(doc)
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
+@pytest.mark.parametrize("build", ["wasm", "native"])
 @pytest.mark.parametrize("case", sorted(BROKEN_PLUGIN_CONFIGS))
-def test_broken_plugin_configuration_fails_validation(tmp_path, case):
-    """`envoy --mode validate` runs the module's on_configure: the shipped envoy.yaml with a
-    broken plugin configuration fails, and the log names the field (a module that accepted
-    anything, or had no callbacks, would pass)."""
+def test_broken_plugin_configuration_fails_validation(tmp_path, case, build):
+    """`envoy --mode validate` runs the module's own check (the wasm plugin's on_configure, the
+    native module's config_new): the shipped example with a broken plugin configuration fails,
+    and the log names the field (a module that accepted anything, or had no callbacks, would
+    pass)."""
     edit, named = BROKEN_PLUGIN_CONFIGS[case]
-    path = envoy_yaml_with_plugin_config(tmp_path, edit)
+    path = envoy_yaml_with_plugin_config(tmp_path, edit, build)
     proc = validate("--no-build", path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"FAIL  {path}" in proc.stdout, proc.stdout
     assert named in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
-def test_the_unbroken_plugin_configuration_validates(tmp_path):
+@pytest.mark.parametrize("build", ["wasm", "native"])
+def test_the_unbroken_plugin_configuration_validates(tmp_path, build):
     """The same rendering with nothing broken passes (with the fixture root pinned too): the
     cases above fail for their edit, not for the way the file is made."""
     path = envoy_yaml_with_plugin_config(
-        tmp_path, lambda c: _with_key_service(c, json.loads(GOOD_ROOT.read_text())))
+        tmp_path, lambda c: _with_key_service(c, json.loads(GOOD_ROOT.read_text())), build)
     proc = validate("--no-build", path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

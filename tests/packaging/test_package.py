@@ -2,7 +2,9 @@
 registry (Debian docker-registry, the CNCF distribution), pulled back with standard clients
 (skopeo for both, oras for the artifact) and checked the way Istio's fetcher reads them
 (istio/istio pkg/wasm/imagefetcher.go): layer media types, layer counts, plugin.wasm in the
-tar, and the module's sha256 against the built one.
+tar, and the module's sha256 against the built one. The native build (libocicrypt_filter.so)
+the same way: its file and checksum beside the layout (`sha256sum -c`), and its OCI artifact
+pulled back with oras, byte for byte the module cargo built.
 
 Then the same script against the real gateway (Envoy + filter): a passthrough repository
 keeps the images byte for byte; an encrypted one makes the script fail, as the README says.
@@ -31,6 +33,7 @@ import helpers
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "scripts" / "package"
 WASM = REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.wasm"
+NATIVE = REPO / "target" / "native" / "libocicrypt_filter.so"
 REPOSITORY = "plain/ocicrypt-filter"
 TAG = "v0.0.0-test"
 
@@ -39,6 +42,8 @@ MT_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_LAYER_TGZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 MT_WASM_CONFIG = "application/vnd.module.wasm.config.v1+json"
 MT_WASM_CONTENT = "application/vnd.module.wasm.content.layer.v1+wasm"
+MT_NATIVE_CONFIG = "application/vnd.ocicrypt-filter.envoy-dynamic-module.config.v1+json"
+MT_NATIVE_CONTENT = "application/vnd.ocicrypt-filter.envoy-dynamic-module.v1+so"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -211,15 +216,78 @@ def test_artifact_pulled_with_oras(packaged, module_bytes, registry, tmp_path):
     assert sha256_hex(by_name["plugin.wasm"]) == sha256_hex(module_bytes)
 
 
+def test_native_module_and_checksum(packaged):
+    """The native module beside the layout is the one cargo built, and its checksum file is
+    what `sha256sum -c` (an operator's check before copying it to Envoy's search path)
+    accepts; a changed byte makes the same check fail."""
+    native = packaged["digests"]["native"]
+    built = NATIVE.read_bytes()
+    so = packaged["out"] / "native" / "libocicrypt_filter.so"
+    assert Path(native["path"]) == so and so.read_bytes() == built
+    assert native["sha256"] == sha256_hex(built) and native["size"] == len(built)
+    assert f"sha256:{native['sha256']}" in packaged["stdout"]
+    assert native["architecture"] in ("amd64", "arm64")
+    assert native["envoy"].startswith("1."), native["envoy"]
+    checksum = so.parent / "libocicrypt_filter.so.sha256"
+    assert checksum.read_text() == f"{sha256_hex(built)}  libocicrypt_filter.so\n"
+    ok = subprocess.run(["sha256sum", "-c", checksum.name], cwd=so.parent,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "libocicrypt_filter.so: OK" in ok.stdout, ok.stdout + ok.stderr
+    tampered = so.parent.parent / "tampered"
+    tampered.mkdir()
+    (tampered / so.name).write_bytes(built[:-1] + bytes([built[-1] ^ 1]))
+    (tampered / checksum.name).write_text(checksum.read_text())
+    bad = subprocess.run(["sha256sum", "-c", checksum.name], cwd=tampered,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0, bad.stdout
+
+
+def test_native_artifact_round_trip(packaged, registry, tmp_path):
+    """The native artifact, pulled back by skopeo (digests kept) and by oras (by its title),
+    is byte for byte the built module, with a config naming its platform and Envoy."""
+    import oras.client
+
+    img = packaged["images"]["native"]
+    assert img["ref"] == f"{TAG}-native" and img["pushed"] is True
+    built = NATIVE.read_bytes()
+    layout = pull(registry, img["ref"], tmp_path / "pulled")
+    manifest, _, digest = helpers.read_layout(layout, img["ref"])
+    assert digest == img["digest"]
+    assert manifest["config"]["mediaType"] == MT_NATIVE_CONFIG
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == MT_NATIVE_CONTENT
+    assert layer["annotations"]["org.opencontainers.image.title"] == "libocicrypt_filter.so"
+    assert blob(layout, layer["digest"]) == built
+    config = json.loads(blob(layout, manifest["config"]["digest"]))
+    native = packaged["digests"]["native"]
+    assert config == {"architecture": native["architecture"], "os": "linux",
+                      "envoy": native["envoy"], "filter_name": "ocicrypt",
+                      "module_name": "ocicrypt_filter"}
+    client = oras.client.OrasClient(hostname=registry, insecure=True)
+    files = client.pull(target=f"{registry}/{REPOSITORY}:{img['ref']}",
+                        outdir=str(tmp_path / "oras"))
+    assert [Path(f).name for f in files] == ["libocicrypt_filter.so"]
+    assert Path(files[0]).read_bytes() == built
+
+
 def test_layout_is_reproducible(packaged, tmp_path):
-    """The same module gives the same digests (so a digest can be re-derived from a build)."""
-    package("--wasm", str(WASM), "--tag", TAG, "--out", str(tmp_path), "--no-push")
+    """The same modules give the same digests (so a digest can be re-derived from a build)."""
+    package("--wasm", str(WASM), "--native", str(NATIVE), "--tag", TAG, "--out",
+            str(tmp_path), "--no-push")
     again = json.loads((tmp_path / "digests.json").read_text())
     assert [(i["form"], i["digest"]) for i in again["images"]] == \
         [(i["form"], i["digest"]) for i in packaged["digests"]["images"]]
     index = json.loads((tmp_path / "oci" / "index.json").read_text())
     assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]] \
-        == [TAG, f"{TAG}-wasm"]
+        == [TAG, f"{TAG}-wasm", f"{TAG}-native"]
+    # --no-native: the wasm images alone, with the same digests.
+    package("--wasm", str(WASM), "--no-native", "--tag", TAG, "--out", str(tmp_path / "w"),
+            "--no-push")
+    wasm_only = json.loads((tmp_path / "w" / "digests.json").read_text())
+    assert "native" not in wasm_only
+    assert [(i["form"], i["digest"]) for i in wasm_only["images"]] == \
+        [(i["form"], i["digest"]) for i in packaged["digests"]["images"]
+         if i["form"] != "native"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +323,11 @@ def gateway_stack(tmp_path_factory):
 def test_passthrough_repository_through_gateway(gateway_stack, tmp_path):
     """plain/** is passed through: the registry behind Envoy holds the very same manifests."""
     proc = package("--registry", gateway_stack.opts.gateway_addr, "--repository", REPOSITORY,
-                   "--tag", TAG, "--insecure", "--wasm", str(WASM), "--out", str(tmp_path))
+                   "--tag", TAG, "--insecure", "--wasm", str(WASM), "--native", str(NATIVE),
+                   "--out", str(tmp_path))
     got = json.loads((tmp_path / "digests.json").read_text())
     direct = helpers.Registry(gateway_stack.registry_url)
+    assert [i["form"] for i in got["images"]] == ["compat", "artifact", "native"]
     for img in got["images"]:
         assert img["pushed"] is True, proc.stdout
         stored = direct.get_manifest(REPOSITORY, img["ref"])
@@ -276,7 +346,7 @@ def test_encrypted_repository_through_gateway_fails(gateway_stack, tmp_path):
     repository = "demo/ocicrypt-filter"
     proc = package("--registry", gateway_stack.opts.gateway_addr, "--repository",
                    repository, "--tag", TAG, "--insecure", "--wasm", str(WASM),
-                   "--out", str(tmp_path), check=False)
+                   "--native", str(NATIVE), "--out", str(tmp_path), check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     found = re.search(r"the registry holds \S+:(\S+) as (sha256:[0-9a-f]{64}), not the manifest "
                       r"pushed \((sha256:[0-9a-f]{64})\): something rewrote it\..*passthrough",
@@ -295,4 +365,5 @@ def test_encrypted_repository_through_gateway_fails(gateway_stack, tmp_path):
     assert not direct.blob_exists(repository, pushed["layers"][0]["digest"])
     # The script stopped at the first image: the artifact form was never pushed.
     assert direct.get_manifest(repository, f"{TAG}-wasm").status_code == 404
+    assert direct.get_manifest(repository, f"{TAG}-native").status_code == 404
     assert not (tmp_path / "digests.json").exists()

@@ -5,11 +5,11 @@
 //! adapter in `filter/wasm` executes the returned commands.
 //!
 //! The modules below are parts, each importing only the parts listed before it (checked by
-//! `tests/layout.rs`, which also refuses a module cycle inside a part):
-//! [`error`], [`spec`], [`digest`] and [`store`] are the shared vocabulary; [`format`] the
-//! ocicrypt format and its ciphers; [`tuf`] the TUF client; [`distribution`] the registry's
-//! protocol as the gateway acts on it; [`config`] the plugin configuration; [`keys`] the
-//! recipients' keys from the key service; [`gateway`] the stream machine the host drives.
+//! `tests/layout.rs`, which also refuses a module cycle inside a part): [`error`], [`spec`],
+//! [`digest`] and [`store`] are the shared vocabulary; [`format`](mod@format) the ocicrypt
+//! format and its ciphers; [`tuf`] the TUF client; [`distribution`] the registry's protocol as
+//! the gateway acts on it; [`config`] the plugin configuration; [`keys`] the recipients' keys
+//! from the key service; [`gateway`] the stream machine the host drives.
 #![cfg_attr(
     test,
     allow(

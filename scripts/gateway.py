@@ -49,10 +49,14 @@ WASM_PATH = REPO / "target" / "wasm32-wasip1" / "release" / "ocicrypt_filter.was
 #: The Envoy dynamic module (filter/native), built with the `native` profile (unwinds on a
 #: panic, so a panic fails one request instead of aborting Envoy).
 NATIVE_PATH = REPO / "target" / "native" / "libocicrypt_filter.so"
-#: The Envoy stats prefix of the filter's metrics, per build: proxy-wasm puts `wasmcustom.`
-#: before a plugin's metrics; the dynamic module's filter names its `metrics_namespace`
-#: (native_filter renders the same one, so dashboards and alerts read one set of names).
+#: The Envoy stats prefix of the filter's metrics: proxy-wasm puts `wasmcustom.` before a
+#: plugin's metrics; the dynamic module's filter takes its `metrics_namespace`, rendered with the
+#: same value (native_filter), so `/stats` names are the same for both builds.
 METRICS_NAMESPACE = "wasmcustom"
+#: Envoy 1.40 runtime flag: Prometheus output without the dynamic module's stats namespace (as it
+#: already strips wasm's), so `/stats/prometheus` names are the same for both builds too
+#: (ocicrypt_layers_encrypted); without it they read envoy_wasmcustom_ocicrypt_….
+STRIP_DYNAMIC_PREFIX = "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix"
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
 DEFAULT_RULES: List[Dict[str, str]] = [
@@ -428,6 +432,9 @@ def envoy_config(opts: Options, plugin_cfg: Optional[Dict[str, Any]]) -> Dict[st
         (wasm_filter,) = wasm
         hcm_cfg["http_filters"] = [native_filter(opts, plugin_cfg) if f is wasm_filter else f
                                    for f in filters]
+        # The same Prometheus names as the wasm build.
+        layers = cfg.setdefault("layered_runtime", {}).setdefault("layers", [])
+        layers.insert(0, {"name": "ocicrypt-native", "static_layer": {STRIP_DYNAMIC_PREFIX: True}})
     else:
         (wasm_filter,) = wasm
         plugin = wasm_filter["typed_config"]["config"]

@@ -42,6 +42,9 @@ pub struct Metrics {
     key_fetches: Option<usize>,
     keys_from_memory: Option<usize>,
     keys_resumed: Option<usize>,
+    /// The keystream prefetch counters, defined so that both builds export the same names;
+    /// this build has no prefetch across workers, so they stay at zero.
+    _keystream: [Option<usize>; 5],
 }
 
 impl Metrics {
@@ -68,6 +71,14 @@ impl Metrics {
             key_fetches: counter("ocicrypt.keyservice.fetches"),
             keys_from_memory: counter("ocicrypt.keyservice.answered_from_memory"),
             keys_resumed: counter("ocicrypt.keyservice.resumed_lookups"),
+            _keystream: [
+                "asked_bytes",
+                "used_bytes",
+                "refused_segments",
+                "served_bytes",
+                "declined_requests",
+            ]
+            .map(|n| counter(&format!("ocicrypt.keystream.{n}"))),
             refusals: REFUSAL_CODES
                 .iter()
                 .map(|c| {

@@ -382,25 +382,11 @@ def location_path(loc: str) -> str:
     return loc.split("://", 1)[1][loc.split("://", 1)[1].index("/"):] if "://" in loc else loc
 
 
-#: What Envoy 1.40's /stats/prometheus puts before the filter's metrics on the native build:
-#: the wasm extension registers `wasmcustom` as a custom stat namespace (left out of Prometheus
-#: names: `ocicrypt_*`), the dynamic-module filter does not, so the same stats
-#: (`wasmcustom.ocicrypt.*` in /stats) come out as `envoy_wasmcustom_ocicrypt_*`. Operators
-#: drop it with a metric_relabel_configs rule (operator's guide 7.5, PROMETHEUS_RELABEL).
-NATIVE_PROMETHEUS_PREFIX = "envoy_wasmcustom_"
-#: The scrape rule that gives both builds' metrics the same names (a no-op on the wasm build).
-PROMETHEUS_RELABEL = [{"source_labels": ["__name__"], "regex": "envoy_wasmcustom_(ocicrypt_.*)",
-                       "target_label": "__name__", "replacement": "$1"}]
-
-
 def envoy_stats(admin_addr: str, prefix: str = "ocicrypt_") -> Dict[str, float]:
-    """Envoy's Prometheus stats whose names start with `prefix`, labels dropped; the native
-    build's names are read as the wasm build's (NATIVE_PROMETHEUS_PREFIX removed)."""
+    """Envoy's Prometheus stats whose names start with `prefix`, labels dropped."""
     text = requests.get(f"http://{admin_addr}/stats/prometheus", timeout=10).text
     values = {}
     for line in text.splitlines():
-        if line.startswith(NATIVE_PROMETHEUS_PREFIX + "ocicrypt_"):
-            line = line[len(NATIVE_PROMETHEUS_PREFIX):]
         if line.startswith(prefix):
             name, _, value = line.rpartition(" ")
             values[name.split("{")[0]] = float(value)

@@ -63,7 +63,8 @@ def http_filters(cfg: dict) -> list:
 
 def test_native_example_is_the_wasm_example_with_the_module_swapped():
     """envoy/envoy-native.yaml is envoy/envoy.yaml with the wasm plugin replaced by the dynamic
-    module, the same plugin configuration, and nothing else changed: a fix to one example
+    module, the same plugin configuration, the runtime flag for the metrics' Prometheus names,
+    and nothing else changed: a fix to one example
     (a buffer limit, a timeout, the access log) that misses the other fails here."""
     wasm = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())
     native = yaml.safe_load((REPO / "envoy" / "envoy-native.yaml").read_text())
@@ -81,6 +82,10 @@ def test_native_example_is_the_wasm_example_with_the_module_swapped():
     assert module["dynamic_module_config"]["metrics_namespace"] == "wasmcustom"
     assert any(b["match"]["exact"].startswith("wasmcustom.")
                for b in native["stats_config"]["histogram_bucket_settings"])
+    # And the runtime flag that gives its stats the wasm build's Prometheus names.
+    flag = "envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix"
+    assert native.pop("layered_runtime") == {
+        "layers": [{"name": "ocicrypt-native", "static_layer": {flag: True}}]}
     http_filters(wasm).pop(w)
     http_filters(native).pop(n)
     assert native == wasm

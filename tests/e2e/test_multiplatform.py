@@ -1,6 +1,7 @@
 """Multi-platform images: `skopeo copy --all` of an OCI layout whose tag names an image index
-(children pushed by digest, then the index by tag). Every child is rewritten and stored under its
-new digest, the index is rewritten to name them, and every platform pulls back and decrypts."""
+(children pushed by digest, then the index by tag). Every child is rewritten and stored by the
+gateway's own `PUT` under its new digest (no tag), the index is rewritten to name them, and every
+platform pulls back and decrypts."""
 import hashlib
 import json
 import shutil
@@ -64,6 +65,12 @@ def test_multi_platform_index_push_and_decrypt_every_platform(stack, multi_layou
         assert child["digest"] != images[arch].manifest_digest
         m = reg.get_manifest("demo/multi", child["digest"]).json()
         helpers.assert_encrypted_manifest(m, images[arch])
+
+    # Each child stored under its new digest by the gateway, and under no tag of its own: the
+    # index is what keeps it (issue 19: deleting the image frees its platforms).
+    tags = helpers.tags(reg, "demo/multi")
+    for img in images.values():
+        assert "ocicrypt.sha256-" + img.manifest_digest.split(":")[1] not in tags, tags
 
     helpers.skopeo_pull_all(f"{stack.registry_addr}/demo/multi:v1", tmp_path / "out",
                             stack.keys["rsa"]["private"], images)

@@ -3,8 +3,10 @@ annotations (their one blob is the OCI empty descriptor), so the registry's real
 collection (`docker-registry garbage-collect --delete-untagged`) keeps a ciphertext exactly as
 long as a manifest a client pushed names it. A ledger record that outlives its ciphertext is
 detected: the layer is uploaded and encrypted again, and the image decrypts. The platform
-manifests of a multi-platform image stay under the gateway's reserved tags, so a collection
-keeps them (distribution 2.8 collects untagged index children, layers and all).
+manifests of a multi-platform image are stored under their new digests and no tag, as a client
+stores them without the gateway: deleting the image frees them, and a collection treats a tagged
+multi-platform image as it would without the gateway (distribution 2.8's `--delete-untagged`
+collects untagged index children, layers and all, with or without it).
 
 The stack keeps the ledger in the registry (`replicas.state_key`), where the records live.
 Garbage collection runs with the registry stopped (as distribution asks: a running registry
@@ -32,12 +34,13 @@ def gc_stack(tmp_path_factory):
     stop_stack(s)
 
 
-def collect_garbage(s) -> str:
-    """The registry stopped, `garbage-collect --delete-untagged` run on its storage, the registry
-    started again: its output."""
+def collect_garbage(s, delete_untagged: bool = True) -> str:
+    """The registry stopped, `garbage-collect` (`--delete-untagged` unless told otherwise) run on
+    its storage, the registry started again: its output."""
     s.gw.kill("registry", signal.SIGTERM)
     try:
-        out = helpers.run(["docker-registry", "garbage-collect", "--delete-untagged",
+        flags = ["--delete-untagged"] if delete_untagged else []
+        out = helpers.run(["docker-registry", "garbage-collect", *flags,
                            s.opts.state_dir / "registry.yml"], timeout=300)
     finally:
         s.gw.start_registry()
@@ -193,27 +196,73 @@ def test_a_mount_of_a_gone_ciphertext_becomes_an_encrypted_upload(gc_stack, tmp_
                                                 s.keys["ec"]["private"])
 
 
-def test_a_collection_keeps_every_platform_of_a_stored_multi_platform_image(gc_stack,
-                                                                          multi_layout,
-                                                                          tmp_path):
-    """Platform manifests pushed by digest stay under the gateway's reserved tags: distribution
-    2.8's `--delete-untagged` deletes every untagged manifest, the children of a tagged index
-    included, and their layers with them (measured without the gateway). Under their tags they
-    and their ciphertext survive a collection, and every platform decrypts."""
+def push_multi(s, layout, repo: str) -> tuple:
+    """`skopeo copy --all` of the two-platform layout to `repo:v1` through the gateway: the
+    stored children's digests, and the blobs they name (their layers and configs)."""
+    helpers.run(["skopeo", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                 f"oci:{layout}:v1", f"docker://{s.addr}/{repo}:v1"],
+                timeout=helpers.CLIENT_TIMEOUT)
+    index = s.direct().get_manifest(repo, "v1").json()
+    children = [c["digest"] for c in index["manifests"]]
+    layers = []
+    for child in children:
+        layers += [layer["digest"] for layer in
+                   s.direct().get_manifest(repo, child).json()["layers"]]
+    return children, layers
+
+
+def test_deleting_a_multi_platform_image_frees_its_platform_manifests_and_layers(
+        gc_stack, multi_layout):
+    """The gateway stores each platform manifest under its new digest and no tag of its own,
+    so deleting the index and collecting (`--delete-untagged`) frees the platform manifests
+    and every layer of theirs, as without the gateway. (Before, each stayed under a reserved
+    tag `ocicrypt.sha256-…`, with its layers, for good.)"""
     s = gc_stack
     layout, images = multi_layout
-    helpers.run(["skopeo", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false",
-                 f"oci:{layout}:v1", f"docker://{s.addr}/demo/gc-multi:v1"],
-                timeout=helpers.CLIENT_TIMEOUT)
-    index = s.direct().get_manifest("demo/gc-multi", "v1").json()
-    children = [c["digest"] for c in index["manifests"]]
-    blobs = []
+    repo = "demo/gc-multi-deleted"
+    children, layers = push_multi(s, layout, repo)
+    assert len(children) == 2 and len(layers) == sum(len(i.layers) for i in images.values())
+    for d in children + layers:
+        assert blob_stored(s, d), d
+    # With the ledger in the registry each platform has a record under the reserved tag of its
+    # pushed digest: a small manifest naming the stored one in annotations only.
+    for img in images.values():
+        record = s.direct().get_manifest(repo, "ocicrypt.sha256-" + img.manifest_digest[7:])
+        assert record.json()["artifactType"] == "application/vnd.ocicrypt-filter.ledger.v1"
+        assert not set(children) & {record.json()["config"]["digest"],
+                                    *(l["digest"] for l in record.json()["layers"])}
+    delete_image(s, repo, "v1")
+    print(collect_garbage(s)[-2000:])
     for child in children:
-        blobs += [layer["digest"] for layer in
-                  s.direct().get_manifest("demo/gc-multi", child).json()["layers"]]
-    collect_garbage(s)
-    for child in children:
-        assert s.direct().get_manifest("demo/gc-multi", child).status_code == 200, child
-    assert all(blob_stored(s, d) for d in blobs), blobs
+        assert s.direct().get_manifest(repo, child).status_code == 404, child
+    kept = [d for d in children + layers if blob_stored(s, d)]
+    assert not kept, f"kept after the image was deleted: {kept}"
+
+
+def test_a_tagged_multi_platform_image_fares_in_a_collection_as_without_the_gateway(
+        gc_stack, multi_layout, tmp_path):
+    """The same two-platform image stored as pushed (a passthrough repository) and through the
+    gateway (encrypted): a collection without `--delete-untagged` keeps both whole, and the
+    encrypted one decrypts, every platform; distribution 2.8's `--delete-untagged` deletes the
+    untagged platform manifests of both (and their layers) while their index stays tagged —
+    the registry's behaviour, not the gateway's. Run last: it leaves both images broken."""
+    s = gc_stack
+    layout, images = multi_layout
+    stored = {repo: push_multi(s, layout, repo) for repo in ("plain/gc-multi", "demo/gc-multi")}
+
+    collect_garbage(s, delete_untagged=False)
+    for repo, (children, layers) in stored.items():
+        for child in children:
+            assert s.direct().get_manifest(repo, child).status_code == 200, (repo, child)
+        assert all(blob_stored(s, d) for d in layers), repo
     helpers.skopeo_pull_all(f"{s.registry_addr}/demo/gc-multi:v1", tmp_path / "out",
                             s.keys["rsa"]["private"], images)
+
+    collect_garbage(s, delete_untagged=True)
+    fate = {repo: ([s.direct().get_manifest(repo, c).status_code for c in children],
+                   [blob_stored(s, d) for d in layers])
+            for repo, (children, layers) in stored.items()}
+    assert fate["demo/gc-multi"] == fate["plain/gc-multi"], fate
+    assert fate["plain/gc-multi"] == ([404, 404], [False] * len(stored["plain/gc-multi"][1])), \
+        f"distribution's --delete-untagged no longer collects index children: {fate}"
+    assert s.direct().get_manifest("demo/gc-multi", "v1").status_code == 200

@@ -18,7 +18,10 @@ use ocicrypt_core::digest::Digest;
 use ocicrypt_core::distribution::ledger::{self, LedgerEntry};
 use ocicrypt_core::distribution::ledger_cache::Change;
 use ocicrypt_core::error::Code;
-use ocicrypt_core::gateway::{CalloutAnswer, Command, Flow, Level, Metric, ResponseHead, Stream};
+use ocicrypt_core::gateway::{
+    Callout, CalloutAnswer, Command, Flow, Level, Metric, ResponseHead, Stream,
+};
+use ocicrypt_core::store::Store as _;
 use serde_json::{json, Value};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -50,6 +53,7 @@ fn push(
 ) -> (Stream, Vec<Command>) {
     let request = req("PUT", &format!("/v2/demo/app/manifests/{reference}"))
         .header("content-type", content_type.as_bytes())
+        .header("authorization", b"Bearer client-token")
         .body(body.len() as u64);
     let (mut stream, out) = world.send(&request);
     assert_eq!(out.last(), Some(&Command::Continue), "{out:?}");
@@ -132,27 +136,110 @@ fn a_manifest_by_tag_is_rewritten_and_answered_in_the_clients_digest() {
     assert!(ledgered.is_manifest());
 }
 
-/// `skopeo copy --all` and BuildKit: children by digest, then the index that names them.
+/// The child pushed by digest, its request at the end of its body: the gateway's `PUT` of the
+/// rewritten child under its new digest (dispatched, the request paused), and that body.
+fn child_stored_by_callout(world: &mut World, child: &[u8]) -> (Stream, Callout, Vec<u8>) {
+    let child_digest = Digest::of(child);
+    let (stream, out) = push(world, &child_digest.to_string(), OCI_MANIFEST, child);
+    let n = out.len();
+    assert_eq!(
+        out[0],
+        Command::Metric(Metric::ManifestRewritten),
+        "{out:?}"
+    );
+    assert_eq!(
+        out[n - 1],
+        Command::Pause,
+        "the client's request goes nowhere"
+    );
+    assert!(
+        !out.iter().any(|c| matches!(
+            c,
+            Command::ReplaceRequestBody(..) | Command::Continue | Command::SetRequestHeader(..)
+        )),
+        "{out:?}"
+    );
+    let Command::Dispatch(put) = &out[n - 2] else {
+        panic!("{out:?}")
+    };
+    let stored_body = put.body.clone().unwrap();
+    let stored = Digest::of(&stored_body);
+    let h = |name: &str| {
+        put.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(h(":method").as_deref(), Some("PUT"));
+    assert_eq!(
+        h(":path"),
+        Some(format!("/v2/demo/app/manifests/{stored}")),
+        "stored under its new digest, no tag"
+    );
+    assert_eq!(h("content-type").as_deref(), Some(OCI_MANIFEST));
+    assert_eq!(h("authorization").as_deref(), Some("Bearer client-token"));
+    let stored_doc: Value = serde_json::from_slice(&stored_body).unwrap();
+    assert!(stored_doc["layers"][0]["mediaType"]
+        .as_str()
+        .unwrap()
+        .ends_with("+encrypted"));
+    (stream, put.clone(), stored_body)
+}
+
+/// The client's answer to a manifest pushed by digest, made by the gateway.
+fn answered_201(repository: &str, client: &Digest, stored: &Digest) -> Command {
+    Command::Respond {
+        status: 201,
+        headers: vec![
+            (
+                "location".into(),
+                format!("/v2/{repository}/manifests/{client}"),
+            ),
+            ("docker-content-digest".into(), client.to_string()),
+            ("x-ocicrypt-stored-digest".into(), stored.to_string()),
+        ],
+        body: vec![],
+    }
+}
+
+/// `skopeo copy --all`, BuildKit, crane, oras: children by digest, then the index that names
+/// them. The child is stored under its new digest by the gateway's own `PUT` and answered in
+/// the client's digest; the index names what was stored.
 #[test]
 fn an_index_after_its_children_pushed_by_digest() {
     let mut world = World::new();
     ledger_layer(&mut world, "demo/app", &demo_recipients());
     let child = image_manifest();
     let child_digest = Digest::of(&child);
-    let (mut stream, out) = push(&mut world, &child_digest.to_string(), OCI_MANIFEST, &child);
-    let Command::ReplaceRequestBody(_, new_child) = &out[2] else {
-        panic!("{out:?}")
-    };
-    let stored_child = Digest::of(new_child);
-    let out = stream.on_response_headers(&registry_201(&stored_child), &mut world.env());
-    assert_eq!(
-        out[3],
-        Command::SetResponseHeader(
-            "location".into(),
-            format!("/v2/demo/app/manifests/{child_digest}")
+    let (mut stream, put, new_child) = child_stored_by_callout(&mut world, &child);
+    let stored_child = Digest::of(&new_child);
+    let out = stream.on_callout(
+        put.id,
+        &CalloutAnswer::new(
+            201,
+            &[("Docker-Content-Digest", &stored_child.to_string())],
+            b"",
         ),
-        "a manifest pushed by digest is answered at the digest the client pushed"
+        &mut world.env(),
     );
+    assert_eq!(
+        out,
+        vec![
+            Command::Metric(Metric::LedgerCache(Change {
+                entries: 1,
+                evicted: 0
+            })),
+            Command::Log(
+                Level::Info,
+                format!("demo/app: manifest {child_digest} stored as {stored_child}")
+            ),
+            answered_201("demo/app", &child_digest, &stored_child),
+            Command::Pause,
+        ]
+    );
+    let entry = ledgered(&world, "demo/app", &child_digest).unwrap();
+    assert_eq!(entry.encrypted_digest, stored_child);
+    assert_eq!(entry.media_type.as_deref(), Some(OCI_MANIFEST));
 
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": OCI_INDEX,
@@ -164,6 +251,241 @@ fn an_index_after_its_children_pushed_by_digest() {
     let doc = rewritten(&out, index.len());
     assert_eq!(doc["manifests"][0]["digest"], stored_child.to_string());
     assert_eq!(doc["manifests"][0]["size"], new_child.len());
+}
+
+/// The registry's answers to the gateway's `PUT` of a manifest pushed by digest: stored, the
+/// client gets its `201`; the registry's own refusal reaches the client as it is (a `401` with
+/// its challenge, so the client fetches a token); a callout that fails, times out, is reset or
+/// answered otherwise is refused. Nothing but a stored manifest is ledgered.
+#[test]
+fn registry_answers_to_a_manifest_stored_by_digest() {
+    let challenge = r#"Bearer realm="http://gw/service/token",service="reg",scope="repository:demo/app:pull,push""#;
+    let oci_401 = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+    let unknown_blob =
+        br#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#;
+    enum Then {
+        Stored,
+        Relayed(u16, Option<&'static str>),
+        Refused(Code, &'static str),
+    }
+    // name, the registry's answer (None: the callout could not be dispatched), the outcome
+    let cases: Vec<(&str, Option<CalloutAnswer>, Then)> = vec![
+        ("201", Some(CalloutAnswer::new(201, &[], b"")), Then::Stored),
+        (
+            "200 (some registries)",
+            Some(CalloutAnswer::new(200, &[], b"")),
+            Then::Stored,
+        ),
+        (
+            "401 with the challenge",
+            Some(CalloutAnswer::new(
+                401,
+                &[("WWW-Authenticate", challenge)],
+                oci_401,
+            )),
+            Then::Relayed(401, Some(challenge)),
+        ),
+        (
+            "400 MANIFEST_BLOB_UNKNOWN (a layer collected meanwhile)",
+            Some(CalloutAnswer::new(400, &[], unknown_blob)),
+            Then::Relayed(400, None),
+        ),
+        (
+            "403 without an OCI body",
+            Some(CalloutAnswer::new(403, &[], b"forbidden")),
+            Then::Refused(Code::Denied, "store the rewritten manifest"),
+        ),
+        (
+            "500",
+            Some(CalloutAnswer::new(500, &[], b"oops")),
+            Then::Refused(Code::Unavailable, "answered 500"),
+        ),
+        (
+            "timed out (Envoy answers 504)",
+            Some(CalloutAnswer::new(504, &[], b"upstream request timeout")),
+            Then::Refused(Code::Unavailable, "answered 504"),
+        ),
+        (
+            "reset (an answer without status)",
+            Some(CalloutAnswer::default()),
+            Then::Refused(Code::Unavailable, "store the rewritten manifest"),
+        ),
+        (
+            "a redirect",
+            Some(CalloutAnswer::new(
+                307,
+                &[("location", "http://elsewhere/")],
+                b"",
+            )),
+            Then::Refused(Code::Unavailable, "answered 307"),
+        ),
+        (
+            "refused by the host",
+            None,
+            Then::Refused(Code::Unavailable, "reach the registry"),
+        ),
+    ];
+    for (name, answer, then) in cases {
+        let mut world = World::new();
+        ledger_layer(&mut world, "demo/app", &demo_recipients());
+        let child = image_manifest();
+        let client = Digest::of(&child);
+        let (mut stream, put, stored_body) = child_stored_by_callout(&mut world, &child);
+        let stored = Digest::of(&stored_body);
+        let out = match &answer {
+            Some(a) => stream.on_callout(put.id, a, &mut world.env()),
+            None => stream.on_dispatch_failed(put.id),
+        };
+        match then {
+            Then::Stored => {
+                assert_eq!(
+                    out[2..],
+                    [answered_201("demo/app", &client, &stored), Command::Pause],
+                    "{name}"
+                );
+                assert!(ledgered(&world, "demo/app", &client).is_some(), "{name}");
+                continue;
+            }
+            Then::Relayed(status, challenge) => {
+                let n = out.len();
+                assert_eq!(
+                    out[n - 2],
+                    Command::Relay {
+                        status,
+                        body: answer.as_ref().unwrap().body.clone(),
+                        challenge: challenge.map(|c| c.as_bytes().to_vec()),
+                    },
+                    "{name}"
+                );
+                assert_eq!(out[n - 1], Command::Pause, "{name}");
+                assert!(matches!(stream.flow, Flow::Refused), "{name}");
+            }
+            Then::Refused(code, needle) => assert_refused(&out, code, needle),
+        }
+        assert!(
+            !out.iter().any(|c| matches!(c, Command::Respond { .. })),
+            "{name}: {out:?}"
+        );
+        assert_eq!(ledgered(&world, "demo/app", &client), None, "{name}");
+        // A late answer to the same callout finds nothing waiting.
+        let late = CalloutAnswer::new(201, &[], b"");
+        assert!(
+            stream
+                .on_callout(put.id, &late, &mut world.env())
+                .is_empty(),
+            "{name}"
+        );
+    }
+}
+
+/// With replicas the mapping is recorded in the registry's ledger (an authenticated record
+/// under the client's digest, naming the stored manifest in annotations only) before the
+/// client is answered; another replica reads it back as the manifest's entry.
+#[test]
+fn with_replicas_a_manifest_stored_by_digest_is_recorded_before_the_answer() {
+    let mut world = World::with(true);
+    world
+        .store
+        .set(&ocicrypt_core::gateway::empty_config_key("demo/app"), b"1")
+        .unwrap();
+    ledger_layer(&mut world, "demo/app", &demo_recipients());
+    let child = image_manifest();
+    let client = Digest::of(&child);
+    // Replicas read the registry's ledger for what the process lacks (the config): not there.
+    let request = req("PUT", &format!("/v2/demo/app/manifests/{client}"))
+        .header("content-type", OCI_MANIFEST.as_bytes())
+        .header("authorization", b"Bearer client-token")
+        .body(child.len() as u64);
+    let (mut stream, _) = world.send(&request);
+    let whole = child.clone();
+    let out = stream.on_request_body(child.len(), true, &|| Ok(whole.clone()), &mut world.env());
+    let [Command::Dispatch(read), Command::Pause] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    let out = stream.on_callout(
+        read.id,
+        &CalloutAnswer::new(404, &[], b""),
+        &mut world.env(),
+    );
+    let n = out.len();
+    let Command::Dispatch(put) = &out[n - 2] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(out[n - 1], Command::Pause);
+    let stored = Digest::of(put.body.as_deref().unwrap());
+
+    let out = stream.on_callout(put.id, &CalloutAnswer::new(201, &[], b""), &mut world.env());
+    let [Command::Dispatch(record)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    let path = record.headers.iter().find(|(k, _)| k == ":path").unwrap();
+    assert_eq!(
+        path.1,
+        format!("/v2/demo/app/manifests/{}", ledger::ledger_tag(&client))
+    );
+    let key = world.config.state_key.as_ref().unwrap().0.clone();
+    let body = record.body.as_deref().unwrap();
+    let entry = ledger::read_stored(&key, "demo/app", &client, body).unwrap();
+    assert_eq!(entry.encrypted_digest, stored);
+    assert_eq!(entry.media_type.as_deref(), Some(OCI_MANIFEST));
+    assert!(
+        !ocicrypt_core::distribution::manifest::referenced_digests(body).contains(&stored),
+        "the record keeps nothing from garbage collection"
+    );
+    assert_eq!(
+        ledgered(&world, "demo/app", &client),
+        None,
+        "not before it is recorded"
+    );
+
+    let out = stream.on_callout(
+        record.id,
+        &CalloutAnswer::new(201, &[], b""),
+        &mut world.env(),
+    );
+    let n = out.len();
+    assert_eq!(
+        out[n - 2..],
+        [answered_201("demo/app", &client, &stored), Command::Pause]
+    );
+    assert_eq!(ledgered(&world, "demo/app", &client), Some(entry));
+
+    // The record refused: the client is told the manifest is stored but not recorded.
+    let mut world = World::with(true);
+    world
+        .store
+        .set(&ocicrypt_core::gateway::empty_config_key("demo/app"), b"1")
+        .unwrap();
+    ledger_layer(&mut world, "demo/app", &demo_recipients());
+    let (mut stream, _) = world.send(&request);
+    let whole = child.clone();
+    let out = stream.on_request_body(child.len(), true, &|| Ok(whole.clone()), &mut world.env());
+    let Command::Dispatch(read) = &out[0] else {
+        panic!()
+    };
+    let out = stream.on_callout(
+        read.id,
+        &CalloutAnswer::new(404, &[], b""),
+        &mut world.env(),
+    );
+    let Command::Dispatch(put) = &out[out.len() - 2] else {
+        panic!()
+    };
+    let out = stream.on_callout(put.id, &CalloutAnswer::new(201, &[], b""), &mut world.env());
+    let Command::Dispatch(record) = &out[0] else {
+        panic!()
+    };
+    let out = stream.on_callout(
+        record.id,
+        &CalloutAnswer::new(500, &[], b""),
+        &mut world.env(),
+    );
+    assert_refused(
+        &out,
+        Code::Unavailable,
+        "the manifest was stored but not recorded",
+    );
+    assert_eq!(ledgered(&world, "demo/app", &client), None);
 }
 
 #[test]
@@ -434,4 +756,63 @@ fn answers_to_requests_the_gateway_does_not_act_on_pass() {
         stream.on_response_headers(&head, &mut world.env()),
         vec![Command::Continue]
     );
+}
+
+/// A referrer (a manifest with a `subject`) pushed by digest is stored by the same callout under
+/// the reserved tag of the client's digest: a registry without the referrers API lists it
+/// nowhere else, and there it is its own ledger record (no record is written for it, even
+/// with replicas).
+#[test]
+fn a_referrer_pushed_by_digest_is_stored_under_its_reserved_tag() {
+    let empty = json!({"mediaType": "application/vnd.oci.empty.v1+json",
+                       "digest": Digest::of(b"{}").to_string(), "size": 2});
+    let referrer = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.example.sbom.v1+json",
+        "config": empty, "layers": [{"mediaType": "application/json",
+                                     "digest": Digest::of(b"{}").to_string(), "size": 2}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": Digest::of(b"subject").to_string(),
+                    "size": 7}
+    }))
+    .unwrap();
+    let client = Digest::of(&referrer);
+    for replicas in [false, true] {
+        let mut world = World::with(replicas);
+        let (mut stream, out) = push(&mut world, &client.to_string(), OCI_MANIFEST, &referrer);
+        // With replicas the unknown digests (`{}`, the subject) are looked up first: not in
+        // the registry's ledger.
+        let mut out = out;
+        if replicas {
+            let reads: Vec<_> = out
+                .iter()
+                .filter_map(|c| match c {
+                    Command::Dispatch(c) => Some(c.id),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(reads.len(), 2, "{out:?}");
+            for id in reads {
+                out = stream.on_callout(id, &CalloutAnswer::new(404, &[], b""), &mut world.env());
+            }
+        }
+        let n = out.len();
+        let Command::Dispatch(put) = &out[n - 2] else {
+            panic!("{out:?}")
+        };
+        let path = &put.headers.iter().find(|(k, _)| k == ":path").unwrap().1;
+        assert_eq!(
+            path,
+            &format!("/v2/demo/app/manifests/{}", ledger::ledger_tag(&client)),
+            "replicas: {replicas}"
+        );
+        let stored = Digest::of(put.body.as_deref().unwrap());
+        let out = stream.on_callout(put.id, &CalloutAnswer::new(201, &[], b""), &mut world.env());
+        let n = out.len();
+        assert_eq!(
+            out[n - 2..],
+            [answered_201("demo/app", &client, &stored), Command::Pause],
+            "replicas: {replicas}: answered at once, no record: {out:?}"
+        );
+        assert!(!out.iter().any(|c| matches!(c, Command::Dispatch(_))));
+    }
 }

@@ -739,12 +739,33 @@ fn head_reads_the_registrys_ledger_with_replicas() {
 fn manifest_puts() {
     let oci = "application/vnd.oci.image.manifest.v1+json";
     let cases = [
-        ("v1", "application/vnd.docker.distribution.manifest.v2+json", None, oci),
+        (
+            "v1",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            None,
+            oci,
+        ),
         ("v1", oci, None, oci),
-        ("latest", "application/vnd.oci.image.index.v1+json", None, "application/vnd.oci.image.index.v1+json"),
-        ("v2", "application/vnd.docker.distribution.manifest.list.v2+json", None, "application/vnd.oci.image.index.v1+json"),
-        ("sha256:0000000000000000000000000000000000000000000000000000000000000001", oci,
-         Some("/v2/demo/app/manifests/ocicrypt.sha256-0000000000000000000000000000000000000000000000000000000000000001"), oci),
+        (
+            "latest",
+            "application/vnd.oci.image.index.v1+json",
+            None,
+            "application/vnd.oci.image.index.v1+json",
+        ),
+        (
+            "v2",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            None,
+            "application/vnd.oci.image.index.v1+json",
+        ),
+        // By digest: the request line stays (the gateway stores the rewritten manifest by
+        // callout; the client's request never goes on).
+        (
+            "sha256:0000000000000000000000000000000000000000000000000000000000000001",
+            oci,
+            Some(()),
+            oci,
+        ),
     ];
     for (reference, content_type, path, stored_type) in cases {
         let mut world = World::new();
@@ -752,13 +773,11 @@ fn manifest_puts() {
             .header("content-type", content_type.as_bytes())
             .body(300);
         let (stream, out) = world.send(&request);
-        let mut expected = Vec::new();
-        if let Some(p) = path {
-            expected.push(set(":path", p));
-        }
-        expected.push(set("content-type", stored_type));
-        expected.push(Command::RemoveRequestHeader("content-length".into()));
-        expected.push(Command::Continue);
+        let expected = vec![
+            set("content-type", stored_type),
+            Command::RemoveRequestHeader("content-length".into()),
+            Command::Continue,
+        ];
         assert_eq!(out, expected, "{reference} {content_type}");
         let Flow::Manifest {
             content_type: ct,

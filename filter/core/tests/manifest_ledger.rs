@@ -119,6 +119,26 @@ fn authentic_records_round_trip() {
     };
     let body = ledger_manifest_authenticated(&KEY, REPO, &plaintext(), &bare);
     assert_eq!(read(&body), Some(bare));
+
+    // A manifest pushed by digest and stored under its new digest: its record keeps the
+    // stored media type and reads back as a manifest entry, naming the stored manifest in
+    // annotations only (garbage collection keeps it for the index that names it, not for
+    // the record).
+    let stored = LedgerEntry {
+        annotations: BTreeMap::new(),
+        recipients: None,
+        media_type: Some(OCI_MANIFEST.to_string()),
+        ..entry()
+    };
+    let body = ledger_manifest_authenticated(&KEY, REPO, &plaintext(), &stored);
+    assert_eq!(
+        read_stored(&KEY, REPO, &plaintext(), &body),
+        Ok(stored.clone())
+    );
+    assert!(read_stored(&KEY, REPO, &plaintext(), &body)
+        .unwrap()
+        .is_manifest());
+    assert_eq!(referenced_digests(&body), [Digest::of(b"{}")]);
 }
 
 /// Edits the JSON of an authentic record and serializes it again compactly.
@@ -276,9 +296,19 @@ fn everything_the_gateway_did_not_write_is_refused() {
         ),
         ("another digest's", authentic(&KEY, REPO, &other, &entry())),
         (
-            "a manifest entry",
-            authentic(&KEY, REPO, &plaintext(), &manifest_entry),
+            "a blob's record made a manifest's",
+            with_layer_annotation("org.ocicrypt-filter.media-type", OCI_MANIFEST),
         ),
+        ("a manifest's record made a blob's", {
+            let mut d: Value =
+                serde_json::from_slice(&authentic(&KEY, REPO, &plaintext(), &manifest_entry))
+                    .unwrap();
+            d["layers"][0]["annotations"]
+                .as_object_mut()
+                .unwrap()
+                .remove("org.ocicrypt-filter.media-type");
+            serde_json::to_vec(&d).unwrap()
+        }),
         (
             "a client manifest with the ledger artifactType",
             serde_json::to_vec(&client_lookalike).unwrap(),

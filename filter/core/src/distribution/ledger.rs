@@ -179,6 +179,9 @@ const ANNOTATION_CIPHERTEXT: &str = "org.ocicrypt-filter.ciphertext";
 const ANNOTATION_SIZE: &str = "org.ocicrypt-filter.size";
 const ANNOTATION_PLAINTEXT: &str = "org.ocicrypt-filter.plaintext";
 const ANNOTATION_RECIPIENTS: &str = "org.ocicrypt-filter.recipients";
+/// Annotation of a manifest record's layer: the media type the manifest was stored as (a
+/// record without it is a blob's).
+const ANNOTATION_MEDIA_TYPE: &str = "org.ocicrypt-filter.media-type";
 
 /// The ledger manifest recording that `plaintext` was stored as `entry` (a blob entry),
 /// without a MAC: anyone can forge one. Use [`ledger_manifest_authenticated`].
@@ -215,6 +218,12 @@ fn ledger_document(
         layer_annotations.insert(
             ANNOTATION_RECIPIENTS.to_string(),
             serde_json::Value::String(r.clone()),
+        );
+    }
+    if let Some(t) = &entry.media_type {
+        layer_annotations.insert(
+            ANNOTATION_MEDIA_TYPE.to_string(),
+            serde_json::Value::String(t.clone()),
         );
     }
     let empty = || {
@@ -327,8 +336,8 @@ fn entry_mac(
 
 /// The ledger manifest recording that `plaintext` was stored as `entry` in `repository`,
 /// authenticated with a MAC under the ledger key derived from the replicas' `state_key` (see
-/// the module documentation). For blob entries only: a manifest entry's media type is not
-/// written, so its record would not read back.
+/// the module documentation). A manifest entry (a manifest pushed by digest, stored under its
+/// new digest) carries its stored media type, and reads back as a manifest entry.
 pub fn ledger_manifest_authenticated(
     state_key: &[u8; 32],
     repository: &str,
@@ -441,6 +450,7 @@ fn blob_entry_of(doc: &serde_json::Value) -> Option<LedgerEntry> {
     };
     let mut annotations = BTreeMap::new();
     let mut recipients = None;
+    let mut media_type = None;
     let mut ciphertext = None;
     let mut size = None;
     for (k, v) in layer
@@ -452,6 +462,7 @@ fn blob_entry_of(doc: &serde_json::Value) -> Option<LedgerEntry> {
         let v = v.as_str()?.to_string();
         match k.as_str() {
             ANNOTATION_RECIPIENTS => recipients = Some(v),
+            ANNOTATION_MEDIA_TYPE => media_type = Some(v),
             ANNOTATION_CIPHERTEXT => ciphertext = Some(Digest::parse(&v).ok()?),
             ANNOTATION_SIZE => size = Some(v.parse::<u64>().ok()?),
             _ => {
@@ -463,7 +474,7 @@ fn blob_entry_of(doc: &serde_json::Value) -> Option<LedgerEntry> {
         encrypted_digest: ciphertext?,
         size: size?,
         annotations,
-        media_type: None,
+        media_type,
         recipients,
     })
 }

@@ -156,6 +156,7 @@ impl Stream {
                 out.push(Command::Continue);
                 Ok(out)
             }
+            flow @ Flow::Storing { .. } => self.on_stored(flow, answer, env),
             flow @ (Flow::Finishing { .. } | Flow::Recording { .. }) => {
                 Ok(self.on_finishing_answer(flow, answer, env))
             }

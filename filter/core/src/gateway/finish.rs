@@ -312,7 +312,7 @@ fn answer_as_pushed(repository: &str, digest: &Digest, location: bool) -> Vec<Co
 
 /// The status of a 4xx answer of the registry whose body is an OCI error document, which the
 /// client gets as it is.
-fn registry_error(status: &str, body: &[u8]) -> Option<u16> {
+pub(super) fn registry_error(status: &str, body: &[u8]) -> Option<u16> {
     let code: u16 = status.parse().ok().filter(|c| (400..500).contains(c))?;
     let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
     doc.get("errors")?.as_array()?;

@@ -97,6 +97,22 @@ pub enum Flow {
         /// Pages of reserved tags only skipped so far.
         skipped: u32,
     },
+    /// A manifest pushed by digest, rewritten: the gateway stores it under its new digest by
+    /// callout (the client's request line names the old one and cannot change after the body),
+    /// and answers the client itself.
+    Storing {
+        /// The `PUT /v2/<name>/manifests/<stored digest>`.
+        callout: CalloutId,
+        /// Repository name.
+        repository: String,
+        /// The digest the client pushed it by.
+        client_digest: Digest,
+        /// What is being stored, ledgered under the client's digest once the registry took it.
+        entry: LedgerEntry,
+        /// Stored under the reserved tag of the client's digest (a referrer), where it is its
+        /// own ledger record, rather than under its new digest.
+        tagged: bool,
+    },
     /// `PUT` of a manifest: buffered, then rewritten.
     Manifest {
         /// Repository name.
@@ -124,6 +140,7 @@ impl Flow {
             | Flow::HeadLookup { callout, .. }
             | Flow::OpeningSession { callout, .. }
             | Flow::TagsList { callout, .. }
+            | Flow::Storing { callout, .. }
             | Flow::Recording { callout, .. } => Some(*callout),
             Flow::Finishing { callout, .. } => *callout,
             _ => None,

@@ -105,9 +105,34 @@ impl Stream {
             }
         }
         let (mut out, rewritten) = self.rewrite_manifest(&body, env)?;
-        out.push(Command::ReplaceRequestBody(size, rewritten));
-        out.push(Command::Continue);
+        out.extend(self.rewritten_onward(size, rewritten, env)?);
         Ok(out)
+    }
+
+    /// The rewritten manifest goes on: pushed by tag, as the request's new body; pushed by
+    /// digest, in a `PUT` of the gateway's own under its new digest (see
+    /// [`Stream::store_by_digest`]).
+    fn rewritten_onward(
+        &mut self,
+        size: usize,
+        rewritten: Vec<u8>,
+        env: &Env,
+    ) -> Result<Vec<Command>, OciError> {
+        if let Flow::Manifest {
+            repository,
+            by_digest: Some(client_digest),
+            entry: Some(entry),
+            ..
+        } = &self.flow
+        {
+            let (repository, client_digest, entry) =
+                (repository.clone(), *client_digest, entry.clone());
+            return Ok(self.store_by_digest(repository, client_digest, entry, rewritten, env));
+        }
+        Ok(vec![
+            Command::ReplaceRequestBody(size, rewritten),
+            Command::Continue,
+        ])
     }
 
     /// Whether the held manifest waits for this ledger read.
@@ -158,12 +183,13 @@ impl Stream {
         }
         let held = self.held_manifest.take().unwrap_or_default();
         // A refusal still carries the cache's metrics of the entries just recorded.
-        match self.rewrite_manifest(&held, env) {
-            Ok((rewrite, rewritten)) => {
-                out.extend(rewrite);
-                out.push(Command::ReplaceRequestBody(held.len(), rewritten));
-                out.push(Command::Continue);
-            }
+        match self
+            .rewrite_manifest(&held, env)
+            .and_then(|(rewrite, rewritten)| {
+                let onward = self.rewritten_onward(held.len(), rewritten, env)?;
+                Ok(rewrite.into_iter().chain(onward))
+            }) {
+            Ok(commands) => out.extend(commands),
             Err(e) => out.extend(self.refuse(e)),
         }
         Ok(out)
@@ -271,15 +297,15 @@ impl Stream {
                 self.blob_committed(committing, env, &mut out)
             }
             known @ Flow::Known { .. } => self.known_answered(known, &status, env, &mut out),
+            // (A manifest pushed by digest never goes on: the gateway stores it itself.)
             Flow::Manifest {
                 repository,
-                by_digest,
+                by_digest: None,
                 client_digest: Some(client_digest),
                 entry,
                 ..
             } if status == "201" => manifest_stored(
                 &repository,
-                by_digest.is_some(),
                 &client_digest,
                 entry.as_ref(),
                 head,
@@ -303,7 +329,6 @@ impl Stream {
 /// it as a child, or a referrer naming it as `subject`, can be rewritten to what was stored.
 fn manifest_stored(
     repository: &str,
-    by_digest: bool,
     client_digest: &Digest,
     entry: Option<&LedgerEntry>,
     head: &ResponseHead,
@@ -325,11 +350,5 @@ fn manifest_stored(
         "docker-content-digest".into(),
         client_digest.to_string(),
     ));
-    if by_digest {
-        out.push(Command::SetResponseHeader(
-            "location".into(),
-            format!("/v2/{repository}/manifests/{client_digest}"),
-        ));
-    }
     Ok(())
 }

@@ -142,6 +142,7 @@ pub mod prefetch;
 
 mod answer;
 mod body;
+mod by_digest;
 mod finish;
 mod flow;
 mod head;

@@ -1,4 +1,4 @@
-//! Recording a committed blob in the registry's ledger (replicas share it through the registry,
+//! Recording a committed blob (or a manifest stored under its new digest) in the registry's ledger (replicas share it through the registry,
 //! `replicas.state_key`): an authenticated ledger manifest under the blob's ledger tag, whose
 //! config is the empty config every ledger manifest of a repository shares — uploaded once per
 //! repository, then marked in the store. The client's answer waits for the recording, so a
@@ -77,7 +77,11 @@ impl Stream {
                     .filter(|_| status == "202")
                     .and_then(|l| route::location_path(&l))
                     .ok_or_else(|| {
-                        ledger_refusal("open a session for the ledger's empty config", &status)
+                        ledger_refusal(
+                            &committing,
+                            "open a session for the ledger's empty config",
+                            &status,
+                        )
                     })?;
                 let empty = Digest::of(ledger::EMPTY_CONFIG).to_string();
                 let path = route::rewrite_query(&location, &["digest"], &[("digest", &empty)]);
@@ -92,7 +96,11 @@ impl Stream {
             }
             RecordingStage::Config => {
                 if status != "201" {
-                    return Err(ledger_refusal("store the ledger's empty config", &status));
+                    return Err(ledger_refusal(
+                        &committing,
+                        "store the ledger's empty config",
+                        &status,
+                    ));
                 }
                 env.store
                     .set(&empty_config_key(&committing.repository), b"1")?;
@@ -101,10 +109,26 @@ impl Stream {
             }
             RecordingStage::Manifest => {
                 if status != "201" {
-                    return Err(ledger_refusal(
-                        "record the encrypted blob in the registry's ledger",
-                        &status,
-                    ));
+                    let what = format!(
+                        "record the {} in the registry's ledger",
+                        stored(&committing)
+                    );
+                    return Err(ledger_refusal(&committing, &what, &status));
+                }
+                if let Some(entry) = committing
+                    .completion
+                    .ledger
+                    .as_ref()
+                    .filter(|e| e.is_manifest())
+                {
+                    // A manifest pushed by digest: the gateway answers the client itself.
+                    out.extend(self.manifest_committed(
+                        &committing.repository,
+                        &committing.completion.client_digest,
+                        entry,
+                        env,
+                    )?);
+                    return Ok(());
                 }
                 commit(&committing, env, out)?;
                 out.push(Command::ResumeResponse);
@@ -154,13 +178,22 @@ impl Stream {
     }
 }
 
-/// A failure while recording a committed blob in the registry's ledger: the ciphertext is
-/// stored (orphaned until garbage collection), so "nothing was stored" would mislead.
-fn ledger_refusal(what: &str, status: &str) -> OciError {
+/// What is being recorded, in a refusal's words.
+fn stored(committing: &Committing) -> &'static str {
+    match &committing.completion.ledger {
+        Some(entry) if entry.is_manifest() => "manifest",
+        _ => "encrypted blob",
+    }
+}
+
+/// A failure while recording a committed blob (or a stored manifest) in the registry's ledger:
+/// it is stored (orphaned until garbage collection), so "nothing was stored" would mislead.
+fn ledger_refusal(committing: &Committing, what: &str, status: &str) -> OciError {
     OciError::new(
         registry_refusal(what, status).code,
         format!(
-            "the registry answered {status} when the gateway tried to {what}; the encrypted blob was stored but not recorded, push again"
+            "the registry answered {status} when the gateway tried to {what}; the {} was stored but not recorded, push again",
+            stored(committing)
         ),
     )
 }

@@ -479,8 +479,9 @@ impl Stream {
     ) -> Result<Vec<Command>, OciError> {
         let repository = at.repository;
         // Encrypting changes the manifest's digest, and the request line cannot change once
-        // the body is seen: a manifest pushed by digest is stored under the gateway's ledger
-        // tag for that digest (which also records the mapping in the registry).
+        // the body is seen: a manifest pushed by digest is stored by the gateway's own callout
+        // under its new digest, and its request never goes on (should its body ever reach the
+        // registry at the digest the client named, the registry's own digest check refuses it).
         let by_digest = if reference.starts_with("sha256:") {
             Some(parse_client_digest(reference)?)
         } else {
@@ -519,10 +520,6 @@ impl Stream {
             .set(env.held_manifest_bytes.get().saturating_add(bytes));
         self.manifest_reserved = self.manifest_reserved.saturating_add(bytes);
         let mut out = Vec::new();
-        if let Some(pushed) = &by_digest {
-            let path = format!("/v2/{repository}/manifests/{}", ledger::ledger_tag(pushed));
-            out.push(Command::SetRequestHeader(":path".into(), path));
-        }
         let stored_type = manifest::stored_content_type(&content_type).to_string();
         out.push(Command::SetRequestHeader(
             "content-type".into(),

@@ -130,6 +130,9 @@ const ROWS: &[Row] = &[
         request: "`PUT /v2/<name>/manifests/sha256:D` (index children, referrers)",
         tests: &[
             "gateway_manifest::an_index_after_its_children_pushed_by_digest",
+            "gateway_manifest::registry_answers_to_a_manifest_stored_by_digest",
+            "gateway_manifest::with_replicas_a_manifest_stored_by_digest_is_recorded_before_the_answer",
+            "gateway_manifest::a_referrer_pushed_by_digest_is_stored_under_its_reserved_tag",
             "index_rewrite::children_then_index_flow",
             "index_rewrite::pushed_digest_must_match_the_body",
             "manifest_artifacts::referrers_rewritten",

@@ -6,8 +6,9 @@
 //! `subject`, by the digest the client computed can be pointed at what the registry holds. A
 //! manifest entry carries its stored [`LedgerEntry::media_type`]; a blob entry has none.
 //!
-//! A child manifest pushed by digest cannot be stored under that digest once rewritten, so the
-//! adapter stores it under a reserved tag ([`ledger_tag`]) instead. Reserved tags start with
+//! A child manifest pushed by digest cannot be stored under that digest once rewritten: the
+//! gateway stores it under its new digest by callout (a referrer under a reserved tag,
+//! [`ledger_tag`], instead; see `gateway::by_digest`). Reserved tags start with
 //! [`RESERVED_TAG_PREFIX`] and belong to the gateway: clients must not write or delete them
 //! ([`is_reserved_tag`]).
 //!
@@ -32,9 +33,13 @@
 //!   MAC, with any field changed, copied from another repository or to another digest's tag,
 //!   or made without the key is refused ([`StoredEntryError::Unauthenticated`]), and the caller
 //!   should stop looking up.
-//! - **Manifests clients pushed by digest** (index children, referrers), stored by the gateway
-//!   under the tag of the digest they were pushed as, after checking the body hashes to it and
-//!   rewriting it. Read back, such a manifest gives a *manifest* entry for itself (its digest,
+//! - **Manifest records**: the same records for a manifest pushed by digest and stored under
+//!   its new digest (a platform manifest), whose layer annotations also carry the stored media
+//!   type; they read back as a manifest entry, and name the stored manifest in annotations
+//!   only (garbage collection keeps it for the index that names it, not for the record).
+//! - **Manifests clients pushed by digest** stored under the tag of the digest they were pushed
+//!   as (referrers; platform manifests, by builds before manifest records), after checking the
+//!   body hashes to it and rewriting it. Read back, such a manifest gives a *manifest* entry for itself (its digest,
 //!   size and media type): what it vouches for is only that the manifest exists in the
 //!   repository, and everything in it was checked when it was pushed. A manifest entry never
 //!   counts for a layer or a config (see [`crate::distribution::manifest::rewrite_with`]), so a

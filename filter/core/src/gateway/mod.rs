@@ -77,7 +77,8 @@
 //!    - `PUT …/manifests/<ref>`: a digest reference must parse, a body must come, a declared
 //!      length must be within `limits.max_manifest_bytes` and the worker's manifest budget
 //!      must have room; then the recipients, the budget reserved, and the headers set for the
-//!      rewritten body (stored Content-Type, no Content-Length; by digest, the ledger tag).
+//!      rewritten body (stored Content-Type, no Content-Length; by digest the request line
+//!      stays: that request never goes on).
 //!    - `DELETE …/uploads/<id>` drops the gateway's state; `GET` of a session passes.
 //! 8. A refused manifest `PUT` that has a body is answered only once the body has been read
 //!    (containerd hangs on an answer that comes before it has sent the manifest).
@@ -94,9 +95,13 @@
 //! of the digests it names that this process lacks are read from the registry (at most
 //! `limits.max_ledger_lookups`, else refused before any read; a record that does not
 //! authenticate refuses the push); then it is rewritten (a layer the ledger holds for recipients
-//! the project no longer has is refused) and the new body replaces the old. On the registry's
-//! `201` the mapping is ledgered, `Docker-Content-Digest` names the client's digest (the stored
-//! one goes in `X-Ocicrypt-Stored-Digest`) and, pushed by digest, so does the `Location`.
+//! the project no longer has is refused). Pushed by tag, the new body replaces the old, and on
+//! the registry's `201` the mapping is ledgered and `Docker-Content-Digest` names the client's
+//! digest (the stored one goes in `X-Ocicrypt-Stored-Digest`). Pushed by digest, the gateway
+//! stores it by callout under its new digest (a referrer under its reserved tag) and answers
+//! the client itself: `201`, `Location` and `Docker-Content-Digest` naming the client's digest,
+//! the mapping ledgered first (with replicas, recorded in the registry's ledger while the
+//! answer waits); the registry's own 4xx refusal is relayed, anything else refused.
 //!
 //! Every registry answer to a request in an encrypted repository is checked first: a redirect,
 //! or a `Location` out of the repository or off the gateway, is refused `502` (a session opened

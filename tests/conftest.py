@@ -149,7 +149,9 @@ def stop_stack(s: Stack) -> None:
 
 
 #: Lines in Envoy's log that mean the plugin crashed (a panic traps the VM; later requests on
-#: that worker fail) even when the test that caused it passed.
+#: that worker fail) even when the test that caused it passed. On the native build Rust's panic
+#: hook writes "panicked at" to Envoy's stderr (this log) before the hook that caught the panic
+#: refuses its request; a crash of the module is Envoy's exit, which `dead()` reports.
 WASM_FAILURE_SIGNS = ("panicked at", "wasm trap", "Wasm VM failed", "Function: proxy_on_",
                       "Plugin configured to fail closed")
 

@@ -218,7 +218,7 @@ fn a_finishing_put_not_dispatched_is_refused() {
     let mut world = World::new();
     let mut stream = monolithic(&mut world);
     let put = finishing(&mut world, &mut stream);
-    let out = stream.on_dispatch_failed(put.id);
+    let out = stream.on_dispatch_failed(put.id, &mut world.env());
     assert_refused(&out, Code::Unavailable, "could not reach the registry");
     assert!(matches!(stream.flow, Flow::Refused));
 }

@@ -700,7 +700,7 @@ fn with_replicas_a_forged_record_or_too_many_lookups_refuse_the_push() {
         panic!()
     };
     assert_refused(
-        &stream.on_dispatch_failed(first.id),
+        &stream.on_dispatch_failed(first.id, &mut world.env()),
         Code::Unavailable,
         "reach the registry",
     );

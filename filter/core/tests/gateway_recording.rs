@@ -288,7 +288,7 @@ fn a_stage_not_dispatched_is_refused() {
     for stage in STAGES {
         let mut world = World::with(true);
         let (mut stream, callout) = up_to(&mut world, stage);
-        let out = stream.on_dispatch_failed(callout.id);
+        let out = stream.on_dispatch_failed(callout.id, &mut world.env());
         assert_refused(&out, Code::Unavailable, "could not reach the registry");
     }
 }

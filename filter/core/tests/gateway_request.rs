@@ -548,11 +548,13 @@ fn post_with_digest_session_failures() {
         ]
     );
     // Its failure to dispatch is silent (nobody waits for it); the refusal stands.
-    assert!(stream.on_dispatch_failed(delete.id).is_empty());
+    assert!(stream
+        .on_dispatch_failed(delete.id, &mut world.env())
+        .is_empty());
     // An unreachable registry refuses the waiting request.
-    let (_world, mut stream, callout) = opening_session();
+    let (mut world, mut stream, callout) = opening_session();
     assert_refused(
-        &stream.on_dispatch_failed(callout.id),
+        &stream.on_dispatch_failed(callout.id, &mut world.env()),
         Code::Unavailable,
         "reach the registry",
     );

@@ -381,7 +381,7 @@ fn answers_the_gateway_does_not_show_go_to_the_client_from_the_registry() {
     let mut world = World::new();
     let (mut stream, read) = requested(&mut world);
     assert_refused(
-        &stream.on_dispatch_failed(read.id),
+        &stream.on_dispatch_failed(read.id, &mut world.env()),
         Code::Unavailable,
         "could not reach the registry",
     );

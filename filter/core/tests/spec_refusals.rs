@@ -582,7 +582,7 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
                 let Command::Dispatch(callout) = &out[0] else {
                     panic!("{out:?}")
                 };
-                stream.on_dispatch_failed(callout.id)
+                stream.on_dispatch_failed(callout.id, &mut world.env())
             }),
         ),
         (

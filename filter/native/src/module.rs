@@ -9,43 +9,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ocicrypt_core::config::Config;
-use ocicrypt_core::distribution::upload_table as table;
-use ocicrypt_core::keys::keyservice::Request;
+use ocicrypt_core::gateway::plugin::{configure, PluginCommand, Timer, NO_TIMER, PREFIX};
+use ocicrypt_core::gateway::{CalloutAnswer, CalloutId, Level, Metric};
 use ocicrypt_core::keys::records::{KeyCommand, KeyLevel, KeyWorker};
 
 use crate::ffi::{self, Answer, ConfigHost, LogLevel, Scheduler};
 use crate::metrics::Metrics;
 use crate::store::STORE;
 
-/// Log prefix of the module's own lines (the timer's).
-pub const PREFIX: &str = "ocicrypt-filter: ";
-
 /// The scheduler event of a timer tick.
 const TICK: u64 = 1;
-
-/// Slots one tick sweeps (as the wasm build: all of them in about half a minute).
-const SWEEP_PER_TICK: u32 = 256;
-
-/// A key-service fetch to send.
-pub struct Fetch {
-    /// Envoy cluster of the key service.
-    pub cluster: String,
-    path: String,
-    authority: String,
-    /// Timeout of one fetch.
-    pub timeout_ms: u64,
-}
-
-impl Fetch {
-    /// The request's headers.
-    pub fn headers(&self) -> Vec<(&[u8], &[u8])> {
-        vec![
-            (b":method", b"GET"),
-            (b":path", self.path.as_bytes()),
-            (b":authority", self.authority.as_bytes()),
-        ]
-    }
-}
 
 /// What every stream of the configuration shares.
 pub struct Shared {
@@ -56,22 +29,33 @@ pub struct Shared {
     /// The key records of the process (the wasm build has one per worker VM).
     pub keys: Mutex<KeyWorker>,
     host: ConfigHost,
-    /// The configuration callout of the timer's refresh in flight.
-    refresh: Mutex<Option<u64>>,
-    /// The last slot of the upload-record table the timer swept.
-    sweep_cursor: Mutex<u32>,
+    /// The sweep and the key-service refresh (locked before `keys` when both are).
+    timer: Mutex<Timer>,
+    /// The timer's callouts in flight: Envoy's id → the timer's.
+    callouts: Mutex<Vec<(u64, CalloutId)>>,
 }
 
 /// Unix seconds.
 pub fn now() -> i64 {
+    i64::try_from(now_secs()).unwrap_or(i64::MAX)
+}
+
+fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |d| d.as_secs())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // State behind these locks is whole between calls: a panic elsewhere does not spoil it.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn log_level(level: Level) -> LogLevel {
+    match level {
+        Level::Info => LogLevel::Info,
+        Level::Warn => LogLevel::Warn,
+    }
 }
 
 impl Shared {
@@ -85,7 +69,7 @@ impl Shared {
         };
         for command in commands {
             match command {
-                KeyCommand::Metric(metric) => self.metrics.keys(&metric),
+                KeyCommand::Metric(metric) => self.metrics.count(&Metric::Key(metric)),
                 KeyCommand::Log(level, line) => {
                     let level = match level {
                         KeyLevel::Info => LogLevel::Info,
@@ -98,80 +82,73 @@ impl Shared {
         out
     }
 
-    /// The callout of a key-service fetch (`None` without a key service).
-    pub fn fetch(&self, req: &Request) -> Option<Fetch> {
-        let ks = self.config.key_service.as_ref()?;
-        Some(Fetch {
-            cluster: ks.cluster.clone(),
-            path: req.path.clone(),
-            authority: ks.authority.clone(),
-            timeout_ms: ks.timeout_ms,
-        })
-    }
-
-    /// Sends the timer refresh's fetch (main thread); one Envoy refuses is an unanswered fetch.
-    fn send_refresh(&self, mut fetch: Option<Request>) {
-        *lock(&self.refresh) = None;
-        while let Some(req) = fetch.take() {
-            if let Some(f) = self.fetch(&req) {
-                if let Some(id) = self.host.callout(&f.cluster, &f.headers(), f.timeout_ms) {
-                    *lock(&self.refresh) = Some(id);
-                    return;
+    /// Runs `event` on the timer and the key records (main thread), then carries out its
+    /// commands; a callout Envoy refuses goes back to the timer as unanswered.
+    fn with_timer(&self, event: impl FnOnce(&mut Timer, &mut KeyWorker) -> Vec<PluginCommand>) {
+        let mut commands = {
+            let mut timer = lock(&self.timer);
+            let mut keys = lock(&self.keys);
+            event(&mut timer, &mut keys)
+        };
+        while !commands.is_empty() {
+            let mut next = Vec::new();
+            for command in commands {
+                match command {
+                    PluginCommand::Dispatch(c) => {
+                        let headers: Vec<(&[u8], &[u8])> = c
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+                            .collect();
+                        match self.host.callout(&c.cluster, &headers, c.timeout_ms) {
+                            Some(id) => lock(&self.callouts).push((id, c.id)),
+                            None => {
+                                let mut timer = lock(&self.timer);
+                                let mut keys = lock(&self.keys);
+                                let config = Some(&self.config);
+                                next.extend(timer.on_dispatch_failed(
+                                    c.id,
+                                    config,
+                                    &mut keys,
+                                    &*STORE,
+                                    now_secs(),
+                                ));
+                            }
+                        }
+                    }
+                    PluginCommand::Metric(metric) => self.metrics.count(&metric),
+                    PluginCommand::Log(level, line) => ffi::log(log_level(level), &line),
+                    // The period is the ticker's, set once at configuration.
+                    PluginCommand::SetTickPeriod(_) => {}
                 }
             }
-            fetch = self.with_keys(PREFIX, |w| w.on_timer_answer(&*STORE, 0, &[], now()));
+            commands = next;
         }
     }
 
     fn tick(&self) {
-        if self.config.state_key.is_none() {
-            self.sweep();
-        }
-        let Some(ks) = &self.config.key_service else {
-            return;
-        };
-        let fetch = self.with_keys(PREFIX, |w| w.on_tick(ks, &*STORE, now()));
-        if fetch.is_some() {
-            self.send_refresh(fetch);
-        }
-    }
-
-    /// Drops the idle upload records of the next slots (without replicas they live here).
-    fn sweep(&self) {
-        let mut cursor = lock(&self.sweep_cursor);
-        let now = now().max(0).unsigned_abs();
-        for _ in 0..SWEEP_PER_TICK {
-            *cursor = (*cursor + 1) % table::SLOTS;
-            let key = table::slot_key_of(*cursor);
-            let Some((Some(value), cas)) = ocicrypt_core::store::Store::get_cas(&*STORE, &key)
-            else {
-                continue;
-            };
-            if let Some((next, gone)) = table::sweep(&value, now, self.config.upload_idle_seconds) {
-                // Lost to a concurrent write: that write dropped the idle records itself.
-                if ocicrypt_core::store::Store::set_cas(&*STORE, &key, &next, cas) {
-                    self.metrics.uploads_dropped(gone);
-                }
-            }
-        }
+        self.with_timer(|timer, keys| timer.on_tick(&self.config, keys, &*STORE, now_secs()));
     }
 
     fn on_refresh_answer(&self, answer: Answer) {
-        {
-            let mut refresh = lock(&self.refresh);
-            if *refresh != Some(answer.id) {
+        let id = {
+            let mut callouts = lock(&self.callouts);
+            let Some(i) = callouts.iter().position(|(t, _)| *t == answer.id) else {
                 return;
-            }
-            *refresh = None;
-        }
-        let status = if answer.answered {
-            crate::stream::status_of(&answer.headers).unwrap_or(0)
-        } else {
-            0
+            };
+            callouts.swap_remove(i).1
         };
-        let body = if status == 0 { Vec::new() } else { answer.body };
-        let fetch = self.with_keys(PREFIX, |w| w.on_timer_answer(&*STORE, status, &body, now()));
-        self.send_refresh(fetch);
+        let config = Some(&self.config);
+        let now = now_secs();
+        if !answer.answered {
+            self.with_timer(|timer, keys| timer.on_dispatch_failed(id, config, keys, &*STORE, now));
+            return;
+        }
+        let answer = CalloutAnswer {
+            headers: crate::stream::pairs(answer.headers),
+            body: answer.body,
+        };
+        self.with_timer(|timer, keys| timer.on_callout(id, &answer, config, keys, &*STORE, now));
     }
 }
 
@@ -205,38 +182,34 @@ impl Module {
     pub fn new(host: ConfigHost, _name: &[u8], config: &[u8]) -> Option<Module> {
         // Secrets (replicas.state_key_env) come from Envoy's environment, never from the
         // configuration it dumps.
-        let config = match Config::parse_with_env(config, &|name| std::env::var(name).ok()) {
+        let (config, commands) = match configure(Some(config), &|name| std::env::var(name).ok()) {
             Ok(c) => c,
-            Err(e) => {
-                ffi::log(
-                    LogLevel::Critical,
-                    &format!("{PREFIX}invalid configuration: {e}"),
-                );
+            Err(line) => {
+                ffi::log(LogLevel::Critical, &line);
                 return None;
             }
         };
-        ffi::log(LogLevel::Info, &format!("{PREFIX}configuration loaded"));
-        let heartbeat = ocicrypt_core::gateway::prefetch::HEARTBEAT_SECS;
-        let seconds = config
-            .key_service
-            .as_ref()
-            .map_or(heartbeat, |ks| ks.refresh_seconds.min(heartbeat));
+        let mut period = None;
+        for command in commands {
+            match command {
+                PluginCommand::Log(level, line) => ffi::log(log_level(level), &line),
+                PluginCommand::SetTickPeriod(p) => period = Some(p),
+                PluginCommand::Dispatch(_) | PluginCommand::Metric(_) => {}
+            }
+        }
         let shared = Arc::new(Shared {
             config,
             metrics: Metrics::define(host),
             keys: Mutex::new(KeyWorker::new()),
             host,
-            refresh: Mutex::new(None),
-            sweep_cursor: Mutex::new(0),
+            timer: Mutex::new(Timer::default()),
+            callouts: Mutex::new(Vec::new()),
         });
-        let Some(scheduler) = host.scheduler().map(Arc::new) else {
-            ffi::log(
-                LogLevel::Critical,
-                &format!("{PREFIX}cannot set the key-service refresh timer"),
-            );
+        let (Some(scheduler), Some(period)) = (host.scheduler().map(Arc::new), period) else {
+            ffi::log(LogLevel::Critical, NO_TIMER);
             return None;
         };
-        let ticker = start_ticker(scheduler, Duration::from_secs(seconds.max(1)))?;
+        let ticker = start_ticker(scheduler, period)?;
         Some(Module {
             shared,
             _ticker: Some(ticker),

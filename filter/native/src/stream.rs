@@ -18,13 +18,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::gateway::plugin::stream_line;
 use ocicrypt_core::gateway::{
-    CalloutAnswer, CalloutId, Command, Env, Level, RequestHead, ResponseHead, Stream,
+    host_failure, CalloutAnswer, CalloutId, Command, Env, Level, LocalReply, RequestHead,
+    ResponseHead, Stream,
 };
 use rand_core::OsRng;
 
 use crate::ffi::{self, Answer, HeaderMap, LogLevel, StreamHost};
-use crate::keys::{EventKeys, StreamKeys};
+use crate::keys::EventKeys;
 use crate::module::Shared;
 use crate::store::STORE;
 
@@ -47,19 +49,9 @@ const BUFFER: u32 = 1;
 /// Trailers: StopIteration.
 const TRAILERS_STOP: u32 = 1;
 
-/// A three-digit `:status` among `headers`.
-pub fn status_of(headers: &[(Vec<u8>, Vec<u8>)]) -> Option<u16> {
-    let (_, v) = headers.iter().find(|(k, _)| k == b":status")?;
-    if v.len() != 3 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let status: u16 = std::str::from_utf8(v).ok()?.parse().ok()?;
-    (100..=599).contains(&status).then_some(status)
-}
-
 /// Header names as the machine wants them (lowercase text; a name that is not UTF-8 is skipped),
 /// values as bytes.
-fn pairs(headers: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+pub fn pairs(headers: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
     headers
         .into_iter()
         .filter_map(|(k, v)| Some((String::from_utf8(k).ok()?.to_ascii_lowercase(), v)))
@@ -96,7 +88,6 @@ pub struct Filter {
 struct State {
     id: u64,
     stream: Stream,
-    keys: StreamKeys,
     /// Callouts the machine dispatched: Envoy's id → the machine's.
     callouts: Vec<(u64, CalloutId)>,
     shared: Arc<Shared>,
@@ -117,7 +108,6 @@ impl Filter {
             state: RefCell::new(State {
                 id,
                 stream: Stream::new(),
-                keys: StreamKeys::new(format!("[ocicrypt #{id}] "), shared.clone()),
                 callouts: Vec::new(),
                 shared,
             }),
@@ -251,7 +241,7 @@ impl Filter {
         let Ok(mut state) = self.state.try_borrow_mut() else {
             return busy;
         };
-        let commands = state.with_env(host, event);
+        let commands = state.with_env(event);
         let (pause, deferred) = state.apply(host, commands, hook);
         drop(state);
         self.finish(host, deferred);
@@ -293,62 +283,51 @@ impl Filter {
     }
 }
 
-fn reply_headers(marker: &[u8], challenge: Option<&[u8]>) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut headers = vec![
-        (b"content-type".to_vec(), b"application/json".to_vec()),
-        (b"x-ocicrypt-filter".to_vec(), marker.to_vec()),
-    ];
-    if let Some(c) = challenge {
-        headers.push((b"www-authenticate".to_vec(), c.to_vec()));
-    }
-    headers
-}
-
-fn error_reply(err: &OciError) -> Deferred {
+fn deferred_reply(reply: LocalReply) -> Deferred {
     Deferred::Reply {
-        status: u32::from(err.status()),
-        headers: reply_headers(b"refused", err.challenge.as_deref().map(str::as_bytes)),
-        body: err.body(),
+        status: u32::from(reply.status),
+        headers: reply
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.into_bytes(), v))
+            .collect(),
+        body: reply.body,
     }
 }
 
 fn reply_error(host: &StreamHost, err: &OciError) {
-    if let Deferred::Reply {
-        status,
-        headers,
-        body,
-    } = error_reply(err)
-    {
-        let h: Vec<(&[u8], &[u8])> = headers.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-        host.send_response(status, &h, &body);
+    if let Some(reply) = Command::Reply(err.clone()).local_reply() {
+        let headers: Vec<(&[u8], &[u8])> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), &v[..]))
+            .collect();
+        host.send_response(u32::from(reply.status), &headers, &reply.body);
     }
 }
 
 fn host_error(what: &str) -> OciError {
-    OciError::new(
-        Code::Unknown,
-        format!("gateway host call failed ({what}); nothing was stored, retry"),
-    )
+    host_failure(what)
 }
 
 impl State {
     fn log(&self, level: LogLevel, line: &str) {
-        ffi::log(level, &format!("[ocicrypt #{}] {line}", self.id));
+        ffi::log(level, &stream_line(self.id, line));
     }
 
     /// Feeds the machine one event with the environment lent to it.
     fn with_env(
         &mut self,
-        host: &StreamHost,
         event: impl FnOnce(&mut Stream, &mut Env) -> Vec<Command>,
     ) -> Vec<Command> {
         let shared = self.shared.clone();
         let now = crate::module::now().max(0).unsigned_abs();
         let mut rng = OsRng;
         let stream = &mut self.stream;
+        let prefix = stream_line(self.id, "");
         let mut keys = EventKeys {
-            keys: &mut self.keys,
-            host,
+            shared: &shared,
+            prefix: &prefix,
         };
         HELD_MANIFEST_BYTES.with(|held| {
             let mut env = Env {
@@ -366,13 +345,6 @@ impl State {
     }
 
     fn on_answer(&mut self, host: &StreamHost, answer: Answer) -> Option<Vec<Deferred>> {
-        if let Some(pending) = self.keys.on_answer(host, &answer) {
-            if pending {
-                return None;
-            }
-            let commands = self.with_env(host, |s, env| s.on_keys_ready(env));
-            return Some(self.apply(host, commands, Hook::Callout).1);
-        }
         let i = self.callouts.iter().position(|(t, _)| *t == answer.id)?;
         let (_, id) = self.callouts.swap_remove(i);
         if !self.stream.awaits(id) {
@@ -382,7 +354,7 @@ impl State {
             headers: pairs(answer.headers),
             body: answer.body,
         };
-        let commands = self.with_env(host, |s, env| s.on_callout(id, &answer, env));
+        let commands = self.with_env(|s, env| s.on_callout(id, &answer, env));
         Some(self.apply(host, commands, Hook::Callout).1)
     }
 
@@ -442,7 +414,8 @@ impl State {
                             Ok(())
                         }
                         None => {
-                            let failed = self.stream.on_dispatch_failed(callout.id);
+                            let id = callout.id;
+                            let failed = self.with_env(|s, env| s.on_dispatch_failed(id, env));
                             if !failed.is_empty() {
                                 let (p, d) = self.apply(host, failed, hook);
                                 deferred.extend(d);
@@ -452,38 +425,10 @@ impl State {
                         }
                     }
                 }
-                Command::Respond {
-                    status,
-                    headers,
-                    body,
-                } => {
-                    let mut all = vec![(b"x-ocicrypt-filter".to_vec(), b"answered".to_vec())];
-                    all.extend(
-                        headers
-                            .into_iter()
-                            .map(|(k, v)| (k.into_bytes(), v.into_bytes())),
-                    );
-                    deferred.push(Deferred::Reply {
-                        status: u32::from(status),
-                        headers: all,
-                        body,
-                    });
-                    Ok(())
-                }
-                Command::Reply(err) => {
-                    deferred.push(error_reply(&err));
-                    Ok(())
-                }
-                Command::Relay {
-                    status,
-                    body,
-                    challenge,
-                } => {
-                    deferred.push(Deferred::Reply {
-                        status: u32::from(status),
-                        headers: reply_headers(b"registry-refused", challenge.as_deref()),
-                        body,
-                    });
+                Command::Respond { .. } | Command::Reply(_) | Command::Relay { .. } => {
+                    if let Some(reply) = command.local_reply() {
+                        deferred.push(deferred_reply(reply));
+                    }
                     Ok(())
                 }
                 Command::ResumeResponse => {
@@ -502,7 +447,7 @@ impl State {
                     Ok(())
                 }
                 Command::Metric(metric) => {
-                    self.shared.metrics.stream(metric);
+                    self.shared.metrics.count(&metric);
                     Ok(())
                 }
                 Command::Log(level, line) => {

@@ -1,56 +1,44 @@
 //! One HTTP stream through the gateway: the host side of [`ocicrypt_core::gateway::Stream`].
 //!
 //! The core's machine decides every flow (the request line, the bodies, the responses, the
-//! finishing and ledger callouts); this file turns host callbacks into its events and carries
-//! out its commands.
-use std::cell::Cell;
+//! finishing, ledger and key-service callouts); this file turns host callbacks into its events
+//! and carries out its commands.
 use std::rc::Rc;
 use std::time::Duration;
 
-use ocicrypt_core::config::Config;
-use ocicrypt_core::error::{Code, OciError};
-use ocicrypt_core::gateway::prefetch::Keystream;
+use ocicrypt_core::gateway::plugin::{busy, stream_line, Plugin};
 use ocicrypt_core::gateway::{
-    CalloutAnswer, CalloutId, Command, Env, Level, Metric, RequestHead, ResponseHead, Stream,
+    CalloutAnswer, CalloutId, Command, Env, RequestHead, ResponseHead, Stream,
 };
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, MapType};
 use rand_core::OsRng;
 
-use crate::host::{self, SharedData};
-use crate::keys::{self, StreamKeys};
+use crate::host::{self, HostQueues, SharedData};
 use crate::metrics::Metrics;
-use crate::prefetch::{HostQueues, SharedWorker};
+use crate::{lent, log_level, SharedPlugin};
 
 /// The per-stream context.
 pub struct Gateway {
     id: u32,
     /// The core's machine for this stream.
     stream: Stream,
-    /// The project's recipients, and the key-service lookup the paused request waits for.
-    keys: StreamKeys,
     /// Callouts the machine dispatched: host token → the machine's id.
     callouts: Vec<(u32, CalloutId)>,
-    config: Option<Rc<Config>>,
+    /// The worker's state, lent to the machine for each event.
+    plugin: SharedPlugin,
     metrics: Rc<Metrics>,
-    /// Keystream prefetch of this worker.
-    worker: SharedWorker,
-}
-
-thread_local! {
-    /// Manifest bytes the streams of this worker VM hold in Envoy's buffers right now. Each VM
-    /// is one thread, and a reloaded VM starts from zero: nothing a trap leaves behind counts.
-    static HELD_MANIFEST_BYTES: Cell<usize> = const { Cell::new(0) };
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            self.metrics
-                .keystream(self.stream.end_keystream(&mut worker));
-        }
-        let stream = &mut self.stream;
-        HELD_MANIFEST_BYTES.with(|held| stream.on_end(&SharedData, held));
+        let plugin = self.plugin.clone();
+        let Ok(mut plugin) = plugin.try_borrow_mut() else {
+            return;
+        };
+        let commands = plugin.on_stream_end(&mut self.stream, &SharedData);
+        drop(plugin);
+        self.apply(commands, Callback::Other);
     }
 }
 
@@ -63,74 +51,38 @@ enum Callback {
 }
 
 impl Gateway {
-    /// A stream context of worker VM configuration `config`.
-    pub fn new(
-        id: u32,
-        config: Option<Rc<Config>>,
-        metrics: Rc<Metrics>,
-        worker: SharedWorker,
-    ) -> Self {
+    /// A stream context of the worker whose state is `plugin`.
+    pub fn new(id: u32, plugin: SharedPlugin, metrics: Rc<Metrics>) -> Self {
         Gateway {
             id,
             stream: Stream::new(),
-            keys: StreamKeys::new(id, config.clone(), metrics.clone()),
             callouts: Vec::new(),
-            config,
+            plugin,
             metrics,
-            worker,
         }
     }
 
-    fn log(&self, level: LogLevel, msg: &str) {
-        host::log(level, &format!("[ocicrypt #{}] {msg}", self.id));
-    }
-
-    fn refuse(&mut self, err: &OciError) -> Action {
-        let commands = self.stream.refuse(err.clone());
-        self.apply(commands, Callback::Other)
-    }
-
-    /// Feeds the machine one event with the worker's environment lent to it.
+    /// Feeds the machine one event with the worker's state lent to it.
     fn with_env(
         &mut self,
         event: impl FnOnce(&mut Stream, &mut Env) -> Vec<Command>,
     ) -> Vec<Command> {
-        let Some(config) = self.config.clone() else {
-            return self.stream.refuse(OciError::new(
-                Code::Unavailable,
-                "the gateway has no valid configuration",
-            ));
+        let Ok(mut plugin) = self.plugin.try_borrow_mut() else {
+            return self.stream.refuse(busy());
         };
-        let now = keys::now().max(0).unsigned_abs();
-        let mut rng = OsRng;
-        let stream = &mut self.stream;
-        let keys = &mut self.keys;
-        // A stream's events never nest (no host call runs another callback of this VM), so the
-        // worker is free; were it not, the body is encrypted locally: the same bytes.
-        let mut worker = self.worker.try_borrow_mut().ok();
-        let mut queues = HostQueues;
-        HELD_MANIFEST_BYTES.with(|held| {
-            let keystream = worker.as_deref_mut().map(|worker| Keystream {
-                worker,
-                queues: &mut queues,
-            });
-            let mut env = Env {
-                config: &config,
-                store: &SharedData,
-                keys,
-                held_manifest_bytes: held,
-                now,
-                rng: &mut rng,
-                keystream,
-            };
-            event(stream, &mut env)
-        })
+        let plugin: &mut Plugin = &mut plugin;
+        let (mut queues, mut rng) = (HostQueues, OsRng);
+        plugin.on_stream_event(&mut self.stream, lent(&mut queues, &mut rng), event)
     }
 
     /// Carries out the machine's commands in order; the action a headers callback returns.
     fn apply(&mut self, commands: Vec<Command>, callback: Callback) -> Action {
         let mut action = Action::Continue;
         for command in commands {
+            if let Some(reply) = command.local_reply() {
+                host::send_local_reply(&reply);
+                continue;
+            }
             let done = match command {
                 Command::SetRequestHeader(name, value) => {
                     host::set_header(MapType::HttpRequestHeaders, &name, Some(&value))
@@ -143,14 +95,6 @@ impl Gateway {
                 }
                 Command::SetResponseHeader(name, value) => {
                     host::set_header(MapType::HttpResponseHeaders, &name, Some(&value))
-                }
-                Command::Respond {
-                    status,
-                    headers,
-                    body,
-                } => {
-                    host::respond(status, &headers, &body);
-                    Ok(())
                 }
                 Command::RemoveResponseHeader(name) => {
                     host::set_header(MapType::HttpResponseHeaders, &name, None)
@@ -167,18 +111,17 @@ impl Gateway {
                         .iter()
                         .map(|(k, v)| (k.as_str(), v.as_str()))
                         .collect();
-                    match host::dispatch(
-                        &callout.cluster,
-                        headers,
-                        callout.body.as_deref(),
-                        Duration::from_millis(callout.timeout_ms),
-                    ) {
+                    let timeout = Duration::from_millis(callout.timeout_ms);
+                    let body = callout.body.as_deref();
+                    match host::dispatch(&callout.cluster, headers, body, timeout) {
                         Ok(token) => {
                             self.callouts.push((token, callout.id));
                             Ok(())
                         }
                         Err(()) => {
-                            let failed = self.stream.on_dispatch_failed(callout.id);
+                            let id = callout.id;
+                            let failed =
+                                self.with_env(|stream, env| stream.on_dispatch_failed(id, env));
                             if failed.is_empty() {
                                 Ok(())
                             } else {
@@ -186,18 +129,6 @@ impl Gateway {
                             }
                         }
                     }
-                }
-                Command::Reply(err) => {
-                    host::reply_error(&err);
-                    Ok(())
-                }
-                Command::Relay {
-                    status,
-                    body,
-                    challenge,
-                } => {
-                    host::reply_raw(u32::from(status), &body, challenge.as_deref());
-                    Ok(())
                 }
                 Command::ResumeResponse => host::resume_response(),
                 Command::Continue => {
@@ -213,30 +144,18 @@ impl Gateway {
                     Ok(())
                 }
                 Command::Metric(metric) => {
-                    match metric {
-                        Metric::Refused(code) => self.metrics.refused(code),
-                        Metric::MountRewritten => self.metrics.mount_rewritten(),
-                        Metric::ManifestRewritten => self.metrics.manifest_rewritten(),
-                        Metric::UploadState(delta) => self.metrics.upload_state(delta),
-                        Metric::LedgerCache(change) => self.metrics.ledger_cache(change),
-                        Metric::SessionMoved => self.metrics.session_moved(),
-                        Metric::Keystream(report) => self.metrics.keystream(report),
-                        Metric::LayerEncrypted(size) => self.metrics.layer_encrypted(size),
-                        Metric::BlobPassed => self.metrics.blob_passed(),
-                    }
+                    self.metrics.count(&metric);
                     Ok(())
                 }
                 Command::Log(level, line) => {
-                    let level = match level {
-                        Level::Info => LogLevel::Info,
-                        Level::Warn => LogLevel::Warn,
-                    };
-                    self.log(level, &line);
+                    host::log(log_level(level), &stream_line(u64::from(self.id), &line));
                     Ok(())
                 }
+                Command::Reply(_) | Command::Relay { .. } | Command::Respond { .. } => Ok(()),
             };
-            if let Err(e) = done {
-                return self.refuse(&e);
+            if let Err(what) = done {
+                let refused = self.stream.on_host_failed(&what);
+                return self.apply(refused, Callback::Other);
             }
         }
         action
@@ -251,35 +170,30 @@ impl Context for Gateway {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if let Some(pending) = self.keys.on_answer(token, body_size) {
-            if !pending {
-                let commands = self.with_env(|stream, env| stream.on_keys_ready(env));
-                self.apply(commands, Callback::Other);
-            }
+        let Some(i) = self.callouts.iter().position(|(t, _)| *t == token) else {
+            return;
+        };
+        let (_, id) = self.callouts.swap_remove(i);
+        if !self.stream.awaits(id) {
             return;
         }
-        if let Some(i) = self.callouts.iter().position(|(t, _)| *t == token) {
-            let (_, id) = self.callouts.swap_remove(i);
-            if !self.stream.awaits(id) {
+        // Host contract: an answer body the host fails to hand over refuses the request
+        // (a manifest read before a delete must not pass for an empty one).
+        let body = match host::body(BufferType::HttpCallResponseBody, body_size) {
+            Ok(body) => body,
+            Err(what) => {
+                let refused = self.stream.on_host_failed(&what);
+                self.apply(refused, Callback::Other);
                 return;
             }
-            // Host contract: an answer body the host fails to hand over refuses the request
-            // (a manifest read before a delete must not pass for an empty one).
-            let body = match host::body(BufferType::HttpCallResponseBody, body_size) {
-                Ok(body) => body,
-                Err(e) => {
-                    self.refuse(&e);
-                    return;
-                }
-            };
-            // Registry answers are read as bytes: a header that is not UTF-8 reads as absent.
-            let answer = CalloutAnswer {
-                headers: host::pairs(MapType::HttpCallResponseHeaders),
-                body,
-            };
-            let commands = self.with_env(|stream, env| stream.on_callout(id, &answer, env));
-            self.apply(commands, Callback::Other);
-        }
+        };
+        // Answers are read as bytes: a header that is not UTF-8 reads as absent.
+        let answer = CalloutAnswer {
+            headers: host::pairs(MapType::HttpCallResponseHeaders),
+            body,
+        };
+        let commands = self.with_env(|stream, env| stream.on_callout(id, &answer, env));
+        self.apply(commands, Callback::Other);
     }
 }
 
@@ -298,7 +212,7 @@ impl HttpContext for Gateway {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let read = || host::body(BufferType::HttpRequestBody, body_size);
+        let read = || host::request_body(body_size);
         let commands = self
             .with_env(|stream, env| stream.on_request_body(body_size, end_of_stream, &read, env));
         self.apply(commands, Callback::Stream)

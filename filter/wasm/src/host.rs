@@ -8,7 +8,9 @@
 //! answer) is a status, not a crash. The only SDK host call left is `dispatch` (see there).
 use std::time::Duration;
 
-use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::error::OciError;
+use ocicrypt_core::gateway::prefetch::SharedQueues;
+use ocicrypt_core::gateway::{host_failure, LocalReply};
 use ocicrypt_core::store::Store;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType};
@@ -20,15 +22,17 @@ pub fn log(level: LogLevel, msg: &str) {
     let _ = abi::log(level, msg);
 }
 
-fn host_error(what: &str, status: Status) -> OciError {
-    OciError::new(
-        Code::Unknown,
-        format!("gateway host call failed ({what}: {status}); nothing was stored, retry"),
-    )
+/// A host call that failed: what was called and the host's status (the stream turns it into
+/// its refusal).
+pub type Failed = String;
+
+fn failed(what: &str, status: Status) -> Failed {
+    format!("{what}: {status}")
 }
 
 /// A request or response header as the bytes Envoy holds; `None` when absent or when the host
 /// cannot read that map now.
+#[cfg(any(test, feature = "test-trap"))]
 pub fn header_bytes(map: MapType, name: &str) -> Option<Vec<u8>> {
     abi::header_map_value(map, name).ok().flatten()
 }
@@ -48,54 +52,33 @@ pub fn pairs(map: MapType) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Sets (or with `None` removes) a header.
-pub fn set_header(map: MapType, name: &str, value: Option<&str>) -> Result<(), OciError> {
+pub fn set_header(map: MapType, name: &str, value: Option<&str>) -> Result<(), Failed> {
     match value {
         Some(v) => abi::replace_header_map_value(map, name, v.as_bytes()),
         None => abi::remove_header_map_value(map, name),
     }
-    .map_err(|s| host_error(&format!("set header {name}"), s))
+    .map_err(|s| failed(&format!("set header {name}"), s))
 }
 
 /// The whole current body buffer.
-pub fn body(kind: BufferType, size: usize) -> Result<Vec<u8>, OciError> {
+pub fn body(kind: BufferType, size: usize) -> Result<Vec<u8>, Failed> {
     if size == 0 {
         return Ok(Vec::new());
     }
     match abi::buffer_bytes(kind, 0, size) {
         Ok(b) => Ok(b.unwrap_or_default()),
-        Err(s) => Err(host_error("read body", s)),
+        Err(s) => Err(failed("read body", s)),
     }
+}
+
+/// [`body`] for the core's body event, whose reader fails with the refusal itself.
+pub fn request_body(size: usize) -> Result<Vec<u8>, OciError> {
+    body(BufferType::HttpRequestBody, size).map_err(|what| host_failure(&what))
 }
 
 /// Replaces the current body buffer (`size` bytes of it) with `data`.
-pub fn set_body(kind: BufferType, size: usize, data: &[u8]) -> Result<(), OciError> {
-    abi::set_buffer_bytes(kind, 0, size, data).map_err(|s| host_error("write body", s))
-}
-
-/// The `:status` of the callout answer being delivered: `None` when there is none (Envoy
-/// reports a reset, a timeout or an over-limit answer with no headers to read) or it is not a
-/// three-digit status.
-pub fn call_status() -> Option<u16> {
-    parse_status(&header_bytes(MapType::HttpCallResponseHeaders, ":status")?)
-}
-
-fn parse_status(value: &[u8]) -> Option<u16> {
-    if value.len() != 3 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let status = std::str::from_utf8(value).ok()?.parse().ok()?;
-    (100..=599).contains(&status).then_some(status)
-}
-
-/// The body of the callout answer being delivered (`body_size` as Envoy announced it); `None`
-/// when the host has no answer to read.
-pub fn call_body(body_size: usize) -> Option<Vec<u8>> {
-    if body_size == 0 {
-        return Some(Vec::new());
-    }
-    abi::buffer_bytes(BufferType::HttpCallResponseBody, 0, body_size)
-        .ok()
-        .flatten()
+pub fn set_body(kind: BufferType, size: usize, data: &[u8]) -> Result<(), Failed> {
+    abi::set_buffer_bytes(kind, 0, size, data).map_err(|s| failed("write body", s))
 }
 
 /// The plugin configuration Envoy passes to `on_configure`.
@@ -105,59 +88,33 @@ pub fn plugin_configuration(size: usize) -> Option<Vec<u8>> {
         .flatten()
 }
 
-fn send_reply(status: u32, marker: &[u8], body: &[u8], challenge: Option<&[u8]>) {
-    let mut headers: Vec<(&str, &[u8])> = vec![
-        ("content-type", b"application/json"),
-        ("x-ocicrypt-filter", marker),
-    ];
-    if let Some(c) = challenge {
-        headers.push(("www-authenticate", c));
-    }
-    if let Err(s) = abi::send_local_response(status, &headers, body) {
+/// Sends a local reply; a host that refuses it is logged (the request is answered by then or
+/// reset by Envoy: nothing else to do).
+pub fn send_local_reply(reply: &LocalReply) {
+    let headers: Vec<(&str, &[u8])> = reply
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    if let Err(s) = abi::send_local_response(u32::from(reply.status), &headers, &reply.body) {
         log(
             LogLevel::Warn,
-            &format!("ocicrypt-filter: the local reply {status} was not sent ({s})"),
+            &format!(
+                "ocicrypt-filter: the local reply {} was not sent ({s})",
+                reply.status
+            ),
         );
     }
-}
-
-/// Answers the client with `status`, `headers` and `body` (a local reply the gateway makes on
-/// the registry's behalf, such as a tags list without the reserved tags).
-pub fn respond(status: u16, headers: &[(String, String)], body: &[u8]) {
-    let mut all: Vec<(&str, &[u8])> = vec![("x-ocicrypt-filter", b"answered")];
-    all.extend(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
-    if let Err(s) = abi::send_local_response(u32::from(status), &all, body) {
-        log(
-            LogLevel::Warn,
-            &format!("ocicrypt-filter: the local answer {status} was not sent ({s})"),
-        );
-    }
-}
-
-/// Sends a local reply carrying an OCI error body.
-pub fn reply_error(err: &OciError) {
-    send_reply(
-        u32::from(err.status()),
-        b"refused",
-        &err.body(),
-        err.challenge.as_deref().map(str::as_bytes),
-    );
-}
-
-/// Sends a local reply with a body that already is an OCI error document, and the registry's
-/// `WWW-Authenticate` challenge when it gave one.
-pub fn reply_raw(status: u32, body: &[u8], challenge: Option<&[u8]>) {
-    send_reply(status, b"registry-refused", body, challenge);
 }
 
 /// Lets the paused request go on.
-pub fn resume_request() -> Result<(), OciError> {
-    abi::continue_stream(false).map_err(|s| host_error("resume the request", s))
+pub fn resume_request() -> Result<(), Failed> {
+    abi::continue_stream(false).map_err(|s| failed("resume the request", s))
 }
 
 /// Lets the paused response go on.
-pub fn resume_response() -> Result<(), OciError> {
-    abi::continue_stream(true).map_err(|s| host_error("resume the response", s))
+pub fn resume_response() -> Result<(), Failed> {
+    abi::continue_stream(true).map_err(|s| failed("resume the response", s))
 }
 
 /// Sends an HTTP callout; its token, or `Err` when the host refused it.
@@ -179,9 +136,10 @@ pub fn dispatch(
     hostcalls::dispatch_http_call(cluster, headers, body, vec![], timeout).map_err(|_| ())
 }
 
-/// The host's clock since the Unix epoch; `None` when the host fails.
-pub fn now_since_epoch() -> Option<Duration> {
-    abi::current_time_nanos().ok().map(Duration::from_nanos)
+/// Unix seconds from the host clock (0 when the host fails: every record then looks old,
+/// which fails closed).
+pub fn now() -> u64 {
+    abi::current_time_nanos().map_or(0, |n| Duration::from_nanos(n).as_secs())
 }
 
 /// Sets the root context's timer; `false` when the host refused.
@@ -209,19 +167,22 @@ pub fn record_metric(id: u32, value: u64) {
     }
 }
 
-/// Registers this VM's shared queue `name`; `None` when the host refused.
-pub fn register_queue(name: &str) -> Option<u32> {
-    abi::register_shared_queue(name).ok()
-}
+/// Envoy's shared queues. Host contract: a queue registered by a VM is read by that VM only
+/// (its `on_queue_ready` runs on its own thread); any VM of the process may enqueue to it.
+pub struct HostQueues;
 
-/// Puts `value` on shared queue `queue`; `false` when the host refused (unknown queue).
-pub fn enqueue(queue: u32, value: &[u8]) -> bool {
-    abi::enqueue_shared_queue(queue, value).is_ok()
-}
+impl SharedQueues for HostQueues {
+    fn register(&mut self, name: &str) -> Option<u32> {
+        abi::register_shared_queue(name).ok()
+    }
 
-/// The next item of shared queue `queue`; `None` when it is empty or the host refused.
-pub fn dequeue(queue: u32) -> Option<Vec<u8>> {
-    abi::dequeue_shared_queue(queue).ok().flatten()
+    fn enqueue(&mut self, queue: u32, message: &[u8]) -> bool {
+        abi::enqueue_shared_queue(queue, message).is_ok()
+    }
+
+    fn dequeue(&mut self, queue: u32) -> Option<Vec<u8>> {
+        abi::dequeue_shared_queue(queue).ok().flatten()
+    }
 }
 
 /// Envoy shared data: one map per process, visible to every worker VM.
@@ -247,7 +208,7 @@ impl Store for SharedData {
     }
 
     fn set(&self, key: &str, value: &[u8]) -> Result<(), OciError> {
-        abi::set_shared_data(key, value, 0).map_err(|s| host_error("shared data", s))
+        abi::set_shared_data(key, value, 0).map_err(|s| host_failure(&failed("shared data", s)))
     }
 
     fn get_cas(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
@@ -264,25 +225,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_lines_are_three_digits() {
-        assert_eq!(parse_status(b"200"), Some(200));
-        assert_eq!(parse_status(b"599"), Some(599));
-        for bad in [
-            &b""[..],
-            b"20",
-            b"2000",
-            b"+20",
-            b" 200",
-            b"099",
-            b"600",
-            b"20\xff",
-            b"\xff\xff\xff",
-        ] {
-            assert_eq!(parse_status(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
     fn reads_without_a_host_are_absent_never_a_panic() {
         // Native builds answer NotFound to everything (abi/native_stubs.rs): the same paths as a host that
         // has no such header, map or answer.
@@ -291,13 +233,10 @@ mod tests {
             None
         );
         assert!(pairs(MapType::HttpCallResponseHeaders).is_empty());
-        assert_eq!(call_status(), None);
-        assert_eq!(call_body(0), Some(Vec::new()));
-        assert_eq!(call_body(10), None);
         assert_eq!(body(BufferType::HttpRequestBody, 10), Ok(Vec::new()));
         assert!(set_header(MapType::HttpRequestHeaders, ":path", Some("/")).is_err());
         assert_eq!(SharedData.get("k"), None);
         assert!(!SharedData.set_cas("k", b"v", 0));
-        assert_eq!(dequeue(1), None);
+        assert_eq!(HostQueues.dequeue(1), None);
     }
 }

@@ -3,6 +3,9 @@
 //! every host status and never decode bytes as UTF-8 behind the caller's back: the SDK's
 //! `hostcalls` panic on an unexpected status or a header value that is not UTF-8, and a panic
 //! traps the VM (see "Host calls audited" in docs/operators-guide.md).
+//!
+//! The worker's state is the core's [`Plugin`], shared by the root context (configuration,
+//! ticks, queues, the key-service refresh's callouts) and the stream contexts.
 #![cfg_attr(
     test,
     allow(
@@ -16,20 +19,17 @@
 mod abi;
 mod gateway;
 mod host;
-mod keys;
 mod metrics;
-mod prefetch;
-mod uploads;
 
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-
 use std::time::Duration;
 
-use host::SharedData;
-use ocicrypt_core::config::Config;
-use ocicrypt_core::keys::keyservice::Request;
+use host::{HostQueues, SharedData};
+use ocicrypt_core::gateway::plugin::{Host, Plugin, PluginCommand, NO_TIMER};
+use ocicrypt_core::gateway::{CalloutAnswer, CalloutId, Level};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{ContextType, LogLevel};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 use rand_core::OsRng;
 
 // The macro defines the module's `_start`; it cannot carry a doc comment.
@@ -38,39 +38,86 @@ mod entry {
     use super::*;
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(LogLevel::Info);
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None, metrics: Rc::new(metrics::Metrics::default()), refresh: None, worker: prefetch::SharedWorker::default(), sweep_cursor: 0 }) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
     }}
 }
 
-/// One per worker VM: holds the compiled configuration shared by the worker's streams.
+/// The worker's state, shared by its root context and its stream contexts (one thread).
+pub type SharedPlugin = Rc<RefCell<Plugin>>;
+
+/// One per worker VM.
+#[derive(Default)]
 struct Root {
-    config: Option<Rc<Config>>,
+    plugin: SharedPlugin,
     metrics: Rc<metrics::Metrics>,
-    /// The callout token of the timer's key-service refresh in flight.
-    refresh: Option<u32>,
-    /// Keystream prefetch: this worker's queues, jobs and segments.
-    worker: prefetch::SharedWorker,
-    /// The last slot of the upload-record table this worker swept.
-    sweep_cursor: u32,
+    /// Callouts the plugin dispatched: host token → the plugin's id.
+    callouts: Cell<Vec<(u32, CalloutId)>>,
 }
 
-/// Log prefix of the timer's key lines.
-const TIMER_PREFIX: &str = "ocicrypt-filter: ";
+/// The host's log level of a core level.
+pub fn log_level(level: Level) -> LogLevel {
+    match level {
+        Level::Info => LogLevel::Info,
+        Level::Warn => LogLevel::Warn,
+    }
+}
+
+/// What the host lends the core for one event.
+fn lent<'a>(queues: &'a mut HostQueues, rng: &'a mut OsRng) -> Host<'a> {
+    Host {
+        store: &SharedData,
+        queues,
+        rng,
+        now: host::now(),
+    }
+}
 
 impl Root {
-    /// Dispatches the timer refresh's fetch; one the host refuses is an unanswered fetch.
-    fn fetch(&mut self, config: &Config, mut fetch: Option<Request>) {
-        self.refresh = None;
-        while let Some(req) = fetch.take() {
-            if let Ok(token) = keys::dispatch(config, &req) {
-                self.refresh = Some(token);
-                return;
+    /// Runs `event` on the plugin (none when it is in use: no callback runs inside another, so
+    /// never) and carries out its commands.
+    fn with_plugin(&self, event: impl FnOnce(&mut Plugin) -> Vec<PluginCommand>) -> bool {
+        let Ok(mut plugin) = self.plugin.try_borrow_mut() else {
+            return true;
+        };
+        let mut commands = event(&mut plugin);
+        drop(plugin);
+        let mut ok = true;
+        // A callout the host refuses goes back to the plugin, whose answer is carried out next.
+        while !commands.is_empty() {
+            let mut next = Vec::new();
+            for command in commands {
+                match command {
+                    PluginCommand::SetTickPeriod(period) => {
+                        if !host::set_tick_period(period) {
+                            host::log(LogLevel::Critical, NO_TIMER);
+                            ok = false;
+                        }
+                    }
+                    PluginCommand::Dispatch(c) => {
+                        let headers = c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                        let timeout = Duration::from_millis(c.timeout_ms);
+                        let body = c.body.as_deref();
+                        match host::dispatch(&c.cluster, headers.collect(), body, timeout) {
+                            Ok(token) => {
+                                let mut callouts = self.callouts.take();
+                                callouts.push((token, c.id));
+                                self.callouts.set(callouts);
+                            }
+                            Err(()) => {
+                                if let Ok(mut plugin) = self.plugin.try_borrow_mut() {
+                                    let now = host::now();
+                                    next.extend(plugin.on_dispatch_failed(c.id, &SharedData, now));
+                                }
+                            }
+                        }
+                    }
+                    PluginCommand::Metric(metric) => self.metrics.count(&metric),
+                    PluginCommand::Log(level, line) => host::log(log_level(level), &line),
+                }
             }
-            fetch = keys::with_worker(TIMER_PREFIX, &self.metrics, |w| {
-                w.on_timer_answer(&SharedData, 0, &[], keys::now())
-            })
-            .flatten();
+            commands = next;
         }
+        ok
     }
 }
 
@@ -82,119 +129,68 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if self.refresh != Some(token) {
+        let mut callouts = self.callouts.take();
+        let found = callouts.iter().position(|(t, _)| *t == token);
+        let id = found.map(|i| callouts.swap_remove(i).1);
+        self.callouts.set(callouts);
+        let Some(id) = id else {
             return;
-        }
-        self.refresh = None;
-        let (status, body) = keys::response(body_size);
-        let fetch = keys::with_worker(TIMER_PREFIX, &self.metrics, |w| {
-            w.on_timer_answer(&SharedData, status, &body, keys::now())
-        })
-        .flatten();
-        if let Some(config) = self.config.clone() {
-            self.fetch(&config, fetch);
-        }
+        };
+        // Host contract: a callout that failed after its headers (a body cut short, a timeout,
+        // an answer over Envoy's limit) has no answer to read: that is no answer, never a panic.
+        let now = host::now();
+        self.with_plugin(
+            |plugin| match host::body(BufferType::HttpCallResponseBody, body_size) {
+                Ok(body) => {
+                    let headers = host::pairs(MapType::HttpCallResponseHeaders);
+                    let answer = CalloutAnswer { headers, body };
+                    plugin.on_callout(id, &answer, &SharedData, now)
+                }
+                Err(_) => plugin.on_dispatch_failed(id, &SharedData, now),
+            },
+        );
     }
 }
 
 impl RootContext for Root {
     fn on_queue_ready(&mut self, queue_id: u32) {
-        if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            worker.on_queue_ready(queue_id, &mut prefetch::HostQueues);
-            self.metrics.keystream(worker.report());
-        }
+        self.with_plugin(|plugin| plugin.on_queue_ready(queue_id, &mut HostQueues));
     }
 
     fn on_configure(&mut self, size: usize) -> bool {
-        let Some(bytes) = host::plugin_configuration(size) else {
-            host::log(
-                LogLevel::Critical,
-                "ocicrypt-filter: no plugin configuration; refusing to start",
-            );
-            return false;
-        };
+        let bytes = host::plugin_configuration(size);
         // Secrets (replicas.state_key_env) come from the VM's environment, which Envoy fills
         // from vm_config.environment_variables: never from the configuration it dumps.
-        match Config::parse_with_env(&bytes, &|name| std::env::var(name).ok()) {
-            Ok(config) => {
-                host::log(LogLevel::Info, "ocicrypt-filter: configuration loaded");
-                if let Ok(mut worker) = self.worker.try_borrow_mut() {
-                    worker.set_budget(config.keystream_prefetch_bytes);
-                }
-                self.config = Some(Rc::new(config));
-                self.metrics = Rc::new(metrics::Metrics::define());
-                // Ticks renew this worker's line in the keystream helper list, and drive the
-                // key-service refresh (leased: one refresh per period over all workers).
-                let refresh = self.config.as_ref().and_then(|c| c.key_service.as_ref());
-                let heartbeat = ocicrypt_core::gateway::prefetch::HEARTBEAT_SECS;
-                let seconds = refresh.map_or(heartbeat, |ks| ks.refresh_seconds.min(heartbeat));
-                {
-                    let period = Duration::from_secs(seconds.max(1));
-                    if !host::set_tick_period(period) {
-                        host::log(
-                            LogLevel::Critical,
-                            "ocicrypt-filter: cannot set the key-service refresh timer",
-                        );
-                        return false;
-                    }
-                }
-                true
+        let env = |name: &str| std::env::var(name).ok();
+        let mut refused = None;
+        let ok = self.with_plugin(|plugin| match plugin.on_configure(bytes.as_deref(), &env) {
+            Ok(commands) => commands,
+            Err(line) => {
+                refused = Some(line);
+                Vec::new()
             }
-            Err(e) => {
-                host::log(
-                    LogLevel::Critical,
-                    &format!("ocicrypt-filter: invalid configuration: {e}"),
-                );
-                false
-            }
+        });
+        if let Some(line) = refused {
+            host::log(LogLevel::Critical, &line);
+            return false;
         }
+        self.metrics = Rc::new(metrics::Metrics::define());
+        ok
     }
 
     fn on_tick(&mut self) {
-        if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            let now = keys::now().max(0).unsigned_abs();
-            let queues = &mut prefetch::HostQueues;
-            if let Some(warning) = worker.on_tick(now, &host::SharedData, queues, &mut OsRng) {
-                host::log(LogLevel::Warn, warning);
-            }
-        }
-        // Without replicas, upload records live here: drop the abandoned ones.
-        if let Some(config) = self.config.as_ref().filter(|c| c.state_key.is_none()) {
-            uploads::sweep(
-                &mut self.sweep_cursor,
-                config.upload_idle_seconds,
-                &self.metrics,
-            );
-        }
-        let Some(config) = self.config.clone() else {
-            return;
-        };
-        let Some(ks) = &config.key_service else {
-            return;
-        };
-        let fetch = keys::with_worker(TIMER_PREFIX, &self.metrics, |w| {
-            w.on_tick(ks, &SharedData, keys::now())
-        })
-        .flatten();
-        if fetch.is_some() {
-            self.fetch(&config, fetch);
-        }
+        let (mut queues, mut rng) = (HostQueues, OsRng);
+        self.with_plugin(|plugin| plugin.on_tick(lent(&mut queues, &mut rng)));
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Only worker threads create streams.
-        if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            let now = keys::now().max(0).unsigned_abs();
-            let queues = &mut prefetch::HostQueues;
-            if let Some(warning) = worker.on_stream(now, &host::SharedData, queues, &mut OsRng) {
-                host::log(LogLevel::Warn, warning);
-            }
-        }
+        let (mut queues, mut rng) = (HostQueues, OsRng);
+        self.with_plugin(|plugin| plugin.on_stream_start(lent(&mut queues, &mut rng)));
         Some(Box::new(gateway::Gateway::new(
             context_id,
-            self.config.clone(),
+            self.plugin.clone(),
             self.metrics.clone(),
-            self.worker.clone(),
         )))
     }
 

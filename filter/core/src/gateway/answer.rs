@@ -19,7 +19,7 @@ impl Stream {
     /// Whether the stream waits for the answer to callout `id` (an answer nobody waits for is
     /// dropped unread).
     pub fn awaits(&self, id: CalloutId) -> bool {
-        self.flow.callout() == Some(id) || self.reads_ledger(id)
+        self.flow.callout() == Some(id) || self.reads_ledger(id) || self.is_key_fetch(id)
     }
 
     /// A callout this machine dispatched is answered. An answer nobody waits for (a
@@ -30,7 +30,9 @@ impl Stream {
         answer: &CalloutAnswer,
         env: &mut Env,
     ) -> Vec<Command> {
-        let read = if self.flow.callout() == Some(id) {
+        let read = if self.is_key_fetch(id) {
+            return self.on_key_answer(super::fetch_status(answer), &answer.body, env);
+        } else if self.flow.callout() == Some(id) {
             self.on_answer(answer, env)
         } else if self.reads_ledger(id) {
             self.on_ledger_read(id, answer, env)

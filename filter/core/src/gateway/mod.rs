@@ -151,9 +151,13 @@ mod by_digest;
 mod finish;
 mod flow;
 mod head;
+mod keys;
 mod ledgered;
 mod manifest_push;
+pub mod metrics;
+pub mod plugin;
 mod recording;
+mod reply;
 mod request;
 mod tags_list;
 
@@ -163,13 +167,14 @@ use rand_core::CryptoRngCore;
 
 use crate::config::Config;
 use crate::error::{Code, OciError};
-use crate::format::recipients::Recipient;
 use crate::store::Store;
 
 pub use answer::registry_refusal;
 pub use flow::{ChunkFlow, Finish, Flow, RecordingStage};
 pub use head::{CalloutAnswer, RequestHead, ResponseHead};
+pub use keys::{fetch_status, key_fetch, KeyAnswer, Keys, WorkerKeys};
 pub use recording::empty_config_key;
+pub use reply::{host_failure, LocalReply, MARKER};
 pub use request::too_large;
 pub use tags_list::MAX_SKIPPED_PAGES;
 
@@ -190,21 +195,6 @@ pub struct Env<'a> {
     /// The worker's keystream prefetch, when the host lends it (without, upload bodies are
     /// encrypted locally: the same bytes).
     pub keystream: Option<crate::gateway::prefetch::Keystream<'a>>,
-}
-
-/// A project's recipients, as far as the host can tell now.
-pub enum KeyAnswer {
-    /// Encrypt to these.
-    Ready(Vec<Recipient>),
-    /// A key-service lookup is under way; [`Stream::on_keys_ready`] follows.
-    Waiting,
-}
-
-/// Where the recipient keys of a project come from (inline configuration, verified key-service
-/// records, a lookup). Asked only once a request is otherwise valid.
-pub trait Keys {
-    /// The recipients of `project`; an error is the refusal (`503`, naming the reason).
-    fn recipients(&mut self, project: &str) -> Result<KeyAnswer, OciError>;
 }
 
 /// Names a callout the machine dispatched, so that its answer finds its way back.
@@ -235,8 +225,8 @@ pub enum Level {
     Warn,
 }
 
-/// Metrics the machine counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Metrics the machines count (what each does to the host's stats: [`Metric::updates`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Metric {
     /// A request refused with this code.
     Refused(Code),
@@ -256,6 +246,8 @@ pub enum Metric {
     LayerEncrypted(u64),
     /// A blob (a config, a JSON artifact) was committed as pushed.
     BlobPassed,
+    /// The key records and lookups.
+    Key(crate::keys::records::KeyMetric),
 }
 
 /// What the host does for the stream, in order.
@@ -352,6 +344,12 @@ pub struct Stream {
     /// The manifest body held while its ledger entries are read from the registry.
     held_manifest: Option<Vec<u8>>,
     next_callout: u32,
+    /// The request's key-service lookup (one at most).
+    lookup: crate::keys::records::StreamLookup,
+    /// The lookup's fetch, to go out with the pause.
+    key_fetch: Option<Callout>,
+    /// The lookup's fetch the request waits for.
+    key_waits: Option<CalloutId>,
     /// The upload body's part in the worker's keystream prefetch.
     prefetch: crate::gateway::prefetch::RequestPrefetch,
 }
@@ -463,9 +461,8 @@ impl Stream {
         if let Some(auth) = &self.authorization {
             headers.push(("authorization".to_string(), auth.clone()));
         }
-        self.next_callout = self.next_callout.wrapping_add(1);
         Callout {
-            id: CalloutId(self.next_callout),
+            id: self.next_id(),
             cluster: config.registry.cluster.clone(),
             headers,
             body: body.map(<[u8]>::to_vec),
@@ -473,10 +470,19 @@ impl Stream {
         }
     }
 
-    /// A callout the machine asked for could not be dispatched: the registry is unreachable.
-    /// (A best-effort callout nobody waits for fails silently.)
-    pub fn on_dispatch_failed(&mut self, id: CalloutId) -> Vec<Command> {
-        if self.awaits(id) {
+    /// A fresh callout id.
+    fn next_id(&mut self) -> CalloutId {
+        self.next_callout = self.next_callout.wrapping_add(1);
+        CalloutId(self.next_callout)
+    }
+
+    /// A callout the machine asked for could not be dispatched: the key lookup's counts as
+    /// unanswered; otherwise the registry is unreachable. (A best-effort callout nobody waits
+    /// for fails silently.)
+    pub fn on_dispatch_failed(&mut self, id: CalloutId, env: &mut Env) -> Vec<Command> {
+        if self.is_key_fetch(id) {
+            self.on_key_answer(0, &[], env)
+        } else if self.awaits(id) {
             self.refuse(unreachable_registry())
         } else {
             Vec::new()

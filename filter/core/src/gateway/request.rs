@@ -14,7 +14,7 @@ use crate::format::recipients::{fingerprint, Recipient};
 
 use super::ledgered::{self, blob_entry, mountable};
 use super::{
-    ChunkFlow, Command, Env, Finish, Flow, KeyAnswer, Level, Metric, RequestHead, Stream,
+    ChunkFlow, Command, Env, Finish, Flow, Level, Metric, RequestHead, Stream,
     MANIFEST_BUDGET_PER_WORKER,
 };
 
@@ -35,11 +35,6 @@ const GATEWAY_PARAMS: &[&str] = &[upload::STATE_PARAM, upload::SESSION_PARAM];
 /// What a final `PUT` drops before the registry sees it: the gateway's own parameters and the
 /// client's digest (the plaintext's; the ciphertext's replaces it).
 const FINISH_DROPS: &[&str] = &["digest", upload::STATE_PARAM, upload::SESSION_PARAM];
-
-/// What a decision that waits for the key service answers.
-fn waiting() -> Vec<Command> {
-    vec![Command::Pause]
-}
 
 impl Stream {
     /// Decides the flow from the request headers kept in the stream. `Err` is the refusal.
@@ -214,17 +209,15 @@ impl Stream {
         Ok(())
     }
 
-    /// The project's recipients; `None` while a lookup runs (the request waits for
-    /// [`Stream::on_keys_ready`]). Called only once the request is otherwise valid.
+    /// The project's recipients; `None` while a lookup runs (the request waits for its
+    /// fetch, or for [`Stream::on_keys_ready`]). Called only once the request is otherwise
+    /// valid.
     fn recipients(
         &mut self,
         env: &mut Env,
         repository: &str,
     ) -> Result<Option<Vec<Recipient>>, OciError> {
-        match env.keys.recipients(project_of(repository))? {
-            KeyAnswer::Ready(r) => Ok(Some(r)),
-            KeyAnswer::Waiting => Ok(None),
-        }
+        self.ask_keys(env, project_of(repository))
     }
 
     fn upload_start(&mut self, at: Request, env: &mut Env) -> Result<Vec<Command>, OciError> {
@@ -248,7 +241,7 @@ impl Stream {
         };
         // Fail before any byte is sent when the project cannot be encrypted to.
         let Some(recipients) = self.recipients(env, &repository)? else {
-            return Ok(waiting());
+            return Ok(self.waiting());
         };
         let mut out = Vec::new();
         if let (Some((client_digest, entry)), Some(from)) = (known, from) {
@@ -367,7 +360,7 @@ impl Stream {
             let stream = ChunkStream::new(loaded.record, start)?
                 .accepting_encrypted(env.config.policy.accepts_encrypted(&at.repository));
             let Some(recipients) = self.recipients(env, &at.repository)? else {
-                return Ok(waiting());
+                return Ok(self.waiting());
             };
             self.claim_session(env, id)?;
             let new_path = route::rewrite_query(at.path, FINISH_DROPS, &[]);
@@ -391,7 +384,7 @@ impl Stream {
         let moved = moved_metric(loaded.moved);
         let finished = upload::finish(loaded.record, client_digest, &mut rng)?;
         let Some(recipients) = self.recipients(env, &at.repository)? else {
-            return Ok(waiting());
+            return Ok(self.waiting());
         };
         self.claim_session(env, id)?;
         let mut rng = &mut *env.rng;
@@ -445,7 +438,7 @@ impl Stream {
             return Ok(vec![Command::Continue]);
         };
         let Some(recipients) = self.recipients(env, &repository)? else {
-            return Ok(waiting());
+            return Ok(self.waiting());
         };
         if entry.recipients.as_deref() != Some(fingerprint(&recipients).as_str()) {
             // Wrapped to recipients the project no longer has: let the client upload it again,
@@ -513,7 +506,7 @@ impl Stream {
             .strict("content-type", Code::ManifestInvalid)?
             .unwrap_or_default();
         let Some(recipients) = self.recipients(env, &repository)? else {
-            return Ok(waiting());
+            return Ok(self.waiting());
         };
         budget_room(env, bytes, limit)?;
         env.held_manifest_bytes

@@ -14,6 +14,7 @@ use ocicrypt_core::distribution::upload::{self, ChunkStream, UploadRecord};
 use ocicrypt_core::error::{Code, OciError};
 use ocicrypt_core::format::recipients::Recipient;
 use ocicrypt_core::gateway::{Command, Env, KeyAnswer, Keys, Level, Metric, RequestHead, Stream};
+use ocicrypt_core::keys::records::StreamLookup;
 use ocicrypt_core::store::Store;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -59,13 +60,25 @@ pub struct FakeKeys {
 }
 
 impl Keys for FakeKeys {
-    fn recipients(&mut self, project: &str) -> Result<KeyAnswer, OciError> {
+    fn recipients(
+        &mut self,
+        project: &str,
+        _lookup: &mut StreamLookup,
+    ) -> Result<KeyAnswer, OciError> {
         self.asked.push(project.to_string());
         match &self.answer {
             Ok(Some(r)) => Ok(KeyAnswer::Ready(r.clone())),
             Ok(None) => Ok(KeyAnswer::Waiting),
             Err(e) => Err(e.clone()),
         }
+    }
+    fn on_fetch_answer(
+        &mut self,
+        _lookup: &mut StreamLookup,
+        _status: u16,
+        _body: &[u8],
+    ) -> Option<ocicrypt_core::keys::keyservice::Request> {
+        None
     }
 }
 

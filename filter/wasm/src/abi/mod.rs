@@ -120,6 +120,8 @@ pub fn set_tick_period_ms(millis: u32) -> Result<(), Status> {
 }
 
 /// The first value of header `key` in `map`, as the bytes Envoy holds; `None` when absent.
+/// (Streams read every header at once, [`header_map_pairs`]; this serves the test trap.)
+#[cfg(any(test, feature = "test-trap"))]
 pub fn header_map_value(map: MapType, key: &str) -> Result<Option<Vec<u8>>, Status> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;

@@ -12,6 +12,7 @@ pub unsafe fn proxy_get_current_time_nanoseconds(_: *mut u64) -> u32 {
 pub unsafe fn proxy_set_tick_period_milliseconds(_: u32) -> u32 {
     NOT_FOUND
 }
+#[cfg(any(test, feature = "test-trap"))]
 pub unsafe fn proxy_get_header_map_value(
     _: u32,
     _: *const u8,

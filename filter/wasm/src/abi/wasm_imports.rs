@@ -5,6 +5,7 @@ extern "C" {
     pub fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     pub fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     pub fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    #[cfg(any(test, feature = "test-trap"))]
     pub fn proxy_get_header_map_value(
         map_type: u32,
         key_data: *const u8,

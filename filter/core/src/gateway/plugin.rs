@@ -160,6 +160,11 @@ impl Plugin {
         self.config.as_ref()
     }
 
+    /// Manifest bytes the worker's streams hold right now.
+    pub fn held_manifest_bytes(&self) -> usize {
+        self.held_manifest_bytes.get()
+    }
+
     /// The plugin configuration arrived ([`configure`]).
     pub fn on_configure(
         &mut self,

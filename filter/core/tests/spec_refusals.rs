@@ -19,6 +19,7 @@
 mod common {
     pub mod finish;
     pub mod gateway;
+    pub mod queues;
     pub mod scenarios;
 }
 
@@ -29,7 +30,8 @@ use ocicrypt_core::config::KeyServiceConfig;
 use ocicrypt_core::digest::Digest;
 use ocicrypt_core::distribution::ledger;
 use ocicrypt_core::error::{Code, OciError};
-use ocicrypt_core::gateway::{CalloutAnswer, Command, ResponseHead};
+use ocicrypt_core::gateway::plugin::{Host, Plugin};
+use ocicrypt_core::gateway::{CalloutAnswer, Command, ResponseHead, Stream};
 use ocicrypt_core::keys::keyservice::{self, KeyRecord};
 use ocicrypt_core::keys::records::KeyWorker;
 use ocicrypt_core::store::Store as _;
@@ -374,6 +376,24 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
     let d = gz_digest().to_string();
     let other = Digest::of(b"another body").to_string();
     vec![
+        (
+            "gateway host call failed (<what>); nothing was stored, retry",
+            None,
+            Box::new(|| Stream::new().on_host_failed("set header :path: host status 2 (BadArgument)")),
+        ),
+        (
+            "the gateway has no valid configuration",
+            None,
+            Box::new(|| {
+                let world = World::new();
+                let mut queues = common::queues::Queues::default();
+                let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+                let host = Host { store: &world.store, queues: &mut queues, rng: &mut rng, now: NOW };
+                Plugin::new().on_stream_event(&mut Stream::new(), host, |s, env| {
+                    s.on_request_headers(req("GET", "/v2/").head(), env)
+                })
+            }),
+        ),
         (
             "the registry's tags list of <repo> is <n> bytes, over the <limit> bytes the gateway reads to leave out its own tags (limits.max_manifest_bytes); ask for it in pages (?n=) or raise the limit",
             None,
@@ -896,12 +916,8 @@ const NOT_HERE: &[(&str, &str)] = &[
     // Not messages: parts of a row's prose.
     ("WWW-Authenticate", "a header name in the 401 row's prose"),
     ("error=\"invalid_token\"", "the registry's own challenge, passed through as it is"),
-    // The host's failures: raised by the adapter around Envoy's host calls.
-    ("gateway host call failed (<what>); nothing was stored, retry", "an Envoy host call failing (filter/wasm/src/host.rs)"),
-    ("could not resume the request", "an Envoy host call failing"),
-    ("could not resume the response", "an Envoy host call failing"),
-    ("no configuration", "a stream of a plugin without configuration (the adapter answers before the core)"),
-    ("the gateway has no valid configuration", "the adapter answers before the core: no configuration to run it with"),
+    // The host's failures: a host cannot nest callbacks.
+    ("the worker's gateway state is in use", "a stream event while another holds the worker's state: no host runs one callback inside another"),
     ("authentication required", "the registry's own body, relayed as it is (Command::Relay: gateway_finish::the_finishing_put_refused)"),
     // Unreachable with valid inputs: the guide lists them for completeness.
     ("could not wrap the layer key", "wrapping to recipients the configuration already parsed does not fail"),

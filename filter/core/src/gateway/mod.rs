@@ -3,16 +3,21 @@
 //! The host (the proxy-wasm adapter in `filter/wasm`, later a native Envoy module) turns what
 //! Envoy tells it into events on a [`Stream`] and carries out the [`Command`]s it answers; the
 //! machine never calls the host. Time, randomness, the shared store, the worker's manifest
-//! budget and the project's recipient keys come in through an [`Env`].
+//! budget and the project's recipient keys come in through an [`Env`], which the worker's
+//! [`plugin::Plugin`] lends for each event; the plugin is also the machine of the worker's
+//! own events (configuration, ticks, the key-service refresh, shared queues). The stats a host
+//! defines, and what each [`Metric`] does to them, are [`metrics`]'s; the local reply a
+//! command sends is [`Command::local_reply`].
 //!
 //! # Events
 //!
 //! | event | method |
 //! | --- | --- |
 //! | request headers (names lowercased, values as bytes, with the end-of-stream flag) | [`Stream::on_request_headers`] |
-//! | the key lookup the request waited for is finished | [`Stream::on_keys_ready`] |
-//! | a callout the machine dispatched is answered (or failed: an answer without `:status`) | [`Stream::on_callout`] |
-//! | a callout could not be dispatched | [`Stream::on_dispatch_failed`] |
+//! | a key lookup run elsewhere ([`KeyAnswer::Waiting`]) is finished | [`Stream::on_keys_ready`] |
+//! | a callout the machine dispatched (to the registry, or its key lookup's fetch from the key service) is answered (or failed: an answer without `:status`) | [`Stream::on_callout`] |
+//! | a callout could not be dispatched (a key fetch: as no answer) | [`Stream::on_dispatch_failed`] |
+//! | a host call the commands needed failed | [`Stream::on_host_failed`] |
 //! | request body bytes (an upload chunk, a manifest, a refusal being drained) | [`Stream::on_request_body`] |
 //! | request trailers | [`Stream::on_request_trailers`] |
 //! | response headers (every flow: uploads, mounts, `HEAD`s, manifests, passthrough) | [`Stream::on_response_headers`] |

@@ -334,7 +334,7 @@ fn registry_answers_to_a_manifest_stored_by_digest() {
         let stored = Digest::of(&stored_body);
         let out = match &answer {
             Some(a) => stream.on_callout(put.id, a, &mut world.env()),
-            None => stream.on_dispatch_failed(put.id),
+            None => stream.on_dispatch_failed(put.id, &mut world.env()),
         };
         match then {
             Then::Stored => {

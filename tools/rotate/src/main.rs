@@ -51,6 +51,7 @@ struct Args {
     project: Option<String>,
     keys: Vec<PathBuf>,
     dry_run: bool,
+    delete_replaced: bool,
     state: Option<PathBuf>,
     config: Option<PathBuf>,
     registry: Option<String>,
@@ -67,7 +68,8 @@ struct Args {
 }
 
 fn usage() -> String {
-    "usage: ocicrypt-rotate --project P --key PRIVATE.pem [--key …] [--dry-run] [--state DIR] \
+    "usage: ocicrypt-rotate --project P --key PRIVATE.pem [--key …] [--dry-run] \
+     [--delete-replaced] [--state DIR] \
      [--config FILE] [--registry URL] [--registry-creds USER:PASSWORD] [--registry-ca PEM] \
      [--keyservice URL] [--keyservice-ca PEM] [--trusted-root root.json] \
      [--metadata-path P] [--targets-path P] [--state-key-file FILE | --no-state-key] [--jobs N]"
@@ -95,6 +97,7 @@ fn parse_args() -> Result<Args, String> {
             "--project" => args.project = Some(value()?),
             "--key" => args.keys.push(PathBuf::from(value()?)),
             "--dry-run" => args.dry_run = true,
+            "--delete-replaced" => args.delete_replaced = true,
             "--state" => args.state = Some(PathBuf::from(value()?)),
             "--config" => args.config = Some(PathBuf::from(value()?)),
             "--registry" => args.registry = Some(value()?),
@@ -234,6 +237,7 @@ fn summary_json(project: &str, dry_run: bool, stats: &Stats, failures: usize, se
         "ledger_updated": stats.ledger_updated,
         "ledger_stale": stats.ledger_stale,
         "referrers_repointed": stats.referrers_repointed,
+        "manifests_deleted": stats.manifests_deleted,
         "problems": failures,
         "seconds": (secs * 1000.0).round() / 1000.0,
     })
@@ -256,6 +260,7 @@ fn add(total: &mut Stats, s: &Stats) {
     total.ledger_updated += s.ledger_updated;
     total.ledger_stale += s.ledger_stale;
     total.referrers_repointed += s.referrers_repointed;
+    total.manifests_deleted += s.manifests_deleted;
 }
 
 fn run() -> Result<bool, String> {
@@ -361,6 +366,7 @@ fn run() -> Result<bool, String> {
         target: &target,
         state_key: state_key.as_deref(),
         dry_run: args.dry_run,
+        delete_replaced: args.delete_replaced,
     };
     // Repositories are independent (the ledger and every blob are per repository), so
     // `--jobs` workers take them one at a time, each with its own connection and tokens.

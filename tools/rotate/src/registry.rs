@@ -447,6 +447,25 @@ impl Registry {
         Ok(())
     }
 
+    /// Deletes manifest `digest` of `repo` (and every tag naming it); `false` when it was not
+    /// there.
+    pub fn delete_manifest(&mut self, repo: &str, digest: &str) -> Result<bool, String> {
+        let mut resp = self.send(
+            "DELETE",
+            &format!("/v2/{repo}/manifests/{digest}"),
+            &[],
+            None,
+        )?;
+        match resp.status() {
+            StatusCode::ACCEPTED | StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(status_error(
+                &format!("DELETE manifest {repo}@{digest}"),
+                &mut resp,
+            )),
+        }
+    }
+
     /// Whether blob `digest` is in `repo`.
     pub fn blob_exists(&mut self, repo: &str, digest: &str) -> Result<bool, String> {
         let mut resp = self.send("HEAD", &format!("/v2/{repo}/blobs/{digest}"), &[], None)?;

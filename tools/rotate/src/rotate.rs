@@ -134,6 +134,8 @@ pub struct Stats {
     /// Referrers (manifests with a `subject`) pointed at a rewritten manifest: any signature
     /// over the old digest must be made again.
     pub referrers_repointed: u64,
+    /// Manifests and indexes this run replaced, deleted by digest (`--delete-replaced`).
+    pub manifests_deleted: u64,
 }
 
 /// What a run may do.
@@ -146,6 +148,12 @@ pub struct Settings<'a> {
     pub state_key: Option<&'a [u8; 32]>,
     /// Only say what would change.
     pub dry_run: bool,
+    /// Delete, once every tag is repointed, the manifests this run replaced (the old index and
+    /// platform manifests, the old images and referrers): a collection without
+    /// `--delete-untagged` then frees their ciphertext, and multi-platform images, whose
+    /// platform manifests are untagged, are kept whole (distribution 2.8's `--delete-untagged`
+    /// collects those).
+    pub delete_replaced: bool,
 }
 
 /// What to do with one layer.
@@ -305,6 +313,38 @@ impl<'a, 'r> RepoRun<'a, 'r> {
                     self.problems
                         .push(format!("{}:{tag} left untouched ({e})", self.repo));
                 }
+            }
+        }
+        if self.settings.delete_replaced && !self.settings.dry_run {
+            self.delete_replaced()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes by digest every manifest this run replaced with a rewritten one. Only when the
+    /// run left nothing untouched in the repository: a tag not repointed, or an index whose
+    /// children could not all be done, may still name an old manifest.
+    fn delete_replaced(&mut self) -> Result<(), String> {
+        if !self.problems.is_empty() {
+            self.notes.push(format!(
+                "{}: replaced manifests not deleted (something was left untouched)",
+                self.repo
+            ));
+            return Ok(());
+        }
+        let mut replaced: Vec<String> = self
+            .manifests
+            .iter()
+            .filter_map(|(old, done)| match done {
+                Ok(Some(rw)) if rw.digest != *old => Some(old.clone()),
+                _ => None,
+            })
+            .collect();
+        replaced.sort();
+        for old in replaced {
+            if self.reg.delete_manifest(&self.repo, &old)? {
+                self.stats.manifests_deleted += 1;
+                eprintln!("rotate: {}@{} deleted (replaced)", self.repo, short(&old));
             }
         }
         Ok(())

@@ -8,6 +8,7 @@ storage. A missing podman fails the test (OCICRYPT_ALLOW_MISSING_TOOLS=1 turns t
 skip for a local run)."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 import helpers
 from helpers import MIB
+from test_multiplatform import multi_layout  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.filter, pytest.mark.clients]
 
@@ -123,3 +125,52 @@ def test_podman_push_with_bearer_tokens(token_stack, podman, tmp_path):
     from conftest import AUTH
 
     push_and_check(token_stack, podman, 2, tmp_path, creds=AUTH)
+
+
+def test_podman_manifest_push_of_a_two_platform_image(stack, podman, multi_layout, tmp_path):
+    """`podman manifest push --all`: each platform manifest pushed by digest (the gateway stores
+    it under its new digest and answers podman in podman's digest), then the list by tag
+    (rewritten to name the stored platforms). Every platform decrypts with skopeo `--all`."""
+    layout, images = multi_layout
+    name = "localhost/e2e-podman-list"
+    podman("manifest", "rm", name, check=False)
+    podman("manifest", "create", name)
+    for arch, image in images.items():
+        variant = ["--variant", "v8"] if arch == "arm64" else []
+        podman("manifest", "add", "--arch", arch, "--os", "linux", *variant, name,
+               image.oci_ref)
+    repo = "demo/podman-multi"
+    log = stack.access_log()
+    podman("manifest", "push", "--all", "--tls-verify=false", name,
+           f"docker://{stack.addr}/{repo}:v1")
+    entries = log.entries()
+    by_digest = [e for e in entries if e["method"] == "PUT"
+                 and e["path"].startswith(f"/v2/{repo}/manifests/sha256:")]
+    assert [e["status"] for e in by_digest] == [201, 201], helpers.AccessLog.summary(entries)
+    index = stack.direct().get_manifest(repo, "v1").json()
+    assert len(index["manifests"]) == 2, index
+    for child in index["manifests"]:
+        m = stack.direct().get_manifest(repo, child["digest"])
+        assert m.status_code == 200, child
+        assert all(x["mediaType"].endswith("+encrypted") for x in m.json()["layers"]), m.text
+    out = tmp_path / "out"
+    helpers.run(["skopeo", "copy", "--all", "--src-tls-verify=false",
+                 "--dest-oci-accept-uncompressed-layers", "--decryption-key",
+                 str(stack.keys["ec"]["private"]), f"docker://{stack.registry_addr}/{repo}:v1",
+                 f"oci:{out}:v1"], timeout=helpers.CLIENT_TIMEOUT)
+    blobs = out / "blobs" / "sha256"
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    pulled = json.loads((blobs / top["digest"].split(":")[1]).read_text())
+    for child in pulled["manifests"]:
+        image = images[child["platform"]["architecture"]]
+        m = json.loads((blobs / child["digest"].split(":")[1]).read_text())
+        assert not any("+encrypted" in x["mediaType"] for x in m["layers"])
+        # podman may compress on push: compared by content (uncompressed), as diff_ids.
+        config = json.loads((blobs / m["config"]["digest"].split(":")[1]).read_text())
+        assert config["rootfs"]["diff_ids"] == image.diff_ids, child
+        for layer, diff_id in zip(m["layers"], image.diff_ids):
+            data = (blobs / layer["digest"].split(":")[1]).read_bytes()
+            if layer["mediaType"].endswith("gzip"):
+                data = gzip.decompress(data)
+            assert helpers.sha256_digest(data) == diff_id, layer
+    assert not helpers.scan_for(stack.storage, [i.marker.encode() for i in images.values()])

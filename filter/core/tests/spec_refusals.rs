@@ -192,6 +192,29 @@ fn push_layers(layers: Value) -> Vec<Command> {
     push_manifest(&mut world, "v1", OCI_MANIFEST, &oci_manifest(layers))
 }
 
+/// A manifest pushed by digest (a platform manifest) whose store callout, the gateway's own
+/// `PUT` under the new digest, the registry answers with `status`.
+fn stored_by_digest_answered(status: u16) -> Vec<Command> {
+    let mut world = World::new();
+    ledger_layer(&mut world, "demo/app", &demo_recipients());
+    let body = oci_manifest(gz_layer());
+    let request = req(
+        "PUT",
+        &format!("/v2/demo/app/manifests/{}", Digest::of(&body)),
+    )
+    .header("content-type", OCI_MANIFEST.as_bytes())
+    .body(body.len() as u64);
+    let (mut stream, _) = world.send(&request);
+    let whole = body.clone();
+    let out = stream.on_request_body(body.len(), true, &|| Ok(whole.clone()), &mut world.env());
+    let Some(Command::Dispatch(put)) = out.iter().rev().find(|c| matches!(c, Command::Dispatch(_)))
+    else {
+        return out;
+    };
+    let id = put.id;
+    stream.on_callout(id, &CalloutAnswer::new(status, &[], b""), &mut world.env())
+}
+
 /// The push of an OCI manifest naming `layers`, none of them known to the gateway.
 fn push_unknown_layers(layers: Value) -> Vec<Command> {
     let mut world = World::new();
@@ -861,6 +884,11 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
                 let head = ResponseHead::new(&[(":status", "202")]);
                 stream.on_response_headers(&head, &mut world.env())
             }),
+        ),
+        (
+            "… store the rewritten manifest; nothing was stored",
+            Some("the registry answered <status> when the gateway tried to store the rewritten manifest; nothing was stored"),
+            Box::new(|| stored_by_digest_answered(500)),
         ),
         (
             "… commit the encrypted blob; nothing was stored",

@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.filter,
               pytest.mark.only_build("wasm", reason="keystream prefetch moves AES work between "
                                      "the wasm VMs of the workers (WebAssembly has no AES "
                                      "instruction); the native build encrypts with AES-NI on the "
-                                     "stream's own thread and asks no one (no ocicrypt_keystream_* "
-                                     "metrics)")]
+                                     "stream's own thread and asks no one (its ocicrypt_keystream_* "
+                                     "counters stay at zero)")]
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import helpers
 
 pytestmark = [pytest.mark.filter,
               pytest.mark.only_build("wasm", reason="a trapped wasm VM and FAIL_RELOAD's fresh VM; "
-                                     "a native module runs in no VM (a panic aborts, and its "
-                                     "release profile has no trap feature)")]
+                                     "a native module runs in no VM (its hooks catch a panic and "
+                                     "refuse that request; it has no trap feature)")]
 
 TRAP_HEADER = b"x-ocicrypt-test-trap"
 TRAP_TARGET = conftest.REPO / "target" / "test-trap"

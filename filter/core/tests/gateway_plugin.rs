@@ -876,3 +876,116 @@ fn a_stream_start_lists_the_worker_as_a_helper_or_says_why_not() {
         )]
     );
 }
+
+/// A host whose streams run on several threads keeps the plugin's parts apart (the native
+/// module): the configuration from `configure`, the key records it lends per call through
+/// `WorkerKeys`, the `Timer`. For the same events it gets the same commands as a `Plugin`.
+#[test]
+fn a_host_holding_the_parts_apart_gets_the_plugins_commands() {
+    use ocicrypt_core::gateway::plugin::{configure, Timer};
+    use ocicrypt_core::gateway::{Env, WorkerKeys};
+    use ocicrypt_core::keys::records::{KeyCommand, KeyWorker};
+    use std::cell::Cell;
+
+    let bytes = configuration(Some(60), false);
+    let upload = req("POST", "/v2/demo/app/blobs/uploads/");
+    // The plugin.
+    let mut plugin = Plugin::new();
+    let configured_plugin = plugin.on_configure(Some(&bytes), &|_| None).unwrap();
+    let mut envoy = Envoy::new();
+    let mut stream = Stream::new();
+    let first = post(&mut plugin, &mut envoy, &mut stream, &upload);
+    let (plugin_stream, _) = answer_keys(&mut plugin, &mut envoy, &mut stream, first, |p| {
+        serve(&[], p)
+    });
+    let tick = plugin.on_tick(envoy.at(at() + 61));
+    let (plugin_refresh, _) = answer_refresh(&mut plugin, &mut envoy, tick, at() + 61, true);
+
+    // The parts.
+    let (config, configured_parts) = configure(Some(&bytes), &|_| None).unwrap();
+    assert_eq!(configured_parts, configured_plugin);
+    let mut keys = KeyWorker::new();
+    let mut timer = Timer::default();
+    let store = MapStore::default();
+    let held = Cell::new(0);
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut stream = Stream::new();
+    // One stream event: the keys lent per call, their commands taken after it, first.
+    let mut event = |stream: &mut Stream,
+                     keys: &mut KeyWorker,
+                     e: &dyn Fn(&mut Stream, &mut Env) -> Vec<Command>| {
+        let mut lent = WorkerKeys {
+            worker: keys,
+            config: &config,
+            store: &store,
+            now: NOW,
+        };
+        let mut env = Env {
+            config: &config,
+            store: &store,
+            keys: &mut lent,
+            held_manifest_bytes: &held,
+            now: at(),
+            rng: &mut rng,
+            keystream: None,
+        };
+        let out = e(stream, &mut env);
+        let mut all: Vec<Command> = keys
+            .take_commands()
+            .into_iter()
+            .map(|c| match c {
+                KeyCommand::Metric(m) => Command::Metric(Metric::Key(m)),
+                KeyCommand::Log(l, line) => Command::Log(
+                    match l {
+                        ocicrypt_core::keys::records::KeyLevel::Info => Level::Info,
+                        ocicrypt_core::keys::records::KeyLevel::Warn => Level::Warn,
+                    },
+                    line,
+                ),
+            })
+            .collect();
+        all.extend(out);
+        all
+    };
+    let mut out = event(&mut stream, &mut keys, &|s, env| {
+        s.on_request_headers(upload.head(), env)
+    });
+    let mut parts_stream = Vec::new();
+    while let Some(callout) = out.iter().find_map(|c| match c {
+        Command::Dispatch(c) => Some(c.clone()),
+        _ => None,
+    }) {
+        parts_stream.extend(out);
+        let (status, body) = serve(&[], &callout.headers[1].1);
+        let answer = CalloutAnswer::new(status, &[], &body);
+        out = event(&mut stream, &mut keys, &|s, env| {
+            s.on_callout(callout.id, &answer, env)
+        });
+    }
+    parts_stream.extend(out);
+    assert_eq!(parts_stream, plugin_stream);
+
+    let mut out = timer.on_tick(&config, &mut keys, &store, at() + 61);
+    let mut parts_refresh = Vec::new();
+    while let Some(callout) = out.iter().find_map(|c| match c {
+        PluginCommand::Dispatch(c) => Some(c.clone()),
+        _ => None,
+    }) {
+        parts_refresh.extend(out);
+        let (status, body) = serve(&[], &callout.headers[1].1);
+        let answer = CalloutAnswer::new(status, &[], &body);
+        out = timer.on_callout(
+            callout.id,
+            &answer,
+            Some(&config),
+            &mut keys,
+            &store,
+            at() + 61,
+        );
+    }
+    parts_refresh.extend(out);
+    assert_eq!(parts_refresh, plugin_refresh);
+    assert!(parts_refresh
+        .iter()
+        .any(|c| matches!(c, PluginCommand::Dispatch(_))));
+}

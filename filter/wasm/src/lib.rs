@@ -73,11 +73,11 @@ fn lent<'a>(queues: &'a mut HostQueues, rng: &'a mut OsRng) -> Host<'a> {
 }
 
 impl Root {
-    /// Runs `event` on the plugin (none when it is in use: no callback runs inside another, so
-    /// never) and carries out its commands.
+    /// Runs `event` on the plugin and carries out its commands; whether every command could be
+    /// (`false` also when the plugin is in use: no callback runs inside another, so never).
     fn with_plugin(&self, event: impl FnOnce(&mut Plugin) -> Vec<PluginCommand>) -> bool {
         let Ok(mut plugin) = self.plugin.try_borrow_mut() else {
-            return true;
+            return false;
         };
         let mut commands = event(&mut plugin);
         drop(plugin);

@@ -20,8 +20,7 @@ use crate::distribution::ledger::{self, LedgerEntry};
 use crate::distribution::upload::Completion;
 use crate::error::OciError;
 
-use super::answer::registry_refusal;
-use super::finish::{registry_error, Committing};
+use super::finish::Committing;
 use super::ledgered;
 use super::{CalloutAnswer, Command, Env, Flow, Level, Stream};
 
@@ -85,30 +84,7 @@ impl Stream {
         let status = answer.status();
         let mut out = Vec::new();
         if !matches!(status.as_str(), "200" | "201" | "202" | "204") {
-            let Some(code) = registry_error(&status, &answer.body) else {
-                return Err(registry_refusal("store the rewritten manifest", &status));
-            };
-            out.push(Command::Log(
-                Level::Warn,
-                format!("refused {}: the registry answered {code}", self.request),
-            ));
-            // A 401 keeps the registry's challenge: the client fetches the token it names.
-            let challenge = (code == 401)
-                .then(|| {
-                    answer
-                        .headers
-                        .iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
-                        .map(|(_, v)| v.clone())
-                })
-                .flatten();
-            out.push(Command::Relay {
-                status: code,
-                body: answer.body.clone(),
-                challenge,
-            });
-            out.push(Command::Pause);
-            self.flow = Flow::Refused;
+            self.relay_registry_refusal("store the rewritten manifest", answer, &mut out)?;
             return Ok(out);
         }
         if env.config.state_key.is_some() && !tagged {

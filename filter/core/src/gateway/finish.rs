@@ -197,33 +197,9 @@ impl Stream {
     ) -> Result<(), OciError> {
         let status = answer.status();
         if status != "201" {
-            let Some(code) = registry_error(&status, &answer.body) else {
-                return Err(registry_refusal("commit the encrypted blob", &status));
-            };
-            // E.g. DIGEST_INVALID for a JSON blob whose digest the client got wrong.
-            out.push(Command::Log(
-                Level::Warn,
-                format!("refused {}: the registry answered {code}", self.request),
-            ));
-            // A 401 keeps the registry's challenge: the client needs it to fetch a fresh token
-            // (one that expired while the body streamed).
-            let challenge = (code == 401)
-                .then(|| {
-                    answer
-                        .headers
-                        .iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
-                        .map(|(_, v)| v.clone())
-                })
-                .flatten();
-            out.push(Command::Relay {
-                status: code,
-                body: answer.body.clone(),
-                challenge,
-            });
-            out.push(Command::Pause);
-            self.flow = Flow::Refused;
-            return Ok(());
+            // E.g. DIGEST_INVALID for a JSON blob whose digest the client got wrong, or a token
+            // that expired while the body streamed.
+            return self.relay_registry_refusal("commit the encrypted blob", answer, out);
         }
         // The held answer is the registry's 202 to the PATCH: make it the 201 of a commit.
         out.extend([
@@ -310,9 +286,50 @@ fn answer_as_pushed(repository: &str, digest: &Digest, location: bool) -> Vec<Co
     out
 }
 
+impl Stream {
+    /// Ends the stream with the registry's own refusal of what the gateway asked it on the
+    /// client's behalf, when that is a 4xx with an OCI error body: the client gets it as it is,
+    /// and a 401 keeps its challenge (the client fetches the token it names). Any other answer
+    /// is the gateway's refusal to do `what`.
+    pub(super) fn relay_registry_refusal(
+        &mut self,
+        what: &str,
+        answer: &CalloutAnswer,
+        out: &mut Vec<Command>,
+    ) -> Result<(), OciError> {
+        let status = answer.status();
+        let Some(code) = registry_error(&status, &answer.body) else {
+            return Err(registry_refusal(what, &status));
+        };
+        out.push(Command::Log(
+            Level::Warn,
+            format!("refused {}: the registry answered {code}", self.request),
+        ));
+        let challenge = (code == 401)
+            .then(|| {
+                answer
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("www-authenticate"))
+                    .map(|(_, v)| v.clone())
+            })
+            .flatten();
+        out.extend([
+            Command::Relay {
+                status: code,
+                body: answer.body.clone(),
+                challenge,
+            },
+            Command::Pause,
+        ]);
+        self.flow = Flow::Refused;
+        Ok(())
+    }
+}
+
 /// The status of a 4xx answer of the registry whose body is an OCI error document, which the
 /// client gets as it is.
-pub(super) fn registry_error(status: &str, body: &[u8]) -> Option<u16> {
+fn registry_error(status: &str, body: &[u8]) -> Option<u16> {
     let code: u16 = status.parse().ok().filter(|c| (400..500).contains(c))?;
     let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
     doc.get("errors")?.as_array()?;

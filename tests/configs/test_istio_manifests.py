@@ -88,7 +88,7 @@ def test_sessions_are_hashed_on_the_filters_parameter_to_the_plugins_pods(plugin
     """destinationrule-sessions.yaml hashes on the very parameter the filter writes into upload
     Locations (read from the core's source), for the Service of the pods the WasmPlugin
     selects, and the plugin runs with `replicas` (without it no Location names its session)."""
-    source = (REPO / "filter" / "core" / "src" / "upload.rs").read_text()
+    source = (REPO / "filter" / "core" / "src" / "distribution" / "upload.rs").read_text()
     found = re.search(r'pub const SESSION_PARAM: &str = "([^"]+)";', source)
     assert found, "the filter's session parameter is no longer declared in upload.rs"
     dr = load("destinationrule-sessions.yaml")

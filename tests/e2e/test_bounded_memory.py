@@ -13,7 +13,7 @@ from helpers import MT_MANIFEST
 
 pytestmark = pytest.mark.filter
 
-BUDGET_PER_WORKER = 32 * helpers.MIB  # filter/wasm/src/gateway.rs MANIFEST_BUDGET_PER_WORKER
+BUDGET_PER_WORKER = 32 * helpers.MIB  # filter/core/src/gateway/mod.rs MANIFEST_BUDGET_PER_WORKER
 
 
 def _open_manifest_put(addr: str, path: str, body: bytes) -> socket.socket:

@@ -38,7 +38,7 @@ from typing import Callable, List, Optional
 
 from lying_registry import HOP_BY_HOP, LyingRegistry
 
-#: The `Accept` of every registry callout of the filter (filter/wasm/src/gateway.rs).
+#: The `Accept` of every registry callout of the filter (filter/core/src/gateway/mod.rs).
 CALLOUT_ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
 ACTIONS = ("500", "503", "reset", "hang")
 

@@ -18,22 +18,28 @@ pub struct EventKeys<'a> {
     pub prefix: &'a str,
 }
 
+impl EventKeys<'_> {
+    /// The core's keys over the process's records, locked for this one call.
+    fn with_worker_keys<T>(&self, event: impl FnOnce(&mut WorkerKeys) -> T) -> T {
+        let shared = self.shared;
+        shared.with_keys(self.prefix, |worker| {
+            event(&mut WorkerKeys {
+                worker,
+                config: &shared.config,
+                store: &*STORE,
+                now: now(),
+            })
+        })
+    }
+}
+
 impl Keys for EventKeys<'_> {
     fn recipients(
         &mut self,
         project: &str,
         lookup: &mut StreamLookup,
     ) -> Result<KeyAnswer, OciError> {
-        let shared = self.shared;
-        shared.with_keys(self.prefix, |worker| {
-            let mut keys = WorkerKeys {
-                worker,
-                config: &shared.config,
-                store: &*STORE,
-                now: now(),
-            };
-            keys.recipients(project, lookup)
-        })
+        self.with_worker_keys(|keys| keys.recipients(project, lookup))
     }
 
     fn on_fetch_answer(
@@ -42,15 +48,6 @@ impl Keys for EventKeys<'_> {
         status: u16,
         body: &[u8],
     ) -> Option<Request> {
-        let shared = self.shared;
-        shared.with_keys(self.prefix, |worker| {
-            let mut keys = WorkerKeys {
-                worker,
-                config: &shared.config,
-                store: &*STORE,
-                now: now(),
-            };
-            keys.on_fetch_answer(lookup, status, body)
-        })
+        self.with_worker_keys(|keys| keys.on_fetch_answer(lookup, status, body))
     }
 }

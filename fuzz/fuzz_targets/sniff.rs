@@ -140,7 +140,10 @@ fuzz_target!(|data: &[u8]| {
         stream.offset(),
         blob.len()
     );
-    let record = stream.into_record();
+    let record = match stream.into_record() {
+        Ok(record) => record,
+        Err(e) => panic!("property broken: a request without a hashing helper refused at its end: {e}"),
+    };
     match record.treatment {
         Treatment::Encrypt(encryptor) => {
             check!(

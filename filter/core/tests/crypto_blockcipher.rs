@@ -18,6 +18,7 @@ use ocicrypt_core::digest::Digest;
 use ocicrypt_core::format::blockcipher::{
     decrypt_layer, CipherError, EncryptedLayer, LayerEncryptor,
 };
+use ocicrypt_core::format::ciphertext_hashes::{CiphertextHashes, CiphertextLane, InlineLane};
 use rand::{Rng, RngCore};
 
 fn one_shot(key: [u8; 32], nonce: [u8; 16], plain: &[u8]) -> (Vec<u8>, EncryptedLayer) {
@@ -363,4 +364,126 @@ fn given_keystream_agrees_with_local_on_random_splits() {
         assert_eq!(data, want, "seed {seed} round {round} len {len}");
         assert_layer_eq(&enc.finish(), &want_layer);
     }
+}
+
+/// A lane that drops the first `skip` bytes it is given and doubles none: a helper that lost
+/// part of a chunk.
+struct LossyLane(InlineLane, usize);
+
+impl CiphertextLane for LossyLane {
+    fn absorb(&mut self, ciphertext: &[u8]) {
+        let skip = self.1.min(ciphertext.len());
+        self.1 -= skip;
+        self.0.absorb(&ciphertext[skip..]);
+    }
+    fn join(self: Box<Self>) -> Option<CiphertextHashes> {
+        Box::new(self.0).join()
+    }
+}
+
+/// Hashing the ciphertext beside the stream (the native build's helper threads) gives the
+/// layer hashing in line gives, however the chunks are cut, lanes started and ended, states
+/// saved and restored, and with given keystream too.
+#[test]
+fn ciphertext_hashed_beside_equals_hashed_in_line() {
+    use ocicrypt_core::format::blockcipher::keystream;
+    let (seed, mut rng) = seeded_rng();
+    for round in 0..40 {
+        let key: [u8; 32] = rng.gen();
+        let nonce: [u8; 16] = rng.gen();
+        let len = rng.gen_range(0..120_000);
+        let mut plain = vec![0u8; len];
+        rng.fill_bytes(&mut plain);
+        let (want, want_layer) = one_shot(key, nonce, &plain);
+
+        let mut enc = LayerEncryptor::new(key, nonce);
+        let mut lane: Option<Box<dyn CiphertextLane>> = None;
+        let mut data = plain.clone();
+        let mut pos = 0;
+        while pos < len {
+            let n = rng.gen_range(1..=20_000).min(len - pos);
+            let at = pos as u64;
+            if lane.is_none() && rng.gen_bool(0.5) {
+                lane = Some(Box::new(InlineLane(enc.lend_ciphertext_hashes())));
+            }
+            let piece = &mut data[pos..pos + n];
+            match (&mut lane, rng.gen_bool(0.3)) {
+                (Some(l), false) => enc.encrypt_in_place_beside(piece, l.as_mut()),
+                (Some(l), true) => enc
+                    .encrypt_in_place_given_beside(
+                        piece,
+                        &keystream(&key, &nonce, at, n),
+                        l.as_mut(),
+                    )
+                    .unwrap(),
+                (None, _) => enc.encrypt_in_place(piece),
+            }
+            pos += n;
+            // A request ends: the states come back, and the state is saved.
+            if lane.is_some() && rng.gen_bool(0.3) {
+                let hashes = lane.take().unwrap().join().unwrap();
+                enc.take_back_ciphertext_hashes(hashes).unwrap();
+                enc = LayerEncryptor::from_bytes(&enc.to_bytes()).unwrap();
+            }
+        }
+        if let Some(l) = lane.take() {
+            enc.take_back_ciphertext_hashes(l.join().unwrap()).unwrap();
+        }
+        assert!(data == want, "seed {seed} round {round}");
+        assert_layer_eq(&enc.finish(), &want_layer);
+    }
+}
+
+/// States that did not absorb exactly the bytes encrypted are never taken back: a helper that
+/// lost bytes, states given back after the encryptor hashed in line meanwhile, or states of
+/// another point of the stream. And a state saved while the states are lent does not restore.
+#[test]
+fn ciphertext_hashes_that_disagree_with_the_stream_are_refused() {
+    let mut chunk = vec![7u8; 5000];
+
+    // Lost bytes.
+    let mut enc = LayerEncryptor::new([1; 32], [2; 16]);
+    let mut lane: Box<dyn CiphertextLane> =
+        Box::new(LossyLane(InlineLane(enc.lend_ciphertext_hashes()), 1));
+    enc.encrypt_in_place_beside(&mut chunk, lane.as_mut());
+    let err = enc.take_back_ciphertext_hashes(lane.join().unwrap());
+    assert!(
+        matches!(err, Err(CipherError::StateInconsistent { .. })),
+        "{err:?}"
+    );
+
+    // Hashed in line while lent (a path that forgot the lane): both halves miss bytes.
+    let mut enc = LayerEncryptor::new([1; 32], [2; 16]);
+    let lent = enc.lend_ciphertext_hashes();
+    enc.encrypt_in_place(&mut chunk);
+    let err = enc.take_back_ciphertext_hashes(lent);
+    assert!(
+        matches!(err, Err(CipherError::StateInconsistent { .. })),
+        "{err:?}"
+    );
+
+    // States of an earlier point of the stream.
+    let mut enc = LayerEncryptor::new([1; 32], [2; 16]);
+    let lent = enc.lend_ciphertext_hashes();
+    let mut lane: Box<dyn CiphertextLane> = Box::new(InlineLane(enc.lend_ciphertext_hashes()));
+    enc.encrypt_in_place_beside(&mut chunk, lane.as_mut());
+    let err = enc.take_back_ciphertext_hashes(lent);
+    assert!(
+        matches!(err, Err(CipherError::StateInconsistent { .. })),
+        "{err:?}"
+    );
+
+    // Saved while lent: the saved state does not restore.
+    let mut enc = LayerEncryptor::new([1; 32], [2; 16]);
+    let mut lane: Box<dyn CiphertextLane> = Box::new(InlineLane(enc.lend_ciphertext_hashes()));
+    enc.encrypt_in_place_beside(&mut chunk, lane.as_mut());
+    let err = LayerEncryptor::from_bytes(&enc.to_bytes());
+    assert!(
+        matches!(err, Err(CipherError::StateInconsistent { .. })),
+        "{err:?}"
+    );
+    // Given back whole, it does.
+    enc.take_back_ciphertext_hashes(lane.join().unwrap())
+        .unwrap();
+    assert!(LayerEncryptor::from_bytes(&enc.to_bytes()).is_ok());
 }

@@ -333,6 +333,56 @@ fn a_monolithic_body_completes_with_the_clients_digest() {
         .contains_key("org.opencontainers.image.enc.keys.jwe"));
 }
 
+/// With hashing helpers (the native build's threads), the bytes sent and the completion are
+/// those of hashing in line; a helper that declines leaves the stream hashing in line.
+#[test]
+fn ciphertext_hashed_by_helpers_completes_as_hashed_in_line() {
+    let blob = layer(50_000);
+    let digest = Digest::of(&blob);
+    for (helping, took) in [(Helping::Whole, 1), (Helping::Decline, 0)] {
+        for cuts in [vec![], vec![1000, 30_000], vec![100, 100, 400, 4096, 4096]] {
+            let mut world = World::new();
+            let (helpers, lanes) = TestHelpers::lent(helping);
+            world.hashing = Some(helpers);
+            let mut stream = monolithic_put(&mut world, &digest, Some(blob.len() as u64));
+            let expected = reference_ciphertext(&world, &blob);
+            let sent = stream_body(&mut world, &mut stream, &cut(&blob, &cuts));
+            assert!(sent == expected, "{helping:?} {cuts:?}");
+            assert_eq!(lanes.load(std::sync::atomic::Ordering::SeqCst), took);
+            let Flow::Chunk(flow) = &stream.flow else {
+                panic!("{helping:?} {cuts:?}: the flow changed")
+            };
+            let completion = flow.finish.as_ref().unwrap().completion.as_ref().unwrap();
+            assert_eq!(completion.client_digest, digest);
+            assert_eq!(completion.stored_digest, Digest::of(&sent));
+            let ledger = completion.ledger.as_ref().unwrap();
+            assert_eq!(ledger.encrypted_digest, Digest::of(&sent));
+        }
+    }
+}
+
+/// A helper that died or lost bytes: the last chunk (ciphertext) is followed by a refusal and
+/// nothing is finished, so the registry never commits the blob.
+#[test]
+fn a_monolithic_body_whose_hashing_helper_failed_is_refused_at_its_end() {
+    let blob = layer(50_000);
+    let digest = Digest::of(&blob);
+    for helping in [Helping::Die, Helping::LoseAByte] {
+        let mut world = World::new();
+        let (helpers, _) = TestHelpers::lent(helping);
+        world.hashing = Some(helpers);
+        let mut stream = monolithic_put(&mut world, &digest, Some(blob.len() as u64));
+        let pieces = cut(&blob, &[1000, 30_000]);
+        for piece in &pieces[..2] {
+            let out = body(&mut world, &mut stream, piece, false);
+            assert_eq!(out.last(), Some(&Command::Continue), "{helping:?}: {out:?}");
+        }
+        let out = body(&mut world, &mut stream, pieces[2], true);
+        assert_refused(&out, Code::Unavailable, "hashing helper failed");
+        assert!(matches!(stream.flow, Flow::Refused), "{helping:?}");
+    }
+}
+
 #[test]
 fn a_monolithic_json_blob_completes_unencrypted() {
     let blob = br#"{"architecture":"amd64","os":"linux"}"#;
@@ -442,6 +492,7 @@ fn a_body_helped_by_another_worker_goes_on_as_the_same_ciphertext() {
                 worker: &mut mine,
                 queues: &mut q,
             }),
+            hashing: None,
             ..world.env()
         };
         last = stream.on_request_body(

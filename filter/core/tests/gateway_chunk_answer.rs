@@ -144,6 +144,51 @@ fn a_range_other_than_what_was_sent_abandons_the_upload() {
     }
 }
 
+/// The helper that hashed the chunk's ciphertext failed: the gateway cannot name the blob by
+/// its digest, so the registry's `202` keeps nothing and the session is abandoned at the
+/// registry's offset (with and without replicas). (A helper that lost bytes is refused the
+/// same way: `gateway_body.rs`.)
+#[test]
+fn a_202_whose_hashing_helper_failed_abandons_the_upload() {
+    for replicas in [false, true] {
+        let mut world = World::with(replicas);
+        let (helpers, lanes) = TestHelpers::lent(Helping::Die);
+        world.hashing = Some(helpers);
+        let extra = if replicas {
+            format!("&_ocicrypt_session={UUID}")
+        } else {
+            String::new()
+        };
+        let patch = req("PATCH", &upload_path("demo/app", 0, &extra)).body(held());
+        let (mut stream, out) = world.send(&patch);
+        assert_eq!(out.last(), Some(&Command::Continue), "{out:?}");
+        let out =
+            stream.on_request_body(LAYER.len(), true, &|| Ok(LAYER.to_vec()), &mut world.env());
+        assert_eq!(out.last(), Some(&Command::Continue), "{out:?}");
+        assert_eq!(lanes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let out = stream.on_response_headers(&took_it(), &mut world.env());
+        let Command::Dispatch(callout) = &out[0] else {
+            panic!("no cleanup: {out:?}")
+        };
+        assert!(callout
+            .headers
+            .contains(&(":method".into(), "DELETE".into())));
+        assert!(callout
+            .headers
+            .contains(&(":path".into(), location(held()))));
+        assert_refused(&out, Code::Unavailable, "hashing helper failed");
+        assert!(!out
+            .iter()
+            .any(|c| matches!(c, Command::SetResponseHeader(n, _) if n == "location")));
+        assert!(!upload_table::has_in(
+            &world.store,
+            UUID,
+            NOW,
+            world.config.upload_idle_seconds
+        ));
+    }
+}
+
 #[test]
 fn an_answer_other_than_202_keeps_nothing() {
     for replicas in [false, true] {

@@ -928,6 +928,7 @@ fn a_host_holding_the_parts_apart_gets_the_plugins_commands() {
             now: at(),
             rng: &mut rng,
             keystream: None,
+            hashing: None,
         };
         let out = e(stream, &mut env);
         let mut all: Vec<Command> = keys

@@ -5,7 +5,8 @@
 //! Process-wide state is ordinary Rust: the shared store ([`store`]) replaces Envoy's shared
 //! data, the key records are one per configuration behind a lock, and a module thread drives
 //! the key-service refresh through the configuration's scheduler ([`module`]). Upload bodies
-//! are encrypted by the stream that carries them (no keystream prefetch across workers).
+//! are encrypted by the stream that carries them (no keystream prefetch across workers), and
+//! their ciphertext hashed beside it on the process's helper threads ([`hashing`]).
 #![cfg_attr(
     test,
     allow(
@@ -17,6 +18,7 @@
 )]
 
 mod ffi;
+mod hashing;
 mod keys;
 mod metrics;
 mod module;

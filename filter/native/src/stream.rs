@@ -323,6 +323,7 @@ impl State {
         let shared = self.shared.clone();
         let now = crate::module::now().max(0).unsigned_abs();
         let mut rng = OsRng;
+        let mut helpers = crate::hashing::Helpers;
         let stream = &mut self.stream;
         let prefix = stream_line(self.id, "");
         let mut keys = EventKeys {
@@ -339,6 +340,7 @@ impl State {
                 rng: &mut rng,
                 // No keystream prefetch across workers here: each stream encrypts its own body.
                 keystream: None,
+                hashing: Some(&mut helpers),
             };
             event(stream, &mut env)
         })

@@ -14,6 +14,7 @@ use crate::digest::Digest;
 use crate::distribution::ledger::LedgerEntry;
 use crate::error::{Code, OciError};
 use crate::format::blockcipher::LayerEncryptor;
+use crate::format::ciphertext_hashes::{CiphertextLane, HashHelpers};
 use crate::format::keystream::{KeystreamSupply, LocalOnly, Supply};
 use crate::format::keywrap;
 use crate::format::recipients::Recipient;
@@ -482,6 +483,9 @@ pub struct ChunkStream {
     /// a judgement on such a piece says nothing (a plaintext tar written 8 bytes at a time
     /// passed as ciphertext).
     held: Vec<u8>,
+    /// Where this request's ciphertext is hashed when a helper took it
+    /// ([`Self::hash_beside`]); the encryptor's own ciphertext states are lent to it.
+    lane: Option<Box<dyn CiphertextLane>>,
 }
 
 /// Bytes of a blob passed as ciphertext judged at once (from the request's first byte; the
@@ -537,7 +541,29 @@ impl ChunkStream {
             start_offset,
             accept_encrypted: false,
             held: Vec::new(),
+            lane: None,
         })
+    }
+
+    /// Hands the ciphertext's hashing to a helper of `helpers`, once the blob is known to be
+    /// encrypted (before that, or when no helper takes it, a no-op: hashed in line). The
+    /// request's end ([`Self::into_record`]) takes the states back.
+    pub fn hash_beside(&mut self, helpers: &mut dyn HashHelpers) {
+        let Treatment::Encrypt(enc) = &mut self.record.treatment else {
+            return;
+        };
+        if self.lane.is_some() {
+            return;
+        }
+        match helpers.lane(enc.lend_ciphertext_hashes()) {
+            Ok(lane) => self.lane = Some(lane),
+            // Given back as lent: nothing was hashed meanwhile.
+            Err(hashes) => {
+                if enc.take_back_ciphertext_hashes(*hashes).is_err() {
+                    debug_assert!(false, "hashes given back unchanged were refused");
+                }
+            }
+        }
     }
 
     /// Lets a blob whose first bytes look like ciphertext pass as it is (the repository's
@@ -612,6 +638,7 @@ impl ChunkStream {
         end_of_stream: bool,
         supply: &mut dyn KeystreamSupply,
     ) -> Result<BodyVerdict, OciError> {
+        let lane = &mut self.lane;
         match &mut self.record.treatment {
             Treatment::Encrypt(enc) => {
                 let mut rest = buffer.as_mut_slice();
@@ -620,26 +647,31 @@ impl ChunkStream {
                     let done = match supply.next(at, rest.len()) {
                         Supply::Local(n) => {
                             let (now, _) = rest.split_at_mut(n.clamp(1, rest.len()));
-                            enc.encrypt_in_place(now);
+                            encrypt_local(enc, lane, now);
                             now.len()
                         }
                         Supply::Given([]) => {
-                            enc.encrypt_in_place(rest);
+                            encrypt_local(enc, lane, rest);
                             rest.len()
                         }
                         Supply::Given(keystream) => {
                             let n = keystream.len().min(rest.len());
                             let (now, _) = rest.split_at_mut(n);
-                            match enc
-                                .encrypt_in_place_given(now, keystream.get(..n).unwrap_or_default())
-                            {
+                            let keystream = keystream.get(..n).unwrap_or_default();
+                            let given = match lane {
+                                Some(lane) => {
+                                    enc.encrypt_in_place_given_beside(now, keystream, lane.as_mut())
+                                }
+                                None => enc.encrypt_in_place_given(now, keystream),
+                            };
+                            match given {
                                 Ok(()) => {
                                     supply.used(n);
                                     n
                                 }
                                 Err(_) => {
                                     supply.refused(at);
-                                    enc.encrypt_in_place(now);
+                                    encrypt_local(enc, lane, now);
                                     n
                                 }
                             }
@@ -717,11 +749,39 @@ impl ChunkStream {
     }
 
     /// The record to save once the registry accepted this request (whose last chunk released
-    /// every held byte).
-    pub fn into_record(self) -> UploadRecord {
+    /// every held byte), with the ciphertext hashes back from a helper that had them: refused
+    /// when the helper failed or its states disagree with the bytes encrypted.
+    pub fn into_record(mut self) -> Result<UploadRecord, OciError> {
         debug_assert!(self.held.is_empty(), "bytes held past the request's end");
-        self.record
+        if let Some(lane) = self.lane.take() {
+            let Treatment::Encrypt(enc) = &mut self.record.treatment else {
+                return Err(hashing_failed());
+            };
+            let hashes = lane.join().ok_or_else(hashing_failed)?;
+            enc.take_back_ciphertext_hashes(hashes)
+                .map_err(|_| hashing_failed())?;
+        }
+        Ok(self.record)
     }
+}
+
+/// Encrypts `chunk` here, its ciphertext hashed by `lane` when there is one.
+fn encrypt_local(
+    enc: &mut LayerEncryptor,
+    lane: &mut Option<Box<dyn CiphertextLane>>,
+    chunk: &mut [u8],
+) {
+    match lane {
+        Some(lane) => enc.encrypt_in_place_beside(chunk, lane.as_mut()),
+        None => enc.encrypt_in_place(chunk),
+    }
+}
+
+fn hashing_failed() -> OciError {
+    OciError::new(
+        Code::Unavailable,
+        "the gateway's hashing helper failed on this upload; nothing of it was committed, push it again",
+    )
 }
 
 /// The gateway's view of a completed blob: the digest the registry must commit, and, for an
@@ -861,7 +921,7 @@ mod tests {
                 .unwrap();
             out.extend_from_slice(&buf);
             store
-                .set(&record_key("u1"), &stream.into_record().to_bytes())
+                .set(&record_key("u1"), &stream.into_record().unwrap().to_bytes())
                 .unwrap();
             pos = end;
         }
@@ -1183,7 +1243,7 @@ mod tests {
                 .accepting_encrypted(true);
             assert_eq!(feed(&mut stream, &blob, pieces).unwrap(), blob);
             assert!(matches!(
-                stream.into_record().treatment,
+                stream.into_record().unwrap().treatment,
                 Treatment::Passthrough
             ));
         }
@@ -1262,7 +1322,7 @@ mod tests {
         stream
             .on_body(&mut first, true, &mut rand_core::OsRng)
             .unwrap();
-        let record = stream.into_record();
+        let record = stream.into_record().unwrap();
         assert!(matches!(record.treatment, Treatment::Passthrough));
         let bytes = record.to_bytes();
 

@@ -8,6 +8,7 @@
 //! plaintext digest and name the ciphertext blob by its own digest.
 
 use crate::digest::Digest;
+use crate::format::ciphertext_hashes::{CiphertextHashes, CiphertextLane};
 use crate::format::sha256::{hmac_finish, hmac_init, Sha256State};
 use crate::format::simd::aes256x8::Aes256x8;
 use crate::format::simd::sha256x4::{self, Schedule, Sha256x4};
@@ -288,7 +289,18 @@ impl LayerEncryptor {
         chunk: &mut [u8],
         keystream: &[u8],
     ) -> Result<(), KeystreamMismatch> {
-        if keystream.len() != chunk.len() {
+        self.check_given(chunk.len(), keystream)?;
+        if crate::format::simd::HARDWARE {
+            self.encrypt_given_lanes(chunk, keystream);
+        } else {
+            self.encrypt_partial_given(chunk, keystream);
+        }
+        Ok(())
+    }
+
+    /// Whether `keystream` is this stream's keystream for the next `len` bytes.
+    fn check_given(&self, len: usize, keystream: &[u8]) -> Result<(), KeystreamMismatch> {
+        if keystream.len() != len {
             return Err(KeystreamMismatch);
         }
         // The first and the last (up to) 16 bytes must be this stream's keystream at these
@@ -311,11 +323,66 @@ impl LayerEncryptor {
                 return Err(KeystreamMismatch);
             }
         }
-        if crate::format::simd::HARDWARE {
-            self.encrypt_given_lanes(chunk, keystream);
-        } else {
-            self.encrypt_partial_given(chunk, keystream);
+        Ok(())
+    }
+
+    /// Hands the ciphertext's hash states over to a lane ([`crate::format::ciphertext_hashes`])
+    /// until [`Self::take_back_ciphertext_hashes`]; meanwhile the encryptor's own are empty,
+    /// so a state saved or a layer finished without them fails its checks.
+    pub fn lend_ciphertext_hashes(&mut self) -> CiphertextHashes {
+        CiphertextHashes {
+            digest: std::mem::take(&mut self.encrypted),
+            hmac_inner: std::mem::take(&mut self.mac),
         }
+    }
+
+    /// Takes back the states a lane went on with: they must have absorbed exactly the bytes
+    /// encrypted so far, and nothing may have been hashed here meanwhile.
+    pub fn take_back_ciphertext_hashes(
+        &mut self,
+        hashes: CiphertextHashes,
+    ) -> Result<(), CipherError> {
+        let CiphertextHashes { digest, hmac_inner } = hashes;
+        if !self.encrypted.is_empty()
+            || !self.mac.is_empty()
+            || digest.len() != self.offset
+            || hmac_inner.len() != self.offset.wrapping_add(HMAC_PAD_LEN)
+        {
+            return Err(CipherError::StateInconsistent {
+                offset: self.offset,
+                plain: self.plain.len(),
+                cipher: digest.len(),
+                mac: hmac_inner.len(),
+            });
+        }
+        self.encrypted = digest;
+        self.mac = hmac_inner;
+        Ok(())
+    }
+
+    /// [`Self::encrypt_in_place`] with the ciphertext hashed by `lane` (its states lent with
+    /// [`Self::lend_ciphertext_hashes`]): here only the plaintext digest and the cipher.
+    pub fn encrypt_in_place_beside(&mut self, chunk: &mut [u8], lane: &mut dyn CiphertextLane) {
+        self.plain.update(chunk);
+        self.apply_keystream_at(self.offset, chunk);
+        lane.absorb(chunk);
+        self.offset = self.offset.wrapping_add(chunk.len() as u64);
+    }
+
+    /// [`Self::encrypt_in_place_given`] with the ciphertext hashed by `lane`.
+    pub fn encrypt_in_place_given_beside(
+        &mut self,
+        chunk: &mut [u8],
+        keystream: &[u8],
+        lane: &mut dyn CiphertextLane,
+    ) -> Result<(), KeystreamMismatch> {
+        self.check_given(chunk.len(), keystream)?;
+        self.plain.update(chunk);
+        for (d, k) in chunk.iter_mut().zip(keystream) {
+            *d ^= k;
+        }
+        lane.absorb(chunk);
+        self.offset = self.offset.wrapping_add(chunk.len() as u64);
         Ok(())
     }
 

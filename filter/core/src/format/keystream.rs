@@ -694,7 +694,7 @@ mod tests {
         }
         data = out;
         assert_eq!(data, expected);
-        let Treatment::Encrypt(enc) = stream.into_record().treatment else {
+        let Treatment::Encrypt(enc) = stream.into_record().unwrap().treatment else {
             panic!("treatment changed");
         };
         assert_eq!(

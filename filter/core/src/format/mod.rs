@@ -6,6 +6,7 @@
 //! its AES-CTR keystream ahead on another worker; [`keywrap`] wraps the layer key to the
 //! [`recipients`]' public keys and writes the layer annotations.
 pub mod blockcipher;
+pub mod ciphertext_hashes;
 pub mod keystream;
 pub mod keywrap;
 pub mod recipients;

@@ -68,11 +68,8 @@ impl Sha256State {
             compress_block(&mut self.h, &self.buf);
             data = rest;
         }
-        let blocks = data.chunks_exact(BLOCK);
-        let tail = blocks.remainder();
-        for block in blocks {
-            compress_block(&mut self.h, block);
-        }
+        let (blocks, tail) = data.as_chunks::<BLOCK>();
+        compress_blocks(&mut self.h, blocks);
         if let Some(dst) = self.buf.get_mut(..tail.len()) {
             dst.copy_from_slice(tail);
         }
@@ -183,6 +180,24 @@ impl std::fmt::Debug for Sha256State {
         f.debug_struct("Sha256State")
             .field("len", &self.total)
             .finish_non_exhaustive()
+    }
+}
+
+/// Whole blocks in few calls: `sha2` loads and stores the state (and picks its SHA-NI path)
+/// once per call, not once per block.
+fn compress_blocks(h: &mut [u32; 8], blocks: &[[u8; BLOCK]]) {
+    // `sha2` takes `GenericArray` blocks, and a slice of arrays cannot become a slice of them
+    // without `unsafe`: copy a batch at a time (cheap against compressing it).
+    const BATCH: usize = 16;
+    let mut batch: [GenericArray<u8, U64>; BATCH] = Default::default();
+    for group in blocks.chunks(BATCH) {
+        for (dst, src) in batch.iter_mut().zip(group) {
+            dst.copy_from_slice(src);
+        }
+        sha2::compress256(h, batch.get(..group.len()).unwrap_or_default());
+    }
+    for block in &mut batch {
+        block.zeroize();
     }
 }
 

@@ -241,7 +241,13 @@ impl Stream {
                 format!("the registry's Range ({}) does not match the {} bytes the gateway sent for this upload; the upload is abandoned, push again", range.as_deref().unwrap_or("none"), stream.offset()),
             ));
         }
-        let record = stream.into_record();
+        let record = match stream.into_record() {
+            Ok(record) => record,
+            Err(e) => {
+                out.push(self.abandon_session(env.config, head.header("location").as_deref()));
+                return Err(e);
+            }
+        };
         if let Some(claimed) = self.claimed.take() {
             session::release_in(env.store, &claimed);
         }

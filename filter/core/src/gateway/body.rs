@@ -33,6 +33,9 @@ impl Stream {
             Ok(buf) => buf,
             Err(e) => return self.refuse(e),
         };
+        if let Some(helpers) = env.hashing.as_deref_mut() {
+            chunks.hash_beside(helpers);
+        }
         let encrypted = self.prefetch.encrypt(
             env.keystream.as_mut(),
             env.store,
@@ -47,6 +50,10 @@ impl Stream {
             Ok(verdict) => verdict,
             Err(e) => return self.refuse(e),
         };
+        // The first chunk decides whether the blob is encrypted: its helper can start now.
+        if let Some(helpers) = env.hashing.as_deref_mut() {
+            chunks.hash_beside(helpers);
+        }
         let mut out = Vec::new();
         if end_of_stream {
             if let Some(keystream) = env.keystream.as_mut() {
@@ -65,12 +72,9 @@ impl Stream {
             if let Some(finish) = flow.finish.as_mut() {
                 if let Some(chunks) = flow.stream.take() {
                     let mut rng = &mut *env.rng;
-                    match upload::complete(
-                        chunks.into_record(),
-                        finish.client_digest,
-                        &finish.recipients,
-                        &mut rng,
-                    ) {
+                    match chunks.into_record().and_then(|record| {
+                        upload::complete(record, finish.client_digest, &finish.recipients, &mut rng)
+                    }) {
                         Ok(completion) => finish.completion = Some(completion),
                         // The chunk in hand is already ciphertext; nothing goes on past the
                         // refusal either way.

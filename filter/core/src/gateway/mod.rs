@@ -200,6 +200,9 @@ pub struct Env<'a> {
     /// The worker's keystream prefetch, when the host lends it (without, upload bodies are
     /// encrypted locally: the same bytes).
     pub keystream: Option<crate::gateway::prefetch::Keystream<'a>>,
+    /// Helpers that hash an upload's ciphertext beside its stream, when the host has threads
+    /// (without, the stream hashes in line: the same digests).
+    pub hashing: Option<&'a mut dyn crate::format::ciphertext_hashes::HashHelpers>,
 }
 
 /// Names a callout the machine dispatched, so that its answer finds its way back.

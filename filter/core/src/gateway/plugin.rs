@@ -277,6 +277,7 @@ impl Plugin {
                 worker: &mut self.prefetch,
                 queues: host.queues,
             }),
+            hashing: None,
         };
         let out = event(stream, &mut env);
         let mut all: Vec<Command> = self

@@ -12,6 +12,9 @@ use ocicrypt_core::digest::Digest;
 use ocicrypt_core::distribution::ledger::LedgerEntry;
 use ocicrypt_core::distribution::upload::{self, ChunkStream, UploadRecord};
 use ocicrypt_core::error::{Code, OciError};
+use ocicrypt_core::format::ciphertext_hashes::{
+    CiphertextHashes, CiphertextLane, HashHelpers, InlineLane,
+};
 use ocicrypt_core::format::recipients::Recipient;
 use ocicrypt_core::gateway::{Command, Env, KeyAnswer, Keys, Level, Metric, RequestHead, Stream};
 use ocicrypt_core::keys::records::StreamLookup;
@@ -100,6 +103,8 @@ pub struct World {
     pub keys: FakeKeys,
     pub held: Cell<usize>,
     pub rng: StdRng,
+    /// The host's hashing helpers (the native build's threads), when the test lends some.
+    pub hashing: Option<Box<dyn HashHelpers>>,
 }
 
 impl World {
@@ -130,6 +135,7 @@ impl World {
             },
             held: Cell::new(0),
             rng: StdRng::seed_from_u64(16),
+            hashing: None,
         }
     }
     pub fn new() -> Self {
@@ -144,6 +150,10 @@ impl World {
             now: NOW,
             rng: &mut self.rng,
             keystream: None,
+            hashing: match &mut self.hashing {
+                Some(helpers) => Some(helpers.as_mut()),
+                None => None,
+            },
         }
     }
     pub fn headers(&mut self, stream: &mut Stream, req: &Req) -> Vec<Command> {
@@ -237,7 +247,7 @@ pub fn encrypted_record(world: &mut World, layer: &[u8]) -> UploadRecord {
     let mut stream = ChunkStream::new(UploadRecord::new("demo/app"), Some(0)).unwrap();
     let mut buf = layer.to_vec();
     stream.on_body(&mut buf, true, &mut world.rng).unwrap();
-    stream.into_record()
+    stream.into_record().unwrap()
 }
 
 pub const LAYER: &[u8] = b"\x1f\x8b\x08\x00 a gzip-looking layer, encrypted by the gateway";
@@ -296,4 +306,85 @@ pub fn ledger_layer(world: &mut World, repository: &str, recipients: &[Recipient
 pub fn ledgered(world: &World, repository: &str, digest: &Digest) -> Option<LedgerEntry> {
     let shape = world.config.ledger_cache();
     ocicrypt_core::distribution::ledger_cache::get_in(&world.store, shape, repository, digest)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hashing helpers as a host with threads lends them.
+
+/// What the test's helpers do with the lanes they are asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Helping {
+    /// Take every lane and hash as given.
+    Whole,
+    /// Take no lane (the stream hashes in line).
+    Decline,
+    /// Take the lane, then fail at its end (a helper thread that died).
+    Die,
+    /// Take the lane and lose the first byte given to it.
+    LoseAByte,
+}
+
+/// Helpers that count the lanes they took.
+pub struct TestHelpers {
+    pub helping: Helping,
+    pub lanes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TestHelpers {
+    /// Helpers to lend a world, and the count of lanes they take.
+    pub fn lent(
+        helping: Helping,
+    ) -> (
+        Box<dyn HashHelpers>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let lanes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            Box::new(TestHelpers {
+                helping,
+                lanes: lanes.clone(),
+            }),
+            lanes,
+        )
+    }
+}
+
+struct TestLane {
+    inner: InlineLane,
+    helping: Helping,
+    lost: bool,
+}
+
+impl CiphertextLane for TestLane {
+    fn absorb(&mut self, ciphertext: &[u8]) {
+        if self.helping == Helping::LoseAByte && !self.lost && !ciphertext.is_empty() {
+            self.lost = true;
+            self.inner.absorb(&ciphertext[1..]);
+            return;
+        }
+        self.inner.absorb(ciphertext);
+    }
+    fn join(self: Box<Self>) -> Option<CiphertextHashes> {
+        if self.helping == Helping::Die {
+            return None;
+        }
+        Box::new(self.inner).join()
+    }
+}
+
+impl HashHelpers for TestHelpers {
+    fn lane(
+        &mut self,
+        hashes: CiphertextHashes,
+    ) -> Result<Box<dyn CiphertextLane>, Box<CiphertextHashes>> {
+        if self.helping == Helping::Decline {
+            return Err(Box::new(hashes));
+        }
+        self.lanes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Box::new(TestLane {
+            inner: InlineLane(hashes),
+            helping: self.helping,
+            lost: false,
+        }))
+    }
 }

@@ -181,6 +181,8 @@ class Options:
     build: Optional[str] = None
     #: The dynamic module for build "native" (built like the wasm when missing or stale).
     native_path: Path = NATIVE_PATH
+    #: Extra environment for Envoy (e.g. OCICRYPT_HASH_THREADS for the native build).
+    envoy_env: Dict[str, str] = field(default_factory=dict)
     envoy_log_level: str = "info"
     #: Extra --component-log-level for Envoy (e.g. "wasm:debug"); empty for none.
     envoy_component_log_level: str = ""
@@ -1015,6 +1017,7 @@ class Gateway:
         env_vars = {STATE_KEY_ENV: o.state_key} if o.state_key else {}
         if o.build == "native":
             env_vars["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(o.native_path.parent)
+        env_vars.update(o.envoy_env)
         env = self._spawn("envoy", argv, envoy_log, env=env_vars or None)
         # Answered through Envoy by the registry (200/401), not a local 5xx of Envoy's. In a
         # replica set, asked on this replica's filter listener: the client-facing one may hash

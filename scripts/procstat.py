@@ -40,9 +40,14 @@ def proc_cpu(pid: Optional[int]) -> float:
         return 0.0
 
 
+#: The native build's helper threads that hash uploads' ciphertext beside their streams.
+HASH_THREAD = "ocicrypt-hash-"
+
+
 def worker_cpu(pid: Optional[int], main: bool = False) -> Dict[str, float]:
     """CPU seconds each Envoy worker thread (named wrk:worker_N) has used so far; with `main`,
-    also Envoy's main thread (the task whose id is the pid), as "main"."""
+    also Envoy's main thread (the task whose id is the pid), as "main", and the native build's
+    hashing helpers together, as "hash"."""
     out: Dict[str, float] = {}
     if not pid:
         return out
@@ -53,6 +58,8 @@ def worker_cpu(pid: Optional[int], main: bool = False) -> Dict[str, float]:
                 out[name] = _cpu_seconds(task / "stat")
             elif main and task.name == str(pid):
                 out["main"] = _cpu_seconds(task / "stat")
+            elif main and name.startswith(HASH_THREAD):
+                out["hash"] = out.get("hash", 0.0) + _cpu_seconds(task / "stat")
         except (OSError, IndexError, ValueError):
             continue
     return out

@@ -587,6 +587,24 @@ fn cases() -> Vec<(&'static str, Option<&'static str>, Scenario)> {
             Box::new(|| chunk_answered_with_range("0-2")),
         ),
         (
+            "the gateway's hashing helper failed on this upload; nothing of it was committed, push it again",
+            None,
+            Box::new(|| {
+                // A monolithic upload whose helper thread (native build) died: refused at its end.
+                let mut world = World::new();
+                let (helpers, _) = TestHelpers::lent(Helping::Die);
+                world.hashing = Some(helpers);
+                let blob = vec![0x1f; 4096];
+                let put = req(
+                    "PUT",
+                    &upload_path("demo/app", 0, &format!("&digest={}", Digest::of(&blob))),
+                )
+                .body(blob.len() as u64);
+                let (mut stream, _) = world.send(&put);
+                stream.on_request_body(blob.len(), true, &|| Ok(blob.clone()), &mut world.env())
+            }),
+        ),
+        (
             "write request with an encoded or non-canonical path",
             None,
             Box::new(|| {

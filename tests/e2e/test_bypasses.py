@@ -808,6 +808,7 @@ def test_lying_registry_location_is_refused(lying_stack, tmp_path, mode, client)
     repo, other = f"demo/bp-lie-{tag}", f"plain/bp-lie-{tag}"
     image = helpers.build_image(tmp_path / "layout", "v1", 512 * 1024, marker=helpers.new_marker())
     s.proxy.lie(mode, about=repo, other_repo=other, needles=[image.marker.encode()])
+    refused0 = helpers.envoy_stats(s.opts.admin_addr).get("ocicrypt_refusals_bad_gateway", 0)
     try:
         if client == "requests":
             starts = requests_push(s, repo, image)
@@ -836,3 +837,9 @@ def test_lying_registry_location_is_refused(lying_stack, tmp_path, mode, client)
         assert_filter_refusal(ans, 502)
     if proc is not None:
         assert "502" in proc.stderr or "Bad Gateway" in proc.stderr, proc.stderr[-1500:]
+    # Counted apart from the gateway's own 500s (both go out as UNKNOWN).
+    refused = helpers.envoy_stats(s.opts.admin_addr).get("ocicrypt_refusals_bad_gateway", 0)
+    if proc is None:
+        assert refused - refused0 == len(starts), (refused0, refused, len(starts))
+    else:
+        assert refused - refused0 >= 1, (refused0, refused)

@@ -211,7 +211,7 @@ def scraped_up_to_date(prom: Prometheus, stack, metric: str, timeout: float = 60
 
 REFUSAL_CODES = ["digest_invalid", "manifest_invalid", "blob_upload_invalid",
                  "blob_upload_unknown", "size_invalid", "denied", "unsupported", "unavailable",
-                 "unknown"]
+                 "unknown", "bad_gateway"]
 
 
 def quantile_from(buckets: Dict[float, float], q: float) -> float:

@@ -24,7 +24,7 @@ use ocicrypt_core::distribution::ledger_cache::Change as CacheChange;
 use ocicrypt_core::distribution::upload::UploadRecord;
 use ocicrypt_core::distribution::upload_table;
 use ocicrypt_core::error::{Code, OciError};
-use ocicrypt_core::gateway::metrics::{Change, Kind, Stat, TufRole, Update};
+use ocicrypt_core::gateway::metrics::{Change, Kind, Stat, TufRole, Update, REFUSAL_CODES};
 use ocicrypt_core::gateway::plugin::{tick_period, Host, Plugin, PluginCommand, PREFIX};
 use ocicrypt_core::gateway::prefetch::Report;
 use ocicrypt_core::gateway::{
@@ -172,6 +172,11 @@ fn the_stats_are_these_names_and_kinds_in_this_order() {
             Counter,
         ),
         (
+            Stat::Refusals(Code::BadGateway),
+            "ocicrypt.refusals.bad_gateway",
+            Counter,
+        ),
+        (
             Stat::ProjectsRemembered,
             "ocicrypt.keyservice.projects_remembered",
             Gauge,
@@ -195,8 +200,30 @@ fn the_stats_are_these_names_and_kinds_in_this_order() {
         assert_eq!(stat.name(), *name);
         assert_eq!(stat.kind(), *kind, "{name}");
     }
-    // A refusal code without a stat of its own is not counted.
-    assert_eq!(Stat::Refusals(Code::BadGateway).index(), None);
+    // Every refusal code is counted, each under its own name (a 502 goes out as `UNKNOWN`).
+    let names: std::collections::BTreeSet<String> = REFUSAL_CODES
+        .iter()
+        .map(|c| Stat::Refusals(*c).name())
+        .collect();
+    assert_eq!(names.len(), REFUSAL_CODES.len());
+    for code in [
+        Code::DigestInvalid,
+        Code::ManifestInvalid,
+        Code::BlobUploadInvalid,
+        Code::BlobUploadUnknown,
+        Code::SizeInvalid,
+        Code::Denied,
+        Code::Unsupported,
+        Code::Unavailable,
+        Code::Unknown,
+        Code::BadGateway,
+        Code::Unauthorized,
+    ] {
+        assert!(
+            Stat::Refusals(code).index().is_some(),
+            "{code:?} is not counted"
+        );
+    }
 }
 
 fn add(stat: Stat, n: i64) -> Update {
@@ -217,7 +244,10 @@ fn each_metric_updates_these_stats() {
             Metric::Refused(Code::Denied),
             vec![add(Stat::Refusals(Code::Denied), 1)],
         ),
-        (Metric::Refused(Code::BadGateway), vec![]),
+        (
+            Metric::Refused(Code::BadGateway),
+            vec![add(Stat::Refusals(Code::BadGateway), 1)],
+        ),
         (Metric::MountRewritten, vec![add(Stat::MountsRewritten, 1)]),
         (
             Metric::ManifestRewritten,

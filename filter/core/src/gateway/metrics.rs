@@ -98,7 +98,7 @@ impl TufRole {
 }
 
 /// The refusal codes counted, one stat each (`ocicrypt.refusals.<code>`).
-pub const REFUSAL_CODES: [Code; 10] = [
+pub const REFUSAL_CODES: [Code; 11] = [
     Code::DigestInvalid,
     Code::ManifestInvalid,
     Code::BlobUploadInvalid,
@@ -109,6 +109,7 @@ pub const REFUSAL_CODES: [Code; 10] = [
     Code::Unavailable,
     Code::Unknown,
     Code::Unauthorized,
+    Code::BadGateway,
 ];
 
 /// What a [`Metric`] does to one stat.
@@ -133,7 +134,7 @@ pub struct Update {
 
 impl Stat {
     /// Every stat, in the order hosts define them.
-    pub const ALL: [Stat; 35] = [
+    pub const ALL: [Stat; 36] = [
         Stat::LayersEncrypted,
         Stat::BytesEncrypted,
         Stat::JsonBlobsPassed,
@@ -165,6 +166,7 @@ impl Stat {
         Stat::Refusals(Code::Unavailable),
         Stat::Refusals(Code::Unknown),
         Stat::Refusals(Code::Unauthorized),
+        Stat::Refusals(Code::BadGateway),
         Stat::ProjectsRemembered,
         Stat::KeyFetches,
         Stat::AnsweredFromMemory,
@@ -206,6 +208,9 @@ impl Stat {
                 };
                 return format!("ocicrypt.keyservice.{role}_version");
             }
+            // A 502 goes out as `UNKNOWN` (the distribution spec has no code for it), but it
+            // means the registry misbehaved, not the gateway: counted apart from the 500s.
+            Stat::Refusals(Code::BadGateway) => "refusals.bad_gateway",
             Stat::Refusals(code) => {
                 return format!("ocicrypt.refusals.{}", code.as_str().to_ascii_lowercase())
             }

@@ -51,6 +51,37 @@ fn took_it() -> ResponseHead {
     answer("202", Some(format!("0-{}", held() - 1)), held())
 }
 
+/// The answer to a `202` that keeps nothing: the session is deleted at the registry's own
+/// offset (distribution refuses a stale `_state`, v3 without cancelling the session), the
+/// client gets the refusal and no `Location`, and no state is saved.
+fn assert_abandoned(world: &World, out: &[Command], code: Code, needle: &str) {
+    let Command::Dispatch(callout) = &out[0] else {
+        panic!("no cleanup: {out:?}")
+    };
+    assert!(
+        callout
+            .headers
+            .contains(&(":method".into(), "DELETE".into())),
+        "{callout:?}"
+    );
+    assert!(
+        callout
+            .headers
+            .contains(&(":path".into(), location(held()))),
+        "{callout:?}"
+    );
+    assert_refused(out, code, needle);
+    assert!(!out
+        .iter()
+        .any(|c| matches!(c, Command::SetResponseHeader(n, _) if n == "location")));
+    assert!(!upload_table::has_in(
+        &world.store,
+        UUID,
+        NOW,
+        world.config.upload_idle_seconds
+    ));
+}
+
 #[test]
 fn a_202_saves_the_state_in_the_store_without_replicas() {
     let mut world = World::new();
@@ -114,32 +145,7 @@ fn a_range_other_than_what_was_sent_abandons_the_upload() {
             let mut stream = patched(&mut world);
             let out =
                 stream.on_response_headers(&answer("202", range.clone(), held()), &mut world.env());
-            let Command::Dispatch(callout) = &out[0] else {
-                panic!("{range:?}: no cleanup: {out:?}")
-            };
-            assert!(
-                callout
-                    .headers
-                    .contains(&(":method".into(), "DELETE".into())),
-                "{callout:?}"
-            );
-            // At the registry's own offset: distribution refuses a stale `_state` (v3 without
-            // cancelling the session).
-            let at = location(held());
-            assert!(
-                callout.headers.contains(&(":path".into(), at)),
-                "{callout:?}"
-            );
-            assert_refused(&out, Code::BadGateway, "does not match");
-            assert!(!out
-                .iter()
-                .any(|c| matches!(c, Command::SetResponseHeader(n, _) if n == "location")));
-            assert!(!upload_table::has_in(
-                &world.store,
-                UUID,
-                NOW,
-                world.config.upload_idle_seconds
-            ));
+            assert_abandoned(&world, &out, Code::BadGateway, "does not match");
         }
     }
 }
@@ -167,25 +173,7 @@ fn a_202_whose_hashing_helper_failed_abandons_the_upload() {
         assert_eq!(out.last(), Some(&Command::Continue), "{out:?}");
         assert_eq!(lanes.load(std::sync::atomic::Ordering::SeqCst), 1);
         let out = stream.on_response_headers(&took_it(), &mut world.env());
-        let Command::Dispatch(callout) = &out[0] else {
-            panic!("no cleanup: {out:?}")
-        };
-        assert!(callout
-            .headers
-            .contains(&(":method".into(), "DELETE".into())));
-        assert!(callout
-            .headers
-            .contains(&(":path".into(), location(held()))));
-        assert_refused(&out, Code::Unavailable, "hashing helper failed");
-        assert!(!out
-            .iter()
-            .any(|c| matches!(c, Command::SetResponseHeader(n, _) if n == "location")));
-        assert!(!upload_table::has_in(
-            &world.store,
-            UUID,
-            NOW,
-            world.config.upload_idle_seconds
-        ));
+        assert_abandoned(&world, &out, Code::Unavailable, "hashing helper failed");
     }
 }
 

@@ -398,8 +398,11 @@ fn goes_on_as_plaintext() -> OciError {
 /// its bar for random bytes is far out in the tail: chi-square under 530 (mean 255, standard
 /// deviation about 22.6: 12 deviations; text, tar headers and tables score in the thousands).
 /// Windows under 500 bytes (a request's short tail) get the distinct-values test and must not be
-/// mostly printable text; windows under 32 bytes cannot be judged and pass (at most 31 bytes
-/// at the end of a request). Compressed data cannot be told from ciphertext by any such test:
+/// mostly printable text; its bar is nearer: random bytes fail it with probability about 1.6e-6
+/// for 32 bytes (the window's or its differences' distinct values), 1e-9 for 100, 1e-28 for 499
+/// (the occupancy distribution, computed exactly), so a pipeline's ciphertext whose request ends
+/// in such a tail is refused that rarely. Windows under 32 bytes cannot be judged and pass (at
+/// most 31 bytes at the end of a request). Compressed data cannot be told from ciphertext by any such test:
 /// passing pipeline ciphertext trusts the pipeline (see the README).
 pub fn window_looks_encrypted(window: &[u8]) -> bool {
     let n = window.len();
@@ -1297,11 +1300,17 @@ mod tests {
     #[test]
     fn ciphertext_windows_are_never_refused() {
         // The window test runs on every 4 KiB of a layer: random bytes must pass it far into
-        // the tail (2 000 windows of each size here; the bar is 12 standard deviations).
+        // the tail (2 000 windows of each size here; the bar is 12 standard deviations). A
+        // 32-byte tail is refused with probability about 1.6e-6 (see the function): one in
+        // 2 000 is allowed there (two happen about once in 10^5 runs), none elsewhere.
         for n in [32, 100, 499, 500, 1000, 4096] {
-            for _ in 0..2000 {
-                assert!(window_looks_encrypted(&random_bytes(n)), "{n} random bytes");
-            }
+            let refused = (0..2000)
+                .filter(|_| !window_looks_encrypted(&random_bytes(n)))
+                .count();
+            assert!(
+                refused <= usize::from(n == 32),
+                "{refused} of 2000 windows of {n} random bytes"
+            );
         }
         let text = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(80);
         let b64 = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3ODkrLw==".repeat(50);

@@ -180,11 +180,27 @@ impl LayerEncryptor {
     /// One pass per function: hash the plaintext, encrypt, hash the ciphertext twice. Fastest
     /// where AES and SHA-256 have instructions (`aes` and `sha2` detect AES-NI and SHA-NI).
     pub fn encrypt_in_place_scalar(&mut self, chunk: &mut [u8]) {
+        self.encrypt_scalar_into(chunk, None);
+    }
+
+    /// The scalar path, the ciphertext hashed here or by `lane`.
+    fn encrypt_scalar_into(&mut self, chunk: &mut [u8], lane: Option<&mut dyn CiphertextLane>) {
         self.plain.update(chunk);
         self.apply_keystream_at(self.offset, chunk);
-        self.encrypted.update(chunk);
-        self.mac.update(chunk);
+        self.absorb_ciphertext(chunk, lane);
         self.offset = self.offset.wrapping_add(chunk.len() as u64);
+    }
+
+    /// Hashes ciphertext into the encryptor's own states, or hands it to the `lane` they are
+    /// lent to.
+    fn absorb_ciphertext(&mut self, ciphertext: &[u8], lane: Option<&mut dyn CiphertextLane>) {
+        match lane {
+            Some(lane) => lane.absorb(ciphertext),
+            None => {
+                self.encrypted.update(ciphertext);
+                self.mac.update(ciphertext);
+            }
+        }
     }
 
     /// One pass over the data for all four functions, in `simd128` lanes on wasm (see
@@ -363,10 +379,7 @@ impl LayerEncryptor {
     /// [`Self::encrypt_in_place`] with the ciphertext hashed by `lane` (its states lent with
     /// [`Self::lend_ciphertext_hashes`]): here only the plaintext digest and the cipher.
     pub fn encrypt_in_place_beside(&mut self, chunk: &mut [u8], lane: &mut dyn CiphertextLane) {
-        self.plain.update(chunk);
-        self.apply_keystream_at(self.offset, chunk);
-        lane.absorb(chunk);
-        self.offset = self.offset.wrapping_add(chunk.len() as u64);
+        self.encrypt_scalar_into(chunk, Some(lane));
     }
 
     /// [`Self::encrypt_in_place_given`] with the ciphertext hashed by `lane`.
@@ -377,12 +390,7 @@ impl LayerEncryptor {
         lane: &mut dyn CiphertextLane,
     ) -> Result<(), KeystreamMismatch> {
         self.check_given(chunk.len(), keystream)?;
-        self.plain.update(chunk);
-        for (d, k) in chunk.iter_mut().zip(keystream) {
-            *d ^= k;
-        }
-        lane.absorb(chunk);
-        self.offset = self.offset.wrapping_add(chunk.len() as u64);
+        self.encrypt_given_into(chunk, keystream, Some(lane));
         Ok(())
     }
 
@@ -409,6 +417,16 @@ impl LayerEncryptor {
 
     /// One state at a time, with a given keystream of the same length.
     fn encrypt_partial_given(&mut self, data: &mut [u8], keystream: &[u8]) {
+        self.encrypt_given_into(data, keystream, None);
+    }
+
+    /// [`Self::encrypt_partial_given`], the ciphertext hashed here or by `lane`.
+    fn encrypt_given_into(
+        &mut self,
+        data: &mut [u8],
+        keystream: &[u8],
+        lane: Option<&mut dyn CiphertextLane>,
+    ) {
         if data.is_empty() {
             return;
         }
@@ -416,8 +434,7 @@ impl LayerEncryptor {
         for (d, k) in data.iter_mut().zip(keystream) {
             *d ^= k;
         }
-        self.encrypted.update(data);
-        self.mac.update(data);
+        self.absorb_ciphertext(data, lane);
         self.offset = self.offset.wrapping_add(data.len() as u64);
     }
 
